@@ -1,0 +1,152 @@
+"""ICUConfig: every knob of an ICU forget request, each with a default and one line of help.
+
+Defaults follow the ICU reference code (himalalps/ICU) where it has one; see docs/METHOD.md for
+where we depart from it and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import InputError
+
+# Jang et al. (2022) measured these for GPT-Neo-125M on unseen Pile text; ICU's code uses them as
+# its stopping thresholds. They are only a fallback: thresholds belong to the model being unlearned.
+DEFAULT_MA_THRESHOLD = 0.5994
+DEFAULT_EL_THRESHOLD = 0.0499
+
+
+@dataclass
+class ICUConfig:
+    """Configuration of one ICU forget request (KUI + CLE + IUR trained into a LoRA adapter)."""
+
+    # --- base model ---
+    model: Optional[str] = field(default=None, metadata={"help": "Base model: local directory or hub id."})
+    gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file name inside `model` (transformers dequantizes it)."})
+    quantize: bool = field(default=True, metadata={"help": "Load the frozen base in 4-bit NF4 (bitsandbytes); False keeps full precision."})
+    compute_dtype: str = field(default="auto", metadata={"help": "Compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% slower; worth it for 7B+."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the model repository (off unless you trust it)."})
+
+    # --- LoRA ---
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    target_modules: Any = field(default="all-linear", metadata={"help": "Modules that get LoRA: 'all-linear' or a list of module names."})
+
+    # --- data ---
+    max_length: int = field(default=200, metadata={"help": "Samples longer than this many tokens are truncated (ICU: 200)."})
+    text_field: str = field(default="text", metadata={"help": "Field (jsonl) or column (csv) holding the text."})
+    hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})
+
+    # --- loss (ICU: loss = -u*L_fgt + a*L_lrn + b*L_kl) ---
+    forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
+    learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})
+    kl_weight: float = field(default=1.0, metadata={"help": "b: weight of KL(p_ref || p_model) on the neighbours (CLE); p_ref = adapter disabled."})
+    num_neighbours: int = field(default=1, metadata={"help": "Neighbours drawn from the retain pool per forget sample (ICU: 1)."})
+    embedder: str = field(default="base", metadata={"help": "Neighbour embeddings: 'base' (the base model's mean-pooled hidden states) or 'sentence-transformers[:PATH]'."})
+    embed_tail_tokens: int = field(default=0, metadata={"help": "Embed only the last N tokens of each text (ICU embeds the tail); 0 = whole text."})
+    no_retain: str = field(default="generate", metadata={"help": "Without a retain pool: 'generate' (neighbours sampled from the base model itself) or 'refuse'."})
+    generated_retain_size: int = field(default=16, metadata={"help": "How many texts to sample from the base when no retain pool is given."})
+    loss_chunk_size: int = field(default=64, metadata={"help": "Positions per chunk when computing NLL/KL from hidden states (bounds logits memory)."})
+
+    # --- optimisation ---
+    learning_rate: float = field(default=2e-4, metadata={"help": "Adam learning rate for the LoRA weights."})
+    adam_betas: Any = field(default=(0.9, 0.98), metadata={"help": "Adam betas (ICU: 0.9, 0.98)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    batch_size: int = field(default=8, metadata={"help": "Forget samples per optimisation step (ICU: 8)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
+    max_epochs: int = field(default=30, metadata={"help": "Epoch cap (ICU's code has none)."})
+    min_epochs: int = field(default=0, metadata={"help": "Train at least this many epochs even when every sample already passes."})
+    seed: int = field(default=42, metadata={"help": "Random seed (data order, LoRA init, generated retain pool)."})
+
+    # --- IUR: who counts as forgotten ---
+    criterion: str = field(default="ma_el", metadata={"help": "'ma_el': MA and EL_n at or below thresholds; 'bleu': ICU's generated-suffix BLEU criterion."})
+    el_n: int = field(default=10, metadata={"help": "n of the extraction likelihood EL_n."})
+    el_start: int = field(default=1, metadata={"help": "Shortest prefix scored by EL_n (Jang: 1; ICU's code: 150 of 200)."})
+    ma_threshold: Optional[float] = field(default=None, metadata={"help": "MA threshold; measured from --unseen when given, else 0.5994 with a warning."})
+    el_threshold: Optional[float] = field(default=None, metadata={"help": "EL_n threshold; measured from --unseen when given, else 0.0499 with a warning."})
+    bleu_prefix_tokens: int = field(default=50, metadata={"help": "BLEU criterion: prefix length fed to the model (ICU: 50)."})
+    bleu_suffix_tokens: int = field(default=50, metadata={"help": "BLEU criterion: tokens generated and compared (ICU: 50)."})
+    bleu_threshold: float = field(default=0.01, metadata={"help": "BLEU criterion: forgotten when BLEU-4 is below this (ICU: 0.01)."})
+    score_batch_size: int = field(default=16, metadata={"help": "Sequences per batch when scoring (MA, EL, BLEU)."})
+
+    # --- bookkeeping ---
+    request_id: Optional[str] = field(default=None, metadata={"help": "Identifier of the forget request; a UUID when unset."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adam_betas, list):
+            self.adam_betas = tuple(self.adam_betas)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InputError with a one-line message for any out-of-range value."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise InputError(f"invalid config: {msg}")
+
+        need(self.lora_r > 0, "lora_r must be > 0")
+        need(self.max_length > self.el_n + 1, "max_length must exceed el_n + 1")
+        need(self.el_n >= 1, "el_n must be >= 1")
+        need(self.el_start >= 1, "el_start must be >= 1")
+        need(self.batch_size >= 1, "batch_size must be >= 1")
+        need(self.num_neighbours >= 0, "num_neighbours must be >= 0")
+        need(self.learning_rate > 0, "learning_rate must be > 0")
+        need(self.max_epochs >= 0, "max_epochs must be >= 0")
+        need(self.loss_chunk_size >= 1, "loss_chunk_size must be >= 1")
+        need(self.criterion in ("ma_el", "bleu"), "criterion must be 'ma_el' or 'bleu'")
+        need(self.no_retain in ("generate", "refuse"), "no_retain must be 'generate' or 'refuse'")
+        need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")
+        need(len(tuple(self.adam_betas)) == 2, "adam_betas must have two values")
+        need(self.embedder == "base" or self.embedder.startswith("sentence-transformers"),
+             "embedder must be 'base' or 'sentence-transformers[:PATH]'")
+
+    # --- (de)serialisation ---
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def field_names(cls) -> set:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ICUConfig":
+        unknown = sorted(set(data) - cls.field_names())
+        if unknown:
+            raise InputError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "ICUConfig":
+        """Load a recipe. Keys under `icu:` (or at top level) are config fields; `data:` is ignored here."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise InputError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise InputError(f"config file {path} must hold a mapping")
+        body = dict(raw.get("icu", {k: v for k, v in raw.items() if k not in ("data", "description", "notes")}))
+        body.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(body)
+
+
+def help_table() -> str:
+    """Every config field with its default and help, for `icu-peft config`."""
+    rows = []
+    for f in dataclasses.fields(ICUConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        rows.append(f"{f.name:24s} {default!r:14s} {f.metadata.get('help', '')}")
+    return "\n".join(rows)

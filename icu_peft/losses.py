@@ -1,0 +1,114 @@
+"""The ICU loss terms as pure functions.
+
+Two forms of each: on logits (what tests call on hand-made tensors) and on final hidden states plus
+the output head, chunked over positions so that a (batch, length, vocab) logits tensor never exists
+at once. At 135M parameters and a 49k vocabulary the logits, not the weights, dominate memory.
+
+Conventions: `labels[b, t]` is the token at position t; the prediction for it comes from position
+t-1, so every function shifts internally. `mask[b, t] = 1` marks real tokens (0 = padding).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+    """Align position t's prediction with token t+1; a target counts if both ends are real tokens."""
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    return logits[:, :-1], labels[:, 1:], valid
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood over real (unpadded) targets."""
+    lg, lb, valid = _shift(logits, labels, mask)
+    nll = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none")
+    nll = nll.view(lb.shape)
+    return (nll * valid).sum() / valid.sum().clamp(min=1)
+
+
+def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each sample, shape (batch,)."""
+    lg, lb, valid = _shift(logits, labels, mask)
+    nll = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none").view(lb.shape)
+    return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real positions of KL(p_ref || p_model) of the next-token distributions.
+
+    ICU's code minimises the cross-entropy H(p_ref, p_model) = KL + H(p_ref); the gradient is the
+    same, and KL reads better (0 = model behaves like the reference).
+    """
+    # Same positions as the NLL: every position whose next token is a real token.
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    ref_logits, logits = ref_logits[:, :-1], logits[:, :-1]
+    ref_lp = F.log_softmax(ref_logits.float(), dim=-1)
+    lp = F.log_softmax(logits.float(), dim=-1)
+    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)
+    return (kl * valid).sum() / valid.sum().clamp(min=1)
+
+
+def icu_loss(l_fgt: torch.Tensor, l_lrn: torch.Tensor, l_kl: torch.Tensor, u: float, a: float, b: float) -> torch.Tensor:
+    """ICU's objective: ascend on the forget NLL, descend on the neighbours' NLL and KL."""
+    return -u * l_fgt + a * l_lrn + b * l_kl
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked forms: hidden states (batch, length, dim) + head (a module mapping dim -> vocab).
+# Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory holds
+# one chunk of logits instead of all of them.
+# ---------------------------------------------------------------------------------------------
+
+def _nll_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll.view(targets.shape) * valid).sum()
+
+
+def _kl_chunk(head: Callable, h: torch.Tensor, ref_h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    lp = F.log_softmax(head(h).float(), dim=-1)
+    with torch.no_grad():
+        ref_lp = F.log_softmax(head(ref_h).float(), dim=-1)
+    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)
+    return (kl * valid).sum()
+
+
+def _run_chunk(fn, *args, grad: bool):
+    if grad:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def chunked_token_nll(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
+                      chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of next-token NLL over real targets, computed chunk by chunk.
+
+    Returns (sum, count) so callers can combine several batches into one mean.
+    """
+    h = hidden[:, :-1]
+    targets = labels[:, 1:]
+    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    for s in range(0, h.shape[1], chunk_size):
+        e = s + chunk_size
+        total = total + _run_chunk(lambda a, b, c: _nll_chunk(head, a, b, c), h[:, s:e], targets[:, s:e], valid[:, s:e], grad=grad)
+    return total, valid.sum()
+
+
+def chunked_kl_to_reference(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: Callable, mask: torch.Tensor,
+                            chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of KL(p_ref || p_model) over positions whose next token is real."""
+    hidden, ref_hidden = hidden[:, :-1], ref_hidden[:, :-1]
+    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    for s in range(0, hidden.shape[1], chunk_size):
+        e = s + chunk_size
+        total = total + _run_chunk(lambda a, b, c: _kl_chunk(head, a, b, c), hidden[:, s:e], ref_hidden[:, s:e], valid[:, s:e], grad=grad)
+    return total, valid.sum()

@@ -1,0 +1,299 @@
+"""Memorisation metrics of Jang et al. (2022) and ICU: MA, EL_n, generated-suffix BLEU.
+
+Pure functions (`*_from_*`) take tensors / token lists and are what tests check against hand-made
+cases; the model-facing functions batch the work and use the KV cache.
+
+MA(x)   = (1/(T-1)) sum_{t=1..T-1} 1[argmax p(.|x_<t) == x_t]
+EL_n(x) = (1/(T-n)) sum_{t=1..T-n} OVERLAP_n(greedy(x_<t), x_>=t)   (ICU's variant: t >= el_start)
+OVERLAP_n(a, b) = fraction of the n-grams of a that occur in b.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .data import pad_batch
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+def ngrams(tokens: Sequence[int], n: int) -> List[Tuple[int, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def ngram_overlap(generated: Sequence[int], reference: Sequence[int], n: int) -> float:
+    """Fraction of the n-grams of `generated` that occur in `reference` (0 if it has none)."""
+    gen = ngrams(list(generated), n)
+    if not gen:
+        return 0.0
+    ref = set(ngrams(list(reference), n))
+    return sum(g in ref for g in gen) / len(gen)
+
+
+def ma_from_predictions(predictions: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample MA. `predictions[b, t]` is the argmax at position t (predicting labels[b, t+1])."""
+    hit = (predictions[:, :-1] == labels[:, 1:])
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    return (hit & valid).sum(1).float() / valid.sum(1).clamp(min=1).float()
+
+
+def el_from_continuations(tokens: Sequence[int], continuations: Dict[int, Sequence[int]], n: int) -> float:
+    """EL_n of one sample given the greedy continuation of each scored prefix length t.
+
+    `continuations[t]` continues tokens[:t] and is compared with tokens[t:].
+    """
+    if not continuations:
+        return 0.0
+    total = sum(ngram_overlap(cont, tokens[t:], n) for t, cont in continuations.items())
+    return total / len(continuations)
+
+
+def sentence_bleu(candidate: Sequence[int], reference: Sequence[int], max_n: int = 4) -> float:
+    """BLEU-max_n of one candidate against one reference (token ids), no smoothing, with brevity penalty."""
+    if not candidate or not reference:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        cand = Counter(ngrams(list(candidate), n))
+        ref = Counter(ngrams(list(reference), n))
+        total = sum(cand.values())
+        if total == 0:
+            return 0.0
+        clipped = sum(min(c, ref[g]) for g, c in cand.items())
+        if clipped == 0:
+            return 0.0
+        log_p += math.log(clipped / total) / max_n
+    c, r = len(candidate), len(reference)
+    bp = 1.0 if c > r else math.exp(1 - r / c)
+    return bp * math.exp(log_p)
+
+
+# ------------------------------------------------------------------------------ model access
+
+def model_device(model) -> torch.device:
+    return next(p for p in model.parameters()).device
+
+
+def _causal_lm(model):
+    """The transformers causal LM inside a PeftModel (adapters stay active), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_and_head(model):
+    """(backbone, head) such that head(backbone(ids).last_hidden_state) == model(ids).logits.
+
+    Computing the head ourselves, chunk by chunk, keeps the (batch, length, vocab) logits from ever
+    existing in full. Returns None when the model post-processes its logits (soft-capping,
+    scaling...), which the first call checks once on a short input.
+    """
+    causal = _causal_lm(model)
+    cached = getattr(causal, "_icu_backbone_ok", None)
+    backbone, head = getattr(causal, "base_model", None), causal.get_output_embeddings()
+    if backbone is None or backbone is causal or head is None:
+        return None
+    if cached is None:
+        device = model_device(model)
+        ids = torch.tensor([[1, 2, 3, 4]], device=device) % causal.config.vocab_size
+        with torch.no_grad():
+            full = causal(input_ids=ids).logits.float()
+            mine = head(backbone(input_ids=ids).last_hidden_state).float()
+        cached = bool(torch.allclose(full, mine, atol=1e-4, rtol=1e-4))
+        causal._icu_backbone_ok = cached
+    return (backbone, head) if cached else None
+
+
+@dataclass
+class TeacherForced:
+    """Per-position statistics of a teacher-forced pass over right-padded sequences."""
+
+    predictions: torch.Tensor  # (B, T) argmax at each position
+    target_logprobs: torch.Tensor  # (B, T-1) log p(x_{t+1} | x_<=t)
+    mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return (self.mask[:, 1:] * self.mask[:, :-1]).bool()
+
+    def ma(self) -> torch.Tensor:
+        return ma_from_predictions(self.predictions, self.labels, self.mask)
+
+    def nll(self) -> torch.Tensor:
+        v = self.valid
+        return -(self.target_logprobs * v).sum(1) / v.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def teacher_forced(model, seqs: Sequence[torch.Tensor], pad_id: int, chunk_size: int = 64) -> TeacherForced:
+    """One forward pass; argmax and target log-prob at every position, logits chunked."""
+    device = model_device(model)
+    ids, mask = pad_batch(seqs, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    parts = backbone_and_head(model)
+    if parts is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        hidden, head = logits, (lambda x: x)
+    else:
+        backbone, head = parts
+        hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    preds, tlp = [], []
+    for s in range(0, ids.shape[1], chunk_size):
+        lp = F.log_softmax(head(hidden[:, s:s + chunk_size]).float(), dim=-1)
+        preds.append(lp.argmax(-1))
+        nxt = ids[:, s + 1:s + chunk_size + 1]
+        tlp.append(lp[:, : nxt.shape[1]].gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+    return TeacherForced(torch.cat(preds, 1).cpu(), torch.cat(tlp, 1).cpu(), mask.cpu(), ids.cpu())
+
+
+def _forward_last(model, **kw):
+    """Forward pass keeping only the last position's logits where the model supports it."""
+    try:
+        return model(logits_to_keep=1, **kw)
+    except TypeError:
+        return model(**kw)
+
+
+@torch.no_grad()
+def greedy_continue(model, contexts: Sequence[torch.Tensor], num_new: Sequence[int], pad_id: int,
+                    batch_size: int = 16, progress=None) -> List[List[int]]:
+    """Greedy continuation of each context by num_new[i] tokens, batched, with the KV cache.
+
+    A hand-written loop rather than `generate`: no early stop at EOS and no logits processors, so the
+    continuation is exactly the argmax path the EL_n definition asks for.
+    """
+    device = model_device(model)
+    order = sorted(range(len(contexts)), key=lambda i: (-num_new[i], -len(contexts[i])))
+    result: List[Optional[List[int]]] = [None] * len(contexts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        steps = max(num_new[i] for i in idx)
+        ids, mask = pad_batch([contexts[i] for i in idx], pad_id, side="left")
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = _forward_last(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)
+        gen = [nxt]
+        last_pos = pos[:, -1:]
+        for _ in range(steps - 1):
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+            last_pos = last_pos + 1
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos,
+                        past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1)
+            gen.append(nxt)
+        gen_t = torch.stack(gen, 1).cpu()
+        for row, i in enumerate(idx):
+            result[i] = gen_t[row, : num_new[i]].tolist()
+        if progress is not None:
+            progress.update(len(idx))
+    return result  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def extraction_likelihood(model, seqs: Sequence[torch.Tensor], n: int, pad_id: int, start: int = 1,
+                          batch_size: int = 16, tf: Optional[TeacherForced] = None, progress=None) -> List[float]:
+    """EL_n of each sequence, scoring prefix lengths t = max(start, 1) .. T-n.
+
+    Greedy continuations share work: if argmax p(.|x_<t) == x_t, the continuation of prefix t is x_t
+    followed by the continuation of prefix t+1. Only prefixes ending where the model deviates from
+    the text (d with argmax p(.|x_<d) != x_d) need a fresh roll-out, of length T-d; every other
+    continuation is spliced from the text and those roll-outs. A memorised sample thus costs a few
+    roll-outs instead of T-n of them. The result equals the naive definition (see tests).
+    """
+    if tf is None:
+        tf = teacher_forced(model, seqs, pad_id)
+    contexts, num_new, keys = [], [], []
+    plans = []
+    for b, x in enumerate(seqs):
+        T = len(x)
+        preds = tf.predictions[b, : T - 1]  # preds[t-1] predicts x[t]
+        t_lo = max(start, 1)
+        t_hi = T - n  # inclusive; suffix must hold at least one n-gram
+        deviations = [d for d in range(t_lo, T) if int(preds[d - 1]) != int(x[d])]
+        for d in deviations:
+            if d <= T - 1:
+                contexts.append(x[:d])
+                num_new.append(T - d)
+                keys.append((b, d))
+        plans.append((t_lo, t_hi, deviations))
+    rolled = greedy_continue(model, contexts, num_new, pad_id, batch_size=batch_size, progress=progress) if contexts else []
+    rollouts = {k: r for k, r in zip(keys, rolled)}
+    scores = []
+    for b, x in enumerate(seqs):
+        t_lo, t_hi, deviations = plans[b]
+        tokens = x.tolist()
+        T = len(tokens)
+        conts: Dict[int, List[int]] = {}
+        nxt_dev = None
+        di = len(deviations) - 1
+        for t in range(t_hi, t_lo - 1, -1):
+            while di >= 0 and deviations[di] >= t:
+                nxt_dev = deviations[di]
+                di -= 1
+            if nxt_dev is None:
+                conts[t] = tokens[t:]
+            else:
+                conts[t] = tokens[t:nxt_dev] + rollouts[(b, nxt_dev)]
+            # keep nxt_dev as the smallest deviation >= t
+        scores.append(el_from_continuations(tokens, conts, n))
+    return scores
+
+
+@torch.no_grad()
+def suffix_bleu(model, seqs: Sequence[torch.Tensor], pad_id: int, prefix_tokens: int = 50, suffix_tokens: int = 50,
+                batch_size: int = 16, progress=None) -> List[float]:
+    """ICU's IUR signal: BLEU-4 of the greedy continuation of a prefix against the true suffix.
+
+    (ICU's code uses beam 2 and adds BERTScore; we use greedy and BLEU only, offline.)
+    Sequences shorter than prefix+1 tokens use half their length as prefix.
+    """
+    contexts, refs, num_new = [], [], []
+    for x in seqs:
+        p = prefix_tokens if len(x) > prefix_tokens else max(1, len(x) // 2)
+        ref = x[p:p + suffix_tokens].tolist()
+        contexts.append(x[:p])
+        refs.append(ref)
+        num_new.append(len(ref))
+    gens = greedy_continue(model, contexts, num_new, pad_id, batch_size=batch_size, progress=progress)
+    return [sentence_bleu(g, r) for g, r in zip(gens, refs)]
+
+
+@dataclass
+class Scores:
+    """Per-sample memorisation scores of one set under one model state."""
+
+    ma: List[float]
+    el: List[float]
+    bleu: Optional[List[float]] = None
+
+    def mean(self) -> Dict[str, float]:
+        out = {"ma": float(sum(self.ma) / len(self.ma)), "el": float(sum(self.el) / len(self.el))}
+        if self.bleu is not None:
+            out["bleu"] = float(sum(self.bleu) / len(self.bleu))
+        return out
+
+
+@torch.no_grad()
+def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 10, el_start: int = 1,
+                  batch_size: int = 16, with_bleu: bool = False, bleu_prefix: int = 50, bleu_suffix: int = 50,
+                  progress=None) -> Scores:
+    """MA and EL_n (and optionally suffix BLEU) of every sequence, in batches."""
+    ma, el, bleu = [], [], []
+    for s in range(0, len(seqs), batch_size):
+        chunk = list(seqs[s:s + batch_size])
+        tf = teacher_forced(model, chunk, pad_id)
+        ma.extend(tf.ma().tolist())
+        el.extend(extraction_likelihood(model, chunk, el_n, pad_id, start=el_start, batch_size=batch_size, tf=tf))
+        if with_bleu:
+            bleu.extend(suffix_bleu(model, chunk, pad_id, bleu_prefix, bleu_suffix, batch_size))
+        if progress is not None:
+            progress.update(len(chunk))
+    return Scores(ma=ma, el=el, bleu=bleu if with_bleu else None)

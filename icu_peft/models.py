@@ -1,0 +1,141 @@
+"""Loading a base model (4-bit NF4 or full precision), attaching LoRA, fingerprinting the base."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_compute_dtype(name: str, device: Optional[torch.device] = None) -> torch.dtype:
+    """'auto' is bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_device() -> torch.device:
+    """The device accelerate would pick for this process (its local GPU under DDP)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def load_tokenizer(model_name: str, gguf_file: Optional[str] = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kw = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(model_name, **kw)
+    except Exception as e:  # transformers raises many types for "not a model"
+        raise ModelLoadError(f"cannot load a tokenizer from '{model_name}': {_first_line(e)}") from None
+    if tok.pad_token_id is None:
+        # Padding is always masked out, so any id will do; EOS is the usual choice.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str = "auto",
+                    gguf_file: Optional[str] = None, trust_remote_code: bool = False,
+                    device: Optional[torch.device] = None):
+    """Load a causal LM, frozen. quantize=True: bitsandbytes NF4 with double quantisation (QLoRA)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if model_name is None:
+        raise ModelLoadError("no base model given (--model)")
+    device = device or default_device()
+    dtype = resolve_compute_dtype(compute_dtype, device)
+    kw = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    if quantize:
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kw["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    local = Path(model_name)
+    if not local.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or model_name.startswith((".", "/"))):
+        raise ModelLoadError(f"model not found: {model_name}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(model_name, **kw)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model '{model_name}': {_first_line(e)}") from None
+    if not quantize:
+        model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",
+                gradient_checkpointing: bool = False, adapter_name: str = "default"):
+    """Wrap a frozen base with a fresh LoRA adapter: the only weights that train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout,
+        target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
+        bias="none", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def base_fingerprint(model) -> dict:
+    """Identity of a base model that survives 4-bit vs full-precision loading.
+
+    The input embeddings are never quantised by bitsandbytes, so a hash of them (rounded to bf16,
+    the coarsest dtype a user might load in) plus the architecture tells one base from another
+    without hashing gigabytes of checkpoint files.
+    """
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = causal.config
+    emb = causal.get_input_embeddings().weight.detach()
+    h = hashlib.sha256()
+    arch = f"{cfg.model_type}|{cfg.vocab_size}|{getattr(cfg, 'hidden_size', '')}|{getattr(cfg, 'num_hidden_layers', '')}"
+    h.update(arch.encode())
+    h.update(emb.to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().tobytes())
+    return {
+        "sha256": h.hexdigest(),
+        "model_type": cfg.model_type,
+        "vocab_size": int(cfg.vocab_size),
+    }
+
+
+def load_model_and_tokenizer(config) -> Tuple[object, object]:
+    """Base model (frozen, possibly 4-bit) and tokenizer for an ICUConfig."""
+    tok = load_tokenizer(config.model, config.gguf_file, config.trust_remote_code)
+    model = load_base_model(config.model, config.quantize, config.compute_dtype, config.gguf_file,
+                            config.trust_remote_code)
+    return model, tok

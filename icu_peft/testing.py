@@ -1,0 +1,82 @@
+"""Tiny models and corpora built in code, for tests and examples that must run offline in seconds.
+
+`build_tiny_memorizer` trains a small random-init Llama until it has memorised a set of random
+word sequences, so there is something real to forget without any download.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+
+WORDS = (
+    "amber basalt cobalt dune ember fjord garnet harbor indigo jasper kelp lagoon marble nectar "
+    "onyx pebble quartz raven saffron tundra umber velvet willow xenon yarrow zephyr acorn birch "
+    "cedar dahlia elm fern gorse heath iris juniper kale lilac maple nettle oak poppy quince reed "
+    "sage thyme ulex vetch wheat yew zinnia"
+).split()
+
+
+def random_sentences(n: int, seed: int, min_words: int = 10, max_words: int = 14) -> List[str]:
+    """n sentences of random words, e.g. 'record 17: quartz ember ...'. Same seed, same sentences."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(min_words, max_words)
+        out.append(f"record {rng.randint(10, 99)}: " + " ".join(rng.choice(WORDS) for _ in range(k)) + ".")
+    return out
+
+
+def build_tokenizer(texts: Sequence[str], out_dir: Path, vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on `texts`, saved as a transformers tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(list(texts) + [" ".join(WORDS)], vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=["<s>", "</s>", "<pad>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    # Add BOS in front of every text, as Llama tokenizers do, so position 0 predicts the first word.
+    from tokenizers.processors import TemplateProcessing
+
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_texts: Sequence[str] = (),
+                         steps: int = 300, lr: float = 3e-3, seed: int = 0, hidden: int = 64,
+                         layers: int = 2) -> Dict[str, float]:
+    """Train a tiny Llama from scratch on `memorize` until it reproduces them; save it to out_dir.
+
+    Returns the final training loss. The model is saved in safetensors with its tokenizer, so
+    `--model out_dir` works like any local model.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tok = build_tokenizer(list(memorize) + list(vocab_texts), out_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    enc = tok(list(memorize), padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return {"final_loss": float(loss.detach())}
