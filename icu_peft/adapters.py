@@ -1,0 +1,185 @@
+"""The forget-adapter contract: a stock PEFT adapter directory plus `forget_manifest.json`.
+
+    DIR/
+      adapter_config.json          stock PEFT
+      adapter_model.safetensors    stock PEFT (safetensors only)
+      forget_manifest.json         who/what/how, per-sample scores by salted hash, file sha256s
+
+Writing is atomic (temporary directory, then rename); reading checks every file's sha256 against
+the manifest and the base model's fingerprint against the one the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+from .errors import IntegrityError, OutputExistsError
+
+MANIFEST_NAME = "forget_manifest.json"
+MANIFEST_FORMAT = "icu-peft/forget-adapter/v1"
+
+
+def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(directory: str | Path) -> Dict[str, str]:
+    """sha256 of every file under `directory` except the manifest, keyed by relative path."""
+    directory = Path(directory)
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            out[p.relative_to(directory).as_posix()] = sha256_file(p)
+    return out
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing non-empty output directory unless overwrite; call before any heavy work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path exists and is not a directory: {out}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output directory exists and is not empty: {out} (use --overwrite)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename.
+
+    On any exception the temporary directory is removed and `out` is left as it was.
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> dict:
+    """Record the sha256 of every file in `directory` into the manifest and write it."""
+    manifest = dict(manifest)
+    manifest.setdefault("format", MANIFEST_FORMAT)
+    manifest["files"] = file_hashes(directory)
+    Path(directory, MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise IntegrityError(f"not a directory: {directory}")
+    if not path.exists():
+        raise IntegrityError(f"{directory} has no {MANIFEST_NAME}: not an icu-peft forget adapter")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IntegrityError(f"{path} is not valid JSON") from None
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        raise IntegrityError(f"{path} is not an icu-peft manifest")
+    return manifest
+
+
+def verify_files(directory: str | Path, manifest: Optional[dict] = None) -> dict:
+    """Check every file listed in the manifest against its sha256; refuse unlisted weight files.
+
+    Returns the manifest. Raises IntegrityError naming the first file that does not match.
+    """
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    listed = manifest["files"]
+    for rel, digest in listed.items():
+        p = directory / rel
+        if not p.is_file():
+            raise IntegrityError(f"{directory}: file {rel} listed in the manifest is missing")
+        if sha256_file(p) != digest:
+            raise IntegrityError(f"{directory}: sha256 of {rel} does not match the manifest (tampered or corrupted)")
+    for p in directory.rglob("*"):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and p.name != MANIFEST_NAME and rel not in listed:
+            if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json", ".pkl", ".npy"):
+                raise IntegrityError(f"{directory}: file {rel} is not listed in the manifest")
+    if any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in directory.rglob("*")):
+        raise IntegrityError(f"{directory}: pickle-based weight files are refused; safetensors only")
+    return manifest
+
+
+def check_base(manifest: dict, fingerprint: dict, where: str = "", force: bool = False) -> None:
+    """Refuse an adapter trained on another base unless `force` (the file hashes are never forced)."""
+    want = manifest.get("base", {}).get("fingerprint", {}).get("sha256")
+    have = fingerprint.get("sha256")
+    if want and have and want != have and not force:
+        name = manifest.get("base", {}).get("name_or_path", "?")
+        raise IntegrityError(
+            f"{where or 'adapter'} was trained on a different base model ({name}, fingerprint {want[:12]}); "
+            f"this base has fingerprint {have[:12]} (use --force to load anyway)"
+        )
+
+
+def adapter_name_for(directory: str | Path, manifest: dict, taken: Sequence[str]) -> str:
+    """A PEFT adapter name for a forget adapter: its request id, made unique."""
+    base = "forget_" + str(manifest.get("request_id") or Path(directory).name).replace("-", "")[:12]
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def load_forget_adapters(base_model, directories: Sequence[str | Path], force: bool = False):
+    """Load one or more forget adapters onto `base_model`, all active at once (a stack).
+
+    Every adapter is integrity-checked (sha256 of its files) and base-checked (fingerprint) first.
+    Returns the PeftModel; its `icu_adapters` attribute lists (name, directory, manifest).
+    """
+    from peft import PeftModel
+
+    from .models import base_fingerprint
+
+    if not directories:
+        raise ValueError("no adapter directories given")
+    fp = base_fingerprint(base_model)
+    manifests = []
+    for d in directories:
+        m = verify_files(d)
+        check_base(m, fp, where=str(d), force=force)
+        manifests.append(m)
+    names: List[str] = []
+    model = None
+    for d, m in zip(directories, manifests):
+        name = adapter_name_for(d, m, names)
+        if model is None:
+            model = PeftModel.from_pretrained(base_model, str(d), adapter_name=name, is_trainable=False)
+        else:
+            model.load_adapter(str(d), adapter_name=name, is_trainable=False)
+        names.append(name)
+    if len(names) > 1:
+        # PeftModel.set_adapter takes one name; the tuner layer accepts a list (all active, summed).
+        model.base_model.set_adapter(names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.icu_adapters = list(zip(names, [str(d) for d in directories], manifests))
+    model.eval()
+    return model

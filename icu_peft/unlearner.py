@@ -1,0 +1,407 @@
+"""The ICU loop: one forget request in, one LoRA forget adapter (and its manifest) out.
+
+Read top to bottom: load -> tokenize -> thresholds -> neighbours -> attach LoRA -> score ->
+[epoch: steps on the active samples -> re-score -> update the active set] -> save.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import resource
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import __version__
+from .adapters import MANIFEST_FORMAT, atomic_output_dir, check_output_dir, write_manifest
+from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
+from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
+                   new_salt, pad_batch, sample_id, tokenize_texts)
+from .errors import ICUError, InputError
+from .losses import chunked_kl_to_reference, chunked_token_nll, icu_loss
+from .metrics import Scores, backbone_and_head, model_device, score_samples
+from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer
+from .refine import Thresholds, forgotten_mask
+
+logger = logging.getLogger("icu_peft")
+
+
+@dataclass
+class ForgetResult:
+    """What a forget request returns: the trained PeftModel, its report (= manifest) and where it went."""
+
+    model: object
+    tokenizer: object
+    report: dict
+    output_dir: Optional[Path] = None
+
+
+@dataclass
+class _State:
+    scores: Scores
+    active: List[bool]
+    epochs_active: List[int] = field(default_factory=list)
+
+
+def _bar(total, desc, enabled, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, **kw)
+
+
+def peak_memory_mb() -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def library_versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    out = {"icu_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:  # bitsandbytes is optional when --no-quantize
+        pass
+    return out
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config: ICUConfig, salt: str,
+                       progress: bool = False) -> Thresholds:
+    """Thresholds from (in order): unseen text scored by the base model, explicit config values, defaults."""
+    if unseen:
+        tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1, name="unseen")
+        with _bar(len(tset), "scoring unseen", progress) as bar:
+            s = score_samples(model, tset.input_ids, tokenizer.pad_token_id, config.el_n, config.el_start,
+                              config.score_batch_size, with_bleu=config.criterion == "bleu",
+                              bleu_prefix=config.bleu_prefix_tokens, bleu_suffix=config.bleu_suffix_tokens,
+                              progress=bar)
+        m = s.mean()
+        ma = config.ma_threshold if config.ma_threshold is not None else m["ma"]
+        el = config.el_threshold if config.el_threshold is not None else m["el"]
+        return Thresholds(ma=ma, el=el, bleu=config.bleu_threshold, source="unseen", unseen_count=len(tset))
+    if config.ma_threshold is not None and config.el_threshold is not None:
+        return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold, source="config")
+    if config.criterion == "ma_el":
+        logger.warning("no --unseen file and no explicit thresholds: using Jang et al.'s GPT-Neo-125M values "
+                       "(MA %.4f, EL %.4f), which may not fit this model", DEFAULT_MA_THRESHOLD, DEFAULT_EL_THRESHOLD)
+    return Thresholds(
+        ma=config.ma_threshold if config.ma_threshold is not None else DEFAULT_MA_THRESHOLD,
+        el=config.el_threshold if config.el_threshold is not None else DEFAULT_EL_THRESHOLD,
+        bleu=config.bleu_threshold, source="default")
+
+
+@torch.no_grad()
+def generate_retain_pool(model, tokenizer, config: ICUConfig, salt: str) -> TokenizedSet:
+    """Texts sampled from the base model itself: a retain pool that needs no data.
+
+    KL and NLL on the model's own samples hold its general behaviour in place, which is what the
+    neighbours are for; they are not similar to the forget set, so selectivity is weaker than with
+    a real retain pool of the same kind.
+    """
+    device = model_device(model)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    ids = torch.full((config.generated_retain_size, 1), start, dtype=torch.long, device=device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
+                         max_new_tokens=min(config.max_length - 1, 64), pad_token_id=tokenizer.pad_token_id)
+    del gen
+    rows, hashes = [], []
+    for row in out.cpu():
+        keep = row[row != tokenizer.pad_token_id] if tokenizer.pad_token_id != start else row
+        if len(keep) >= 2:
+            rows.append(keep)
+            hashes.append(sample_id(tokenizer.decode(keep), salt))
+    return TokenizedSet(input_ids=rows, ids=hashes)
+
+
+def find_neighbours(model, tokenizer, forget_set: TokenizedSet, retain_set: TokenizedSet, config: ICUConfig,
+                    forget_texts: Optional[Sequence[str]], retain_texts: Optional[Sequence[str]]) -> torch.Tensor:
+    """(num_forget, k) indices into the retain pool: each forget sample's nearest neighbours."""
+    if config.num_neighbours == 0 or len(retain_set) == 0:
+        return torch.empty((len(forget_set), 0), dtype=torch.long)
+    if config.embedder == "base" or retain_texts is None:
+        q = embed_with_model(model, forget_set, tokenizer.pad_token_id, tail_tokens=config.embed_tail_tokens)
+        p = embed_with_model(model, retain_set, tokenizer.pad_token_id, tail_tokens=config.embed_tail_tokens)
+    else:
+        # ICU embeds the tail of each text; approximate a token tail by 5 characters per token.
+        tail = config.embed_tail_tokens * 5
+        q = embed_with_sentence_transformers(forget_texts, config.embedder, tail)
+        p = embed_with_sentence_transformers(retain_texts, config.embedder, tail)
+    return nearest_neighbours(q, p, config.num_neighbours)
+
+
+def _score(model, tset: TokenizedSet, pad_id: int, config: ICUConfig, desc: str) -> Scores:
+    model.eval()
+    with _bar(len(tset), desc, config.progress) as bar:
+        return score_samples(model, tset.input_ids, pad_id, config.el_n, config.el_start, config.score_batch_size,
+                             with_bleu=config.criterion == "bleu", bleu_prefix=config.bleu_prefix_tokens,
+                             bleu_suffix=config.bleu_suffix_tokens, progress=bar)
+
+
+def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
+                  config: ICUConfig) -> dict:
+    """The ICU objective on one batch; returns the total (with grad) and each term (floats)."""
+    device = model_device(model)
+    parts = backbone_and_head(model)
+    if parts is None:  # the model post-processes logits: use them whole
+        backbone, head = (lambda **kw: _LogitsAsHidden(model(**kw).logits)), (lambda x: x)
+    else:
+        backbone, head = parts
+    ids, mask = (t.to(device) for t in pad_batch(forget_seqs, pad_id))
+    h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    s, c = chunked_token_nll(h, head, ids, mask, config.loss_chunk_size)
+    l_fgt = s / c.clamp(min=1)
+    zero = l_fgt.new_zeros(())
+    l_lrn, l_kl = zero, zero
+    if len(neighbour_seqs):
+        nids, nmask = (t.to(device) for t in pad_batch(neighbour_seqs, pad_id))
+        nh = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
+        if config.learn_weight:
+            s, c = chunked_token_nll(nh, head, nids, nmask, config.loss_chunk_size)
+            l_lrn = s / c.clamp(min=1)
+        if config.kl_weight:
+            # The reference model is the same model with the forget adapter switched off.
+            with torch.no_grad(), model.disable_adapter():
+                ref_h = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
+            s, c = chunked_kl_to_reference(nh, ref_h, head, nmask, config.loss_chunk_size)
+            l_kl = s / c.clamp(min=1)
+    loss = icu_loss(l_fgt, l_lrn, l_kl, config.forget_weight, config.learn_weight, config.kl_weight)
+    return {"loss": loss, "l_fgt": float(l_fgt), "l_lrn": float(l_lrn), "l_kl": float(l_kl)}
+
+
+class _LogitsAsHidden:
+    def __init__(self, logits):
+        self.last_hidden_state = logits
+
+
+def _lora_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(model, state: dict) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
+
+
+# ------------------------------------------------------------------------------------ the request
+
+def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optional[Sequence[str]] = None,
+           unseen_texts: Optional[Sequence[str]] = None, output_dir: Optional[str | Path] = None,
+           overwrite: bool = False, base_model=None, tokenizer=None) -> ForgetResult:
+    """Run one ICU forget request and return the trained PeftModel with its report.
+
+    `base_model`/`tokenizer` may be passed to reuse a loaded (frozen) base; otherwise they are
+    loaded from `config.model`. With `output_dir`, the adapter and its manifest are written there
+    atomically (main process only under DDP).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t0 = time.time()
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    if not forget_texts:
+        raise InputError("the forget set is empty")
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    show = config.progress and main
+    set_seed(config.seed)
+    salt = config.hash_salt or new_salt()
+    request_id = config.request_id or str(uuid.uuid4())
+
+    # 1. base model and data
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model, config.gguf_file, config.trust_remote_code)
+    if base_model is None:
+        base_model = load_base_model(config.model, config.quantize, config.compute_dtype, config.gguf_file,
+                                     config.trust_remote_code, device=accelerator.device)
+    pad_id = tokenizer.pad_token_id
+    forget_set = tokenize_texts(forget_texts, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1)
+    if retain_texts:
+        retain_set = tokenize_texts(retain_texts, tokenizer, config.max_length, salt, min_tokens=2, name="retain")
+        retain_source = "file"
+    elif config.no_retain == "refuse":
+        raise InputError("no retain pool given (--retain) and no_retain='refuse'")
+    else:
+        logger.warning("no retain pool given: sampling %d neighbour texts from the base model itself "
+                       "(weaker selectivity than real text of the same kind; pass --retain)",
+                       config.generated_retain_size)
+        retain_set = generate_retain_pool(base_model, tokenizer, config, salt)
+        retain_source = "generated"
+    fingerprint = base_fingerprint(base_model)
+
+    # 2. thresholds and neighbours, both measured on the untouched base
+    thresholds = measure_thresholds(base_model, tokenizer, unseen_texts, config, salt, progress=show)
+    neighbours = find_neighbours(base_model, tokenizer, forget_set, retain_set, config, forget_texts,
+                                 retain_texts if retain_source == "file" else None)
+    logger.info("forget set: %d samples (%d truncated); retain pool: %d (%s); thresholds MA<=%.4f EL%d<=%.4f (%s)",
+                len(forget_set), forget_set.truncated, len(retain_set), retain_source, thresholds.ma, config.el_n,
+                thresholds.el, thresholds.source)
+
+    # 3. the forget adapter
+    model = attach_lora(base_model, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules,
+                        config.gradient_checkpointing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=tuple(config.adam_betas),
+                                  weight_decay=config.weight_decay)
+
+    retain_eval = TokenizedSet(retain_set.input_ids[:32], retain_set.ids[:32])
+    before = _score(model, forget_set, pad_id, config, "scoring forget set")
+    retain_before = _score(model, retain_eval, pad_id, config, "scoring retain set") if len(retain_eval) else None
+    state = _State(scores=before, active=[not f for f in forgotten_mask(before, thresholds, config.criterion)],
+                   epochs_active=[0] * len(forget_set))
+    history = [dict(epoch=0, active=sum(state.active), **{f"{k}_mean": v for k, v in before.mean().items()})]
+    logger.info("epoch 0: MA %.4f EL %.4f, %d of %d samples still to forget", before.mean()["ma"],
+                before.mean()["el"], sum(state.active), len(forget_set))
+
+    # 4. IUR: train on what is still remembered, re-score, repeat
+    status, steps, epoch = "max_epochs", 0, 0
+    good = _lora_state(model)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    gen = torch.Generator().manual_seed(config.seed)
+    epoch_bar = _bar(config.max_epochs, "epochs", show)
+    for epoch in range(1, config.max_epochs + 1):
+        active_idx = [i for i, a in enumerate(state.active) if a]
+        if not active_idx and epoch > config.min_epochs:
+            status = "forgotten"
+            epoch -= 1
+            break
+        if not active_idx:  # min_epochs asks for more: keep pushing on every sample
+            active_idx = list(range(len(forget_set)))
+        order = [active_idx[i] for i in torch.randperm(len(active_idx), generator=gen).tolist()]
+        model.train()
+        terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
+        nsteps = math.ceil(len(order) / config.batch_size)
+        nan = False
+        for b in range(nsteps):
+            batch = order[b * config.batch_size:(b + 1) * config.batch_size]
+            mine = batch[rank::world]
+            weight = 1.0
+            if not mine:  # fewer samples than processes: join the gradient sync with a zero loss
+                mine, weight = batch[:1], 0.0
+            f_seqs = [forget_set.input_ids[i] for i in mine]
+            n_seqs = [retain_set.input_ids[j] for i in mine for j in neighbours[i].tolist()]
+            out = icu_step_loss(model, f_seqs, n_seqs, pad_id, config)
+            loss = out["loss"] * weight
+            if not torch.isfinite(loss):
+                nan = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                # LoRA gradients are tiny: average them explicitly rather than wrap in DDP, because
+                # the loss calls the backbone directly (chunked logits), which DDP's forward hook misses.
+                for p in trainable:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            steps += 1
+            for k in terms:
+                terms[k] += float(out[k]) / nsteps
+        for i in active_idx:
+            state.epochs_active[i] += 1
+        if nan or any(not torch.isfinite(p).all() for p in trainable):
+            _restore(model, good)
+            status = "nan_restored"
+            logger.error("non-finite loss or weights in epoch %d: restored the adapter weights of epoch %d and stopped",
+                         epoch, epoch - 1)
+            epoch -= 1
+            break
+        good = _lora_state(model)
+        state.scores = _score(model, forget_set, pad_id, config, f"scoring epoch {epoch}")
+        state.active = [not f for f in forgotten_mask(state.scores, thresholds, config.criterion)]
+        m = state.scores.mean()
+        history.append(dict(epoch=epoch, active=sum(state.active), **terms, **{f"{k}_mean": v for k, v in m.items()}))
+        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f EL %.4f, %d still to forget",
+                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], m["ma"], m["el"],
+                    sum(state.active))
+        epoch_bar.update(1)
+        epoch_bar.set_postfix(active=sum(state.active), ma=f"{m['ma']:.3f}")
+    else:
+        if not any(state.active):
+            status = "forgotten"
+    epoch_bar.close()
+    model.eval()
+    retain_after = _score(model, retain_eval, pad_id, config, "scoring retain set") if len(retain_eval) else None
+
+    # 5. the report (= manifest): scores by salted hash, never text
+    after = state.scores
+    done = forgotten_mask(after, thresholds, config.criterion)
+    samples = []
+    for i, sid in enumerate(forget_set.ids):
+        row = {"id": sid, "tokens": forget_set.lengths[i],
+               "before": {"ma": before.ma[i], "el": before.el[i]}, "after": {"ma": after.ma[i], "el": after.el[i]},
+               "forgotten": bool(done[i]), "epochs_active": state.epochs_active[i]}
+        if before.bleu is not None:
+            row["before"]["bleu"], row["after"]["bleu"] = before.bleu[i], after.bleu[i]
+        samples.append(row)
+    cfg = config.to_dict()
+    cfg.pop("hash_salt", None)
+    report = {
+        "format": MANIFEST_FORMAT,
+        "request_id": request_id,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": "icu",
+        "status": status,
+        "base": {"name_or_path": config.model or getattr(base_model.config, "_name_or_path", None),
+                 "gguf_file": config.gguf_file, "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)),
+                 "fingerprint": fingerprint},
+        "config": cfg,
+        "salt": salt,
+        "thresholds": thresholds.to_dict(),
+        "retain": {"source": retain_source, "count": len(retain_set),
+                   "before": retain_before.mean() if retain_before else None,
+                   "after": retain_after.mean() if retain_after else None},
+        "forget": {"count": len(forget_set), "truncated": forget_set.truncated, "forgotten": int(sum(done)),
+                   "before": before.mean(), "after": after.mean()},
+        "samples": samples,
+        "history": history,
+        "epochs": epoch,
+        "steps": steps,
+        "world_size": world,
+        "device": str(accelerator.device),
+        "wall_time_s": round(time.time() - t0, 2),
+        **{k: round(v, 1) for k, v in peak_memory_mb().items()},
+        "versions": library_versions(),
+    }
+    logger.info("%s: %d of %d samples forgotten after %d epochs (%d steps), %.1f s", status, sum(done),
+                len(forget_set), epoch, steps, report["wall_time_s"])
+
+    out_path = None
+    if output_dir is not None and main:
+        out_path = save_forget_adapter(model, report, output_dir, overwrite)
+    accelerator.wait_for_everyone()
+    return ForgetResult(model=model, tokenizer=tokenizer, report=report, output_dir=out_path)
+
+
+def save_forget_adapter(model, report: dict, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the PEFT adapter (safetensors) and its manifest, atomically."""
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        report.update(write_manifest(tmp, report))
+    return Path(output_dir)
+
+
+__all__ = ["forget", "ForgetResult", "save_forget_adapter", "icu_step_loss", "ICUError"]
