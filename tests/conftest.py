@@ -56,3 +56,35 @@ def shared_dir():
     if not SHARED.exists():
         pytest.skip(f"{SHARED} is missing (only present on the project's machines and CI)")
     return SHARED
+
+
+def quick_config(model_dir, **kw):
+    """An ICUConfig sized for the tiny model (fast, CPU)."""
+    from icu_peft import ICUConfig
+
+    base = dict(model=str(model_dir), learning_rate=2e-3, max_epochs=40, batch_size=4, progress=False,
+                score_batch_size=16, seed=0)
+    base.update(kw)
+    return ICUConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_forget_adapter(tmp_path_factory, tiny_model_dir, tiny_corpus):
+    """A forget adapter (4-bit base) for the first two forget samples; returns its directory."""
+    from icu_peft.unlearner import forget
+
+    out = tmp_path_factory.mktemp("adapters") / "forget_a"
+    forget(quick_config(tiny_model_dir, request_id="req-a"), tiny_corpus["forget"][:2], tiny_corpus["retain"],
+           tiny_corpus["unseen"], output_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_forget_adapter_b(tmp_path_factory, tiny_model_dir, tiny_corpus):
+    """A second, independent forget adapter for the other two forget samples."""
+    from icu_peft.unlearner import forget
+
+    out = tmp_path_factory.mktemp("adapters") / "forget_b"
+    forget(quick_config(tiny_model_dir, request_id="req-b", seed=1), tiny_corpus["forget"][2:], tiny_corpus["retain"],
+           tiny_corpus["unseen"], output_dir=out)
+    return out
