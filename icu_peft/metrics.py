@@ -297,3 +297,135 @@ def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 
         if progress is not None:
             progress.update(len(chunk))
     return Scores(ma=ma, el=el, bleu=bleu if with_bleu else None)
+
+
+# ------------------------------------------------------------------------------ perplexity
+
+def sliding_windows(length: int, window: int, stride: int) -> List[Tuple[int, int, int]]:
+    """(begin, end, first_target) windows covering a sequence of `length` tokens.
+
+    Each window feeds tokens [begin, end) and scores the targets first_target..end-1, so every
+    token from position 1 on is scored exactly once, each with at least window - stride tokens of
+    context once the first window is full (the transformers perplexity recipe). Position 0 has no
+    context and is never scored.
+    """
+    if window < 2:
+        raise ValueError("window must be >= 2")
+    if not 1 <= stride <= window:
+        raise ValueError("stride must be in 1..window")
+    out, prev_end, begin = [], 1, 0
+    while prev_end < length:
+        end = min(begin + window, length)
+        out.append((begin, end, prev_end))
+        prev_end = end
+        begin = end - (window - stride) if end < length else end
+        begin = max(0, min(begin, end - 1))
+    return out
+
+
+def perplexity_from_nll(total_nll: float, count: int) -> float:
+    """exp(mean NLL); inf for no scored tokens."""
+    return math.exp(total_nll / count) if count else float("inf")
+
+
+@dataclass
+class Perplexity:
+    """Per-sample and corpus perplexity. The corpus value weights every token equally."""
+
+    per_sample: List[float]
+    nll_sums: List[float]
+    token_counts: List[int]
+
+    @property
+    def corpus(self) -> float:
+        return perplexity_from_nll(sum(self.nll_sums), sum(self.token_counts))
+
+
+@torch.no_grad()
+def perplexity(model, seqs: Sequence[torch.Tensor], pad_id: int, window: Optional[int] = None,
+               stride: Optional[int] = None, batch_size: int = 8, progress=None) -> Perplexity:
+    """Perplexity of each sequence, windows of every sequence batched together.
+
+    `window` defaults to the model's context length (capped at 1024 to bound memory) and `stride`
+    to half of it: a text longer than the window is scored window by window, each target once.
+    """
+    if window is None:
+        ctx = getattr(getattr(_causal_lm(model), "config", None), "max_position_embeddings", None) or 1024
+        window = min(int(ctx), 1024)
+    stride = stride or max(1, window // 2)
+    pieces = []  # (sample, begin, end, first_target)
+    for i, x in enumerate(seqs):
+        for begin, end, first in sliding_windows(len(x), window, stride):
+            pieces.append((i, begin, end, first))
+    sums = [0.0] * len(seqs)
+    counts = [0] * len(seqs)
+    # Similar lengths together: less padding.
+    pieces.sort(key=lambda p: p[2] - p[1])
+    for s in range(0, len(pieces), batch_size):
+        chunk = pieces[s:s + batch_size]
+        tf = teacher_forced(model, [seqs[i][b:e] for i, b, e, _ in chunk], pad_id)
+        for row, (i, b, e, first) in enumerate(chunk):
+            # target_logprobs[row, j] scores token b + j + 1
+            lp = tf.target_logprobs[row, first - b - 1: e - b - 1].double()
+            sums[i] -= float(lp.sum())
+            counts[i] += int(lp.numel())
+        if progress is not None:
+            progress.update(len(chunk))
+    return Perplexity([perplexity_from_nll(s, c) for s, c in zip(sums, counts)], sums, counts)
+
+
+# ------------------------------------------------------------------------------ secret extraction
+
+def secret_token_accuracy(generated: Sequence[int], secret: Sequence[int]) -> float:
+    """Fraction of the secret's tokens that greedy decoding reproduced in place (0..1)."""
+    if not secret:
+        return 0.0
+    return sum(int(g == s) for g, s in zip(generated, secret)) / len(secret)
+
+
+def secret_in_text(generated_text: str, secret: str) -> bool:
+    """Does the generated text contain the secret (whitespace-normalised, case-sensitive)?"""
+    norm = " ".join(secret.split())
+    return bool(norm) and norm in " ".join(generated_text.split())
+
+
+def split_secret_tokens(tokenizer, prefix: str, secret: str) -> Tuple[torch.Tensor, List[int]]:
+    """(prefix ids, secret ids) as the model sees them in prefix+secret.
+
+    Tokenizing the two parts apart would give the secret a different first token (a BPE merge
+    across the boundary, a missing leading-space marker); when the prefix's own tokens are not a
+    prefix of the joint tokenization, the secret ids are those of the joint text after them anyway.
+    """
+    full = tokenizer(prefix + secret, add_special_tokens=True)["input_ids"]
+    pre = tokenizer(prefix, add_special_tokens=True)["input_ids"]
+    if full[: len(pre)] != pre:
+        k = 0
+        while k < min(len(pre), len(full)) and pre[k] == full[k]:
+            k += 1
+        pre = full[:k]
+    return torch.tensor(pre, dtype=torch.long), full[len(pre):]
+
+
+@torch.no_grad()
+def secret_extraction(model, tokenizer, pairs: Sequence[Tuple[str, str]], slack_tokens: int = 8,
+                      batch_size: int = 16, progress=None) -> List[Dict[str, float]]:
+    """For each (prefix, secret): does greedy decoding from the prefix produce the secret?
+
+    Generates len(secret tokens) + `slack_tokens` tokens. Returns per pair `extracted` (1.0 when
+    the secret string appears in the decoded continuation, else 0.0) and `token_accuracy` (secret
+    tokens reproduced in place). The decoded text is compared in memory and never returned.
+    """
+    prefixes, secrets_ids = [], []
+    for prefix, secret in pairs:
+        p, s = split_secret_tokens(tokenizer, prefix, secret)
+        if len(p) == 0 or not s:
+            raise ValueError("each prefix and secret must tokenize to at least one token")
+        prefixes.append(p)
+        secrets_ids.append(s)
+    gens = greedy_continue(model, prefixes, [len(s) + slack_tokens for s in secrets_ids], tokenizer.pad_token_id,
+                           batch_size=batch_size, progress=progress)
+    out = []
+    for (_, secret), g, s in zip(pairs, gens, secrets_ids):
+        text = tokenizer.decode(g, skip_special_tokens=True)
+        out.append({"extracted": float(secret_in_text(text, secret)), "token_accuracy": secret_token_accuracy(g, s)})
+    return out
