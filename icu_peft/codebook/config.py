@@ -1,0 +1,97 @@
+"""Configs of the CodeUnlearn method: the codebook bottleneck (trained once) and a topic forget request.
+
+Every field carries a default and one line of help, as in PEFT's tuner configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import InputError
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InputError(f"invalid codebook config: {msg}")
+
+
+@dataclass
+class CodebookConfig:
+    """Where the bottleneck sits, what it looks like, and how it is trained."""
+
+    # --- the bottleneck ---
+    layer: Optional[int] = field(default=None, metadata={"help": "Decoder layer (0-based) whose residual output is snapped to codes; negative counts from the end; unset: the middle layer."})
+    num_codes: int = field(default=1024, metadata={"help": "Number of code vectors in the codebook."})
+    k: int = field(default=8, metadata={"help": "Top-k codes combined per hidden state."})
+    similarity: str = field(default="cosine", metadata={"help": "How codes are ranked: 'cosine' or 'inner' (inner product)."})
+    combine: str = field(default="mean", metadata={"help": "How the k codes make the output: 'mean' or 'sum'."})
+
+    # --- training (base frozen; only the codebook trains) ---
+    steps: int = field(default=300, metadata={"help": "Optimisation steps."})
+    batch_size: int = field(default=8, metadata={"help": "Token windows per step."})
+    max_length: int = field(default=128, metadata={"help": "Training texts are cut into windows of this many tokens."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the code vectors."})
+    recon_weight: float = field(default=1.0, metadata={"help": "Weight of the reconstruction loss (relative MSE of snapped vs. original hidden state)."})
+    kmeans_tokens: int = field(default=20000, metadata={"help": "Hidden states collected for the k-means initialisation."})
+    kmeans_iters: int = field(default=20, metadata={"help": "k-means iterations for the initialisation."})
+    dead_code_interval: int = field(default=50, metadata={"help": "Every this many steps, codes unused since the last check are re-seeded from current hidden states (0: never)."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share of the training windows held out to measure the bottleneck's perplexity cost (when no eval file)."})
+    loss_chunk_size: int = field(default=64, metadata={"help": "Positions per chunk when computing the LM loss (bounds logits memory)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (window order, k-means, dead-code re-seeding)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        _need(self.num_codes >= 2, "num_codes must be >= 2")
+        _need(1 <= self.k < self.num_codes, "k must be in [1, num_codes)")
+        _need(self.similarity in ("cosine", "inner"), "similarity must be 'cosine' or 'inner'")
+        _need(self.combine in ("mean", "sum"), "combine must be 'mean' or 'sum'")
+        _need(self.steps >= 0, "steps must be >= 0")
+        _need(self.batch_size >= 1, "batch_size must be >= 1")
+        _need(self.max_length >= 4, "max_length must be >= 4")
+        _need(self.learning_rate > 0, "learning_rate must be > 0")
+        _need(self.recon_weight >= 0, "recon_weight must be >= 0")
+        _need(self.kmeans_tokens >= self.num_codes, "kmeans_tokens must be >= num_codes")
+        _need(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CodebookConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputError(f"unknown codebook config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class CodeForgetConfig:
+    """How a topic's codes are found (no gradient step) and how the mask acts."""
+
+    min_ratio: float = field(default=2.0, metadata={"help": "Keep codes at least this many times more frequent on topic text than on contrast text."})
+    max_p: float = field(default=1e-3, metadata={"help": "Keep codes whose one-sided 2x2 chi-squared p-value is below this."})
+    bonferroni: bool = field(default=True, metadata={"help": "Divide max_p by the number of codes tested (multiple-comparison correction)."})
+    min_count: int = field(default=3, metadata={"help": "Ignore codes active at fewer than this many topic positions."})
+    max_codes: int = field(default=0, metadata={"help": "Keep at most this many codes, highest ratio first (0: no cap)."})
+    mode: str = field(default="block", metadata={"help": "'block': masked codes are skipped and the next-best take their place; 'zero': they still win but add nothing."})
+    max_length: int = field(default=128, metadata={"help": "Topic/contrast texts are truncated to this many tokens."})
+    batch_size: int = field(default=8, metadata={"help": "Texts per forward pass while counting code activations."})
+    hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})
+    request_id: Optional[str] = field(default=None, metadata={"help": "Identifier of the forget request; a UUID when unset."})
+
+    def __post_init__(self) -> None:
+        _need(self.min_ratio >= 1.0, "min_ratio must be >= 1")
+        _need(0 < self.max_p <= 1, "max_p must be in (0, 1]")
+        _need(self.min_count >= 1, "min_count must be >= 1")
+        _need(self.max_codes >= 0, "max_codes must be >= 0")
+        _need(self.mode in ("block", "zero"), "mode must be 'block' or 'zero'")
+        _need(self.max_length >= 2, "max_length must be >= 2")
+        _need(self.batch_size >= 1, "batch_size must be >= 1")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("hash_salt", None)
+        return d

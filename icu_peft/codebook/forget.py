@@ -1,0 +1,197 @@
+"""Zero-shot topic forgetting: find the codes a topic uses, mask them. No gradient step.
+
+Read top to bottom: contrast text (the topic text with its topic words swapped for neutral ones)
+-> how often each code is among the top-k at a position, on topic vs. contrast text -> keep codes
+that are both `min_ratio` times more frequent on the topic and significant by a one-sided 2x2
+chi-squared test -> a code-mask directory (code ids + manifest).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..adapters import check_output_dir, check_base
+from ..data import new_salt, pad_batch, sample_id
+from ..errors import InputError
+from ..metrics import model_device
+from ..models import base_fingerprint
+from .api import CodebookHandle, load_codebook_model, now, read_codebook, write_code_mask
+from .config import CodeForgetConfig
+
+# Ordinary, topic-free words that stand in for topic words in the contrast text.
+NEUTRAL_WORDS = ("thing", "person", "place", "item", "group", "object", "area", "someone", "something",
+                 "material", "region", "element", "system", "event", "matter", "part")
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def make_contrast(texts: Sequence[str], topic_words: Sequence[str],
+                  neutral_words: Sequence[str] = NEUTRAL_WORDS) -> List[str]:
+    """The same texts with every topic word (whole word, any case) replaced by a neutral word.
+
+    Each topic word always maps to the same neutral word; longer topic words are replaced first so
+    'Zorblat Republic' wins over 'Zorblat'. Raises InputError when no topic word occurs at all.
+    """
+    words = sorted({w.strip() for w in topic_words if w and w.strip()}, key=len, reverse=True)
+    if not words:
+        raise InputError("no topic words given")
+    if not neutral_words:
+        raise InputError("no neutral words to swap in")
+    swap = {w.lower(): neutral_words[i % len(neutral_words)] for i, w in enumerate(words)}
+    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(w) for w in words) + r")(?!\w)", re.IGNORECASE)
+    out = [pattern.sub(lambda m: swap[m.group(0).lower()], t) for t in texts]
+    if all(a == b for a, b in zip(out, texts)):
+        raise InputError("none of the topic words occurs in the topic text: the contrast would be identical")
+    return out
+
+
+def chi2_sf_1df(x: torch.Tensor) -> torch.Tensor:
+    """Survival function of the chi-squared distribution with 1 degree of freedom: erfc(sqrt(x/2))."""
+    return torch.special.erfc(torch.sqrt(x.clamp(min=0) / 2))
+
+
+def chi2_2x2(a: torch.Tensor, n_a: int, b: torch.Tensor, n_b: int) -> torch.Tensor:
+    """Pearson chi-squared statistic of the 2x2 tables [[a, n_a - a], [b, n_b - b]], one per code."""
+    a, b = a.double(), b.double()
+    c, d = n_a - a, n_b - b
+    n = float(n_a + n_b)
+    num = n * (a * d - b * c) ** 2
+    den = (a + b) * (c + d) * float(n_a) * float(n_b)
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+
+
+def select_topic_codes(topic_counts: torch.Tensor, topic_positions: int, contrast_counts: torch.Tensor,
+                       contrast_positions: int, min_ratio: float = 2.0, max_p: float = 1e-3,
+                       bonferroni: bool = True, min_count: int = 3, max_codes: int = 0) -> Tuple[List[int], List[dict]]:
+    """Codes significantly more frequent on the topic. Returns (code ids, one stats row per kept code).
+
+    frequency = positions where the code is among the top-k / positions; ratio uses +1 smoothing on
+    the contrast count so a code never seen on contrast text gets a finite ratio; the chi-squared
+    test is one-sided (only codes more frequent on the topic count).
+    """
+    if topic_positions <= 0 or contrast_positions <= 0:
+        raise InputError("no positions to compare (empty topic or contrast text)")
+    f_t = topic_counts.double() / topic_positions
+    f_c = (contrast_counts.double() + 1) / (contrast_positions + 1)
+    ratio = f_t / f_c
+    chi2 = chi2_2x2(topic_counts, topic_positions, contrast_counts, contrast_positions)
+    p = chi2_sf_1df(chi2)
+    alpha = max_p / topic_counts.numel() if bonferroni else max_p
+    keep = (ratio >= min_ratio) & (p < alpha) & (topic_counts >= min_count) & (f_t > contrast_counts.double() / contrast_positions)
+    ids = keep.nonzero().squeeze(-1)
+    ids = ids[torch.argsort(ratio[ids], descending=True)]
+    if max_codes:
+        ids = ids[:max_codes]
+    rows = [{"code": int(i), "topic_count": int(topic_counts[i]), "contrast_count": int(contrast_counts[i]),
+             "ratio": round(float(ratio[i]), 3), "p": float(f"{float(p[i]):.3g}")} for i in ids]
+    return sorted(int(i) for i in ids), rows
+
+
+# ------------------------------------------------------------------------------ model access
+
+
+@torch.no_grad()
+def count_code_activations(model, handle: CodebookHandle, seqs: Sequence[torch.Tensor], pad_id: int,
+                           batch_size: int = 8) -> Tuple[torch.Tensor, int]:
+    """(per-code count of real positions where the code is in the top-k, number of real positions)."""
+    device = model_device(model)
+    layer = handle.layer
+    counts = torch.zeros(layer.num_codes, dtype=torch.long)
+    positions = 0
+    layer.record = []
+    try:
+        for s in range(0, len(seqs), batch_size):
+            ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            idx = layer.record.pop()
+            valid = mask.bool()
+            counts += torch.bincount(idx[valid].reshape(-1), minlength=layer.num_codes)
+            positions += int(valid.sum())
+    finally:
+        layer.record = None
+    return counts, positions
+
+
+@dataclass
+class CodeForgetResult:
+    codes: List[int]
+    manifest: dict
+    output_dir: Optional[Path] = None
+
+
+def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: str | Path,
+                 topic_texts: Sequence[str], contrast_texts: Optional[Sequence[str]] = None,
+                 topic_words: Optional[Sequence[str]] = None, output_dir: Optional[str | Path] = None,
+                 overwrite: bool = False, force: bool = False, base_name: Optional[str] = None) -> CodeForgetResult:
+    """One zero-shot forget request: topic texts in, a code mask out (written to output_dir if given).
+
+    The contrast is `contrast_texts`, or built from `topic_words` by make_contrast. Code activations
+    are counted with the bare codebook (no masks), so requests are independent and stack as sets.
+    The bottleneck is removed from `base_model` again before returning.
+    """
+    t0 = time.time()
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    if not topic_texts:
+        raise InputError("the topic set is empty")
+    if contrast_texts is None:
+        if not topic_words:
+            raise InputError("give contrast texts (--contrast) or the topic words to swap out (--topic-words)")
+        contrast_texts = make_contrast(topic_texts, topic_words)
+        contrast_source = "topic-words"
+    else:
+        contrast_source = "file"
+    if not contrast_texts:
+        raise InputError("the contrast set is empty")
+    salt = config.hash_salt or new_salt()
+    request_id = config.request_id or str(uuid.uuid4())
+    codebook = read_codebook(codebook_dir)
+    fp = base_fingerprint(base_model)
+    check_base(codebook.manifest, fp, where=str(codebook_dir), force=force)
+
+    def encode(texts):
+        return [torch.tensor(tokenizer(t, add_special_tokens=True)["input_ids"][:config.max_length], dtype=torch.long)
+                for t in texts]
+
+    model = load_codebook_model(base_model, codebook_dir, (), force=force)
+    handle: CodebookHandle = model.icu_codebook
+    try:
+        t_counts, t_pos = count_code_activations(model, handle, encode(topic_texts), tokenizer.pad_token_id, config.batch_size)
+        c_counts, c_pos = count_code_activations(model, handle, encode(contrast_texts), tokenizer.pad_token_id,
+                                                 config.batch_size)
+    finally:
+        handle.remove()
+        del model.icu_codebook
+    codes, rows = select_topic_codes(t_counts, t_pos, c_counts, c_pos, config.min_ratio, config.max_p,
+                                     config.bonferroni, config.min_count, config.max_codes)
+    request = {
+        "request_id": request_id,
+        "created_at": now(),
+        "codes": codes,
+        "topic": {"count": len(topic_texts), "positions": t_pos, "ids": [sample_id(t, salt) for t in topic_texts]},
+        "contrast": {"source": contrast_source, "count": len(contrast_texts), "positions": c_pos,
+                     "topic_words": len(topic_words or [])},
+        "selection": {"config": config.to_dict(), "tested_codes": int(t_counts.numel()),
+                      "codes_active_on_topic": int((t_counts > 0).sum()), "kept": rows},
+        "wall_time_s": round(time.time() - t0, 3),
+    }
+    base = {"name_or_path": base_name or getattr(base_model.config, "_name_or_path", None),
+            "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)), "fingerprint": fp}
+    cb = {"sha256": codebook.sha256, "request_id": codebook.manifest.get("request_id"),
+          "num_codes": codebook.config.num_codes, "layer_index": codebook.layer_index}
+    manifest = {"request_id": request_id, "mode": config.mode, "codebook": cb, "base": base, "codes": codes,
+                "requests": [request], "salt": salt}
+    out = None
+    if output_dir is not None:
+        manifest = write_code_mask([request], config.mode, cb, base, output_dir, overwrite, extra={"salt": salt})
+        out = Path(output_dir)
+    return CodeForgetResult(codes, manifest, out)

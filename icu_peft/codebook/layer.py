@@ -1,0 +1,177 @@
+"""The codebook bottleneck: math (pure functions), the module, and its attachment to a decoder layer.
+
+Each hidden state h is ranked against every code vector (cosine or inner product); the top-k codes
+are combined (mean or sum) and replace h. Masked codes are either blocked (ranked -inf, so the
+next-best codes take their place) or zeroed (still chosen, but contribute a zero vector).
+
+Attachment is a forward hook on the decoder layer, not a replaced module, because:
+- icu_peft.metrics and the ICU losses call the inner backbone directly (chunked logits) and
+  `generate` runs the layer step by step with a KV cache: a hook on the layer sees every one of
+  those paths, whatever wraps the model (PeftModel, LoRA forget adapters);
+- the base model's module tree and state_dict stay untouched, so its fingerprint, PEFT target
+  names and `save_pretrained` output are the same with or without the codebook;
+- removing the hook restores the base exactly (the handle is all there is to undo).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def code_scores(h: torch.Tensor, codebook: torch.Tensor, similarity: str = "cosine") -> torch.Tensor:
+    """(..., num_codes) similarity of each hidden state to each code."""
+    if similarity == "cosine":
+        return F.normalize(h, dim=-1) @ F.normalize(codebook, dim=-1).T
+    return h @ codebook.T
+
+
+def topk_codes(scores: torch.Tensor, k: int, blocked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Indices (..., k) of the k best codes; `blocked` (bool, num_codes) codes are never chosen."""
+    if blocked is not None and bool(blocked.any()):
+        scores = scores.masked_fill(blocked, float("-inf"))
+    return scores.topk(k, dim=-1).indices
+
+
+def combine_codes(codebook: torch.Tensor, idx: torch.Tensor, combine: str = "mean",
+                  zeroed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Combination of the chosen code vectors; `zeroed` (bool, num_codes) codes contribute zeros."""
+    vecs = F.embedding(idx, codebook)
+    if zeroed is not None and bool(zeroed.any()):
+        vecs = vecs * (~zeroed[idx]).unsqueeze(-1).to(vecs.dtype)
+    return vecs.mean(-2) if combine == "mean" else vecs.sum(-2)
+
+
+def kmeans(x: torch.Tensor, n: int, iters: int = 20, similarity: str = "cosine", seed: int = 0) -> torch.Tensor:
+    """Centroids (n, d) of the rows of x; with cosine similarity, assignment is by angle (spherical
+    k-means) but centroids stay raw means so code vectors keep the hidden states' scale."""
+    if x.shape[0] < n:
+        raise InputError(f"k-means needs at least {n} hidden states, got {x.shape[0]} (give more training text)")
+    g = torch.Generator().manual_seed(seed)
+    x = x.float()
+    centroids = x[torch.randperm(x.shape[0], generator=g)[:n]].clone()
+    for _ in range(iters):
+        assign = torch.cat([code_scores(part, centroids, similarity).argmax(-1) for part in x.split(8192)])
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=n).float()
+        empty = counts == 0
+        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp(min=1)[:, None])
+        if empty.any():  # an empty cluster restarts on a random point
+            centroids[empty] = x[torch.randint(0, x.shape[0], (int(empty.sum()),), generator=g)]
+    return centroids
+
+
+# ------------------------------------------------------------------------------ the module
+
+
+class CodebookLayer(nn.Module):
+    """A codebook of `num_codes` vectors of the model's hidden size; maps h -> combination of top-k codes.
+
+    Not a submodule of the base model: it lives beside it and is called from a forward hook.
+    """
+
+    def __init__(self, num_codes: int, dim: int, k: int = 8, similarity: str = "cosine", combine: str = "mean"):
+        super().__init__()
+        self.k, self.similarity, self.combine = k, similarity, combine
+        self.weight = nn.Parameter(torch.randn(num_codes, dim) * 0.02)
+        self.register_buffer("blocked", torch.zeros(num_codes, dtype=torch.bool), persistent=False)
+        self.register_buffer("zeroed", torch.zeros(num_codes, dtype=torch.bool), persistent=False)
+        self.enabled = True
+        # Set by whoever needs them (training, activation counting); None costs nothing.
+        self.record: Optional[List[torch.Tensor]] = None
+        self.keep_last = False
+        self.last: Optional[tuple] = None
+
+    @property
+    def num_codes(self) -> int:
+        return self.weight.shape[0]
+
+    def set_mask(self, codes, mode: str = "block") -> None:
+        """Mask `codes` (ids): 'block' or 'zero'. An empty list is the identity (no mask)."""
+        ids = torch.as_tensor(list(codes), dtype=torch.long, device=self.blocked.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_codes):
+            raise InputError(f"code ids must be in [0, {self.num_codes}); got {int(ids.min())}..{int(ids.max())}")
+        if mode not in ("block", "zero"):
+            raise InputError("mask mode must be 'block' or 'zero'")
+        self.blocked.zero_()
+        self.zeroed.zero_()
+        target = self.blocked if mode == "block" else self.zeroed
+        target[ids] = True
+        if int(self.blocked.sum()) > self.num_codes - self.k:
+            raise InputError(f"cannot block {int(self.blocked.sum())} of {self.num_codes} codes with k={self.k}")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        cb = self.weight.to(h.dtype)
+        with torch.no_grad():  # ranking is discrete: gradients reach the codes through the combination
+            idx = topk_codes(code_scores(h.detach(), cb.detach(), self.similarity), self.k, self.blocked)
+        q = combine_codes(cb, idx, self.combine, self.zeroed)
+        if self.record is not None:
+            self.record.append(idx.detach().cpu())
+        if self.keep_last:
+            self.last = (h, q, idx)
+        # Straight-through: the forward value is q, the gradient w.r.t. h passes unchanged (it matters
+        # only when something below the bottleneck trains, e.g. a LoRA adapter under the codebook).
+        return q + (h - h.detach()) if h.requires_grad else q
+
+
+# ------------------------------------------------------------------------------ attachment
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layer stack of a causal LM (Llama/Mistral/Qwen `model.layers`, GPT-2/Neo `transformer.h`, ...)."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = getattr(causal.config, "num_hidden_layers", None)
+    for name, mod in causal.named_modules():
+        if isinstance(mod, nn.ModuleList) and (n is None or len(mod) == n) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return mod
+    raise InputError(f"cannot find the decoder layers of {type(causal).__name__}")
+
+
+def resolve_layer(model, layer: Optional[int]) -> int:
+    """0-based index of the bottleneck layer; None is the middle layer, negatives count from the end."""
+    n = len(decoder_layers(model))
+    i = n // 2 if layer is None else layer
+    i = i + n if i < 0 else i
+    if not 0 <= i < n:
+        raise InputError(f"layer {layer} is out of range: the model has {n} decoder layers")
+    return i
+
+
+def _replace_hidden(output, fn: Callable[[torch.Tensor], torch.Tensor]):
+    # Decoder layers return a tensor (transformers >= 4.54) or a tuple whose first item is the residual.
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + tuple(output[1:])
+    raise TypeError(f"unexpected decoder layer output type {type(output).__name__}")
+
+
+def attach(model, codebook: CodebookLayer, layer_index: int):
+    """Snap the residual output of decoder layer `layer_index` through `codebook`; returns the hook handle."""
+    layer = decoder_layers(model)[layer_index]
+    device = next(layer.parameters()).device
+    codebook.to(device)
+
+    def hook(module, args, output):
+        if not codebook.enabled:
+            return output
+        return _replace_hidden(output, codebook)
+
+    return layer.register_forward_hook(hook)
+
+
+def capture(model, layer_index: int, sink: List[torch.Tensor]):
+    """Record (without changing) the residual output of a decoder layer; returns the hook handle."""
+    layer = decoder_layers(model)[layer_index]
+
+    def hook(module, args, output):
+        _replace_hidden(output, lambda h: sink.append(h.detach()) or h)
+
+    return layer.register_forward_hook(hook)

@@ -1,0 +1,230 @@
+"""Training the codebook bottleneck once, on general text, with the base frozen.
+
+Read top to bottom: windows -> base perplexity -> hidden states at the layer -> k-means init ->
+[step: LM loss through the bottleneck + reconstruction loss -> AdamW on the codes; every
+`dead_code_interval` steps re-seed codes nobody used] -> perplexity with the bottleneck -> save.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..adapters import check_output_dir
+from ..data import pad_batch
+from ..errors import InputError
+from ..losses import chunked_token_nll
+from ..metrics import backbone_and_head, model_device
+from ..models import base_fingerprint
+from .api import now, save_codebook
+from .config import CodebookConfig
+from .evaluate import lm_scores, windows
+from .layer import CodebookLayer, attach, capture, kmeans, resolve_layer
+
+logger = logging.getLogger("icu_peft")
+
+
+class _Stop(Exception):
+    """Raised from the capture hook: nothing above the bottleneck layer is needed for k-means."""
+
+
+@dataclass
+class CodebookResult:
+    layer: CodebookLayer
+    layer_index: int
+    manifest: dict
+    output_dir: Optional[Path] = None
+
+
+@torch.no_grad()
+def collect_hidden(model, seqs: Sequence[torch.Tensor], pad_id: int, layer_index: int, max_tokens: int,
+                   batch_size: int = 8) -> torch.Tensor:
+    """Residual outputs of decoder layer `layer_index` at real (non-pad) positions, up to max_tokens rows."""
+    device = model_device(model)
+    sink: List[torch.Tensor] = []
+    rows: List[torch.Tensor] = []
+    total = 0
+
+    def stop_after(module, args, output):
+        raise _Stop
+
+    from .layer import decoder_layers
+
+    handle = capture(model, layer_index, sink)
+    stopper = decoder_layers(model)[layer_index].register_forward_hook(stop_after)
+    try:
+        for s in range(0, len(seqs), batch_size):
+            ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            except _Stop:
+                pass
+            h = sink.pop()
+            rows.append(h[mask.to(device).bool()].float().cpu())
+            total += rows[-1].shape[0]
+            if total >= max_tokens:
+                break
+    finally:
+        handle.remove()
+        stopper.remove()
+    return torch.cat(rows)[:max_tokens]
+
+
+def _lm_and_recon(model, layer: CodebookLayer, seqs: Sequence[torch.Tensor], pad_id: int, config: CodebookConfig):
+    device = model_device(model)
+    ids, mask = (t.to(device) for t in pad_batch(seqs, pad_id))
+    parts = backbone_and_head(model)
+    if parts is None:
+        raise InputError("this model post-processes its logits; codebook training needs a plain LM head")
+    backbone, head = parts
+    h_last = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    s, c = chunked_token_nll(h_last, head, ids, mask, config.loss_chunk_size)
+    lm = s / c.clamp(min=1)
+    h, q, idx = layer.last
+    valid = mask.bool()
+    hv, qv = h[valid].float(), q[valid].float()
+    # Relative MSE: scale-free, so one weight fits any model's residual norm.
+    recon = ((qv - hv.detach()) ** 2).sum() / (hv.detach() ** 2).sum().clamp(min=1e-6)
+    return lm, recon, idx[valid], hv.detach()
+
+
+def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tokenizer,
+                   eval_texts: Optional[Sequence[str]] = None, output_dir: Optional[str | Path] = None,
+                   overwrite: bool = False, base_name: Optional[str] = None) -> CodebookResult:
+    """Train a codebook on `texts` for the frozen `base_model`; save it to `output_dir` if given."""
+    from tqdm.auto import tqdm
+
+    from ..unlearner import library_versions, peak_memory_mb
+
+    t0 = time.time()
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    torch.manual_seed(config.seed)
+    g = torch.Generator().manual_seed(config.seed)
+    pad_id = tokenizer.pad_token_id
+    layer_index = resolve_layer(base_model, config.layer)
+    seqs = windows(tokenizer, texts, config.max_length)
+    if not seqs:
+        raise InputError("no training text left after tokenization (texts shorter than 8 tokens?)")
+    seqs = [seqs[i] for i in torch.randperm(len(seqs), generator=g).tolist()]
+    if eval_texts:
+        eval_seqs = windows(tokenizer, eval_texts, config.max_length)
+    else:
+        n_eval = int(len(seqs) * config.eval_fraction)
+        eval_seqs, seqs = seqs[:n_eval], seqs[n_eval:]
+    if not seqs:
+        raise InputError("no training windows left after holding out the eval share")
+    logger.info("codebook: layer %d, %d codes, top-%d %s/%s; %d training windows, %d eval windows",
+                layer_index, config.num_codes, config.k, config.similarity, config.combine, len(seqs), len(eval_seqs))
+    base_model.eval()
+    base_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
+
+    # k-means initialisation on the layer's own hidden states
+    hidden = collect_hidden(base_model, seqs, pad_id, layer_index, config.kmeans_tokens)
+    init = kmeans(hidden, config.num_codes, config.kmeans_iters, config.similarity, config.seed)
+    del hidden
+    layer = CodebookLayer(config.num_codes, init.shape[1], config.k, config.similarity, config.combine)
+    with torch.no_grad():
+        layer.weight.copy_(init)
+    hook = attach(base_model, layer, layer_index)
+    init_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
+
+    # training: only the code vectors move
+    layer.keep_last = True
+    optimizer = torch.optim.AdamW([layer.weight], lr=config.learning_rate, weight_decay=0.0)
+    usage = torch.zeros(config.num_codes, dtype=torch.long)
+    replaced_total, history = 0, []
+    try:
+        bar = tqdm(range(config.steps), desc="codebook", disable=not config.progress, leave=False, dynamic_ncols=True)
+        for step in bar:
+            batch_idx = torch.randint(0, len(seqs), (config.batch_size,), generator=g).tolist()
+            lm, recon, idx, h_now = _lm_and_recon(base_model, layer, [seqs[i] for i in batch_idx], pad_id, config)
+            loss = lm + config.recon_weight * recon
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            usage += torch.bincount(idx.reshape(-1).cpu(), minlength=config.num_codes)
+            if config.dead_code_interval and (step + 1) % config.dead_code_interval == 0 and step + 1 < config.steps:
+                replaced = _reseed_dead(layer, optimizer, usage == 0, h_now, g)
+                replaced_total += replaced
+                usage.zero_()
+            history.append({"step": step + 1, "lm": round(float(lm.detach()), 4), "recon": round(float(recon.detach()), 4)})
+            bar.set_postfix(lm=f"{float(lm.detach()):.3f}", recon=f"{float(recon.detach()):.3f}")
+        bar.close()
+    finally:
+        layer.keep_last, layer.last = False, None
+        layer.weight.requires_grad_(False)
+
+    cb_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
+    used_eval = _codes_used(base_model, layer, eval_seqs or seqs[:32], pad_id)
+    hook.remove()
+
+    def ppl(s):
+        return None if s is None else {"nll": round(s["nll"], 4), "ppl": round(s["ppl"], 3), "ma": round(s["ma"], 4),
+                                       "tokens": s["tokens"]}
+
+    manifest = {
+        "request_id": str(uuid.uuid4()),
+        "created_at": now(),
+        "base": {"name_or_path": base_name or getattr(base_model.config, "_name_or_path", None),
+                 "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)),
+                 "fingerprint": base_fingerprint(base_model)},
+        "config": config.to_dict(),
+        "layer_index": layer_index,
+        "training": {"windows": len(seqs), "steps": config.steps, "dead_codes_reseeded": replaced_total,
+                     "final": history[-1] if history else None, "history_every_10": history[::10]},
+        "perplexity": {"eval_windows": len(eval_seqs), "eval_source": "file" if eval_texts else "held-out share",
+                       "base": ppl(base_eval), "kmeans_init": ppl(init_eval), "codebook": ppl(cb_eval),
+                       "codes_used_on_eval": used_eval},
+        "wall_time_s": round(time.time() - t0, 2),
+        **{k: round(v, 1) for k, v in peak_memory_mb().items()},
+        "versions": library_versions(),
+    }
+    if base_eval and cb_eval:
+        logger.info("perplexity on %d eval windows: base %.3f, k-means init %.3f, trained codebook %.3f",
+                    len(eval_seqs), base_eval["ppl"], init_eval["ppl"], cb_eval["ppl"])
+    out = None
+    if output_dir is not None:
+        manifest = save_codebook(layer, config, layer_index, manifest, output_dir, overwrite)
+        out = Path(output_dir)
+    return CodebookResult(layer, layer_index, manifest, out)
+
+
+def _reseed_dead(layer: CodebookLayer, optimizer, dead: torch.Tensor, h: torch.Tensor, g: torch.Generator) -> int:
+    """Move unused codes onto random current hidden states (with a little noise) and reset their Adam state."""
+    n = int(dead.sum())
+    if n == 0 or h.shape[0] == 0:
+        return 0
+    pick = torch.randint(0, h.shape[0], (n,), generator=g)
+    new = h[pick.to(h.device)]
+    new = new + 0.01 * new.norm(dim=-1, keepdim=True) / new.shape[-1] ** 0.5 * torch.randn(new.shape, generator=g).to(new)
+    rows = dead.nonzero().squeeze(-1).to(layer.weight.device)
+    with torch.no_grad():
+        layer.weight[rows] = new.to(layer.weight.dtype)
+        st = optimizer.state.get(layer.weight, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key][rows] = 0
+    return n
+
+
+@torch.no_grad()
+def _codes_used(model, layer: CodebookLayer, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 8) -> int:
+    device = model_device(model)
+    layer.record = []
+    seen = torch.zeros(layer.num_codes, dtype=torch.bool)
+    try:
+        for s in range(0, len(seqs), batch_size):
+            ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            idx = layer.record.pop()
+            seen[idx[mask.bool()].reshape(-1)] = True
+    finally:
+        layer.record = None
+    return int(seen.sum())

@@ -1,0 +1,403 @@
+"""CodeUnlearn on a tiny model: the bottleneck math, training/reload, topic masks, mask lifecycle, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from icu_peft.codebook import (CodebookConfig, CodeForgetConfig, describe, forget_topic, load_codebook_model,
+                               read_code_mask, read_codebook, revoke_mask, stack_masks, train_codebook, verify_dir)
+from icu_peft.codebook.api import write_code_mask
+from icu_peft.codebook.forget import chi2_2x2, chi2_sf_1df, make_contrast, select_topic_codes
+from icu_peft.codebook.layer import CodebookLayer, combine_codes, kmeans, topk_codes
+from icu_peft.errors import ICUError, InputError, IntegrityError
+from icu_peft.testing import WORDS, random_sentences
+
+TOPIC_WORDS = ["quartz", "raven", "saffron"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine run several times faster on one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def topic_sentences(n, seed):
+    """Sentences of the tiny vocabulary where every third word is a topic word."""
+    rng = random.Random(seed)
+    others = [w for w in WORDS if w not in TOPIC_WORDS]
+    return [" ".join(rng.choice(TOPIC_WORDS) if i % 3 == 1 else rng.choice(others) for i in range(12)) + "."
+            for _ in range(n)]
+
+
+def general_text():
+    return random_sentences(40, seed=11) + topic_sentences(20, seed=12)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    from icu_peft.models import load_base_model, load_tokenizer
+
+    return load_base_model(str(tiny_model_dir), quantize=False), load_tokenizer(str(tiny_model_dir))
+
+
+CFG = dict(num_codes=64, k=4, steps=60, batch_size=8, max_length=32, kmeans_tokens=400, dead_code_interval=20,
+           progress=False, learning_rate=3e-3)
+
+
+@pytest.fixture(scope="module")
+def codebook_dir(tmp_path_factory, base):
+    model, tok = base
+    out = tmp_path_factory.mktemp("codebook") / "cb"
+    res = train_codebook(CodebookConfig(**CFG), general_text(), model, tok, output_dir=out)
+    assert not hasattr(model, "icu_codebook")
+    return out, res
+
+
+def logits(model, tok, texts):
+    from icu_peft.data import pad_batch
+
+    ids, mask = pad_batch([torch.tensor(tok(t)["input_ids"]) for t in texts], tok.pad_token_id)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits, mask
+
+
+def detach(model):
+    if hasattr(model, "icu_codebook"):
+        model.icu_codebook.remove()
+        del model.icu_codebook
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def test_chi2_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    a, b = torch.tensor([30, 5, 0, 12]), torch.tensor([10, 5, 4, 12])
+    n_a, n_b = 200, 180
+    mine = chi2_2x2(a, n_a, b, n_b)
+    for i in range(4):
+        table = [[int(a[i]), n_a - int(a[i])], [int(b[i]), n_b - int(b[i])]]
+        want = stats.chi2_contingency(table, correction=False)[0]
+        assert float(mine[i]) == pytest.approx(want, rel=1e-6)
+    x = torch.tensor([0.0, 1.0, 3.84, 10.0, 40.0], dtype=torch.double)
+    assert torch.allclose(chi2_sf_1df(x), torch.tensor(stats.chi2.sf(x.numpy(), 1)), rtol=1e-6)
+
+
+def test_select_topic_codes_keeps_only_significant_enriched_codes():
+    topic = torch.tensor([100, 100, 2, 50, 0, 30])
+    contrast = torch.tensor([5, 100, 0, 0, 40, 28])
+    codes, rows = select_topic_codes(topic, 1000, contrast, 1000, min_ratio=2.0, max_p=1e-3, bonferroni=True, min_count=3)
+    # 0: 20x and significant; 1: same frequency; 2: too rare; 3: enriched; 4: depleted; 5: no difference
+    assert codes == [0, 3]
+    assert rows[0]["code"] == 3  # highest ratio first (contrast 0 -> 51x vs 100/6)
+    capped, _ = select_topic_codes(topic, 1000, contrast, 1000, max_codes=1)
+    assert capped == [3]
+    none, _ = select_topic_codes(topic, 1000, contrast, 1000, min_ratio=1000.0)
+    assert none == []
+    with pytest.raises(InputError):
+        select_topic_codes(topic, 0, contrast, 1000)
+
+
+def test_make_contrast_swaps_whole_words_consistently():
+    out = make_contrast(["Quartz and quartzite, QUARTZ raven.", "nothing here"], ["quartz", "raven"])
+    a, b = out[0].split()[0], out[0].split()[3]
+    assert "quartzite" in out[0] and "raven" not in out[0].lower()
+    assert a == b.rstrip(",")  # the same topic word always gets the same neutral word
+    assert out[1] == "nothing here"
+    longest = make_contrast(["the Zorblat Republic"], ["Zorblat", "Zorblat Republic"])[0]
+    assert longest.count(" ") == 1  # the two-word name was replaced as one
+    with pytest.raises(InputError, match="none of the topic words"):
+        make_contrast(["amber basalt"], ["quartz"])
+
+
+def test_topk_blocks_and_combine_zeroes():
+    cb = torch.eye(4)
+    h = torch.tensor([[1.0, 0.5, 0.2, 0.0]])
+    assert topk_codes(h @ cb.T, 2).tolist() == [[0, 1]]
+    blocked = torch.tensor([True, False, False, False])
+    assert topk_codes(h @ cb.T, 2, blocked).tolist() == [[1, 2]]  # the next best takes the place
+    zeroed = torch.tensor([True, False, False, False])
+    out = combine_codes(cb, torch.tensor([[0, 1]]), "sum", zeroed)
+    assert out.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    assert combine_codes(cb, torch.tensor([[0, 1]]), "mean").tolist() == [[0.5, 0.5, 0.0, 0.0]]
+
+
+def test_kmeans_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(50, 3, generator=g) for c in centers])
+    got = kmeans(x, 3, iters=10, similarity="cosine", seed=1)
+    dist = torch.cdist(centers, got).min(1).values
+    assert float(dist.max()) < 0.5
+
+
+def test_layer_mask_rejects_bad_ids():
+    layer = CodebookLayer(8, 4, k=2)
+    with pytest.raises(InputError):
+        layer.set_mask([8])
+    with pytest.raises(InputError):
+        layer.set_mask(range(7))  # fewer than k codes left
+
+
+# ------------------------------------------------------------------------------ train / reload
+
+
+def test_codebook_trains_reloads_identically_and_beats_its_init(codebook_dir, base):
+    out, res = codebook_dir
+    model, tok = base
+    p = res.manifest["perplexity"]
+    assert p["codebook"]["nll"] < p["kmeans_init"]["nll"]  # training helped
+    assert p["codebook"]["nll"] >= p["base"]["nll"] - 0.5  # and it is still a bottleneck, not magic
+    text = topic_sentences(3, seed=99)
+    plain, _ = logits(model, tok, text)
+    # trained layer (in memory) vs. reloaded from disk: identical
+    from icu_peft.codebook.layer import attach
+
+    hook = attach(model, res.layer, res.layer_index)
+    mem, _ = logits(model, tok, text)
+    hook.remove()
+    load_codebook_model(model, out)
+    disk, _ = logits(model, tok, text)
+    detach(model)
+    assert torch.equal(mem, disk)
+    assert not torch.allclose(mem, plain)  # the bottleneck is really in the path
+    again, _ = logits(model, tok, text)
+    assert torch.equal(again, plain)  # removing the hook restores the base exactly
+
+
+def test_codebook_model_works_with_metrics_and_generation(codebook_dir, base):
+    from icu_peft.metrics import extraction_likelihood, teacher_forced
+
+    out, _ = codebook_dir
+    model, tok = base
+    seqs = [torch.tensor(tok(t)["input_ids"]) for t in topic_sentences(2, seed=5)]
+    plain = teacher_forced(model, seqs, tok.pad_token_id)
+    load_codebook_model(model, out)
+    try:
+        tf = teacher_forced(model, seqs, tok.pad_token_id)
+        el = extraction_likelihood(model, seqs, 3, tok.pad_token_id, tf=tf)
+    finally:
+        detach(model)
+    assert not torch.equal(tf.target_logprobs, plain.target_logprobs)  # the backbone path sees the hook too
+    assert all(0.0 <= e <= 1.0 for e in el)
+
+
+# ------------------------------------------------------------------------------ forgetting
+
+
+@pytest.fixture(scope="module")
+def topic_mask(tmp_path_factory, codebook_dir, base):
+    out, _ = codebook_dir
+    model, tok = base
+    mask_dir = tmp_path_factory.mktemp("masks") / "topic"
+    cfg = CodeForgetConfig(min_ratio=2.0, max_p=0.01, request_id="topic-req")
+    res = forget_topic(cfg, model, tok, out, topic_sentences(24, seed=21), topic_words=TOPIC_WORDS, output_dir=mask_dir)
+    return mask_dir, res
+
+
+def _change(model, tok, texts, cb_dir, mask_dirs, mode=None):
+    load_codebook_model(model, cb_dir)
+    ref, mask = logits(model, tok, texts)
+    load_codebook_model(model, cb_dir, mask_dirs, mode=mode)
+    got, _ = logits(model, tok, texts)
+    detach(model)
+    lp_ref, lp = ref.log_softmax(-1), got.log_softmax(-1)
+    kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+    return float((kl * mask).sum() / mask.sum())
+
+
+@pytest.mark.parametrize("mode", ["block", "zero"])
+def test_masking_topic_codes_hits_topic_text_more_than_contrast(topic_mask, codebook_dir, base, mode):
+    mask_dir, res = topic_mask
+    model, tok = base
+    assert res.codes, "no topic code was selected"
+    held_out = topic_sentences(12, seed=77)  # not the texts the codes were selected on
+    contrast = make_contrast(held_out, TOPIC_WORDS)
+    on_topic = _change(model, tok, held_out, codebook_dir[0], [mask_dir], mode)
+    on_contrast = _change(model, tok, contrast, codebook_dir[0], [mask_dir], mode)
+    assert on_topic > 2 * on_contrast, (on_topic, on_contrast)
+
+
+def test_mask_manifest_holds_no_text(topic_mask):
+    mask_dir, _ = topic_mask
+    raw = (mask_dir / "forget_manifest.json").read_text()
+    for sentence in topic_sentences(24, seed=21)[:5]:
+        assert sentence not in raw and sentence.split()[0] + " " + sentence.split()[1] not in raw
+    m = read_code_mask(mask_dir)
+    assert m.request_ids == ["topic-req"] and len(m.requests[0]["topic"]["ids"]) == 24
+
+
+def test_empty_mask_is_identity(tmp_path, topic_mask, codebook_dir, base):
+    mask_dir, _ = topic_mask
+    model, tok = base
+    empty = tmp_path / "empty"
+    revoke_mask(mask_dir, ["topic-req"], empty)
+    assert read_code_mask(empty).codes == []
+    texts = topic_sentences(4, seed=3)
+    load_codebook_model(model, codebook_dir[0])
+    ref, _ = logits(model, tok, texts)
+    load_codebook_model(model, codebook_dir[0], [empty])
+    got, _ = logits(model, tok, texts)
+    detach(model)
+    assert torch.equal(ref, got)
+
+
+# ------------------------------------------------------------------------------ lifecycle
+
+
+def _mask(tmp_path, name, codes, topic_mask, mode="block"):
+    m = read_code_mask(topic_mask[0]).manifest
+    write_code_mask([{"request_id": name, "codes": codes}], mode, m["codebook"], m["base"], tmp_path / name)
+    return tmp_path / name
+
+
+def test_stack_and_revoke_behave_as_sets(tmp_path, topic_mask):
+    a = _mask(tmp_path, "a", [1, 2, 3], topic_mask)
+    b = _mask(tmp_path, "b", [3, 4], topic_mask)
+    c = _mask(tmp_path, "c", [9], topic_mask)
+    stack_masks([a, b], tmp_path / "ab")
+    stack_masks([b, a], tmp_path / "ba")
+    assert read_code_mask(tmp_path / "ab").codes == read_code_mask(tmp_path / "ba").codes == [1, 2, 3, 4]
+    revoke_mask(tmp_path / "ab", ["b"], tmp_path / "ab-b")
+    assert read_code_mask(tmp_path / "ab-b").codes == [1, 2, 3]  # 3 is still wanted by a
+    revoke_mask(tmp_path / "ab", ["a"], tmp_path / "ab-a")
+    assert read_code_mask(tmp_path / "ab-a").codes == [3, 4]
+    stack_masks([tmp_path / "ab", a], tmp_path / "aba")  # stacking a request twice changes nothing
+    assert read_code_mask(tmp_path / "aba").request_ids == ["a", "b"]
+    stack_masks([tmp_path / "ab", c], tmp_path / "abc")
+    revoke_mask(tmp_path / "abc", ["a", "c"], tmp_path / "abc-ac")
+    assert read_code_mask(tmp_path / "abc-ac").codes == [3, 4]
+    with pytest.raises(InputError, match="holds no request"):
+        revoke_mask(tmp_path / "ab", ["zzz"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    z = _mask(tmp_path, "z", [5], topic_mask, mode="zero")
+    with pytest.raises(InputError, match="disagree"):
+        stack_masks([a, z], tmp_path / "az")
+    stack_masks([a, z], tmp_path / "az", mode="zero")
+    assert read_code_mask(tmp_path / "az").mode == "zero"
+
+
+def test_stacked_masks_equal_union_at_load(tmp_path, topic_mask, codebook_dir, base):
+    model, tok = base
+    a = _mask(tmp_path, "a", [1, 2], topic_mask)
+    b = _mask(tmp_path, "b", [2, 7], topic_mask)
+    stack_masks([a, b], tmp_path / "ab")
+    texts = topic_sentences(3, seed=8)
+    load_codebook_model(model, codebook_dir[0], [a, b])
+    assert model.icu_codebook.codes == [1, 2, 7]
+    two, _ = logits(model, tok, texts)
+    load_codebook_model(model, codebook_dir[0], [tmp_path / "ab"])
+    one, _ = logits(model, tok, texts)
+    detach(model)
+    assert torch.equal(one, two)
+
+
+def test_tampered_or_foreign_files_refused(tmp_path, topic_mask, codebook_dir, base):
+    model, _ = base
+    cb = tmp_path / "cb"
+    shutil.copytree(codebook_dir[0], cb)
+    mask = tmp_path / "mask"
+    shutil.copytree(topic_mask[0], mask)
+    # a flipped byte in the codebook weights
+    w = cb / "codebook.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[-1] ^= 0xFF
+    w.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="sha256"):
+        load_codebook_model(model, cb)
+    # a manifest whose code list no longer matches the weights file
+    man = json.loads((mask / "forget_manifest.json").read_text())
+    man["requests"][0]["codes"] = man["requests"][0]["codes"][1:]
+    (mask / "forget_manifest.json").write_text(json.dumps(man))
+    with pytest.raises(IntegrityError, match="do not match"):
+        read_code_mask(mask)
+    # a mask for another codebook
+    other = _mask(tmp_path, "other", [1], topic_mask)
+    man = json.loads((other / "forget_manifest.json").read_text())
+    man["codebook"]["sha256"] = "0" * 64
+    (other / "forget_manifest.json").write_text(json.dumps(man))
+    with pytest.raises(IntegrityError, match="another codebook"):
+        load_codebook_model(model, codebook_dir[0], [other])
+    # a codebook trained on another base
+    cb2 = tmp_path / "cb2"
+    shutil.copytree(codebook_dir[0], cb2)
+    man = json.loads((cb2 / "forget_manifest.json").read_text())
+    man["base"]["fingerprint"]["sha256"] = "f" * 64
+    (cb2 / "forget_manifest.json").write_text(json.dumps(man))
+    with pytest.raises(IntegrityError, match="different base"):
+        load_codebook_model(model, cb2)
+    load_codebook_model(model, cb2, force=True)
+    detach(model)
+    # a pickle dropped into the directory
+    (tmp_path / "cb3").mkdir()
+    shutil.copytree(codebook_dir[0], tmp_path / "cb3" / "x")
+    (tmp_path / "cb3" / "x" / "extra.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(IntegrityError):
+        read_codebook(tmp_path / "cb3" / "x")
+    # a LoRA forget adapter is not a codebook
+    with pytest.raises(IntegrityError, match="not a code mask"):
+        read_code_mask(codebook_dir[0])
+    assert not hasattr(model, "icu_codebook")
+
+
+def test_describe_and_verify(codebook_dir, topic_mask):
+    from icu_peft.models import base_fingerprint
+
+    d = describe(codebook_dir[0])
+    assert d["kind"] == "codebook" and d["num_codes"] == 64 and d["perplexity"]["codebook"]["ppl"] > 0
+    m = describe(topic_mask[0])
+    assert m["kind"] == "code_mask" and m["num_codes_masked"] == len(topic_mask[1].codes)
+    assert verify_dir(topic_mask[0])["kind"] == "code_mask"
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
+    from icu_peft.cli import main
+
+    data = tmp_path / "general.txt"
+    data.write_text("\n".join(general_text()) + "\n")
+    topic = tmp_path / "topic.txt"
+    topic.write_text("\n".join(topic_sentences(16, seed=31)) + "\n")
+    m = str(tiny_model_dir)
+    cb = tmp_path / "cb"
+    # 4-bit base (the default) for training
+    assert main(["-q", "codebook", "train", "--model", m, "--data", str(data), "--out", str(cb), "--num-codes", "32",
+                 "--k", "4", "--steps", "10", "--max-length", "32", "--kmeans-tokens", "200", "--no-progress"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(cb), "--topic", str(topic),
+                 "--topic-words", ",".join(TOPIC_WORDS), "--out", str(tmp_path / "mask"), "--max-p", "0.05",
+                 "--request-id", "r1"]) == 0
+    assert main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(cb), "--topic", str(topic),
+                 "--topic-words", "quartz", "--out", str(tmp_path / "mask2"), "--request-id", "r2", "--mode", "block"]) == 0
+    assert main(["-q", "codebook", "stack", str(tmp_path / "mask"), str(tmp_path / "mask2"), "--out", str(tmp_path / "st")]) == 0
+    assert main(["-q", "codebook", "revoke", str(tmp_path / "st"), "--request-id", "r2", "--out", str(tmp_path / "rv")]) == 0
+    assert read_code_mask(tmp_path / "rv").codes == read_code_mask(tmp_path / "mask").codes
+    assert main(["-q", "codebook", "verify", str(cb), str(tmp_path / "rv"), "--codebook", str(cb), "--model", m]) == 0
+    capsys.readouterr()
+    assert main(["-q", "codebook", "inspect", str(tmp_path / "st")]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["requests"][1]["request_id"] == "r2"
+    assert main(["-q", "codebook", "eval", "--model", m, "--no-quantize", "--codebook", str(cb), "--mask",
+                 str(tmp_path / "st"), "--data", f"topic={topic}"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["sets"]["topic"]["ppl"] > 1 and res["masked_codes"] == len(read_code_mask(tmp_path / "st").codes)
+    # user errors: one line, exit 2, nothing written
+    assert main(["-q", "codebook", "forget", "--model", m, "--codebook", str(cb), "--topic", str(topic),
+                 "--topic-words", "notaword", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert main(["-q", "codebook", "train", "--model", m, "--data", str(tmp_path / "missing.txt"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert main(["-q", "codebook", "train", "--model", m, "--data", str(data), "--out", str(cb)]) == 2  # exists
+    assert main(["-q", "codebook", "eval", "--model", m, "--mask", str(tmp_path / "st"), "--data", str(topic)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert issubclass(IntegrityError, ICUError)
