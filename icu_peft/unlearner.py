@@ -29,6 +29,8 @@ from .losses import chunked_kl_to_reference, chunked_token_nll, icu_loss
 from .metrics import Scores, backbone_and_head, model_device, score_samples
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer
 from .refine import Thresholds, forgotten_mask
+from .evaluation import forget_mia
+from .report import write_report
 
 logger = logging.getLogger("icu_peft")
 
@@ -270,6 +272,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     state = _State(scores=before, active=[not f for f in forgotten_mask(before, thresholds, config.criterion)],
                    epochs_active=[0] * len(forget_set))
     history = [dict(epoch=0, active=sum(state.active), **{f"{k}_mean": v for k, v in before.mean().items()})]
+    per_epoch = [before]  # per-sample scores of every epoch, for the report's plots
     logger.info("epoch 0: MA %.4f EL %.4f, %d of %d samples still to forget", before.mean()["ma"],
                 before.mean()["el"], sum(state.active), len(forget_set))
 
@@ -331,6 +334,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
             break
         good = _lora_state(model)
         state.scores = _score(model, forget_set, pad_id, config, f"scoring epoch {epoch}")
+        per_epoch.append(state.scores)
         state.active = [not f for f in forgotten_mask(state.scores, thresholds, config.criterion)]
         m = state.scores.mean()
         history.append(dict(epoch=epoch, active=sum(state.active), **terms, **{f"{k}_mean": v for k, v in m.items()}))
@@ -378,6 +382,10 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                    "before": before.mean(), "after": after.mean()},
         "samples": samples,
         "history": history,
+        "per_sample_history": {sid: {"ma": [s.ma[i] for s in per_epoch], "el": [s.el[i] for s in per_epoch]}
+                               for i, sid in enumerate(forget_set.ids)},
+        "mia": forget_mia(model, tokenizer, forget_set.input_ids, unseen_texts, config.max_length,
+                          batch_size=config.score_batch_size) if unseen_texts else None,
         "epochs": epoch,
         "steps": steps,
         "world_size": world,
@@ -400,6 +408,7 @@ def save_forget_adapter(model, report: dict, output_dir: str | Path, overwrite: 
     """Write the PEFT adapter (safetensors) and its manifest, atomically."""
     with atomic_output_dir(output_dir, overwrite) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        write_report(report, tmp)  # before the manifest, so the report files are hashed too
         report.update(write_manifest(tmp, report))
     return Path(output_dir)
 
