@@ -18,12 +18,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import IntegrityError, OutputExistsError
 
 MANIFEST_NAME = "forget_manifest.json"
 MANIFEST_FORMAT = "icu-peft/forget-adapter/v1"
+MERGED_FORMAT = "icu-peft/merged-model/v1"
 
 
 def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
@@ -38,8 +39,10 @@ def file_hashes(directory: str | Path) -> Dict[str, str]:
     """sha256 of every file under `directory` except the manifest, keyed by relative path."""
     directory = Path(directory)
     out = {}
+    # Only the root manifest is skipped: the manifests of embedded adapters (combined adapters,
+    # merged models) are files like any other and must be covered by the outer hashes.
     for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_NAME:
+        if p.is_file() and p != directory / MANIFEST_NAME:
             out[p.relative_to(directory).as_posix()] = sha256_file(p)
     return out
 
@@ -118,7 +121,7 @@ def verify_files(directory: str | Path, manifest: Optional[dict] = None) -> dict
             raise IntegrityError(f"{directory}: sha256 of {rel} does not match the manifest (tampered or corrupted)")
     for p in directory.rglob("*"):
         rel = p.relative_to(directory).as_posix()
-        if p.is_file() and p.name != MANIFEST_NAME and rel not in listed:
+        if p.is_file() and p != directory / MANIFEST_NAME and rel not in listed:
             if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json", ".pkl", ".npy"):
                 raise IntegrityError(f"{directory}: file {rel} is not listed in the manifest")
     if any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in directory.rglob("*")):
@@ -138,14 +141,74 @@ def check_base(manifest: dict, fingerprint: dict, where: str = "", force: bool =
         )
 
 
+def manifest_kind(manifest: dict) -> str:
+    """'adapter' (one request), 'combined' (several, one LoRA) or 'merged' (a standalone model)."""
+    return manifest.get("kind") or ("merged" if manifest.get("format") == MERGED_FORMAT else "adapter")
+
+
+def leaf_manifests(directory: str | Path, manifest: Optional[dict] = None) -> List[Tuple[Path, dict]]:
+    """The single-request manifests inside an adapter, combined adapter or merged model.
+
+    Combined adapters and merged models embed a copy of every adapter they are made of (with its
+    own manifest, salt and thresholds), so audits and revocation work from the directory alone.
+    """
+    directory = Path(directory)
+    manifest = manifest if manifest is not None else read_manifest(directory)
+    kind = manifest_kind(manifest)
+    if kind == "adapter":
+        return [(directory, manifest)]
+    out: List[Tuple[Path, dict]] = []
+    for entry in manifest.get("components" if kind == "combined" else "adapters", []):
+        sub = directory / entry["relpath"]
+        out.extend(leaf_manifests(sub, read_manifest(sub)))
+    return out
+
+
+def adapter_weights_sha256(manifest: dict) -> Optional[str]:
+    """Identity of an adapter's weights (stable across copies of its directory)."""
+    return manifest.get("files", {}).get("adapter_model.safetensors")
+
+
+def merged_manifest_of(model) -> Optional[Tuple[Path, dict]]:
+    """(directory, manifest) when `model` was loaded from an icu-peft merged model directory."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    where = getattr(getattr(causal, "config", None), "_name_or_path", None)
+    if not where or not Path(where, MANIFEST_NAME).is_file():
+        return None
+    try:
+        m = read_manifest(where)
+    except IntegrityError:
+        return None
+    return (Path(where), m) if manifest_kind(m) == "merged" else None
+
+
 def adapter_name_for(directory: str | Path, manifest: dict, taken: Sequence[str]) -> str:
     """A PEFT adapter name for a forget adapter: its request id, made unique."""
-    base = "forget_" + str(manifest.get("request_id") or Path(directory).name).replace("-", "")[:12]
+    raw = str(manifest.get("request_id") or Path(directory).name)
+    # PEFT adapter names become module-dict keys: no dots, and keep them short.
+    base = "forget_" + "".join(c if c.isalnum() else "_" for c in raw)[:24]
     name, i = base, 1
     while name in taken:
         i += 1
         name = f"{base}_{i}"
     return name
+
+
+def check_stack(directories: Sequence[str | Path], manifests: Sequence[dict], already: Sequence[Tuple[Path, dict]] = ()):
+    """Refuse a stack that would apply one request twice (the same weights listed twice, an
+    adapter that is also inside a combined adapter, or one already merged into the base)."""
+    seen: Dict[str, str] = {}
+    for d, m in already:
+        for leaf_dir, leaf in leaf_manifests(d, m):
+            seen[adapter_weights_sha256(leaf) or str(leaf_dir)] = f"already merged into {d}"
+    for d, m in zip(directories, manifests):
+        if manifest_kind(m) == "merged":
+            raise IntegrityError(f"{d} is a merged model, not an adapter: pass it as --model")
+        for leaf_dir, leaf in leaf_manifests(d, m):
+            key = adapter_weights_sha256(leaf) or str(leaf_dir)
+            if key in seen:
+                raise IntegrityError(f"{d}: request {leaf.get('request_id')} would be applied twice ({seen[key]})")
+            seen[key] = f"also in {d}"
 
 
 def load_forget_adapters(base_model, directories: Sequence[str | Path], force: bool = False):
@@ -164,8 +227,11 @@ def load_forget_adapters(base_model, directories: Sequence[str | Path], force: b
     manifests = []
     for d in directories:
         m = verify_files(d)
-        check_base(m, fp, where=str(d), force=force)
+        if manifest_kind(m) != "merged":
+            check_base(m, fp, where=str(d), force=force)
         manifests.append(m)
+    merged = merged_manifest_of(base_model)
+    check_stack(directories, manifests, [merged] if merged else [])
     names: List[str] = []
     model = None
     for d, m in zip(directories, manifests):
