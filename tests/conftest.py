@@ -88,3 +88,20 @@ def tiny_forget_adapter_b(tmp_path_factory, tiny_model_dir, tiny_corpus):
     forget(quick_config(tiny_model_dir, request_id="req-b", seed=1), tiny_corpus["forget"][2:], tiny_corpus["retain"],
            tiny_corpus["unseen"], output_dir=out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_other_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with perturbed embeddings: a different base (another fingerprint), built in ms."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("tiny_other_model") / "model"
+    shutil.copytree(tiny_model_dir, d)
+    state = load_file(str(d / "model.safetensors"))
+    key = next(k for k in state if "embed_tokens" in k)
+    state[key] = state[key] + 0.05 * torch.randn(state[key].shape, generator=torch.Generator().manual_seed(0))
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
