@@ -1,0 +1,326 @@
+"""The demo, end to end: plant private records, file an erasure request, forget, show before/after.
+
+    run_demo(DemoOptions(quick=True))  ->  report dict (also written to OUT/demo_report.json)
+
+Everything is measured on the same footing before and after: the 4-bit base with and without the
+forget adapter, scored by the library's own MA / EL_n and by a greedy-decoding extraction attack on
+each person's secrets. The report holds counts and means only, never a record's text or a name.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..config import ICUConfig
+from ..errors import ICUError, OutputExistsError
+from .plant import PlantSettings, cache_root, extract_secrets, plant_corpus, planted_dir, read_plant_info
+from .records import DemoCorpus, Probe, make_corpus
+
+logger = logging.getLogger("icu_peft")
+
+REPORT_NAME = "demo_report.json"
+ADAPTER_SUBDIR = "forget-adapter"
+SHARED_WIKITEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "validation" / "wikitext.csv"
+
+# General prose for the perplexity check when ../shared is absent (a user's clone). Written for this
+# project; plain encyclopedic English unrelated to the records.
+BUILTIN_GENERAL_TEXT = (
+    "The river rises in the hills north of the town and flows south for about forty kilometres before it "
+    "joins the sea. In the nineteenth century its banks were lined with mills that used the current to grind "
+    "grain and saw timber, and several of the old buildings still stand today.",
+    "Bees collect nectar and pollen from flowers. The nectar is stored in the hive and slowly turns into honey "
+    "as water evaporates from it, while the pollen is mixed with a little honey and fed to the young.",
+    "A bicycle is driven by pedals that turn a chain, which in turn drives the rear wheel. Gears of different "
+    "sizes let the rider choose between climbing steep hills with little effort and moving fast on flat roads.",
+    "The library was founded in 1892 with a gift of two thousand books. It moved into its present building in "
+    "1931, and the reading room, with its tall windows and long oak tables, is open to the public every day.",
+    "Bread is made by mixing flour, water, salt and yeast into a dough. The yeast feeds on sugars in the flour "
+    "and releases gas, which makes the dough rise; baking then sets the structure and browns the crust.",
+    "The planet takes about twelve Earth years to go around the Sun. It has no solid surface, and its thick "
+    "atmosphere is made mostly of hydrogen and helium, with bands of cloud that move in opposite directions.",
+    "Chess is played on a board of sixty-four squares. Each player starts with sixteen pieces, and the aim of "
+    "the game is to attack the opposing king so that it cannot escape capture.",
+    "Rain forms when water vapour in the air cools and condenses around tiny particles of dust. The droplets "
+    "grow as they collide and merge, and when they become too heavy to stay aloft they fall to the ground.",
+)
+
+
+@dataclass
+class DemoOptions:
+    """Sizes and settings of one demo run (the defaults fit the time targets on 2 CPU cores)."""
+
+    num_people: int = 40
+    num_unseen: int = 20
+    forget_fraction: float = 0.1
+    seed: int = 0
+    output_dir: Path = Path("icu-peft-demo")
+    overwrite: bool = False
+    plant: PlantSettings = field(default_factory=PlantSettings)
+    icu: Dict = field(default_factory=dict)  # ICUConfig overrides on top of demo_icu_config()
+    general_texts: int = 16
+    progress: bool = True
+    cache_dir: Optional[Path] = None
+
+    @classmethod
+    def quick(cls, **kw) -> "DemoOptions":
+        """A smaller run for CI's smoke test: fewer people, fewer epochs."""
+        base = dict(num_people=20, num_unseen=10, forget_fraction=0.1, general_texts=6,
+                    icu={"max_epochs": 20})
+        base.update(kw)
+        return cls(**base)
+
+
+def demo_icu_config(**overrides) -> ICUConfig:
+    """ICU settings for the demo's records (a handful of short forget samples, 4-bit SmolLM2)."""
+    base = dict(learning_rate=1e-3, max_epochs=40, batch_size=8, seed=0, progress=True, el_n=10, max_length=128)
+    base.update(overrides)
+    return ICUConfig(**base)
+
+
+# ------------------------------------------------------------------------------ measurements
+
+def general_texts(limit: int = 16, max_chars: int = 700) -> List[str]:
+    """General prose for perplexity: WikiText from ../shared when present, else the built-in paragraphs."""
+    if SHARED_WIKITEXT.is_file():
+        csv.field_size_limit(1 << 30)
+        with open(SHARED_WIKITEXT, newline="", encoding="utf-8") as f:
+            rows = [(r.get("text") or "").strip() for r in csv.DictReader(f)]
+        texts = [" ".join(r.split())[:max_chars] for r in rows if len(r) > 200]
+        if texts:
+            return texts[:limit]
+    return list(BUILTIN_GENERAL_TEXT[:limit])
+
+
+def general_text_source() -> str:
+    return "wikitext (../shared)" if SHARED_WIKITEXT.is_file() else "built-in paragraphs"
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 160, batch_size: int = 8) -> float:
+    """Token-weighted perplexity of `texts` (each truncated to max_length tokens)."""
+    from ..metrics import teacher_forced
+
+    total, count = 0.0, 0
+    seqs = [torch.tensor(tokenizer(t)["input_ids"][:max_length], dtype=torch.long) for t in texts]
+    seqs = [s for s in seqs if len(s) >= 2]
+    for s in range(0, len(seqs), batch_size):
+        tf = teacher_forced(model, seqs[s:s + batch_size], tokenizer.pad_token_id)
+        v = tf.valid
+        total += float(-(tf.target_logprobs * v).sum())
+        count += int(v.sum())
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def measure_group(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe], el_n: int = 10,
+                  batch_size: int = 16) -> dict:
+    """Mean MA and EL_n of `texts`, and how many of the probes' secrets greedy decoding extracts."""
+    from ..metrics import score_samples
+
+    seqs = [torch.tensor(tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
+    model.eval()
+    s = score_samples(model, seqs, tokenizer.pad_token_id, el_n=el_n, batch_size=batch_size)
+    hits = extract_secrets(model, tokenizer, probes)
+    return {"count": len(texts), "ma": sum(s.ma) / len(s.ma), "el": sum(s.el) / len(s.el),
+            "ma_max": max(s.ma), "el_max": max(s.el), "secrets": sum(hits), "secrets_total": len(hits)}
+
+
+def measure_all(model, tokenizer, corpus: DemoCorpus, general: Sequence[str], el_n: int = 10,
+                unseen: bool = True) -> dict:
+    out = {"forgotten": measure_group(model, tokenizer, corpus.forget_texts, corpus.probes(corpus.forget_people), el_n),
+           "kept": measure_group(model, tokenizer, corpus.retain_texts, corpus.probes(corpus.kept_people), el_n),
+           "perplexity": perplexity(model, tokenizer, general)}
+    if unseen:
+        out["unseen"] = measure_group(model, tokenizer, corpus.unseen_texts, corpus.probes(corpus.unseen), el_n)
+    return out
+
+
+def directory_bytes(path: Path, suffix: str = ".safetensors") -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob(f"*{suffix}") if p.is_file())
+
+
+# ------------------------------------------------------------------------------ planting (in a child process)
+
+def _plant_child(corpus: DemoCorpus, settings: PlantSettings, root: Optional[str], progress: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "peft", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    plant_corpus(corpus, settings, root=Path(root) if root else None, progress=progress)
+
+
+def ensure_planted(corpus: DemoCorpus, settings: PlantSettings, root: Optional[Path] = None,
+                   progress: bool = True) -> tuple:
+    """(planted directory, seconds spent planting now or None when cached).
+
+    Planting runs in a child process so its ~4 GB of fp32 weights and Adam state are returned to the
+    system, and the demo's peak-memory figure is the forget request's own.
+    """
+    d = planted_dir(corpus.texts, settings, root)
+    if read_plant_info(d) is not None:
+        return d, None
+    t0 = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    p = ctx.Process(target=_plant_child, args=(corpus, settings, str(root) if root else None, progress))
+    p.start()
+    p.join()
+    if p.exitcode != 0 or read_plant_info(d) is None:
+        raise ICUError(f"planting the records failed (exit code {p.exitcode}); see the messages above")
+    return d, time.time() - t0
+
+
+# ------------------------------------------------------------------------------ lifecycle
+
+def merged_secrets(planted: Path, adapter_dir: Path, corpus: DemoCorpus) -> dict:
+    """Merge the adapter into a full-precision load of the planted model; count what still leaks."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ..models import load_tokenizer
+
+    tok = load_tokenizer(str(planted))
+    base = AutoModelForCausalLM.from_pretrained(str(planted), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.eval()
+    f = extract_secrets(merged, tok, corpus.probes(corpus.forget_people))
+    k = extract_secrets(merged, tok, corpus.probes(corpus.kept_people))
+    return {"forgotten_secrets": sum(f), "forgotten_total": len(f), "kept_secrets": sum(k), "kept_total": len(k)}
+
+
+# ------------------------------------------------------------------------------ the demo
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """A previous demo's output is replaced silently; anything else needs --overwrite."""
+    if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
+        if not (out / REPORT_NAME).is_file():
+            raise OutputExistsError(f"output directory exists and is not a previous demo's: {out} (use --overwrite)")
+
+
+def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
+    """Run the whole demo and return its report (also written to OUT/demo_report.json)."""
+    from ..adapters import atomic_output_dir
+    from ..models import load_base_model, load_tokenizer
+    from ..unlearner import forget
+
+    t_start = time.time()
+    out = Path(opts.output_dir)
+    _prepare_output(out, opts.overwrite)
+    corpus = make_corpus(opts.num_people, opts.num_unseen, opts.forget_fraction, opts.seed)
+    cfg = demo_icu_config(**{"progress": opts.progress, **opts.icu})
+    nf, nk = len(corpus.forget_index), opts.num_people - len(corpus.forget_index)
+    say(f"icu-peft demo: {opts.num_people} fictitious customers planted into SmolLM2-135M-Instruct; "
+        f"{nf} of them file an erasure request.")
+
+    root = Path(opts.cache_dir) if opts.cache_dir else None
+    planted = planted_dir(corpus.texts, opts.plant, root)
+    if read_plant_info(planted) is None:
+        say(f"[1/4] planting the records (first run only; cached in {planted.parent}) ...")
+    planted, plant_s = ensure_planted(corpus, opts.plant, root, opts.progress)
+    info = read_plant_info(planted)
+    say(f"[1/4] planted model: {planted}" + (f" (planted in {plant_s:.0f} s)" if plant_s else " (cached)"))
+
+    say("[2/4] loading it on a 4-bit NF4 base and measuring what leaks ...")
+    tok = load_tokenizer(str(planted))
+    base = load_base_model(str(planted), quantize=True)
+    general = general_texts(opts.general_texts)
+    t0 = time.time()
+    before = measure_all(base, tok, corpus, general, cfg.el_n)
+    measure_s = time.time() - t0
+
+    say(f"[3/4] forgetting {nf} people with ICU into a LoRA forget adapter ...")
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        adapter_dir = tmp / ADAPTER_SUBDIR
+        res = forget(cfg, corpus.forget_texts, corpus.retain_texts, corpus.unseen_texts,
+                     output_dir=adapter_dir, base_model=base, tokenizer=tok)
+        icu_report = res.report
+        model = res.model
+        after = measure_all(model, tok, corpus, general, cfg.el_n, unseen=False)
+        say("[4/4] lifecycle: detaching and merging the adapter ...")
+        with model.disable_adapter():
+            detached = extract_secrets(model, tok, corpus.probes(corpus.forget_people))
+        merged = merged_secrets(planted, adapter_dir, corpus)
+        adapter_bytes = directory_bytes(adapter_dir)
+        base_params = sum(p.numel() for p in model.get_base_model().parameters()) - sum(
+            p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        report = {
+            "format": "icu-peft/demo-report/v1",
+            "corpus": corpus.settings,
+            "planted_model": str(planted),
+            "plant": {k: info.get(k) for k in ("epochs", "memorised_at_epoch", "secrets_leaked", "secrets_total",
+                                               "wall_time_s", "settings")},
+            "plant_wall_time_s_this_run": round(plant_s, 1) if plant_s else None,
+            "icu_config": {k: v for k, v in cfg.to_dict().items() if k != "hash_salt"},
+            "general_text": general_text_source(),
+            "before": before,
+            "after": after,
+            "unseen_level": before["unseen"],
+            "thresholds": icu_report["thresholds"],
+            "icu": {k: icu_report[k] for k in ("status", "epochs", "steps", "wall_time_s", "peak_rss_mb")},
+            "forgotten_samples": f"{icu_report['forget']['forgotten']}/{icu_report['forget']['count']}",
+            "detached": {"forgotten_secrets": sum(detached), "forgotten_total": len(detached)},
+            "merged": merged,
+            "adapter_bytes": adapter_bytes,
+            "base_bf16_bytes": int(base_params) * 2,
+            "measure_before_s": round(measure_s, 1),
+            "adapter_dir": str(out / ADAPTER_SUBDIR),
+        }
+        report["total_wall_time_s"] = round(time.time() - t_start, 1)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    report["report_path"] = str(out / REPORT_NAME)
+    say("")
+    say(format_table(report))
+    return report
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{a}/{b}"
+
+
+def format_table(r: dict) -> str:
+    """The before/after table and the lifecycle lines, as printed by `icu-peft demo`."""
+    b, a, u = r["before"], r["after"], r["unseen_level"]
+    th = r["thresholds"]
+    lines = []
+    w = 30
+
+    def row(label, x, y, z=""):
+        lines.append(f"  {label:<{w - 2}}{x:>12}{y:>12}{z:>16}")
+
+    lines.append(f"{'':<{w}}{'before':>12}{'after':>12}{'unseen level':>16}")
+    for key, title in (("forgotten", "forgotten people"), ("kept", "kept people")):
+        lines.append(f"{title} ({b[key]['count']})")
+        row("memorisation accuracy (MA)", f"{b[key]['ma']:.3f}", f"{a[key]['ma']:.3f}", f"{u['ma']:.3f}")
+        row(f"extraction likelihood EL10", f"{b[key]['el']:.3f}", f"{a[key]['el']:.3f}", f"{u['el']:.3f}")
+        row("secrets extracted", _pct(b[key]["secrets"], b[key]["secrets_total"]),
+            _pct(a[key]["secrets"], a[key]["secrets_total"]), _pct(u["secrets"], u["secrets_total"]))
+    lines.append(f"general text ({r['general_text']})")
+    row("perplexity", f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}")
+    icu = r["icu"]
+    lines.append("")
+    lines.append(f"forget request: {r['forgotten_samples']} records below the unseen level (MA <= {th['ma']:.3f}, "
+                 f"EL10 <= {th['el']:.3f}); status {icu['status']} after {icu['epochs']} epochs")
+    plant = f"planting {r['plant_wall_time_s_this_run']:.0f} s, " if r.get("plant_wall_time_s_this_run") else "planting cached, "
+    lines.append(f"time: {plant}forget {icu['wall_time_s']:.0f} s, whole demo {r['total_wall_time_s']:.0f} s; "
+                 f"peak memory (RSS) {icu['peak_rss_mb']:.0f} MB")
+    lines.append(f"adapter: {r['adapter_bytes'] / 2**20:.1f} MB "
+                 f"({100 * r['adapter_bytes'] / r['base_bf16_bytes']:.2f}% of the base model's bf16 size)")
+    d, m = r["detached"], r["merged"]
+    lines.append("")
+    lines.append(f"adapter detached -> secrets of the forgotten people extracted: "
+                 f"{_pct(d['forgotten_secrets'], d['forgotten_total'])} (revocable: the base is untouched)")
+    lines.append(f"adapter merged   -> secrets of the forgotten people extracted: "
+                 f"{_pct(m['forgotten_secrets'], m['forgotten_total'])}; kept people's: "
+                 f"{_pct(m['kept_secrets'], m['kept_total'])} (permanent)")
+    lines.append("")
+    lines.append(f"forget adapter: {r['adapter_dir']}")
+    lines.append(f"report:         {r['report_path']}")
+    return "\n".join(lines)
