@@ -45,6 +45,11 @@ class ICUConfig:
     hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})
 
     # --- loss (ICU: loss = -u*L_fgt + a*L_lrn + b*L_kl) ---
+    method: str = field(default="icu", metadata={"help": "Label of the method: icu, ga (Jang's KUMPR), graddiff, npo; see ICUConfig.for_method."})
+    forget_loss: str = field(default="ga", metadata={"help": "Forget term: 'ga' (negated NLL, ICU/KUI) or 'npo' (negative preference optimisation)."})
+    npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
+    forget_tokens: str = field(default="all", metadata={"help": "Tokens the forget term pushes on: 'all' (ICU) or 'predicted' (only those the model still gets right)."})
+    retain_kl_samples: int = field(default=0, metadata={"help": "Extra random retain samples per step for the NLL/KL terms, beside the neighbours."})
     forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
     learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})
     kl_weight: float = field(default=1.0, metadata={"help": "b: weight of KL(p_ref || p_model) on the neighbours (CLE); p_ref = adapter disabled."})
@@ -56,6 +61,8 @@ class ICUConfig:
     loss_chunk_size: int = field(default=64, metadata={"help": "Positions per chunk when computing NLL/KL from hidden states (bounds logits memory)."})
 
     # --- optimisation ---
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or fine-tune every weight (False; needs quantize=False; a baseline)."})
+    iur: bool = field(default=True, metadata={"help": "Per-sample refinement: forgotten samples leave the batch. False: train on all until the means pass (Jang et al.)."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Adam learning rate for the LoRA weights."})
     adam_betas: Any = field(default=(0.9, 0.98), metadata={"help": "Adam betas (ICU: 0.9, 0.98)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -101,11 +108,34 @@ class ICUConfig:
         need(self.max_epochs >= 0, "max_epochs must be >= 0")
         need(self.loss_chunk_size >= 1, "loss_chunk_size must be >= 1")
         need(self.criterion in ("ma_el", "bleu"), "criterion must be 'ma_el' or 'bleu'")
+        need(self.forget_loss in ("ga", "npo"), "forget_loss must be 'ga' or 'npo'")
+        need(self.forget_tokens in ("all", "predicted"), "forget_tokens must be 'all' or 'predicted'")
+        need(self.use_lora or not self.quantize, "full fine-tuning (use_lora=False) needs quantize=False")
+        need(self.retain_kl_samples >= 0, "retain_kl_samples must be >= 0")
         need(self.no_retain in ("generate", "refuse"), "no_retain must be 'generate' or 'refuse'")
         need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")
         need(len(tuple(self.adam_betas)) == 2, "adam_betas must have two values")
         need(self.embedder == "base" or self.embedder.startswith("sentence-transformers"),
              "embedder must be 'base' or 'sentence-transformers[:PATH]'")
+
+    @classmethod
+    def for_method(cls, method: str, **kw: Any) -> "ICUConfig":
+        """Presets for ICU and the baselines it is compared with (any field in kw wins).
+
+        icu:      -u*NLL(forget) + a*NLL(neighbour) + b*KL(ref||model), per-sample refinement
+        ga:       Jang et al.'s KUMPR, gradient ascent alone until the means pass
+        graddiff: gradient ascent + NLL on retain text
+        npo:      negative preference optimisation on the forget set + NLL on retain text
+        """
+        presets = {
+            "icu": dict(),
+            "ga": dict(learn_weight=0.0, kl_weight=0.0, num_neighbours=0, iur=False),
+            "graddiff": dict(learn_weight=1.0, kl_weight=0.0, iur=False),
+            "npo": dict(forget_loss="npo", learn_weight=1.0, kl_weight=0.0, iur=False),
+        }
+        if method not in presets:
+            raise InputError(f"unknown method '{method}': choose from {', '.join(presets)}")
+        return cls(**{"method": method, **presets[method], **kw})
 
     # --- (de)serialisation ---
     def to_dict(self) -> dict:

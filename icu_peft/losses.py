@@ -53,6 +53,15 @@ def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.
     return (kl * valid).sum() / valid.sum().clamp(min=1)
 
 
+def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """Negative preference optimisation (Zhang et al. 2024) on sequence log-likelihoods, shape (batch,).
+
+    (2/beta) * log(1 + (p/p_ref)^beta): like gradient ascent while p ~ p_ref, but its gradient
+    fades as p falls below p_ref, so it does not run away.
+    """
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).mean()
+
+
 def icu_loss(l_fgt: torch.Tensor, l_lrn: torch.Tensor, l_kl: torch.Tensor, u: float, a: float, b: float) -> torch.Tensor:
     """ICU's objective: ascend on the forget NLL, descend on the neighbours' NLL and KL."""
     return -u * l_fgt + a * l_lrn + b * l_kl
@@ -70,6 +79,11 @@ def _nll_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, valid: to
     return (nll.view(targets.shape) * valid).sum()
 
 
+@torch.no_grad()
+def _still_predicted(head: Callable, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (head(h).argmax(-1) == targets).float()
+
+
 def _kl_chunk(head: Callable, h: torch.Tensor, ref_h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     lp = F.log_softmax(head(h).float(), dim=-1)
     with torch.no_grad():
@@ -85,20 +99,28 @@ def _run_chunk(fn, *args, grad: bool):
 
 
 def chunked_token_nll(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
-                      chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+                      chunk_size: int = 64, only_predicted: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sum and count of next-token NLL over real targets, computed chunk by chunk.
 
+    only_predicted: count only targets the model still predicts (argmax == target), the tokens that
+    make up MA and EL. Gradient ascent then stops pushing a token once it is no longer produced,
+    instead of driving it to ever lower probability (which is what spreads damage to similar text).
     Returns (sum, count) so callers can combine several batches into one mean.
     """
     h = hidden[:, :-1]
     targets = labels[:, 1:]
     valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
     total = hidden.new_zeros((), dtype=torch.float32)
+    count = hidden.new_zeros((), dtype=torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
     for s in range(0, h.shape[1], chunk_size):
         e = s + chunk_size
-        total = total + _run_chunk(lambda a, b, c: _nll_chunk(head, a, b, c), h[:, s:e], targets[:, s:e], valid[:, s:e], grad=grad)
-    return total, valid.sum()
+        v = valid[:, s:e]
+        if only_predicted:
+            v = v * _still_predicted(head, h[:, s:e].detach(), targets[:, s:e])
+        total = total + _run_chunk(lambda a, b, c: _nll_chunk(head, a, b, c), h[:, s:e], targets[:, s:e], v, grad=grad)
+        count = count + v.sum()
+    return total, count
 
 
 def chunked_kl_to_reference(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: Callable, mask: torch.Tensor,
@@ -112,3 +134,23 @@ def chunked_kl_to_reference(hidden: torch.Tensor, ref_hidden: torch.Tensor, head
         e = s + chunk_size
         total = total + _run_chunk(lambda a, b, c: _kl_chunk(head, a, b, c), hidden[:, s:e], ref_hidden[:, s:e], valid[:, s:e], grad=grad)
     return total, valid.sum()
+
+
+def chunked_sequence_logprob(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
+                             chunk_size: int = 64) -> torch.Tensor:
+    """Per-sample sum of next-token log-probabilities over real targets, shape (batch,)."""
+    h = hidden[:, :-1]
+    targets = labels[:, 1:]
+    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+
+    def per_sample(a, b, c):
+        logits = head(a).float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b.reshape(-1), reduction="none")
+        return -(nll.view(b.shape) * c).sum(1)
+
+    total = hidden.new_zeros((hidden.shape[0],), dtype=torch.float32)
+    for s in range(0, h.shape[1], chunk_size):
+        e = s + chunk_size
+        total = total + _run_chunk(per_sample, h[:, s:e], targets[:, s:e], valid[:, s:e], grad=grad)
+    return total

@@ -6,6 +6,7 @@ Read top to bottom: load -> tokenize -> thresholds -> neighbours -> attach LoRA 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import platform
@@ -25,7 +26,7 @@ from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
-from .losses import chunked_kl_to_reference, chunked_token_nll, icu_loss
+from .losses import chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, icu_loss, npo_loss
 from .metrics import Scores, backbone_and_head, model_device, score_samples
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer
 from .refine import Thresholds, forgotten_mask
@@ -157,35 +158,126 @@ def _score(model, tset: TokenizedSet, pad_id: int, config: ICUConfig, desc: str)
                              bleu_suffix=config.bleu_suffix_tokens, progress=bar)
 
 
-def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
-                  config: ICUConfig) -> dict:
-    """The ICU objective on one batch; returns the total (with grad) and each term (floats)."""
-    device = model_device(model)
+def _parts(model):
+    """(backbone, head): hidden states then logits; whole logits for models that post-process them."""
     parts = backbone_and_head(model)
-    if parts is None:  # the model post-processes logits: use them whole
-        backbone, head = (lambda **kw: _LogitsAsHidden(model(**kw).logits)), (lambda x: x)
-    else:
-        backbone, head = parts
+    if parts is None:
+        return (lambda **kw: _LogitsAsHidden(model(**kw).logits)), (lambda x: x)
+    return parts
+
+
+def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
+                  config: ICUConfig, reference=None) -> dict:
+    """The unlearning objective on one batch; returns the total (with grad) and each term (floats).
+
+    `reference(input_ids, attention_mask)` gives the reference model's final hidden states (no grad);
+    by default the same model with its adapters switched off.
+    """
+    device = model_device(model)
+    backbone, head = _parts(model)
+    if reference is None:
+        def reference(input_ids, attention_mask):
+            with model.disable_adapter():
+                return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     ids, mask = (t.to(device) for t in pad_batch(forget_seqs, pad_id))
     h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-    s, c = chunked_token_nll(h, head, ids, mask, config.loss_chunk_size)
-    l_fgt = s / c.clamp(min=1)
+    if config.forget_loss == "npo":
+        logp = chunked_sequence_logprob(h, head, ids, mask, config.loss_chunk_size)
+        with torch.no_grad():
+            ref_logp = chunked_sequence_logprob(reference(ids, mask), head, ids, mask, config.loss_chunk_size)
+        # npo_loss is minimised; expressed as "-u * l_fgt" so the weights read the same for every method
+        l_fgt = -npo_loss(logp, ref_logp, config.npo_beta)
+    else:
+        s, c = chunked_token_nll(h, head, ids, mask, config.loss_chunk_size,
+                                 only_predicted=config.forget_tokens == "predicted")
+        l_fgt = s / c.clamp(min=1)
     zero = l_fgt.new_zeros(())
     l_lrn, l_kl = zero, zero
-    if len(neighbour_seqs):
+    if len(neighbour_seqs) and (config.learn_weight or config.kl_weight):
         nids, nmask = (t.to(device) for t in pad_batch(neighbour_seqs, pad_id))
         nh = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
         if config.learn_weight:
             s, c = chunked_token_nll(nh, head, nids, nmask, config.loss_chunk_size)
             l_lrn = s / c.clamp(min=1)
         if config.kl_weight:
-            # The reference model is the same model with the forget adapter switched off.
-            with torch.no_grad(), model.disable_adapter():
-                ref_h = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
+            with torch.no_grad():
+                ref_h = reference(nids, nmask)
             s, c = chunked_kl_to_reference(nh, ref_h, head, nmask, config.loss_chunk_size)
             l_kl = s / c.clamp(min=1)
     loss = icu_loss(l_fgt, l_lrn, l_kl, config.forget_weight, config.learn_weight, config.kl_weight)
-    return {"loss": loss, "l_fgt": float(l_fgt), "l_lrn": float(l_lrn), "l_kl": float(l_kl)}
+    return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach())}
+
+
+def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[bool]:
+    """Which samples the next epoch trains on.
+
+    IUR: those not yet forgotten. Without IUR (Jang et al.): all of them until the set's mean MA and
+    EL pass the thresholds, then none.
+    """
+    done = forgotten_mask(scores, thresholds, config.criterion)
+    if config.iur:
+        return [not f for f in done]
+    if config.criterion == "bleu":
+        passed = sum(scores.bleu) / len(scores.bleu) < thresholds.bleu
+    else:
+        m = scores.mean()
+        passed = m["ma"] <= thresholds.ma and m["el"] <= thresholds.el
+    return [not passed] * len(done)
+
+
+def prepare_trainable(base_model, config: ICUConfig):
+    """(model to train, reference) for a config.
+
+    - A plain base: attach a fresh LoRA adapter; the reference is the same model, adapter disabled.
+    - A PeftModel that already holds forget adapters (sequential stacking): add a new adapter named
+      'default' trained with the others active and frozen; the reference is the existing stack.
+    - use_lora=False (baseline): every weight trains; the reference is a frozen copy of the base.
+    """
+    if not config.use_lora:
+        ref_model = copy.deepcopy(base_model).eval()
+        for p in base_model.parameters():
+            p.requires_grad_(True)
+        ref_backbone, _ = _parts(ref_model)
+
+        def reference(input_ids, attention_mask):
+            return ref_backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        return base_model, reference
+    if hasattr(base_model, "peft_config"):
+        return _add_stacked_adapter(base_model, config)
+    model = attach_lora(base_model, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules,
+                        config.gradient_checkpointing)
+    return model, None
+
+
+def _add_stacked_adapter(model, config: ICUConfig):
+    from peft import LoraConfig
+
+    old = list(model.peft_config)
+    if "default" in old:
+        raise InputError("the existing stack already has an adapter named 'default'")
+    model.add_adapter("default", LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
+        target_modules=list(config.target_modules) if isinstance(config.target_modules, (list, tuple)) else config.target_modules,
+        task_type="CAUSAL_LM"))
+    backbone, _ = _parts(model)
+
+    def activate(names):
+        model.base_model.set_adapter(names)
+        # set_adapter marks active adapters trainable: only the new one may train
+        for n, p in model.named_parameters():
+            p.requires_grad_(".default." in n)
+
+    activate(old + ["default"])
+
+    def reference(input_ids, attention_mask):
+        activate(old)
+        try:
+            return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            activate(old + ["default"])
+
+    return model, reference
 
 
 class _LogitsAsHidden:
@@ -259,9 +351,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 len(forget_set), forget_set.truncated, len(retain_set), retain_source, thresholds.ma, config.el_n,
                 thresholds.el, thresholds.source)
 
-    # 3. the forget adapter
-    model = attach_lora(base_model, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules,
-                        config.gradient_checkpointing)
+    # 3. the forget adapter (or, for the full fine-tuning baseline, every weight)
+    model, reference = prepare_trainable(base_model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=tuple(config.adam_betas),
                                   weight_decay=config.weight_decay)
@@ -269,8 +360,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     retain_eval = TokenizedSet(retain_set.input_ids[:32], retain_set.ids[:32])
     before = _score(model, forget_set, pad_id, config, "scoring forget set")
     retain_before = _score(model, retain_eval, pad_id, config, "scoring retain set") if len(retain_eval) else None
-    state = _State(scores=before, active=[not f for f in forgotten_mask(before, thresholds, config.criterion)],
-                   epochs_active=[0] * len(forget_set))
+    state = _State(scores=before, active=_active(before, thresholds, config), epochs_active=[0] * len(forget_set))
     history = [dict(epoch=0, active=sum(state.active), **{f"{k}_mean": v for k, v in before.mean().items()})]
     per_epoch = [before]  # per-sample scores of every epoch, for the report's plots
     logger.info("epoch 0: MA %.4f EL %.4f, %d of %d samples still to forget", before.mean()["ma"],
@@ -303,7 +393,10 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 mine, weight = batch[:1], 0.0
             f_seqs = [forget_set.input_ids[i] for i in mine]
             n_seqs = [retain_set.input_ids[j] for i in mine for j in neighbours[i].tolist()]
-            out = icu_step_loss(model, f_seqs, n_seqs, pad_id, config)
+            if config.retain_kl_samples and len(retain_set):
+                extra = torch.randint(len(retain_set), (config.retain_kl_samples,), generator=gen).tolist()
+                n_seqs += [retain_set.input_ids[j] for j in extra]
+            out = icu_step_loss(model, f_seqs, n_seqs, pad_id, config, reference)
             loss = out["loss"] * weight
             if not torch.isfinite(loss):
                 nan = True
@@ -335,7 +428,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         good = _lora_state(model)
         state.scores = _score(model, forget_set, pad_id, config, f"scoring epoch {epoch}")
         per_epoch.append(state.scores)
-        state.active = [not f for f in forgotten_mask(state.scores, thresholds, config.criterion)]
+        state.active = _active(state.scores, thresholds, config)
         m = state.scores.mean()
         history.append(dict(epoch=epoch, active=sum(state.active), **terms, **{f"{k}_mean": v for k, v in m.items()}))
         logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f EL %.4f, %d still to forget",
@@ -407,7 +500,11 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
 def save_forget_adapter(model, report: dict, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the PEFT adapter (safetensors) and its manifest, atomically."""
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if hasattr(model, "peft_config"):
+            # only this request's adapter: in a sequential stack the others are already saved
+            model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         write_report(report, tmp)  # before the manifest, so the report files are hashed too
         report.update(write_manifest(tmp, report))
     return Path(output_dir)

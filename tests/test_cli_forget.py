@@ -1,0 +1,85 @@
+"""`icu-peft forget` on bad input: one line on stderr, exit code 2, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from icu_peft.cli import main
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.fixture
+def files(tmp_path, tiny_files):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    (tmp_path / "short.txt").write_text("oak\n")
+    (tmp_path / "wrongcol.csv").write_text("body\nsome text here that is long\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case,extra,message", [
+    ("missing model", ["--model", "/nonexistent/model"], "model not found"),
+    ("empty forget", ["--forget", "{tmp}/empty.jsonl"], "holds no samples"),
+    ("malformed", ["--forget", "{tmp}/bad.jsonl"], "not valid JSON"),
+    ("unknown column", ["--forget", "{tmp}/wrongcol.csv"], "no column 'text'"),
+    ("too short", ["--forget", "{tmp}/short.txt"], "at least 11 are needed"),
+    ("missing file", ["--forget", "{tmp}/nope.jsonl"], "file not found"),
+])
+def test_bad_input_exits_2_with_one_line(case, extra, message, files, tiny_files, tiny_model_dir, capsys):
+    argv = {"--model": str(tiny_model_dir), "--forget": str(tiny_files["forget"]), "--out": str(files / "out")}
+    for k, v in zip(extra[::2], extra[1::2]):
+        argv[k] = v.format(tmp=files)
+    flat = ["forget", "--no-progress"] + [x for kv in argv.items() for x in kv]
+    code, err = _run(flat, capsys)
+    assert code == 2, (case, err)
+    assert message in err and len(err.splitlines()) == 1
+    assert not (files / "out").exists()
+    assert not any(p.name.startswith(".out.tmp") for p in files.iterdir())
+
+
+def test_existing_out_needs_overwrite(tmp_path, tiny_files, tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, err = _run(["forget", "--model", str(tiny_model_dir), "--forget", str(tiny_files["forget"]),
+                      "--out", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_cli_forget_end_to_end_and_overwrite(tmp_path, tiny_files, tiny_model_dir, capsys):
+    out = tmp_path / "adapter"
+    argv = ["forget", "--no-progress", "--model", str(tiny_model_dir), "--forget", str(tiny_files["forget"]),
+            "--retain", str(tiny_files["retain"]), "--unseen", str(tiny_files["unseen"]), "--out", str(out),
+            "--max-epochs", "2", "--seed", "3", "--lr", "2e-3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "forget adapter written to" in printed
+    assert (out / "adapter_model.safetensors").exists() and (out / "forget_manifest.json").exists()
+    assert main(argv) == 2  # exists now
+    capsys.readouterr()
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_real_process_exit_code(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "icu_peft.cli", "forget", "--model", str(tmp_path / "none"),
+                        "--forget", str(tmp_path / "f.txt"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("icu-peft forget: error:") and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_config_yaml_errors(tmp_path, capsys):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("icu:\n  lora_rank: 8\n")
+    code, err = _run(["config", str(bad)], capsys)
+    assert code == 2 and "unknown config key" in err
+    bad.write_text("icu:\n  batch_size: 0\n")
+    code, err = _run(["config", str(bad)], capsys)
+    assert code == 2 and "batch_size" in err

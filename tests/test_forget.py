@@ -1,0 +1,133 @@
+"""The ICU engine end to end on a tiny model that memorised its training sequences."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import quick_config
+from icu_peft.adapters import MANIFEST_NAME, read_manifest
+from icu_peft.data import pad_batch, sample_id
+from icu_peft.metrics import score_samples
+from icu_peft.models import load_base_model, load_tokenizer
+from icu_peft.unlearner import forget
+
+
+def _scores(model, tok, texts):
+    seqs = [torch.tensor(tok(t)["input_ids"]) for t in texts]
+    return score_samples(model, seqs, tok.pad_token_id, el_n=10)
+
+
+def test_forget_reaches_thresholds_and_keeps_retain(tiny_forget_adapter, tiny_model_dir, tiny_corpus):
+    """The issue's bar: every forget sample at or below the thresholds, retain keeps >= 90% of its MA."""
+    m = read_manifest(tiny_forget_adapter)
+    thr = m["thresholds"]
+    assert thr["source"] == "unseen"
+    assert m["status"] == "forgotten"
+    for s in m["samples"]:
+        assert s["forgotten"] and s["after"]["ma"] <= thr["ma"] and s["after"]["el"] <= thr["el"]
+        assert s["before"]["ma"] > thr["ma"]  # it was memorised to begin with
+    # recompute retain MA ourselves from the saved adapter rather than trusting the report
+    from icu_peft.adapters import load_forget_adapters
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    base = load_base_model(str(tiny_model_dir), quantize=True)
+    before = _scores(base, tok, tiny_corpus["retain"]).mean()["ma"]
+    model = load_forget_adapters(base, [tiny_forget_adapter])
+    after = _scores(model, tok, tiny_corpus["retain"]).mean()["ma"]
+    fg = _scores(model, tok, tiny_corpus["forget"][:2])
+    assert max(fg.ma) <= thr["ma"] + 1e-6
+    assert after >= 0.9 * before, (before, after)
+
+
+def test_manifest_holds_no_text_and_identifies_samples_by_salted_hash(tiny_forget_adapter, tiny_corpus):
+    m = read_manifest(tiny_forget_adapter)
+    ids = [sample_id(t, m["salt"]) for t in tiny_corpus["forget"][:2]]
+    assert [s["id"] for s in m["samples"]] == ids
+    for p in tiny_forget_adapter.rglob("*"):
+        if p.is_file():
+            blob = p.read_bytes()
+            for text in tiny_corpus["forget"]:
+                for piece in (text, text[:30], text[-30:]):
+                    assert piece.encode() not in blob, f"forgotten text found in {p.name}"
+    for key in ("request_id", "base", "config", "thresholds", "history", "epochs", "wall_time_s", "peak_rss_mb",
+                "versions", "files"):
+        assert key in m
+    assert m["request_id"] == "req-a"
+    assert m["base"]["fingerprint"]["sha256"] and m["versions"]["peft"]
+
+
+def test_adapter_reloads_in_stock_peft_with_identical_logits(tiny_forget_adapter, tiny_model_dir, tiny_corpus):
+    from peft import PeftModel
+
+    from icu_peft.adapters import load_forget_adapters
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids, mask = pad_batch([torch.tensor(tok(t)["input_ids"]) for t in tiny_corpus["forget"]], tok.pad_token_id)
+    stock = PeftModel.from_pretrained(load_base_model(str(tiny_model_dir), quantize=True), str(tiny_forget_adapter))
+    ours = load_forget_adapters(load_base_model(str(tiny_model_dir), quantize=True), [tiny_forget_adapter])
+    base = load_base_model(str(tiny_model_dir), quantize=True)
+    with torch.no_grad():
+        a = stock(input_ids=ids, attention_mask=mask).logits
+        b = ours(input_ids=ids, attention_mask=mask).logits
+        c = base(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c, atol=1e-3)  # the adapter does something
+
+
+def test_unquantized_path_and_iur_removes_samples(tiny_model_dir, tiny_corpus, tmp_path):
+    cfg = quick_config(tiny_model_dir, quantize=False)
+    r = forget(cfg, tiny_corpus["forget"], tiny_corpus["retain"], tiny_corpus["unseen"], output_dir=tmp_path / "fp")
+    rep = r.report
+    assert rep["base"]["quantized"] is False
+    actives = [h["active"] for h in rep["history"]]
+    assert actives[0] == len(tiny_corpus["forget"])
+    # IUR: the active set shrinks over epochs and samples train for different numbers of epochs
+    assert actives[-1] == 0 and any(0 < a < actives[0] for a in actives)
+    assert len({s["epochs_active"] for s in rep["samples"]}) > 1
+    assert (tmp_path / "fp" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "fp" / MANIFEST_NAME).read_text())["status"] == "forgotten"
+
+
+def test_max_epochs_caps_training_and_status_says_so(tiny_model_dir, tiny_corpus):
+    r = forget(quick_config(tiny_model_dir, max_epochs=1), tiny_corpus["forget"], tiny_corpus["retain"],
+               tiny_corpus["unseen"])
+    assert r.report["epochs"] == 1 and r.report["status"] == "max_epochs"
+    assert r.output_dir is None
+
+
+def test_nan_loss_restores_last_good_weights(tiny_model_dir, tiny_corpus, monkeypatch):
+    import icu_peft.unlearner as U
+
+    real = U.icu_step_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(U, "icu_step_loss", poisoned)
+    cfg = quick_config(tiny_model_dir, batch_size=8)
+    r = forget(cfg, tiny_corpus["forget"], tiny_corpus["retain"], tiny_corpus["unseen"])
+    assert r.report["status"] == "nan_restored"
+    assert r.report["epochs"] == 1  # epoch 1 was good, epoch 2 hit the NaN
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
+
+
+def test_without_retain_pool_neighbours_are_generated_or_refused(tiny_model_dir, tiny_corpus):
+    from icu_peft.errors import InputError
+
+    r = forget(quick_config(tiny_model_dir, max_epochs=1, generated_retain_size=4), tiny_corpus["forget"][:1],
+               None, tiny_corpus["unseen"])
+    assert r.report["retain"]["source"] == "generated" and r.report["retain"]["count"] == 4
+    with pytest.raises(InputError, match="no retain pool"):
+        forget(quick_config(tiny_model_dir, no_retain="refuse"), tiny_corpus["forget"][:1], None, None)
+
+
+def test_default_thresholds_warn(tiny_model_dir, tiny_corpus, caplog):
+    r = forget(quick_config(tiny_model_dir, max_epochs=0), tiny_corpus["forget"][:1], tiny_corpus["retain"], None)
+    assert r.report["thresholds"]["source"] == "default"
+    assert any("no --unseen" in rec.message for rec in caplog.records)

@@ -1,0 +1,95 @@
+"""The loss terms on hand-made logits, and the chunked forms against the plain ones."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from icu_peft.losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, icu_loss,
+                             kl_to_reference, npo_loss, per_sample_nll, token_nll)
+
+
+def test_token_nll_matches_hand_computation_and_ignores_padding():
+    # vocab 3; sample 0 has 3 real tokens, sample 1 has 2 real + 1 pad
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 9.0]],
+                           [[0.0, 0.0, 2.0], [5.0, 5.0, 5.0], [9.0, 9.0, -9.0]]])
+    labels = torch.tensor([[0, 1, 2], [2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    lse = math.log(math.exp(2) + 2)
+    # targets: s0: pos0->1 (logit 0), pos1->2 (logit 0); s1: pos0->0 (logit 0); pad target excluded
+    expected = ((lse - 0) + (lse - 0) + (lse - 0)) / 3
+    assert token_nll(logits, labels, mask).item() == pytest.approx(expected, rel=1e-6)
+    # changing the logits at the padded position changes nothing
+    logits2 = logits.clone()
+    logits2[1, 1] = torch.tensor([100.0, -100.0, 0.0])
+    assert token_nll(logits2, labels, mask).item() == pytest.approx(expected, rel=1e-6)
+    ps = per_sample_nll(logits, labels, mask)
+    assert ps[0].item() == pytest.approx(lse, rel=1e-6) and ps[1].item() == pytest.approx(lse, rel=1e-6)
+
+
+def test_kl_is_zero_for_identical_and_positive_otherwise():
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 7)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    assert kl_to_reference(ref, ref.clone(), mask).item() == pytest.approx(0.0, abs=1e-6)
+    other = ref + torch.randn(2, 5, 7)
+    kl = kl_to_reference(ref, other, mask).item()
+    # independent computation with torch's kl_div on the positions that predict a real token
+    expect = F.kl_div(F.log_softmax(other[:, :-1], -1), F.log_softmax(ref[:, :-1], -1), log_target=True,
+                      reduction="none").sum(-1).mean().item()
+    assert kl == pytest.approx(expect, rel=1e-5) and kl > 0
+
+
+def test_icu_loss_signs_and_weights():
+    one = torch.tensor(1.0)
+    assert icu_loss(one * 2, one * 3, one * 5, u=1.0, a=0.5, b=1.0).item() == pytest.approx(-2 + 1.5 + 5)
+    assert icu_loss(one * 2, one * 3, one * 5, u=0.0, a=0.0, b=0.0).item() == 0.0
+
+
+def test_npo_matches_formula_and_is_bounded_by_ga_gradient():
+    logp = torch.tensor([-1.0, -3.0], requires_grad=True)
+    ref = torch.tensor([-1.0, -1.0])
+    beta = 0.1
+    loss = npo_loss(logp, ref, beta)
+    expect = (2 / beta) * torch.log1p(torch.exp(beta * (logp.detach() - ref))).mean()
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-6)
+    loss.backward()
+    # gradient pushes log-likelihood down, and fades for the sample already far below the reference
+    assert (logp.grad > 0).all() and logp.grad[1] < logp.grad[0]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_forms_equal_plain_forms_and_their_gradients(chunk):
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+    ref_hidden = torch.randn(3, 6, 8)
+    labels = torch.randint(0, 11, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+
+    s, c = chunked_token_nll(hidden, head, labels, mask, chunk)
+    plain = token_nll(head(hidden), labels, mask)
+    assert (s / c).item() == pytest.approx(plain.item(), rel=1e-5)
+    g1, = torch.autograd.grad(s / c, hidden)
+    g2, = torch.autograd.grad(plain, hidden)
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+    s, c = chunked_kl_to_reference(hidden, ref_hidden, head, mask, chunk)
+    plain = kl_to_reference(head(ref_hidden), head(hidden), mask)
+    assert (s / c).item() == pytest.approx(plain.item(), rel=1e-5)
+
+    lp = chunked_sequence_logprob(hidden, head, labels, mask, chunk)
+    assert torch.allclose(lp, -per_sample_nll(head(hidden), labels, mask) * (mask[:, 1:] * mask[:, :-1]).sum(1), atol=1e-5)
+
+
+def test_only_predicted_counts_only_tokens_still_produced():
+    head = torch.nn.Identity()
+    # vocab 3: position 0 predicts token 1 (argmax 1 = target), position 1 predicts token 0 (argmax 2 != 0)
+    hidden = torch.tensor([[[0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 0.0]]], requires_grad=True)
+    labels = torch.tensor([[0, 1, 0]])
+    mask = torch.ones(1, 3, dtype=torch.long)
+    s_all, c_all = chunked_token_nll(hidden, head, labels, mask)
+    s_pred, c_pred = chunked_token_nll(hidden, head, labels, mask, only_predicted=True)
+    assert c_all.item() == 2 and c_pred.item() == 1
+    assert s_pred.item() < s_all.item()
