@@ -181,18 +181,24 @@ def ensure_planted(corpus: DemoCorpus, settings: PlantSettings, root: Optional[P
 # ------------------------------------------------------------------------------ lifecycle
 
 def merged_secrets(planted: Path, adapter_dir: Path, corpus: DemoCorpus) -> dict:
-    """Merge the adapter into a full-precision load of the planted model; count what still leaks."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    """Merge the adapter into the planted model (lifecycle.merge_adapters); count what still leaks.
 
-    from ..models import load_tokenizer
+    The merged model (a full copy of the base) goes to a temporary directory and is deleted: the
+    demo only shows that merging keeps the forgetting; `icu-peft merge` writes one to keep.
+    """
+    import tempfile
 
-    tok = load_tokenizer(str(planted))
-    base = AutoModelForCausalLM.from_pretrained(str(planted), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.eval()
-    f = extract_secrets(merged, tok, corpus.probes(corpus.forget_people))
-    k = extract_secrets(merged, tok, corpus.probes(corpus.kept_people))
+    from ..lifecycle import merge_adapters
+    from ..models import load_base_model, load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="icu-peft-demo-merged-") as tmp:
+        merged_dir = Path(tmp) / "merged"
+        merge_adapters(str(planted), [adapter_dir], merged_dir)
+        tok = load_tokenizer(str(merged_dir))
+        merged = load_base_model(str(merged_dir), quantize=False)
+        f = extract_secrets(merged, tok, corpus.probes(corpus.forget_people))
+        k = extract_secrets(merged, tok, corpus.probes(corpus.kept_people))
+        del merged
     return {"forgotten_secrets": sum(f), "forgotten_total": len(f), "kept_secrets": sum(k), "kept_total": len(k)}
 
 
