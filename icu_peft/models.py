@@ -29,7 +29,7 @@ def default_device() -> torch.device:
     """The device accelerate would pick for this process (its local GPU under DDP)."""
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=not torch.cuda.is_available()).device
 
 
 def load_tokenizer(model_name: str, gguf_file: Optional[str] = None, trust_remote_code: bool = False):

@@ -315,7 +315,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         check_output_dir(output_dir, overwrite)
     if not forget_texts:
         raise InputError("the forget set is empty")
-    accelerator = Accelerator()
+    # cpu=True on a machine without CUDA: it is what makes accelerate set up gloo under torchrun
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     show = config.progress and main
     set_seed(config.seed)
@@ -441,6 +442,12 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
             status = "forgotten"
     epoch_bar.close()
     model.eval()
+    in_sync = None
+    if world > 1:
+        # every rank must hold the same adapter; a cheap checksum per rank proves it
+        checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().reshape(1).to(accelerator.device)
+        gathered = accelerator.gather(checksum).cpu()
+        in_sync = bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9))
     retain_after = _score(model, retain_eval, pad_id, config, "scoring retain set") if len(retain_eval) else None
 
     # 5. the report (= manifest): scores by salted hash, never text
@@ -482,6 +489,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         "epochs": epoch,
         "steps": steps,
         "world_size": world,
+        "ranks_in_sync": in_sync,
         "device": str(accelerator.device),
         "wall_time_s": round(time.time() - t0, 2),
         **{k: round(v, 1) for k, v in peak_memory_mb().items()},
