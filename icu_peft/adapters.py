@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import IntegrityError, OutputExistsError
+
+logger = logging.getLogger("icu_peft")
 
 MANIFEST_NAME = "forget_manifest.json"
 MANIFEST_FORMAT = "icu-peft/forget-adapter/v1"
@@ -209,6 +212,13 @@ def check_stack(directories: Sequence[str | Path], manifests: Sequence[dict], al
             if key in seen:
                 raise IntegrityError(f"{d}: request {leaf.get('request_id')} would be applied twice ({seen[key]})")
             seen[key] = f"also in {d}"
+    # An adapter trained sequentially (with others active) was only measured with them present.
+    for d, m in zip(directories, manifests):
+        for _, leaf in leaf_manifests(d, m):
+            for dep in leaf.get("stacked_on") or []:
+                if dep.get("adapter_sha256") not in seen:
+                    logger.warning("request %s was trained with request %s active, which is not in this stack: "
+                                   "its forgetting was measured with it", leaf.get("request_id"), dep.get("request_id"))
 
 
 def load_forget_adapters(base_model, directories: Sequence[str | Path], force: bool = False):
