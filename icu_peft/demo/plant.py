@@ -40,7 +40,7 @@ class PlantSettings:
 
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (constant after warmup)."})
     warmup_steps: int = field(default=5, metadata={"help": "Linear warmup steps."})
-    batch_size: int = field(default=8, metadata={"help": "Records per optimisation step."})
+    batch_size: int = field(default=4, metadata={"help": "Records per optimisation step (small: more updates per epoch memorise sooner)."})
     max_epochs: int = field(default=40, metadata={"help": "Epoch cap."})
     min_epochs: int = field(default=4, metadata={"help": "Check for memorisation only after this many epochs."})
     check_every: int = field(default=2, metadata={"help": "Epochs between memorisation checks."})

@@ -59,8 +59,8 @@ BUILTIN_GENERAL_TEXT = (
 class DemoOptions:
     """Sizes and settings of one demo run (the defaults fit the time targets on 2 CPU cores)."""
 
-    num_people: int = 40
-    num_unseen: int = 20
+    num_people: int = 30
+    num_unseen: int = 15
     forget_fraction: float = 0.1
     seed: int = 0
     output_dir: Path = Path("icu-peft-demo")
