@@ -35,6 +35,7 @@ def default_device() -> torch.device:
 def load_tokenizer(model_name: str, gguf_file: Optional[str] = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    _check_exists(model_name)
     kw = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -46,6 +47,16 @@ def load_tokenizer(model_name: str, gguf_file: Optional[str] = None, trust_remot
         # Padding is always masked out, so any id will do; EOS is the usual choice.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
     return tok
+
+
+def _check_exists(model_name: Optional[str]) -> None:
+    """A path-looking name that does not exist is a typo, not a hub id: say so before transformers does."""
+    if model_name is None:
+        raise ModelLoadError("no base model given (--model)")
+    # hub ids are "name" or "org/name"; anything else is meant as a local path
+    looks_local = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1
+    if not Path(model_name).expanduser().exists() and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise ModelLoadError(f"model not found: {model_name}")
 
 
 def _first_line(e: Exception) -> str:
@@ -74,9 +85,7 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
             bnb_4bit_compute_dtype=dtype,
         )
         kw["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
-    local = Path(model_name)
-    if not local.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or model_name.startswith((".", "/"))):
-        raise ModelLoadError(f"model not found: {model_name}")
+    _check_exists(model_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -85,10 +94,29 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
         raise ModelLoadError(f"cannot load model '{model_name}': {_first_line(e)}") from None
     if not quantize:
         model.to(device)
+    else:
+        keep_4bit_trainable(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def keep_4bit_trainable(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; returns how many layers.
+
+    On CPUs with AVX512-BF16, bitsandbytes >= 0.48 converts a Linear4bit weight to a packed layout
+    on its first no-grad eval-mode forward, and keeps it. Forward passes after that go through a
+    kernel with no autograd formula, so a LoRA step that follows a scoring pass gets no gradient
+    through the frozen layers (silently wrong for Llama, an in-place error for GPT-2). Scoring and
+    training alternate in IUR, so the packed path is switched off for the whole run.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",

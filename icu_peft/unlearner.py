@@ -416,7 +416,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
             optimizer.step()
             steps += 1
             for k in terms:
-                terms[k] += float(out[k]) / nsteps
+                terms[k] += float(out[k].detach() if torch.is_tensor(out[k]) else out[k]) / nsteps
         for i in active_idx:
             state.epochs_active[i] += 1
         if nan or any(not torch.isfinite(p).all() for p in trainable):

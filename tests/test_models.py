@@ -1,0 +1,48 @@
+"""Loading: 4-bit bases stay trainable after an eval pass; fingerprints tell bases apart."""
+
+import torch
+
+from icu_peft.models import attach_lora, base_fingerprint, load_base_model
+
+
+def _lowest_lora_grad(model, ids):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]
+    return torch.cat([g.flatten() for g in grads])
+
+
+def test_lora_gradients_after_an_eval_pass_match_a_fresh_model(tiny_model_dir):
+    """bitsandbytes repacks 4-bit weights on an eval forward (AVX512-BF16 CPUs); gradients must survive it."""
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    fresh = attach_lora(load_base_model(str(tiny_model_dir), quantize=True))
+    torch.manual_seed(0)
+    for n, p in fresh.named_parameters():  # B = 0 at init: give it values so every path carries gradient
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    g_fresh = _lowest_lora_grad(fresh, ids)
+
+    scored = attach_lora(load_base_model(str(tiny_model_dir), quantize=True))
+    lora = {n: p for n, p in fresh.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in scored.named_parameters():
+            if n in lora:
+                p.copy_(lora[n])
+    scored.eval()
+    with torch.no_grad():
+        scored(input_ids=ids)  # the IUR scoring pass that used to break the next step
+    g_scored = _lowest_lora_grad(scored, ids)
+    assert g_fresh.abs().sum() > 0
+    assert torch.allclose(g_fresh, g_scored, atol=1e-6)
+
+
+def test_fingerprint_same_across_precisions_and_differs_between_bases(tiny_model_dir, tmp_path):
+    from icu_peft.testing import build_tiny_memorizer
+
+    a = base_fingerprint(load_base_model(str(tiny_model_dir), quantize=True))
+    b = base_fingerprint(load_base_model(str(tiny_model_dir), quantize=False))
+    assert a["sha256"] == b["sha256"]
+    other = tmp_path / "other"
+    build_tiny_memorizer(other, ["record 1: oak elm."], steps=1, seed=5)
+    assert base_fingerprint(load_base_model(str(other), quantize=False))["sha256"] != a["sha256"]
