@@ -48,8 +48,8 @@ class ICUConfig:
     method: str = field(default="icu", metadata={"help": "Label of the method: icu, ga (Jang's KUMPR), graddiff, npo; see ICUConfig.for_method."})
     forget_loss: str = field(default="ga", metadata={"help": "Forget term: 'ga' (negated NLL, ICU/KUI) or 'npo' (negative preference optimisation)."})
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
-    forget_tokens: str = field(default="all", metadata={"help": "Tokens the forget term pushes on: 'all' (ICU) or 'predicted' (only those the model still gets right)."})
-    retain_kl_samples: int = field(default=0, metadata={"help": "Extra random retain samples per step for the NLL/KL terms, beside the neighbours."})
+    forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
+    retain_kl_samples: int = field(default=8, metadata={"help": "Extra random retain samples per step for the NLL/KL terms, beside the neighbours (ICU's code: 0)."})
     forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
     learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})
     kl_weight: float = field(default=1.0, metadata={"help": "b: weight of KL(p_ref || p_model) on the neighbours (CLE); p_ref = adapter disabled."})
@@ -118,24 +118,33 @@ class ICUConfig:
         need(self.embedder == "base" or self.embedder.startswith("sentence-transformers"),
              "embedder must be 'base' or 'sentence-transformers[:PATH]'")
 
-    @classmethod
-    def for_method(cls, method: str, **kw: Any) -> "ICUConfig":
-        """Presets for ICU and the baselines it is compared with (any field in kw wins).
+    @staticmethod
+    def method_preset(method: str) -> dict:
+        """Field values of ICU and of the baselines it is compared with.
 
-        icu:      -u*NLL(forget) + a*NLL(neighbour) + b*KL(ref||model), per-sample refinement
-        ga:       Jang et al.'s KUMPR, gradient ascent alone until the means pass
-        graddiff: gradient ascent + NLL on retain text
-        npo:      negative preference optimisation on the forget set + NLL on retain text
+        icu:       -u*NLL(forget) + a*NLL(neighbour) + b*KL(ref||model), per-sample refinement, with
+                   icu-peft's selective defaults (forget_tokens='predicted', retain_kl_samples=8)
+        icu_paper: the objective of ICU's reference code (every token ascends; neighbours only)
+        ga:        Jang et al.'s KUMPR, gradient ascent alone until the means pass
+        graddiff:  gradient ascent + NLL on retain text
+        npo:       negative preference optimisation on the forget set + NLL on retain text
         """
         presets = {
             "icu": dict(),
-            "ga": dict(learn_weight=0.0, kl_weight=0.0, num_neighbours=0, iur=False),
-            "graddiff": dict(learn_weight=1.0, kl_weight=0.0, iur=False),
-            "npo": dict(forget_loss="npo", learn_weight=1.0, kl_weight=0.0, iur=False),
+            "icu_paper": dict(forget_tokens="all", retain_kl_samples=0),
+            "ga": dict(learn_weight=0.0, kl_weight=0.0, num_neighbours=0, iur=False, forget_tokens="all",
+                       retain_kl_samples=0),
+            "graddiff": dict(learn_weight=1.0, kl_weight=0.0, iur=False, forget_tokens="all", retain_kl_samples=0),
+            "npo": dict(forget_loss="npo", learn_weight=1.0, kl_weight=0.0, iur=False, retain_kl_samples=0),
         }
         if method not in presets:
             raise InputError(f"unknown method '{method}': choose from {', '.join(presets)}")
-        return cls(**{"method": method, **presets[method], **kw})
+        return {"method": method, **presets[method]}
+
+    @classmethod
+    def for_method(cls, method: str, **kw: Any) -> "ICUConfig":
+        """A config for `method` (see method_preset); any field in kw wins."""
+        return cls(**{**cls.method_preset(method), **kw})
 
     # --- (de)serialisation ---
     def to_dict(self) -> dict:
@@ -156,21 +165,33 @@ class ICUConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "ICUConfig":
-        """Load a recipe. Keys under `icu:` (or at top level) are config fields; `data:` is ignored here."""
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise InputError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise InputError(f"config file {path} must hold a mapping")
-        body = dict(raw.get("icu", {k: v for k, v in raw.items() if k not in ("data", "description", "notes")}))
+        """Load a recipe. Keys under `icu:` (or at top level) are config fields; `data:` is ignored here.
+
+        Precedence: the preset of the recipe's `method` < the recipe's fields < non-None overrides.
+        """
+        body = read_recipe(path)[0]
         body.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(body)
+        preset = cls.method_preset(body["method"]) if "method" in body else {}
+        return cls.from_dict({**preset, **body})
+
+
+def read_recipe(path: str | Path):
+    """(config fields, data section) of a recipe YAML, with one-line errors."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise InputError(f"config file {path} must hold a mapping")
+    body = raw.get("icu", {k: v for k, v in raw.items() if k not in ("data", "description", "notes")})
+    data = raw.get("data") or {}
+    if not isinstance(body, dict) or not isinstance(data, dict):
+        raise InputError(f"config file {path}: `icu:` and `data:` must be mappings")
+    return dict(body), data
 
 
 def help_table() -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 logger = logging.getLogger("icu_peft")
 
@@ -22,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate")
     p.add_argument("--criterion", choices=["ma_el", "bleu"], help="IUR criterion")
+    p.add_argument("--method", choices=["icu", "icu_paper", "ga", "graddiff", "npo"],
+                   help="preset: icu (default; selective), icu_paper (ICU's reference objective), or a baseline")
     p.add_argument("--request-id", help="identifier of the request (default: a UUID)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -29,15 +30,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import yaml
-
     from ..adapters import check_output_dir
-    from ..config import ICUConfig
+    from ..config import ICUConfig, read_recipe
     from ..data import read_texts
     from ..errors import InputError
     from ..unlearner import forget
 
-    overrides = dict(model=args.model, gguf_file=args.gguf_file, max_epochs=args.max_epochs, seed=args.seed,
+    overrides = dict(method=args.method, model=args.model, gguf_file=args.gguf_file, max_epochs=args.max_epochs, seed=args.seed,
                      learning_rate=args.learning_rate, criterion=args.criterion, request_id=args.request_id)
     if args.no_quantize:
         overrides["quantize"] = False
@@ -46,10 +45,9 @@ def run(args) -> int:
     data = {}
     if args.config:
         cfg = ICUConfig.from_yaml(args.config, **overrides)
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-        data = raw.get("data", {}) if isinstance(raw, dict) else {}
+        data = read_recipe(args.config)[1]
     else:
-        cfg = ICUConfig(**{k: v for k, v in overrides.items() if v is not None})
+        cfg = ICUConfig.for_method(args.method or "icu", **{k: v for k, v in overrides.items() if v is not None})
     if not cfg.model:
         raise InputError("no base model: give --model or `model:` in --config")
     forget_path = args.forget or data.get("forget")
