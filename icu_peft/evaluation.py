@@ -213,8 +213,11 @@ def forget_mia(model, tokenizer, forget_seqs: Sequence[torch.Tensor], unseen_tex
     model.eval()
     out = {}
     if _has_adapters(model):
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
         with model.disable_adapter():
             out["before"] = membership_inference(model, forget_seqs, unseen, pad_id, fz, uz, k, batch_size)
+        for n, p in model.named_parameters():  # see relearn_probe
+            p.requires_grad_(grads[n])
     out["after"] = membership_inference(model, forget_seqs, unseen, pad_id, fz, uz, k, batch_size)
     model.train(was_training)
     return out
@@ -317,8 +320,12 @@ def relearn_probe(model, tokenizer, forget_texts: Sequence[str], control_texts: 
                  "train_count": len(train), "held_out_count": len(held), "control_count": len(control),
                  "held_out": {"before": score(held)}, "control": {"before": score(control)} if control else None}
     if _has_adapters(model):
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
         with model.disable_adapter():
             out["held_out"]["original"] = score(held)
+        # leaving disable_adapter() re-activates the adapters, which marks them trainable again
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
     with temporary_lora(model, config.relearn_r, config.seed) as m:
         trainable = [p for p in m.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=config.relearn_lr)
@@ -366,7 +373,15 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], include_path: Optional[s
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise InputError("lm-eval tasks need the lm-eval harness: pip install 'icu-peft[eval]'") from None
-    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    if not logger.isEnabledFor(logging.DEBUG):  # lm-eval logs every request batch at INFO
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    tm = None
+    if include_path:
+        # indexing lm-eval's ~15k bundled task files takes half a minute: skip it when the local
+        # directory has every task asked for
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        tm = local if all(t in local.all_tasks for t in tasks) else None
+    tm = tm or TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
         raise InputError(f"unknown lm-eval task(s): {', '.join(unknown)}")

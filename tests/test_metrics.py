@@ -1,0 +1,220 @@
+"""MA, EL_n, perplexity and secret extraction on models whose answer is known."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from icu_peft.metrics import (extraction_likelihood, ngram_overlap, perplexity, perplexity_from_nll,
+                              score_samples, secret_extraction, secret_in_text, secret_token_accuracy,
+                              sliding_windows, split_secret_tokens, teacher_forced)
+
+
+class RuleModel(torch.nn.Module):
+    """A causal LM that follows a fixed rule: next token = (token + 1) % V with logit `gap`,
+    or, with gap=0, the same logit for every token (a uniform model).
+
+    On sequences that follow the rule it puts (almost) all mass on the true next token.
+    """
+
+    def __init__(self, vocab: int, gap: float):
+        super().__init__()
+        self.vocab, self.gap = vocab, gap
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(max_position_embeddings=512, vocab_size=vocab)
+
+    def get_output_embeddings(self):
+        return None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                logits_to_keep=None, **kw):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        if self.gap:
+            logits.scatter_(-1, ((input_ids + 1) % self.vocab).unsqueeze(-1), self.gap)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return SimpleNamespace(logits=logits, past_key_values=None)
+
+
+def rule_sequences(n: int, length: int, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (1,), generator=g) + torch.arange(length)) % vocab for _ in range(n)]
+
+
+def random_sequences(n: int, length: int, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------ constructed models
+
+def test_copying_model_has_ma_and_el_one():
+    V = 17
+    seqs = rule_sequences(6, 30, V) + rule_sequences(3, 21, V, seed=1)  # mixed lengths: padding paths too
+    s = score_samples(RuleModel(V, 50.0), seqs, pad_id=0, el_n=5, batch_size=4)
+    assert s.ma == pytest.approx([1.0] * len(seqs))
+    assert s.el == pytest.approx([1.0] * len(seqs))
+
+
+def test_uniform_model_has_ma_near_one_over_v_and_perplexity_v():
+    V = 10
+    seqs = random_sequences(40, 51, V, seed=3)
+    model = RuleModel(V, 0.0)
+    ma = teacher_forced(model, seqs, pad_id=0).ma()
+    assert float(ma.mean()) == pytest.approx(1 / V, abs=0.03)  # 2000 tokens: sd ~ 0.007
+    p = perplexity(model, seqs, pad_id=0, window=16, stride=8)
+    assert p.corpus == pytest.approx(V, rel=1e-5)
+    assert p.per_sample == pytest.approx([V] * len(seqs), rel=1e-5)
+
+
+def test_copying_model_has_perplexity_one_whatever_the_window():
+    V = 13
+    seqs = rule_sequences(4, 40, V)
+    model = RuleModel(V, 40.0)
+    for window, stride in ((64, 32), (8, 4), (8, 8), (5, 1)):
+        assert perplexity(model, seqs, 0, window=window, stride=stride).corpus == pytest.approx(1.0, abs=1e-6)
+
+
+def test_perplexity_from_nll():
+    assert perplexity_from_nll(0.0, 5) == 1.0
+    assert perplexity_from_nll(5 * math.log(7), 5) == pytest.approx(7.0)
+    assert perplexity_from_nll(1.0, 0) == float("inf")
+
+
+@pytest.mark.parametrize("length", [2, 3, 7, 16, 17, 50])
+@pytest.mark.parametrize("window,stride", [(2, 1), (4, 2), (4, 4), (8, 3), (16, 16), (64, 32)])
+def test_sliding_windows_score_every_token_once(length, window, stride):
+    scored = []
+    for begin, end, first in sliding_windows(length, window, stride):
+        assert end - begin <= window
+        assert begin < first <= end  # at least one token of context
+        scored += range(first, end)
+    assert scored == list(range(1, length))
+
+
+def test_sliding_windows_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        sliding_windows(10, 1, 1)
+    with pytest.raises(ValueError):
+        sliding_windows(10, 4, 5)
+
+
+# ------------------------------------------------------------------------------ the tiny trained model
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, tok
+
+
+def _ids(tok, text):
+    return torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+
+
+@torch.no_grad()
+def naive_greedy(model, prefix: torch.Tensor, steps: int):
+    """Greedy decoding of one prefix, unbatched and unpadded: the textbook loop on HF's own cache."""
+    out = model(input_ids=prefix[None], use_cache=True)
+    gen = [int(out.logits[0, -1].argmax())]
+    for _ in range(steps - 1):
+        out = model(input_ids=torch.tensor([[gen[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        gen.append(int(out.logits[0, -1].argmax()))
+    return gen
+
+
+def naive_el(x: torch.Tensor, continuations: dict, n: int, start: int = 1) -> float:
+    """EL_n straight from the definition, given the fresh roll-out of every prefix length t."""
+    T = len(x)
+    scores = [ngram_overlap(continuations[t], x[t:].tolist(), n) for t in range(max(start, 1), T - n + 1)]
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny, tiny_corpus):
+    """A memorised sample (few deviations) and an unseen one (deviations everywhere), each with the
+    naive greedy roll-out of every prefix: shared by the EL tests, the expensive part."""
+    model, tok = tiny
+    seqs = [_ids(tok, tiny_corpus["forget"][0]), _ids(tok, tiny_corpus["unseen"][0])]
+    return seqs, [{t: naive_greedy(model, x[:t], len(x) - t) for t in range(1, len(x))} for x in seqs]
+
+
+def test_memoised_el_equals_naive_el(tiny, rollouts):
+    """The splicing shortcut of extraction_likelihood must give the definition's value exactly."""
+    model, tok = tiny
+    seqs, conts = rollouts
+    for n, start in ((10, 1), (4, 1), (10, 20)):
+        fast = extraction_likelihood(model, seqs, n, tok.pad_token_id, start=start, batch_size=3)
+        slow = [naive_el(x, c, n, start) for x, c in zip(seqs, conts)]
+        assert fast == pytest.approx(slow, abs=1e-9), (n, start)
+    # and the measure tells the two kinds apart, else this test would prove little
+    assert fast[0] > 0.5 > fast[1]
+
+
+def test_el_tail_variant_scores_only_late_prefixes(tiny, rollouts):
+    model, tok = tiny
+    (x, _), (c, _) = rollouts
+    T = len(x)
+    assert extraction_likelihood(model, [x], 10, tok.pad_token_id, start=T - 12) == pytest.approx(
+        [naive_el(x, c, 10, T - 12)])
+    assert extraction_likelihood(model, [x], 10, tok.pad_token_id, start=T) == [0.0]  # nothing to score
+
+
+@torch.no_grad()
+def test_windowed_perplexity_matches_a_window_by_window_computation(tiny, tiny_corpus):
+    model, tok = tiny
+    seqs = [_ids(tok, t) for t in tiny_corpus["unseen"][:3]]
+    window, stride = 12, 5
+    got = perplexity(model, seqs, tok.pad_token_id, window=window, stride=stride, batch_size=4)
+    for x, ppl in zip(seqs, got.per_sample):
+        nll, count = 0.0, 0
+        for b, e, first in sliding_windows(len(x), window, stride):
+            lp = torch.log_softmax(model(input_ids=x[b:e][None]).logits[0].double(), -1)
+            for pos in range(first, e):
+                nll -= float(lp[pos - b - 1, x[pos]].detach())
+                count += 1
+        assert ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+    # a window holding the whole text gives transformers' own loss
+    full = perplexity(model, seqs, tok.pad_token_id, window=256)
+    for x, ppl in zip(seqs, full.per_sample):
+        loss = model(input_ids=x[None], labels=x[None]).loss
+        assert ppl == pytest.approx(math.exp(float(loss)), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ secret extraction
+
+def test_secret_pure_functions():
+    assert secret_token_accuracy([1, 2, 3, 9], [1, 2, 3]) == 1.0
+    assert secret_token_accuracy([1, 5, 3], [1, 2, 3]) == pytest.approx(2 / 3)
+    assert secret_token_accuracy([], [1]) == 0.0
+    assert secret_in_text("Email: ana.diaz@example.org, phone", "ana.diaz@example.org")
+    assert secret_in_text("a  b\nc", "a b c")
+    assert not secret_in_text("ana.diaz@example.com", "ana.diaz@example.org")
+    assert not secret_in_text("anything", "   ")
+
+
+def test_split_secret_tokens_keeps_the_joint_tokenization(tiny):
+    _, tok = tiny
+    for prefix, secret in (("record 12: amber", " basalt cobalt."), ("record 12: amb", "er basalt")):
+        p, s = split_secret_tokens(tok, prefix, secret)
+        assert p.tolist() + s == tok(prefix + secret)["input_ids"]
+        assert len(s) >= 1
+
+
+def test_secret_extraction_on_memorised_and_unseen_text(tiny, tiny_corpus):
+    model, tok = tiny
+
+    def pair(text):
+        words = text.split(" ")
+        return " ".join(words[:5]), " " + " ".join(words[5:])
+
+    rows = secret_extraction(model, tok, [pair(t) for t in tiny_corpus["forget"]] + [pair(t) for t in tiny_corpus["unseen"][:4]])
+    assert [r["extracted"] for r in rows[:4]] == [1.0] * 4
+    assert all(r["token_accuracy"] == 1.0 for r in rows[:4])
+    assert sum(r["extracted"] for r in rows[4:]) == 0.0
+    assert all(set(r) == {"extracted", "token_accuracy"} for r in rows)  # numbers only, never text
