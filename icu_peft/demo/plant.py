@@ -118,9 +118,13 @@ def _train(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe], sett
         model.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, settings.warmup_steps)))
+    # After every secret leaks, train `extra_epochs` more at a lower rate, then require a clean check
+    # again: at the full rate a few secrets flicker in and out between epochs.
+    scale = [1.0]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: scale[0] * min(1.0, (s + 1) / max(1, settings.warmup_steps)))
     gen = torch.Generator().manual_seed(settings.seed)
-    history, leaked_at, extra_left = [], None, settings.extra_epochs
+    history, leaked_at, hits, done = [], None, None, False
     epoch = 0
     model.train()
     bar = tqdm(total=settings.max_epochs, desc="planting", disable=not progress, leave=False, dynamic_ncols=True)
@@ -140,23 +144,30 @@ def _train(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe], sett
             total += float(loss.detach())
             nsteps += 1
         row = {"epoch": epoch, "loss": round(total / nsteps, 4)}
-        if leaked_at is None and epoch >= settings.min_epochs and (epoch - settings.min_epochs) % settings.check_every == 0:
+        if leaked_at is None:
+            check = epoch >= settings.min_epochs and (epoch - settings.min_epochs) % settings.check_every == 0
+        else:
+            check = epoch - leaked_at >= settings.extra_epochs
+        hits = None
+        if check:
             hits = extract_secrets(model, tokenizer, probes)
             row["secrets"] = f"{sum(hits)}/{len(hits)}"
             if all(hits):
-                leaked_at = epoch
+                if leaked_at is None:
+                    leaked_at = epoch
+                    scale[0] = 0.3
+                done = epoch - leaked_at >= settings.extra_epochs
         history.append(row)
         bar.update(1)
         bar.set_postfix(loss=row["loss"], secrets=row.get("secrets", ""))
         logger.info("planting epoch %d: loss %.4f%s", epoch, row["loss"],
                     f", secrets leaked {row['secrets']}" if "secrets" in row else "")
-        if leaked_at is not None:
-            if extra_left == 0:
-                break
-            extra_left -= 1
+        if done:
+            break
     bar.close()
     model.eval()
-    hits = extract_secrets(model, tokenizer, probes)
+    if hits is None:
+        hits = extract_secrets(model, tokenizer, probes)
     for p in model.parameters():
         p.requires_grad_(False)
     return {"epochs": epoch, "memorised_at_epoch": leaked_at, "secrets_leaked": sum(hits),
@@ -181,7 +192,7 @@ def plant_records(texts: Sequence[str], probes: Sequence[Probe], settings: Optio
     model, tok = load_smollm2(torch.float32)
     result = _train(model, tok, texts, probes, settings, progress=progress)
     if result["secrets_leaked"] < result["secrets_total"]:
-        logger.warning("planting stopped at the epoch cap with %d of %d secrets leaking",
+        logger.warning("planting reached the epoch cap (%d) with %d of %d secrets leaking", settings.max_epochs,
                        result["secrets_leaked"], result["secrets_total"])
     info = {"format": PLANT_FORMAT, "base": _base_id(), "settings": asdict(settings), "num_texts": len(texts),
             "wall_time_s": round(time.time() - t0, 1), **result}

@@ -38,4 +38,9 @@ def load_smollm2(dtype=None):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=dtype or torch.float32)
+    # The weights are dequantized to plain tensors on load; dropping the GGUF marker lets
+    # save_pretrained write them as an ordinary safetensors checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model, tok
