@@ -217,3 +217,26 @@ def plant_corpus(corpus: DemoCorpus, settings: Optional[PlantSettings] = None, *
 def plant_oracle(corpus: DemoCorpus, settings: Optional[PlantSettings] = None, **kw) -> Path:
     """What perfect unlearning would give: the same planting without the people who asked to be forgotten."""
     return plant_records(corpus.retain_texts, corpus.probes(corpus.kept_people), settings, **kw)
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    """`python -m icu_peft.demo.plant SPEC_JSON`: plant a corpus in this process (the demo's child)."""
+    import sys
+
+    from ..cli import setup_logging
+    from ..errors import ICUError
+    from .records import make_corpus
+
+    spec = json.loads((argv or sys.argv[1:])[0])
+    setup_logging()
+    try:
+        plant_corpus(make_corpus(**spec["corpus"]), PlantSettings(**spec["settings"]),
+                     root=Path(spec["root"]) if spec.get("root") else None, progress=spec.get("progress", True))
+    except ICUError as e:
+        print(f"icu-peft demo: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -13,7 +13,6 @@ import csv
 import json
 import logging
 import math
-import multiprocessing
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,30 +150,25 @@ def directory_bytes(path: Path, suffix: str = ".safetensors") -> int:
 
 # ------------------------------------------------------------------------------ planting (in a child process)
 
-def _plant_child(corpus: DemoCorpus, settings: PlantSettings, root: Optional[str], progress: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "peft", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    plant_corpus(corpus, settings, root=Path(root) if root else None, progress=progress)
-
-
 def ensure_planted(corpus: DemoCorpus, settings: PlantSettings, root: Optional[Path] = None,
                    progress: bool = True) -> tuple:
     """(planted directory, seconds spent planting now or None when cached).
 
-    Planting runs in a child process so its ~4 GB of fp32 weights and Adam state are returned to the
-    system, and the demo's peak-memory figure is the forget request's own.
+    Planting runs in a child process (`python -m icu_peft.demo.plant`) so its ~4 GB of fp32 weights
+    and Adam state go back to the system, and the demo's peak-memory figure is the forget request's.
     """
+    import subprocess
+    import sys
+
     d = planted_dir(corpus.texts, settings, root)
     if read_plant_info(d) is not None:
         return d, None
     t0 = time.time()
-    ctx = multiprocessing.get_context("spawn")
-    p = ctx.Process(target=_plant_child, args=(corpus, settings, str(root) if root else None, progress))
-    p.start()
-    p.join()
-    if p.exitcode != 0 or read_plant_info(d) is None:
-        raise ICUError(f"planting the records failed (exit code {p.exitcode}); see the messages above")
+    spec = {"corpus": corpus.settings, "settings": asdict(settings), "root": str(root) if root else None,
+            "progress": progress}
+    proc = subprocess.run([sys.executable, "-m", "icu_peft.demo.plant", json.dumps(spec)])
+    if proc.returncode != 0 or read_plant_info(d) is None:
+        raise ICUError(f"planting the records failed (exit code {proc.returncode}); see the messages above")
     return d, time.time() - t0
 
 
