@@ -49,6 +49,24 @@ def bench(model, tok, sets: dict, metrics, cfg, label: str, secrets_from=None) -
                   flush=True)
 
 
+def bench_unshared_el(model, tok, sets: dict, cfg, label: str) -> None:
+    """EL_n without the splicing shortcut: one batched, cached roll-out per prefix (for comparison)."""
+    from icu_peft.metrics import greedy_continue, ngram_overlap
+
+    for set_name, texts in sets.items():
+        seqs = [torch.tensor(tok(t)["input_ids"][: cfg.max_length]) for t in texts]
+        t0 = time.perf_counter()
+        vals = []
+        for x in seqs:
+            T = len(x)
+            ts = list(range(max(cfg.el_start, 1), T - cfg.el_n + 1))
+            conts = greedy_continue(model, [x[:t] for t in ts], [T - t for t in ts], tok.pad_token_id, cfg.batch_size)
+            vals.append(sum(ngram_overlap(c, x[t:].tolist(), cfg.el_n) for c, t in zip(conts, ts)) / max(1, len(ts)))
+        secs = time.perf_counter() - t0
+        print(json.dumps({"model": label, "set": set_name, "metric": "el_unshared", "samples": len(seqs),
+                          "s_per_sample": round(secs / len(seqs), 4), "value": sum(vals) / len(vals)}), flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("which", choices=["tiny", "smollm2"])
@@ -73,6 +91,8 @@ def main() -> int:
         build_tiny_memorizer(d, forget, unseen, steps=300)
         tok, model = load_tokenizer(str(d)), load_base_model(str(d), quantize=args.quantize)
         bench(model, tok, {"memorised": forget, "unseen": unseen}, metrics, cfg, "tiny-llama-2x64")
+        if "el" in metrics:
+            bench_unshared_el(model, tok, {"memorised": forget, "unseen": unseen}, cfg, "tiny-llama-2x64")
     else:
         from icu_peft.demo.smollm2 import find_smollm2
 
