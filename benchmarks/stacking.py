@@ -1,6 +1,7 @@
 """Stacking quality and 4-bit merge drift on the tiny in-code memoriser (CPU, offline).
 
-    python benchmarks/stacking.py --work /tmp/stacking [--sequential] [--drift] [--json out.json]
+    python benchmarks/stacking.py --work /tmp/stacking [--no-quantize] [--sequential] [--json out.json]
+    python benchmarks/stacking.py --work /tmp/drift --drift-model M --drift-adapter A --drift-adapter B --drift-forget F
 
 1. Builds a tiny Llama that has memorised R x K random records (R requests of K samples) plus a
    retain set, and trains one ICU forget adapter per request, independently (each on the bare
@@ -11,7 +12,7 @@
    MA, the retain set's MA (memorised data that must stay) and perplexity on unseen text.
    Then revokes request 0 from the full stack: its MA should come back, the others should stay
    forgotten.
-3. --drift: the same adapters merged three ways (PEFT merge into the 4-bit layers; merge in fp32
+3. --drift-*: given adapters merged three ways (PEFT merge into the 4-bit layers; merge in fp32
    then quantize once; no merge) compared by logits and forget-set MA, plus merge-then-unmerge
    error on one bnb NF4 layer.
 
@@ -52,10 +53,17 @@ def corpus(requests: int, per_request: int):
             "unseen": random_sentences(16, seed=13)}
 
 
+QUANTIZE = True  # --no-quantize: a full-precision base throughout (about 3x faster on CPU)
+
+
 def config(model_dir: Path, i: int) -> ICUConfig:
     # the test suite's quick settings for the tiny model
     return ICUConfig(model=str(model_dir), learning_rate=2e-3, max_epochs=40, batch_size=4, progress=False,
-                     score_batch_size=16, seed=i, request_id=f"req-{i}")
+                     score_batch_size=16, seed=i, request_id=f"req-{i}", quantize=QUANTIZE)
+
+
+def load(model_dir) -> object:
+    return load_base_model(str(model_dir), quantize=QUANTIZE)
 
 
 def request_texts(c: dict, i: int, k: int):
@@ -70,7 +78,7 @@ def train_series(work: Path, model_dir: Path, c: dict, requests: int, k: int, se
         if not out.exists():
             t0 = time.time()
             tok = load_tokenizer(str(model_dir))
-            base = load_base_model(str(model_dir))
+            base = load(model_dir)
             if sequential and dirs:
                 base = stack_adapters(base, dirs)
                 # the loader freezes and names the stack; forget() adds the new adapter beside it
@@ -108,18 +116,18 @@ def evaluate(model, tok, c: dict, k: int, requests_in: list) -> dict:
 
 def stacking_table(model_dir: Path, c: dict, k: int, dirs: list, ns=(1, 2, 4, 8)) -> dict:
     tok = load_tokenizer(str(model_dir))
-    out = {"base": evaluate(load_base_model(str(model_dir)), tok, c, k, [])}
+    out = {"base": evaluate(load(model_dir), tok, c, k, [])}
     all_forget = [t for i in range(len(dirs)) for t in request_texts(c, i, k)]
-    base = load_base_model(str(model_dir))
+    base = load(model_dir)
     out["base"]["forget_ma"] = sum(score_samples(base, tokenize_texts(all_forget, tok, 200, "00").input_ids,
                                                  tok.pad_token_id).ma) / len(all_forget)
-    alone = [evaluate(stack_adapters(load_base_model(str(model_dir)), [d]), tok, c, k, [i]) for i, d in enumerate(dirs)]
+    alone = [evaluate(stack_adapters(load(model_dir), [d]), tok, c, k, [i]) for i, d in enumerate(dirs)]
     out["alone_mean"] = {key: sum(a[key] for a in alone) / len(alone) for key in alone[0]}
     for n in ns:
         if n <= len(dirs):
-            out[f"N={n}"] = evaluate(stack_adapters(load_base_model(str(model_dir)), dirs[:n]), tok, c, k,
+            out[f"N={n}"] = evaluate(stack_adapters(load(model_dir), dirs[:n]), tok, c, k,
                                      list(range(n)))
-    stack = stack_adapters(load_base_model(str(model_dir)), dirs)
+    stack = stack_adapters(load(model_dir), dirs)
     stack = remove_from_stack(stack, "req-0")
     rest = evaluate(stack, tok, c, k, list(range(1, len(dirs))))
     revoked = tokenize_texts(request_texts(c, 0, k), tok, 200, "00")
@@ -129,10 +137,9 @@ def stacking_table(model_dir: Path, c: dict, k: int, dirs: list, ns=(1, 2, 4, 8)
 
 
 @torch.no_grad()
-def drift(work: Path, model_dir: Path, c: dict, k: int, dirs: list) -> dict:
+def drift(work: Path, model_dir: Path, texts: list, dirs: list) -> dict:
     """Merge paths compared with the unmerged 4-bit stack the adapters were trained against."""
     tok = load_tokenizer(str(model_dir))
-    texts = [t for i in range(len(dirs)) for t in request_texts(c, i, k)]
     tset = tokenize_texts(texts, tok, 200, "00")
     ids, mask = pad_batch(tset.input_ids, tok.pad_token_id)
 
@@ -181,25 +188,48 @@ def drift(work: Path, model_dir: Path, c: dict, k: int, dirs: list) -> dict:
 
 
 def main(argv=None) -> int:
+    global QUANTIZE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", type=Path, required=True, help="cache directory (model, adapters)")
+    p.add_argument("--work", type=Path, required=True, help="cache directory (model, adapters, merged models)")
     p.add_argument("--requests", type=int, default=8, help="number of forget requests (max N)")
     p.add_argument("--per-request", type=int, default=2, help="samples per request")
+    p.add_argument("--no-quantize", action="store_true", help="full-precision base for the stacking runs")
     p.add_argument("--sequential", action="store_true", help="also train and measure the sequential series")
-    p.add_argument("--drift", action="store_true", help="measure 4-bit merge drift")
+    p.add_argument("--drift-model", type=Path, help="only measure 4-bit merge drift: base model directory")
+    p.add_argument("--drift-adapter", type=Path, action="append", default=[], help="adapter (trained on the 4-bit base)")
+    p.add_argument("--drift-forget", type=Path, help="their forget samples (.jsonl/.csv/.txt)")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 on a busy shared CPU")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("icu_peft").setLevel(logging.WARNING)
-    torch.set_num_threads(2)
     a.work.mkdir(parents=True, exist_ok=True)
+    QUANTIZE = not a.no_quantize
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.drift_model:
+        from icu_peft.data import read_texts
+
+        texts = read_texts(a.drift_forget)
+        ads = a.drift_adapter
+        results = {"drift": [drift(a.work, a.drift_model, texts, ads[:n]) for n in range(1, len(ads) + 1)]}
+    else:
+        results = stacking(a)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if a.json:
+        a.json.write_text(text + "\n")
+    return 0
+
+
+def stacking(a) -> dict:
     c = corpus(a.requests, a.per_request)
     model_dir = a.work / "model"
     if not (model_dir / "model.safetensors").exists():
         t0 = time.time()
         r = build_tiny_memorizer(model_dir, c["forget"] + c["retain"], c["unseen"], steps=400)
         log.info("tiny model: final loss %.4f in %.0f s", r["final_loss"], time.time() - t0)
-    results = {"requests": a.requests, "per_request": a.per_request}
+    results = {"requests": a.requests, "per_request": a.per_request, "quantized": QUANTIZE}
     ind = train_series(a.work, model_dir, c, a.requests, a.per_request, sequential=False)
     results["independent"] = stacking_table(model_dir, c, a.per_request, ind)
     log.info("independent: %s", json.dumps(results["independent"]))
@@ -209,13 +239,7 @@ def main(argv=None) -> int:
         log.info("sequential: %s", json.dumps(results["sequential"]))
     results["train_time_s"] = {s: [read_manifest(a.work / f"{s}_{i}").get("wall_time_s") for i in range(a.requests)
                                    if (a.work / f"{s}_{i}").exists()] for s in ("ind", "seq")}
-    if a.drift:
-        results["drift"] = [drift(a.work, model_dir, c, a.per_request, ind[:n]) for n in (1, 2)]
-    text = json.dumps(results, indent=2)
-    print(text)
-    if a.json:
-        a.json.write_text(text + "\n")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -539,7 +539,7 @@ def format_description(d: dict, indent: str = "") -> str:
             add(f"{indent}  history:     {h.get('op')} {', '.join(h.get('request_ids', [])) or h.get('into', '')} "
                 f"at {h.get('at')}")
     if d.get("parts") is not None:
-        add(f"{indent}  parts ({len(d['parts'])}):")
+        add(f"{indent}  parts ({len(d['parts'])}): {', '.join(str(p['request_id']) for p in d['parts'])}")
         for p in d["parts"]:
             if "kind" in p:
                 lines.append(format_description(p, indent + "    "))
