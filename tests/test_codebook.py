@@ -401,3 +401,21 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
     assert issubclass(IntegrityError, ICUError)
+
+
+def test_eval_accepts_a_codebook_and_masks(topic_mask, codebook_dir, tiny_model_dir, tiny_files, capsys):
+    """`icu-peft eval --codebook DIR --code-mask DIR` scores the bottlenecked, masked model."""
+    import json as _json
+
+    from icu_peft.cli import main
+
+    cb_dir, mask_dir = codebook_dir[0], topic_mask[0]
+    common = ["eval", "--model", str(tiny_model_dir), "--data", str(tiny_files["forget"]), "--metrics", "ma",
+              "--json"]
+    assert main(common) == 0
+    plain = _json.loads(capsys.readouterr().out)["ma"]
+    assert main(common + ["--codebook", str(cb_dir), "--code-mask", str(mask_dir)]) == 0
+    masked = _json.loads(capsys.readouterr().out)["ma"]
+    assert masked != plain
+    assert main(common + ["--code-mask", str(mask_dir)]) == 2
+    assert "--code-mask needs --codebook" in capsys.readouterr().err

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
                                    f"{', '.join(METRICS)}. See docs/EVALUATION.md.")
     add_model_args(p)
     p.add_argument("--data", help="texts to score: .jsonl (field text), .csv (column text) or .txt")
+    p.add_argument("--codebook", default=None, metavar="DIR", help="CodeUnlearn codebook to hook into the model")
+    p.add_argument("--code-mask", action="append", default=[], metavar="DIR",
+                   help="CodeUnlearn code mask (needs --codebook); repeat to stack")
     p.add_argument("--metrics", default=None,
                    help=f"comma-separated, from {','.join(METRICS)} (default: ma,el,ppl)")
     p.add_argument("--text-field", default="text", help="jsonl field / csv column holding the text")
@@ -89,8 +92,14 @@ def run(args) -> int:
         raise InputError("metric 'extraction' needs --secrets FILE (jsonl with prefix and secret)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
 
+    if args.code_mask and not args.codebook:
+        raise InputError("--code-mask needs --codebook")
     model, tok = load_model_with_adapters(args)
     adapters = getattr(model, "icu_adapters", [])
+    if args.codebook:
+        from ..codebook import load_codebook_model
+
+        model = load_codebook_model(model, args.codebook, args.code_mask, force=args.force)
     # With one adapter, its manifest's salt gives the samples the ids the manifest uses.
     salt = adapters[0][2].get("salt") if len(adapters) == 1 else None
     result = {"model": args.model, "adapters": [d for _, d, _ in adapters]}
