@@ -30,6 +30,13 @@ MANIFEST_FORMAT = "icu-peft/forget-adapter/v1"
 MERGED_FORMAT = "icu-peft/merged-model/v1"
 
 
+def utc_now() -> str:
+    """The timestamp format of every manifest."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

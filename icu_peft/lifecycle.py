@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,7 +26,7 @@ import torch
 
 from .adapters import (MANIFEST_FORMAT, MANIFEST_NAME, MERGED_FORMAT, adapter_weights_sha256, atomic_output_dir,
                        check_base, check_output_dir, check_stack, leaf_manifests, load_forget_adapters, manifest_kind,
-                       read_manifest, sha256_file, verify_files, write_manifest)
+                       read_manifest, sha256_file, utc_now, verify_files, write_manifest)
 from .errors import InputError, IntegrityError
 
 logger = logging.getLogger("icu_peft")
@@ -36,10 +35,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 MERGED_SUBDIR = "forget_adapters"
 COMBINED_SUBDIR = "components"
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _versions() -> dict:
@@ -213,7 +208,7 @@ def combine_adapters(directories: Sequence[str | Path], out: str | Path, request
             "format": MANIFEST_FORMAT,
             "kind": "combined",
             "request_id": request_id,
-            "created_at": _now(),
+            "created_at": utc_now(),
             "method": "combine",
             "status": "forgotten" if all(m.get("status") == "forgotten" for _, m in leaves) else "partial",
             "base": leaves[0][1].get("base"),
@@ -288,7 +283,7 @@ def merge_adapters(model: str | Path, adapters: Sequence[str | Path], out: str |
         for e in m["adapters"]:
             d = Path(model) / e["relpath"]
             entries.append((d, read_manifest(d), e.get("source")))
-        history = list(m.get("history", [])) + [{"op": "merge", "into": str(Path(model).resolve()), "at": _now()}]
+        history = list(m.get("history", [])) + [{"op": "merge", "into": str(Path(model).resolve()), "at": utc_now()}]
         _check_pristine(m, base, force)
     for d in adapters:
         d = Path(d)
@@ -341,7 +336,7 @@ def _merge_from_pristine(base: str, gguf_file: Optional[str], entries: Sequence[
         manifest = {
             "format": MERGED_FORMAT,
             "kind": "merged",
-            "created_at": _now(),
+            "created_at": utc_now(),
             "method": "merge",
             "base": {"name_or_path": base, "gguf_file": gguf_file, "fingerprint": fp, "weight_files": weight_hashes},
             "merge": {"dtype": str(target).replace("torch.", ""), "compute_dtype": "float32",
@@ -402,7 +397,7 @@ def revoke(model: str | Path, which: Sequence[str], out: str | Path, base: Optio
     entries = m["adapters"] if kind == "merged" else m["components"]
     drop = sorted({_match(w, entries, model) for w in which})
     keep = [e for i, e in enumerate(entries) if i not in drop]
-    record = {"op": "revoke", "request_ids": [entries[i]["request_id"] for i in drop], "at": _now()}
+    record = {"op": "revoke", "request_ids": [entries[i]["request_id"] for i in drop], "at": utc_now()}
     if kind == "combined":
         if not keep:
             raise InputError(f"revoking every part of {model} leaves nothing: delete the adapter instead")

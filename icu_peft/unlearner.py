@@ -14,14 +14,13 @@ import resource
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 
 from . import __version__
-from .adapters import MANIFEST_FORMAT, atomic_output_dir, check_output_dir, write_manifest
+from .adapters import MANIFEST_FORMAT, atomic_output_dir, check_output_dir, utc_now, write_manifest
 from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
                    new_salt, pad_batch, sample_id, tokenize_texts)
@@ -466,7 +465,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     report = {
         "format": MANIFEST_FORMAT,
         "request_id": request_id,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": utc_now(),
         "method": "icu",
         "status": status,
         "base": {"name_or_path": config.model or getattr(base_model.config, "_name_or_path", None),

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..adapters import MANIFEST_FORMAT, atomic_output_dir, check_base, read_manifest, verify_files, write_manifest
+from ..adapters import (MANIFEST_FORMAT, atomic_output_dir, check_base, read_manifest, utc_now, verify_files,
+                        write_manifest)
 from ..errors import IntegrityError, InputError
 from .config import CodebookConfig
 from .layer import CodebookLayer, attach, decoder_layers
@@ -36,10 +36,6 @@ MASK_WEIGHTS = "code_mask.safetensors"
 KIND_CODEBOOK = "codebook"
 KIND_MASK = "code_mask"
 METHOD = "codeunlearn"
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # ------------------------------------------------------------------------------ codebook
@@ -148,7 +144,7 @@ def write_code_mask(requests: Sequence[dict], mode: str, codebook: dict, base: d
         save_file({"codes": torch.tensor(codes, dtype=torch.long)}, str(tmp / MASK_WEIGHTS))
         body = {"format": MANIFEST_FORMAT, "kind": KIND_MASK, "method": METHOD,
                 "request_id": ids[0] if len(ids) == 1 else "+".join(ids) if ids else "empty",
-                "created_at": now(), "mode": mode, "codebook": codebook, "base": base,
+                "created_at": utc_now(), "mode": mode, "codebook": codebook, "base": base,
                 "codes": codes, "requests": list(requests), **(extra or {})}
         final = write_manifest(tmp, body)
     return final

@@ -23,7 +23,8 @@ from ..data import new_salt, pad_batch, sample_id
 from ..errors import InputError
 from ..metrics import model_device
 from ..models import base_fingerprint
-from .api import CodebookHandle, load_codebook_model, now, read_codebook, write_code_mask
+from ..adapters import utc_now
+from .api import CodebookHandle, load_codebook_model, read_codebook, write_code_mask
 from .config import CodeForgetConfig
 
 # Ordinary, topic-free words that stand in for topic words in the contrast text.
@@ -175,7 +176,7 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
                                      config.bonferroni, config.min_count, config.max_codes)
     request = {
         "request_id": request_id,
-        "created_at": now(),
+        "created_at": utc_now(),
         "codes": codes,
         "topic": {"count": len(topic_texts), "positions": t_pos, "ids": [sample_id(t, salt) for t in topic_texts]},
         "contrast": {"source": contrast_source, "count": len(contrast_texts), "positions": c_pos,

@@ -22,7 +22,8 @@ from ..errors import InputError
 from ..losses import chunked_token_nll
 from ..metrics import backbone_and_head, model_device
 from ..models import base_fingerprint
-from .api import now, save_codebook
+from ..adapters import utc_now
+from .api import save_codebook
 from .config import CodebookConfig
 from .evaluate import lm_scores, windows
 from .layer import CodebookLayer, attach, capture, kmeans, resolve_layer
@@ -171,7 +172,7 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
 
     manifest = {
         "request_id": str(uuid.uuid4()),
-        "created_at": now(),
+        "created_at": utc_now(),
         "base": {"name_or_path": base_name or getattr(base_model.config, "_name_or_path", None),
                  "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)),
                  "fingerprint": base_fingerprint(base_model)},
