@@ -74,6 +74,8 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
         raise ModelLoadError("no base model given (--model)")
     device = device or default_device()
     dtype = resolve_compute_dtype(compute_dtype, device)
+    if gguf_file and quantize:
+        model_name, gguf_file = str(gguf_as_checkpoint(model_name, gguf_file)), None
     kw = {"trust_remote_code": trust_remote_code, "dtype": dtype}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -100,6 +102,39 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def gguf_as_checkpoint(model_name: str, gguf_file: str) -> Path:
+    """A safetensors copy of a GGUF model (dequantized), made once and cached.
+
+    transformers refuses to combine a GGUF file with a bitsandbytes config, so a 4-bit load of a GGUF
+    model goes through an ordinary checkpoint. The cache key is the GGUF file's sha256.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .adapters import atomic_output_dir, sha256_file
+
+    _check_exists(model_name)
+    src = Path(model_name) / gguf_file
+    root = Path(os.environ.get("ICU_PEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "icu-peft")
+    out = root / f"gguf-{sha256_file(src)[:16]}" if src.is_file() else None
+    if out is not None and (out / "config.json").exists():
+        return out
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_name, gguf_file=gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(model_name, gguf_file=gguf_file)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load model '{model_name}' ({gguf_file}): {_first_line(e)}") from None
+    if out is None:
+        raise ModelLoadError(f"GGUF file not found: {src}")
+    # the weights are plain tensors after loading; without the GGUF marker save_pretrained writes them
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
 
 
 def keep_4bit_trainable(model) -> int:
