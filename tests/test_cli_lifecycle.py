@@ -35,22 +35,20 @@ def tampered(tmp_path, tiny_forget_adapter):
 
 def test_verify_exit_code_follows_the_samples(capsys, tiny_model_dir, tiny_files, tiny_forget_adapter,
                                               tiny_forget_adapter_b):
-    stack = ["--adapter", tiny_forget_adapter, "--adapter", tiny_forget_adapter_b]
+    # --no-quantize: EL's greedy rollouts are several times faster than through bnb 4-bit on CPU
+    stack = ["--no-quantize", "--adapter", tiny_forget_adapter, "--adapter", tiny_forget_adapter_b]
     rc, out, _ = _run(capsys, "verify", "--model", tiny_model_dir, *stack, "--forget", tiny_files["forget"], "--json")
     res = json.loads(out)
     assert len(res["samples"]) == 4
     assert rc == (0 if all(r["forgotten"] for r in res["samples"]) else 1)
-    # the same stack, thresholds no sample can meet / every sample meets
-    rc, out, _ = _run(capsys, "verify", "--model", tiny_model_dir, *stack, "--forget", tiny_files["forget"],
-                      "--ma-threshold", "-1", "--el-threshold", "-1")
-    assert rc == 1 and out.count("FAIL") == 5  # four samples and the verdict
+    # the same stack with thresholds every sample meets
     rc, out, _ = _run(capsys, "verify", "--model", tiny_model_dir, *stack, "--forget", tiny_files["forget"],
                       "--ma-threshold", "1", "--el-threshold", "1")
     assert rc == 0 and out.strip().splitlines()[-1].startswith("PASS: 4 of 4")
     # the base alone still remembers its training data
-    rc, out, _ = _run(capsys, "verify", "--model", tiny_model_dir, "--forget", tiny_files["forget"],
+    rc, out, _ = _run(capsys, "verify", "--model", tiny_model_dir, "--no-quantize", "--forget", tiny_files["forget"],
                       "--unseen", tiny_files["unseen"])
-    assert rc == 1 and "REMEMBERED" in out
+    assert rc == 1 and out.count("REMEMBERED") == 4 and out.strip().splitlines()[-1].startswith("FAIL: 0 of 4")
     # no sample text is ever printed
     for text in open(tiny_files["forget"]).read().splitlines():
         assert json.loads(text)["text"] not in out
