@@ -95,6 +95,10 @@ def remove_from_stack(model, which: str):
     model.base_model.set_adapter([e[0] for e in rest])
     model.delete_adapter(name)
     model.base_model.set_adapter([e[0] for e in rest])
+    # PeftModel keeps one "active adapter" name of its own (for its config lookups); with several
+    # active, delete_adapter leaves it pointing at the deleted one.
+    if model.active_adapter not in model.peft_config:
+        model.active_adapter = rest[0][0]
     model.icu_adapters = rest
     return model
 

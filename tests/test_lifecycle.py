@@ -106,6 +106,8 @@ def test_remove_from_stack_leaves_the_rest(tiny_model_dir, ab):
     rest = remove_from_stack(stacked, rid_b)
     l_a = _logits(stack_adapters(_base(tiny_model_dir), ab[:1]), enc)
     torch.testing.assert_close(_logits(rest, enc), l_a, atol=1e-5, rtol=1e-5)
+    assert rest.get_base_model() is not None and active_adapters(rest) == [rest.icu_adapters[0][0]]
+    assert [m["request_id"] for _, m in collect_leaves(rest)] == [read_manifest(ab[0])["request_id"]]
     with pytest.raises(InputError, match="not in this stack"):
         remove_from_stack(rest, rid_b)
 
