@@ -271,11 +271,13 @@ class Scores:
     """Per-sample memorisation scores of one set under one model state."""
 
     ma: List[float]
-    el: List[float]
+    el: List[Optional[float]]  # None: not computed (lazy scoring skips EL where MA already fails)
     bleu: Optional[List[float]] = None
 
-    def mean(self) -> Dict[str, float]:
-        out = {"ma": float(sum(self.ma) / len(self.ma)), "el": float(sum(self.el) / len(self.el))}
+    def mean(self) -> Dict[str, Optional[float]]:
+        """Means over the set; EL's mean covers the samples it was computed for (None if none)."""
+        els = [e for e in self.el if e is not None]
+        out = {"ma": float(sum(self.ma) / len(self.ma)), "el": float(sum(els) / len(els)) if els else None}
         if self.bleu is not None:
             out["bleu"] = float(sum(self.bleu) / len(self.bleu))
         return out
@@ -284,14 +286,30 @@ class Scores:
 @torch.no_grad()
 def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 10, el_start: int = 1,
                   batch_size: int = 16, with_bleu: bool = False, bleu_prefix: int = 50, bleu_suffix: int = 50,
-                  progress=None) -> Scores:
-    """MA and EL_n (and optionally suffix BLEU) of every sequence, in batches."""
+                  progress=None, el_max_ma: Optional[float] = None) -> Scores:
+    """MA and EL_n (and optionally suffix BLEU) of every sequence, in batches.
+
+    el_max_ma: compute EL_n only for sequences whose MA is at or below this value, None elsewhere.
+    EL_n on text the model no longer reproduces costs a greedy roll-out per position (quadratic in
+    the length), so IUR skips it where the cheap MA already says "not forgotten yet".
+    """
     ma, el, bleu = [], [], []
     for s in range(0, len(seqs), batch_size):
         chunk = list(seqs[s:s + batch_size])
         tf = teacher_forced(model, chunk, pad_id)
-        ma.extend(tf.ma().tolist())
-        el.extend(extraction_likelihood(model, chunk, el_n, pad_id, start=el_start, batch_size=batch_size, tf=tf))
+        chunk_ma = tf.ma().tolist()
+        ma.extend(chunk_ma)
+        if el_max_ma is None:
+            el.extend(extraction_likelihood(model, chunk, el_n, pad_id, start=el_start, batch_size=batch_size, tf=tf))
+        else:
+            keep = [i for i, m in enumerate(chunk_ma) if m <= el_max_ma]
+            values: List[Optional[float]] = [None] * len(chunk)
+            if keep:
+                sub = TeacherForced(tf.predictions[keep], tf.target_logprobs[keep], tf.mask[keep], tf.labels[keep])
+                for i, v in zip(keep, extraction_likelihood(model, [chunk[i] for i in keep], el_n, pad_id,
+                                                            start=el_start, batch_size=batch_size, tf=sub)):
+                    values[i] = v
+            el.extend(values)
         if with_bleu:
             bleu.extend(suffix_bleu(model, chunk, pad_id, bleu_prefix, bleu_suffix, batch_size))
         if progress is not None:

@@ -34,7 +34,8 @@ def is_forgotten(ma: float, el: float, thresholds: Thresholds, bleu: Optional[fl
         if bleu is None:
             raise ValueError("criterion 'bleu' needs BLEU scores")
         return bleu < thresholds.bleu
-    return ma <= thresholds.ma and el <= thresholds.el
+    # el is None when lazy scoring skipped it, which it does only where MA already fails
+    return ma <= thresholds.ma and el is not None and el <= thresholds.el
 
 
 def forgotten_mask(scores: Scores, thresholds: Thresholds, criterion: str = "ma_el") -> List[bool]:

@@ -71,12 +71,13 @@ def plot_iur(report: dict, path: Path) -> Optional[Path]:
     for ax, key, label in ((axes[0], "ma", "MA"), (axes[1], "el", f"EL{el_n}")):
         if per:
             for sid, series in per.items():
-                vals = series.get(key) or []
+                vals = [float("nan") if v is None else v for v in series.get(key) or []]  # None: lazily skipped
                 ax.plot(range(len(vals)), vals, lw=1, alpha=0.6, marker="." if len(vals) < 30 else None)
             title = f"{label} per forget sample ({len(per)})"
         else:
             ep = [h["epoch"] for h in history]
-            ax.plot(ep, [h.get(f"{key}_mean") for h in history], lw=2, marker="o", color="C0", label="mean")
+            means = [h.get(f"{key}_mean") for h in history]
+            ax.plot(ep, [float("nan") if v is None else v for v in means], lw=2, marker="o", color="C0", label="mean")
             title = f"{label}, mean over the forget set"
         if th.get(key) is not None:
             ax.axhline(th[key], color="black", ls="--", lw=1.2, label=f"threshold {th[key]:.3f}")

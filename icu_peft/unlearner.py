@@ -149,12 +149,17 @@ def find_neighbours(model, tokenizer, forget_set: TokenizedSet, retain_set: Toke
     return nearest_neighbours(q, p, config.num_neighbours)
 
 
-def _score(model, tset: TokenizedSet, pad_id: int, config: ICUConfig, desc: str) -> Scores:
+def _score(model, tset: TokenizedSet, pad_id: int, config: ICUConfig, desc: str,
+           el_max_ma: Optional[float] = None) -> Scores:
     model.eval()
     with _bar(len(tset), desc, config.progress) as bar:
         return score_samples(model, tset.input_ids, pad_id, config.el_n, config.el_start, config.score_batch_size,
                              with_bleu=config.criterion == "bleu", bleu_prefix=config.bleu_prefix_tokens,
-                             bleu_suffix=config.bleu_suffix_tokens, progress=bar)
+                             bleu_suffix=config.bleu_suffix_tokens, progress=bar, el_max_ma=el_max_ma)
+
+
+def _fmt_el(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _parts(model):
@@ -372,6 +377,9 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     rank, world = accelerator.process_index, accelerator.num_processes
     gen = torch.Generator().manual_seed(config.seed)
     epoch_bar = _bar(config.max_epochs, "epochs", show)
+    # Lazy EL: a sample whose MA fails is not forgotten whatever its EL, so skip the costly roll-outs
+    # (not without IUR, whose stop rule needs the set's mean EL).
+    lazy_ma = thresholds.ma if config.lazy_el and config.iur and config.criterion == "ma_el" else None
     for epoch in range(1, config.max_epochs + 1):
         active_idx = [i for i, a in enumerate(state.active) if a]
         if not active_idx and epoch > config.min_epochs:
@@ -426,13 +434,13 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
             epoch -= 1
             break
         good = _lora_state(model)
-        state.scores = _score(model, forget_set, pad_id, config, f"scoring epoch {epoch}")
+        state.scores = _score(model, forget_set, pad_id, config, f"scoring epoch {epoch}", el_max_ma=lazy_ma)
         per_epoch.append(state.scores)
         state.active = _active(state.scores, thresholds, config)
         m = state.scores.mean()
         history.append(dict(epoch=epoch, active=sum(state.active), **terms, **{f"{k}_mean": v for k, v in m.items()}))
-        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f EL %.4f, %d still to forget",
-                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], m["ma"], m["el"],
+        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f EL %s, %d still to forget",
+                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], m["ma"], _fmt_el(m["el"]),
                     sum(state.active))
         epoch_bar.update(1)
         epoch_bar.set_postfix(active=sum(state.active), ma=f"{m['ma']:.3f}")
@@ -447,6 +455,9 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().reshape(1).to(accelerator.device)
         gathered = accelerator.gather(checksum).cpu()
         in_sync = bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9))
+    if any(e is None for e in state.scores.el):  # lazy scoring left gaps: the report gets complete scores
+        state.scores = _score(model, forget_set, pad_id, config, "scoring forget set")
+        per_epoch[-1] = state.scores
     retain_after = _score(model, retain_eval, pad_id, config, "scoring retain set") if len(retain_eval) else None
 
     # 5. the report (= manifest): scores by salted hash, never text

@@ -218,3 +218,22 @@ def test_secret_extraction_on_memorised_and_unseen_text(tiny, tiny_corpus):
     assert all(r["token_accuracy"] == 1.0 for r in rows[:4])
     assert sum(r["extracted"] for r in rows[4:]) == 0.0
     assert all(set(r) == {"extracted", "token_accuracy"} for r in rows)  # numbers only, never text
+
+
+def test_lazy_el_skips_only_samples_whose_ma_fails(tiny, tiny_corpus):
+    """el_max_ma: EL is None where MA is above the cut and equal to the full computation elsewhere."""
+    from icu_peft.metrics import score_samples
+
+    model, tok = tiny
+    seqs = [_ids(tok, tiny_corpus["forget"][0]), _ids(tok, tiny_corpus["unseen"][0]), _ids(tok, tiny_corpus["forget"][1])]
+    full = score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2)
+    cut = (full.ma[0] + full.ma[1]) / 2  # between the memorised and the unseen sample
+    assert full.ma[1] < cut < full.ma[0]
+    lazy = score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2, el_max_ma=cut)
+    assert lazy.ma == full.ma
+    for m, e_lazy, e_full in zip(full.ma, lazy.el, full.el):
+        if m <= cut:
+            assert e_lazy == pytest.approx(e_full, abs=1e-12)
+        else:
+            assert e_lazy is None
+    assert lazy.mean()["el"] == pytest.approx(full.el[1])
