@@ -85,7 +85,14 @@ def library_versions() -> dict:
 
 def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config: ICUConfig, salt: str,
                        progress: bool = False) -> Thresholds:
-    """Thresholds from (in order): unseen text scored by the base model, explicit config values, defaults."""
+    """Thresholds from (in order): explicit config values, unseen text scored by the base model, defaults.
+
+    Explicit values skip scoring the unseen text (EL_n on text the model never saw is the costliest
+    measurement there is); the unseen text still serves the membership-inference report.
+    """
+    explicit = config.ma_threshold is not None and config.el_threshold is not None
+    if explicit and config.criterion == "ma_el":
+        return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold, source="config")
     if unseen:
         tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1, name="unseen")
         with _bar(len(tset), "scoring unseen", progress) as bar:
@@ -97,7 +104,7 @@ def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config
         ma = config.ma_threshold if config.ma_threshold is not None else m["ma"]
         el = config.el_threshold if config.el_threshold is not None else m["el"]
         return Thresholds(ma=ma, el=el, bleu=config.bleu_threshold, source="unseen", unseen_count=len(tset))
-    if config.ma_threshold is not None and config.el_threshold is not None:
+    if explicit:
         return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold, source="config")
     if config.criterion == "ma_el":
         logger.warning("no --unseen file and no explicit thresholds: using Jang et al.'s GPT-Neo-125M values "

@@ -131,3 +131,23 @@ def test_default_thresholds_warn(tiny_model_dir, tiny_corpus, caplog):
     r = forget(quick_config(tiny_model_dir, max_epochs=0), tiny_corpus["forget"][:1], tiny_corpus["retain"], None)
     assert r.report["thresholds"]["source"] == "default"
     assert any("no --unseen" in rec.message for rec in caplog.records)
+
+
+def test_explicit_thresholds_skip_scoring_unseen_but_keep_the_mia(tmp_path, tiny_model_dir, tiny_corpus, monkeypatch):
+    """Given both thresholds, unseen text is not scored (costly EL roll-outs) yet still feeds the MIA report."""
+    import icu_peft.unlearner as unl
+
+    calls = []
+    real = unl.score_samples
+    monkeypatch.setattr(unl, "score_samples", lambda model, seqs, *a, **k: calls.extend(tuple(x.tolist()) for x in seqs)
+                        or real(model, seqs, *a, **k))
+    cfg = quick_config(tiny_model_dir, max_epochs=1, ma_threshold=0.3, el_threshold=0.05)
+    r = forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"], output_dir=tmp_path / "a")
+    assert r.report["thresholds"]["source"] == "config"
+    assert r.report["thresholds"]["ma"] == 0.3 and r.report["thresholds"]["el"] == 0.05
+    assert r.report["mia"] is not None
+    tok = load_tokenizer(str(tiny_model_dir))
+    unseen = {tuple(tok(t)["input_ids"]) for t in tiny_corpus["unseen"]}
+    forget_ids = {tuple(tok(t)["input_ids"]) for t in tiny_corpus["forget"][:2]}
+    assert forget_ids <= set(calls)  # the spy sees what is scored (else this test would prove nothing)
+    assert not unseen & set(calls)  # and no unseen text was scored
