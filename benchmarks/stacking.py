@@ -1,6 +1,6 @@
 """Stacking quality and 4-bit merge drift on the tiny in-code memoriser (CPU, offline).
 
-    python benchmarks/stacking.py --work /tmp/stacking [--no-quantize] [--sequential] [--json out.json]
+    python benchmarks/stacking.py --work /tmp/stacking [--no-quantize] [--sequential] [--joint] [--json out.json]
     python benchmarks/stacking.py --work /tmp/drift --drift-model M --drift-adapter A --drift-adapter B --drift-forget F
 
 1. Builds a tiny Llama that has memorised R x K random records (R requests of K samples) plus a
@@ -22,6 +22,7 @@ Adapters and the model are cached in --work; rerun to re-evaluate without retrai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -88,6 +89,22 @@ def train_series(work: Path, model_dir: Path, c: dict, requests: int, k: int, se
             log.info("%s %d trained in %.0f s", name, i, times[-1])
         dirs.append(out)
     return dirs
+
+
+def joint_table(work: Path, model_dir: Path, c: dict, k: int, ns=(2, 4, 8)) -> dict:
+    """The alternative to stacking: one adapter trained on the union of the first N requests."""
+    tok = load_tokenizer(str(model_dir))
+    out = {}
+    for n in ns:
+        d = work / f"joint_{n}"
+        if not d.exists():
+            texts = [t for i in range(n) for t in request_texts(c, i, k)]
+            cfg = dataclasses.replace(config(model_dir, 100 + n), request_id=f"joint-{n}")
+            forget(cfg, texts, c["retain"], c["unseen"], output_dir=d, base_model=load(model_dir), tokenizer=tok)
+        out[f"N={n}"] = evaluate(stack_adapters(load(model_dir), [d]), tok, c, k, list(range(n)))
+        out[f"N={n}"]["train_time_s"] = read_manifest(d).get("wall_time_s")
+        log.info("joint N=%d: %s", n, json.dumps(out[f"N={n}"]))
+    return out
 
 
 @torch.no_grad()
@@ -195,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-request", type=int, default=2, help="samples per request")
     p.add_argument("--no-quantize", action="store_true", help="full-precision base for the stacking runs")
     p.add_argument("--sequential", action="store_true", help="also train and measure the sequential series")
+    p.add_argument("--joint", action="store_true", help="also train one adapter on the union of N requests (N=2,4,8)")
     p.add_argument("--drift-model", type=Path, help="only measure 4-bit merge drift: base model directory")
     p.add_argument("--drift-adapter", type=Path, action="append", default=[], help="adapter (trained on the 4-bit base)")
     p.add_argument("--drift-forget", type=Path, help="their forget samples (.jsonl/.csv/.txt)")
@@ -237,6 +255,9 @@ def stacking(a) -> dict:
         seq = train_series(a.work, model_dir, c, a.requests, a.per_request, sequential=True)
         results["sequential"] = stacking_table(model_dir, c, a.per_request, seq)
         log.info("sequential: %s", json.dumps(results["sequential"]))
+    if a.joint:
+        results["joint"] = joint_table(a.work, model_dir, c, a.per_request,
+                                       tuple(n for n in (2, 4, 8) if n <= a.requests))
     results["train_time_s"] = {s: [read_manifest(a.work / f"{s}_{i}").get("wall_time_s") for i in range(a.requests)
                                    if (a.work / f"{s}_{i}").exists()] for s in ("ind", "seq")}
     return results

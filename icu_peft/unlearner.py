@@ -291,6 +291,17 @@ def _add_stacked_adapter(model, config: ICUConfig):
     return model, reference
 
 
+def _stacked_on(base_model) -> Optional[list]:
+    """Sequential training: the requests active (and frozen) while this adapter trained, by weights hash."""
+    from .adapters import adapter_weights_sha256, leaf_manifests
+
+    stack = getattr(base_model, "icu_adapters", None)
+    if not stack:
+        return None
+    return [{"request_id": leaf.get("request_id"), "adapter_sha256": adapter_weights_sha256(leaf)}
+            for _, d, m in stack for _, leaf in leaf_manifests(d, m)]
+
+
 class _LogitsAsHidden:
     def __init__(self, logits):
         self.last_hidden_state = logits
@@ -503,6 +514,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                                for i, sid in enumerate(forget_set.ids)},
         "mia": forget_mia(model, tokenizer, forget_set.input_ids, unseen_texts, config.max_length,
                           batch_size=config.score_batch_size) if unseen_texts else None,
+        "stacked_on": _stacked_on(base_model),
         "epochs": epoch,
         "steps": steps,
         "world_size": world,

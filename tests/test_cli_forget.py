@@ -83,3 +83,32 @@ def test_config_yaml_errors(tmp_path, capsys):
     bad.write_text("icu:\n  batch_size: 0\n")
     code, err = _run(["config", str(bad)], capsys)
     assert code == 2 and "batch_size" in err
+
+
+def test_cli_forget_on_top_of_records_the_stack(tmp_path, tiny_model_dir, tiny_corpus, tiny_forget_adapter, caplog):
+    """Sequential training from the CLI: the new manifest names the request it was trained on top of,
+    and stacking the new adapter without it warns."""
+    import json
+    import logging
+
+    from icu_peft.adapters import read_manifest
+    from icu_peft.lifecycle import stack_adapters
+    from icu_peft.models import load_base_model
+
+    forget_file = tmp_path / "b.jsonl"
+    forget_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus["forget"][2:]))
+    out = tmp_path / "seq_b"
+    argv = ["forget", "--no-progress", "--model", str(tiny_model_dir), "--forget", str(forget_file),
+            "--out", str(out), "--max-epochs", "1", "--lr", "2e-3", "--request-id", "req-seq",
+            "--on-top-of", str(tiny_forget_adapter)]
+    assert main(argv) == 0
+    m = read_manifest(out)
+    first = read_manifest(tiny_forget_adapter)
+    assert m["stacked_on"] == [{"request_id": "req-a", "adapter_sha256": first["files"]["adapter_model.safetensors"]}]
+    with caplog.at_level(logging.WARNING, logger="icu_peft"):
+        stack_adapters(load_base_model(str(tiny_model_dir)), [out])
+    assert "trained with request req-a active" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="icu_peft"):
+        stack_adapters(load_base_model(str(tiny_model_dir)), [tiny_forget_adapter, out])
+    assert "trained with request" not in caplog.text

@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
                    help="preset: icu (default; selective), icu_paper (ICU's reference objective), or a baseline")
     p.add_argument("--request-id", help="identifier of the request (default: a UUID)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--on-top-of", action="append", default=[], metavar="ADAPTER",
+                   help="sequential training: train with these forget adapters active and frozen (repeatable); "
+                        "the new adapter then assumes them and is not independently revocable")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -62,7 +65,15 @@ def run(args) -> int:
     retain = read_texts(retain_path, cfg.text_field) if retain_path else None
     unseen = read_texts(unseen_path, cfg.text_field) if unseen_path else None
 
-    result = forget(cfg, forget_texts, retain, unseen, output_dir=args.out, overwrite=args.overwrite)
+    base_model = None
+    if args.on_top_of:
+        from ..lifecycle import stack_adapters
+        from ..models import load_base_model
+
+        base = load_base_model(cfg.model, cfg.quantize, cfg.compute_dtype, cfg.gguf_file, cfg.trust_remote_code)
+        base_model = stack_adapters(base, args.on_top_of)  # integrity- and base-checked
+    result = forget(cfg, forget_texts, retain, unseen, output_dir=args.out, overwrite=args.overwrite,
+                    base_model=base_model)
     r = result.report
     if result.output_dir is not None:
         print(f"forget adapter written to {result.output_dir}")

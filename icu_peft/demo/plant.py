@@ -46,6 +46,7 @@ class PlantSettings:
     check_every: int = field(default=2, metadata={"help": "Epochs between memorisation checks."})
     extra_epochs: int = field(default=2, metadata={"help": "Epochs trained after every secret leaks, so memorisation survives 4-bit quantisation."})
     freeze_embeddings: bool = field(default=True, metadata={"help": "Keep the (tied) embeddings frozen: 20% fewer trainable weights, faster."})
+    train_top_layers: int = field(default=0, metadata={"help": "Train only the last N decoder layers (0: all): backward stops there, ~2x faster steps."})
     seed: int = field(default=0, metadata={"help": "Seed of the data order."})
 
 
@@ -62,7 +63,10 @@ def cache_root() -> Path:
 def plant_key(texts: Sequence[str], settings: PlantSettings, base_id: str) -> str:
     """Hash of everything that determines the planted weights."""
     h = hashlib.sha256()
-    h.update(json.dumps({"format": PLANT_FORMAT, "base": base_id, "settings": asdict(settings)}, sort_keys=True).encode())
+    fields = asdict(settings)
+    if not fields["train_top_layers"]:  # its default: keys of models planted before the field existed stay valid
+        del fields["train_top_layers"]
+    h.update(json.dumps({"format": PLANT_FORMAT, "base": base_id, "settings": fields}, sort_keys=True).encode())
     for t in texts:
         h.update(hashlib.sha256(t.encode()).digest())
     return h.hexdigest()[:16]
@@ -116,6 +120,12 @@ def _train(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe], sett
     pad = tokenizer.pad_token_id
     if settings.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    if settings.train_top_layers:
+        # Memorising a few records needs no change to the lower layers, and freezing them lets the
+        # backward pass stop early: the demo's first run has a 10-minute budget on two cores.
+        layers = model.model.layers
+        for layer in layers[:max(0, len(layers) - settings.train_top_layers)]:
+            layer.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     # After every secret leaks, train `extra_epochs` more at a lower rate, then require a clean check
