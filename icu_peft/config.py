@@ -76,6 +76,7 @@ class ICUConfig:
     criterion: str = field(default="ma_el", metadata={"help": "'ma_el': MA and EL_n at or below thresholds; 'bleu': ICU's generated-suffix BLEU criterion."})
     el_n: int = field(default=10, metadata={"help": "n of the extraction likelihood EL_n."})
     lazy_el: bool = field(default=True, metadata={"help": "During IUR compute EL_n only for samples whose MA passes (one failing MA is not forgotten anyway); final scores are complete."})
+    retain_el: bool = field(default=False, metadata={"help": "Also score EL_n of the retain samples in the report (slow once retain text drifts: a roll-out per departure)."})
     el_start: int = field(default=1, metadata={"help": "Shortest prefix scored by EL_n (Jang: 1; ICU's code: 150 of 200)."})
     ma_threshold: Optional[float] = field(default=None, metadata={"help": "MA threshold; measured from --unseen when given, else 0.5994 with a warning."})
     el_threshold: Optional[float] = field(default=None, metadata={"help": "EL_n threshold; measured from --unseen when given, else 0.0499 with a warning."})

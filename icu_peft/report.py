@@ -104,13 +104,15 @@ def plot_forget_retain(report: dict, path: Path) -> Optional[Path]:
     for ax, key, label in ((axes[0], "ma", "MA"), (axes[1], "el", f"EL{el_n}")):
         xs = list(range(len(groups)))
         w = 0.36
-        before = [g["before"][key] for _, g in groups]
-        after = [g["after"][key] for _, g in groups]
-        ax.bar([x - w / 2 for x in xs], before, w, label="before", color="C7")
-        ax.bar([x + w / 2 for x in xs], after, w, label="after", color="C0")
+        # None: not measured (the retain set's EL is off by default): no bar, a dash
+        before = [g["before"].get(key) for _, g in groups]
+        after = [g["after"].get(key) for _, g in groups]
+        nan = float("nan")
+        ax.bar([x - w / 2 for x in xs], [nan if b is None else b for b in before], w, label="before", color="C7")
+        ax.bar([x + w / 2 for x in xs], [nan if a is None else a for a in after], w, label="after", color="C0")
         for x, b, a in zip(xs, before, after):
-            ax.text(x - w / 2, b + 0.01, f"{b:.2f}", ha="center", fontsize=8)
-            ax.text(x + w / 2, a + 0.01, f"{a:.2f}", ha="center", fontsize=8)
+            ax.text(x - w / 2, (b or 0) + 0.01, "-" if b is None else f"{b:.2f}", ha="center", fontsize=8)
+            ax.text(x + w / 2, (a or 0) + 0.01, "-" if a is None else f"{a:.2f}", ha="center", fontsize=8)
         if th.get(key) is not None:
             ax.axhline(th[key], color="black", ls="--", lw=1.2, label="threshold")
         ax.set_xticks(xs)

@@ -381,8 +381,10 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                                   weight_decay=config.weight_decay)
 
     retain_eval = TokenizedSet(retain_set.input_ids[:32], retain_set.ids[:32])
+    # MA < 0 never happens: with retain_el off the retain set gets MA only (no EL roll-outs)
+    retain_el = None if config.retain_el else -1.0
     before = _score(model, forget_set, pad_id, config, "scoring forget set")
-    retain_before = _score(model, retain_eval, pad_id, config, "scoring retain set") if len(retain_eval) else None
+    retain_before = _score(model, retain_eval, pad_id, config, "scoring retain set", el_max_ma=retain_el) if len(retain_eval) else None
     state = _State(scores=before, active=_active(before, thresholds, config), epochs_active=[0] * len(forget_set))
     history = [dict(epoch=0, active=sum(state.active), **{f"{k}_mean": v for k, v in before.mean().items()})]
     per_epoch = [before]  # per-sample scores of every epoch, for the report's plots
@@ -476,7 +478,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     if any(e is None for e in state.scores.el):  # lazy scoring left gaps: the report gets complete scores
         state.scores = _score(model, forget_set, pad_id, config, "scoring forget set")
         per_epoch[-1] = state.scores
-    retain_after = _score(model, retain_eval, pad_id, config, "scoring retain set") if len(retain_eval) else None
+    retain_after = _score(model, retain_eval, pad_id, config, "scoring retain set", el_max_ma=retain_el) if len(retain_eval) else None
 
     # 5. the report (= manifest): scores by salted hash, never text
     after = state.scores
