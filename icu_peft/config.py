@@ -49,6 +49,7 @@ class ICUConfig:
     forget_loss: str = field(default="ga", metadata={"help": "Forget term: 'ga' (negated NLL, ICU/KUI) or 'npo' (negative preference optimisation)."})
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
+    forget_distinct_ngram: int = field(default=0, metadata={"help": "Forget term skips tokens whose n-gram (token + n-1 before) occurs in the retain pool: shared template, not private text (0: off; 4 suits records)."})
     retain_kl_samples: int = field(default=8, metadata={"help": "Extra random retain samples per step for the NLL/KL terms, beside the neighbours (ICU's code: 0)."})
     forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
     learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})

@@ -10,7 +10,7 @@ t-1, so every function shifts internally. `mask[b, t] = 1` marks real tokens (0 
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,28 @@ def icu_loss(l_fgt: torch.Tensor, l_lrn: torch.Tensor, l_kl: torch.Tensor, u: fl
 # one chunk of logits instead of all of them.
 # ---------------------------------------------------------------------------------------------
 
+def ngram_set(seqs: Sequence[Sequence[int]], n: int) -> Set[Tuple[int, ...]]:
+    """Every token n-gram of `seqs`, plus each sequence's shorter leading grams (its first n-1 tokens)."""
+    out: Set[Tuple[int, ...]] = set()
+    for x in seqs:
+        x = [int(t) for t in x]
+        for t in range(len(x)):
+            out.add(tuple(x[max(0, t - n + 1):t + 1]))
+    return out
+
+
+def distinct_token_mask(ids: Sequence[int], shared: Set[Tuple[int, ...]], n: int) -> torch.Tensor:
+    """1.0 at each target position whose n-gram (the token and the n-1 before it) is not in `shared`.
+
+    Position 0 has no target and gets 0. Forgetting aims at what is private to a sample, not at the
+    template it shares with text that must stay (the "Email:" of a customer record): pushing those
+    shared tokens down is exactly what damages the retained records.
+    """
+    x = [int(t) for t in ids]
+    return torch.tensor([0.0] + [0.0 if tuple(x[max(0, t - n + 1):t + 1]) in shared else 1.0
+                                 for t in range(1, len(x))])
+
+
 def _nll_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
@@ -99,17 +121,21 @@ def _run_chunk(fn, *args, grad: bool):
 
 
 def chunked_token_nll(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
-                      chunk_size: int = 64, only_predicted: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                      chunk_size: int = 64, only_predicted: bool = False,
+                      weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sum and count of next-token NLL over real targets, computed chunk by chunk.
 
     only_predicted: count only targets the model still predicts (argmax == target), the tokens that
     make up MA and EL. Gradient ascent then stops pushing a token once it is no longer produced,
     instead of driving it to ever lower probability (which is what spreads damage to similar text).
+    weights: (B, T) per-token weights aligned with `labels` (e.g. distinct_token_mask); 0 drops a token.
     Returns (sum, count) so callers can combine several batches into one mean.
     """
     h = hidden[:, :-1]
     targets = labels[:, 1:]
     valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
+    if weights is not None:
+        valid = valid * weights[:, 1:].to(valid)
     total = hidden.new_zeros((), dtype=torch.float32)
     count = hidden.new_zeros((), dtype=torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad

@@ -25,7 +25,8 @@ from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
-from .losses import chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, icu_loss, npo_loss
+from .losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, distinct_token_mask, icu_loss,
+                     ngram_set, npo_loss)
 from .metrics import Scores, backbone_and_head, model_device, score_samples
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer
 from .refine import Thresholds, forgotten_mask
@@ -178,7 +179,7 @@ def _parts(model):
 
 
 def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
-                  config: ICUConfig, reference=None) -> dict:
+                  config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None) -> dict:
     """The unlearning objective on one batch; returns the total (with grad) and each term (floats).
 
     `reference(input_ids, attention_mask)` gives the reference model's final hidden states (no grad);
@@ -199,8 +200,9 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
         # npo_loss is minimised; expressed as "-u * l_fgt" so the weights read the same for every method
         l_fgt = -npo_loss(logp, ref_logp, config.npo_beta)
     else:
+        w = pad_batch(forget_weights, 0)[0].to(device=device, dtype=torch.float32) if forget_weights else None
         s, c = chunked_token_nll(h, head, ids, mask, config.loss_chunk_size,
-                                 only_predicted=config.forget_tokens == "predicted")
+                                 only_predicted=config.forget_tokens == "predicted", weights=w)
         l_fgt = s / c.clamp(min=1)
     zero = l_fgt.new_zeros(())
     l_lrn, l_kl = zero, zero
@@ -291,6 +293,24 @@ def _add_stacked_adapter(model, config: ICUConfig):
     return model, reference
 
 
+def _distinct_masks(forget_set: TokenizedSet, retain_set: TokenizedSet, n: int) -> Optional[List[torch.Tensor]]:
+    """Per forget sample, which targets the forget term pushes on (forget_distinct_ngram); None when off."""
+    if not n or not len(retain_set):
+        return None
+    shared = ngram_set(retain_set.input_ids, n)
+    masks = []
+    for x in forget_set.input_ids:
+        m = distinct_token_mask(x, shared, n)
+        if m.sum() == 0:  # nothing private to push on: fall back to every token rather than never forget
+            logger.warning("a forget sample shares every %d-gram with the retain pool: its forget term uses all tokens", n)
+            m = torch.ones(len(x))
+            m[0] = 0.0
+        masks.append(m)
+    share = sum(float(m.sum()) for m in masks) / max(1, sum(len(x) - 1 for x in forget_set.input_ids))
+    logger.info("forget term on distinct tokens only: %.0f%% of the forget set's targets (n-gram %d)", 100 * share, n)
+    return masks
+
+
 def _stacked_on(base_model) -> Optional[list]:
     """Sequential training: the requests active (and frozen) while this adapter trained, by weights hash."""
     from .adapters import adapter_weights_sha256, leaf_manifests
@@ -374,6 +394,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 len(forget_set), forget_set.truncated, len(retain_set), retain_source, thresholds.ma, config.el_n,
                 thresholds.el, thresholds.source)
 
+    distinct = _distinct_masks(forget_set, retain_set, config.forget_distinct_ngram)
+
     # 3. the forget adapter (or, for the full fine-tuning baseline, every weight)
     model, reference = prepare_trainable(base_model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -424,7 +446,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
             if config.retain_kl_samples and len(retain_set):
                 extra = torch.randint(len(retain_set), (config.retain_kl_samples,), generator=gen).tolist()
                 n_seqs += [retain_set.input_ids[j] for j in extra]
-            out = icu_step_loss(model, f_seqs, n_seqs, pad_id, config, reference)
+            f_weights = [distinct[i] for i in mine] if distinct else None
+            out = icu_step_loss(model, f_seqs, n_seqs, pad_id, config, reference, f_weights)
             loss = out["loss"] * weight
             if not torch.isfinite(loss):
                 nan = True

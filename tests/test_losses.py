@@ -93,3 +93,31 @@ def test_only_predicted_counts_only_tokens_still_produced():
     s_pred, c_pred = chunked_token_nll(hidden, head, labels, mask, only_predicted=True)
     assert c_all.item() == 2 and c_pred.item() == 1
     assert s_pred.item() < s_all.item()
+
+
+def test_distinct_token_mask_drops_targets_whose_ngram_is_shared():
+    from icu_peft.losses import distinct_token_mask, ngram_set
+
+    retain = [[1, 2, 3, 4, 5], [9, 9, 9]]
+    shared = ngram_set(retain, 3)
+    assert (1,) in shared and (1, 2) in shared and (2, 3, 4) in shared and (1, 2, 3, 4) not in shared
+    # targets: 2 ([1,2] shared), 3 ([1,2,3] shared), 7 ([2,3,7] new), 4 ([3,7,4] new), 5 ([7,4,5] new)
+    m = distinct_token_mask([1, 2, 3, 7, 4, 5], shared, 3)
+    assert m.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert distinct_token_mask([8, 8], set(), 3).tolist() == [0.0, 1.0]  # nothing shared: every target
+
+
+def test_token_weights_restrict_the_nll_and_its_gradient():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 7, bias=False)
+    hidden = torch.randn(1, 5, 4, requires_grad=True)
+    labels = torch.randint(0, 7, (1, 5))
+    mask = torch.ones(1, 5, dtype=torch.long)
+    w = torch.tensor([[0.0, 1.0, 0.0, 0.0, 1.0]])  # targets at positions 1 and 4 only
+    s, c = chunked_token_nll(hidden, head, labels, mask, 2, weights=w)
+    logp = torch.log_softmax(head(hidden), -1)[0]
+    manual = -(logp[0, labels[0, 1]] + logp[3, labels[0, 4]])
+    assert c.item() == 2 and s.item() == pytest.approx(manual.item(), rel=1e-5)
+    g, = torch.autograd.grad(s, hidden)
+    assert g[0, 1].abs().sum() == 0 and g[0, 2].abs().sum() == 0  # hidden states of dropped targets get no gradient
+    assert g[0, 0].abs().sum() > 0 and g[0, 3].abs().sum() > 0
