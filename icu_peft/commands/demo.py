@@ -6,9 +6,9 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole story on a real model: plant records, forget some, show the table")
     p.add_argument("--quick", action="store_true", help="smaller run (fewer people and epochs): a smoke test")
-    p.add_argument("--people", type=int, help="number of fictitious people planted (default 30; quick 20)")
+    p.add_argument("--people", type=int, help="number of fictitious people planted (default 20; quick 12)")
     p.add_argument("--unseen", type=int, help="people of the same kind never planted: the 'forgotten' level")
-    p.add_argument("--forget-fraction", type=float, help="share of the people who file an erasure request (0.1)")
+    p.add_argument("--forget-fraction", type=float, help="share of the people who file an erasure request (0.1; quick 0.17)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fictitious people")
     p.add_argument("--out", default="icu-peft-demo", help="where the forget adapter and the report go (./icu-peft-demo)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a previous demo's output")

@@ -59,13 +59,13 @@ BUILTIN_GENERAL_TEXT = (
 class DemoOptions:
     """Sizes and settings of one demo run (the defaults fit the time targets on 2 CPU cores)."""
 
-    num_people: int = 30
-    num_unseen: int = 15
+    num_people: int = 20
+    num_unseen: int = 8
     forget_fraction: float = 0.1
     seed: int = 0
     output_dir: Path = Path("icu-peft-demo")
     overwrite: bool = False
-    plant: PlantSettings = field(default_factory=PlantSettings)
+    plant: PlantSettings = field(default_factory=lambda: demo_plant_settings())
     icu: Dict = field(default_factory=dict)  # ICUConfig overrides on top of demo_icu_config()
     general_texts: int = 16
     progress: bool = True
@@ -74,10 +74,18 @@ class DemoOptions:
     @classmethod
     def quick(cls, **kw) -> "DemoOptions":
         """A smaller run for CI's smoke test: fewer people, fewer epochs."""
-        base = dict(num_people=20, num_unseen=10, forget_fraction=0.1, general_texts=6,
-                    icu={"max_epochs": 20})
+        base = dict(num_people=12, num_unseen=5, forget_fraction=0.17, general_texts=6)
         base.update(kw)
         return cls(**base)
+
+
+def demo_plant_settings(**overrides) -> PlantSettings:
+    """Planting sized for the demo's 10-minute first run on 2 CPU cores (measured in docs/DEMO.md):
+    the top 10 of SmolLM2's 30 layers, lr 1e-3; about 15 epochs memorise every secret."""
+    base = dict(learning_rate=1e-3, train_top_layers=10, batch_size=4, min_epochs=6, check_every=3,
+                extra_epochs=2, max_epochs=40)
+    base.update(overrides)
+    return PlantSettings(**base)
 
 
 def demo_icu_config(**overrides) -> ICUConfig:
@@ -123,16 +131,23 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 160, ba
 
 @torch.no_grad()
 def measure_group(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe], el_n: int = 10,
-                  batch_size: int = 16) -> dict:
-    """Mean MA and EL_n of `texts`, and how many of the probes' secrets greedy decoding extracts."""
+                  batch_size: int = 16, el: bool = True) -> dict:
+    """Mean MA and EL_n of `texts`, and how many of the probes' secrets greedy decoding extracts.
+
+    el=False skips EL_n (None in the result): on text the model no longer reproduces it costs a
+    greedy roll-out per position, minutes per group on a CPU.
+    """
     from ..metrics import score_samples
 
     seqs = [torch.tensor(tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
     model.eval()
-    s = score_samples(model, seqs, tokenizer.pad_token_id, el_n=el_n, batch_size=batch_size)
+    s = score_samples(model, seqs, tokenizer.pad_token_id, el_n=el_n, batch_size=batch_size,
+                      el_max_ma=None if el else -1.0)
     hits = extract_secrets(model, tokenizer, probes)
-    return {"count": len(texts), "ma": sum(s.ma) / len(s.ma), "el": sum(s.el) / len(s.el),
-            "ma_max": max(s.ma), "el_max": max(s.el), "secrets": sum(hits), "secrets_total": len(hits)}
+    els = [e for e in s.el if e is not None]
+    return {"count": len(texts), "ma": sum(s.ma) / len(s.ma), "el": sum(els) / len(els) if els else None,
+            "ma_max": max(s.ma), "el_max": max(els) if els else None, "secrets": sum(hits),
+            "secrets_total": len(hits)}
 
 
 def measure_all(model, tokenizer, corpus: DemoCorpus, general: Sequence[str], el_n: int = 10,
