@@ -67,6 +67,12 @@ def plant_settings(args):
     """Pinned planting settings, so the cache key (and the planted weights) do not follow demo defaults."""
     from icu_peft.demo.plant import PlantSettings
 
+    if args.scenario == "B":
+        # the demo's faster planting (top 10 of 30 layers, lr 1e-3): B plants 2 x 32 samples, and full
+        # fine-tuning of every layer took ~3.5 min an epoch on the shared 2 cores
+        return PlantSettings(learning_rate=1e-3, warmup_steps=5, batch_size=4, max_epochs=args.plant_max_epochs,
+                             min_epochs=6, check_every=3, extra_epochs=2, freeze_embeddings=True,
+                             train_top_layers=10, seed=0)
     return PlantSettings(learning_rate=5e-4, warmup_steps=5, batch_size=4, max_epochs=args.plant_max_epochs,
                          min_epochs=4, check_every=2, extra_epochs=2, freeze_embeddings=True, seed=0)
 
@@ -198,7 +204,7 @@ def worker(job: dict) -> dict:
     row["base_bf16_bytes"] = int(params) * 2 if not job["quantize"] else None
     if job.get("method"):
         preset, over, _ = METHODS[job["method"]]
-        kw = dict(learning_rate=args.lr, max_epochs=args.max_epochs, batch_size=8, seed=0, progress=False, el_n=10,
+        kw = dict(learning_rate=args.lr, max_epochs=args.max_epochs, batch_size=args.batch_size, seed=0, progress=False, el_n=10,
                   max_length=sc["max_length"])
         if not over.get("use_lora", True):
             kw.update(learning_rate=args.full_lr)
@@ -353,6 +359,7 @@ def run(args) -> dict:
         print(f"{name} ...", flush=True)
         row = run_worker(job, log)
         row["row_s"] = round(time.time() - t, 1)
+        row["command"] = data["command"]  # rows of a --resume'd file may come from different invocations
         data["rows"][name] = row
         save_results(out, data)
         m = row["measure"]
@@ -461,8 +468,10 @@ def main(argv=None) -> int:
     p.add_argument("--scenario", choices=["A", "B"], default="A")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated subset of {', '.join(DEFAULT_METHODS)}")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the LoRA methods")
-    p.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of full-fine-tuning ICU")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the LoRA methods")
+    p.add_argument("--full-lr", type=float, default=5e-5, help="learning rate of full-fine-tuning ICU")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="forget samples per step, every method (1: one step per sample and epoch)")
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--sweep-lr", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
                    help="extra icu (LoRA) rows at these learning rates, e.g. 3e-4,3e-3")
