@@ -36,6 +36,7 @@ class ICUConfig:
     # --- LoRA ---
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_layers: int = field(default=0, metadata={"help": "LoRA only in the last N decoder layers (0: all); backward stops there: faster, less memory."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
     target_modules: Any = field(default="all-linear", metadata={"help": "Modules that get LoRA: 'all-linear' or a list of module names."})
 

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import InputError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +154,51 @@ def keep_4bit_trainable(model) -> int:
     return n
 
 
+def lora_layer_indices(model, last_n: int) -> Optional[list]:
+    """Indices of the last `last_n` decoder layers (None: every layer)."""
+    if not last_n:
+        return None
+    total = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not total:
+        raise InputError("lora_layers needs a model whose config has num_hidden_layers")
+    if not 0 < last_n <= total:
+        raise InputError(f"lora_layers must be between 1 and {total} (the model's decoder layers), got {last_n}")
+    return list(range(total - last_n, total))
+
+
+def lora_targets_in_layers(model, target_modules, layers: list) -> list:
+    """Full names of the linear modules LoRA should wrap inside the given decoder layers.
+
+    PEFT's own layers_to_transform refuses target_modules='all-linear', so the names are listed:
+    every linear layer (or those whose name ends in one of `target_modules`) under `.layers.<i>.`.
+    """
+    wanted = None if target_modules in (None, "all-linear") else (
+        [target_modules] if isinstance(target_modules, str) else list(target_modules))
+    keep = {str(i) for i in layers}
+    names = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if "layers" not in parts or "Linear" not in type(module).__name__:
+            continue
+        if any(x.startswith("lora_") or x == "base_layer" for x in parts):  # inside an existing adapter
+            continue
+        idx = parts.index("layers")
+        if idx + 1 >= len(parts) or parts[idx + 1] not in keep:
+            continue
+        if wanted is None or any(name == w or name.endswith("." + w) for w in wanted):
+            names.append(name)
+    if not names:
+        raise InputError(f"no linear modules to put LoRA on in layers {layers[0]}-{layers[-1]}")
+    return names
+
+
 def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules="all-linear",
-                gradient_checkpointing: bool = False, adapter_name: str = "default"):
-    """Wrap a frozen base with a fresh LoRA adapter: the only weights that train."""
+                gradient_checkpointing: bool = False, adapter_name: str = "default", last_layers: int = 0):
+    """Wrap a frozen base with a fresh LoRA adapter: the only weights that train.
+
+    last_layers: LoRA only in the last N decoder layers (0: all); the backward pass then stops
+    there, so steps are faster and hold fewer activations.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
@@ -172,6 +214,8 @@ def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
         target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
         bias="none", task_type="CAUSAL_LM",
     )
+    if last_layers:
+        config.target_modules = lora_targets_in_layers(model, target_modules, lora_layer_indices(model, last_layers))
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 

@@ -1,5 +1,6 @@
 """Loading: 4-bit bases stay trainable after an eval pass; fingerprints tell bases apart."""
 
+import pytest
 import torch
 
 from icu_peft.models import attach_lora, base_fingerprint, load_base_model
@@ -46,3 +47,18 @@ def test_fingerprint_same_across_precisions_and_differs_between_bases(tiny_model
     other = tmp_path / "other"
     build_tiny_memorizer(other, ["record 1: oak elm."], steps=1, seed=5)
     assert base_fingerprint(load_base_model(str(other), quantize=False))["sha256"] != a["sha256"]
+
+
+def test_lora_layers_puts_lora_in_the_last_layers_only(tiny_model_dir):
+    from icu_peft.errors import InputError
+    from icu_peft.models import attach_lora, load_base_model, lora_layer_indices
+
+    base = load_base_model(str(tiny_model_dir), quantize=False)
+    total = base.config.num_hidden_layers
+    assert lora_layer_indices(base, 0) is None
+    assert lora_layer_indices(base, 1) == [total - 1]
+    with pytest.raises(InputError):
+        lora_layer_indices(base, total + 1)
+    model = attach_lora(base, last_layers=1)
+    with_lora = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert with_lora == {total - 1}
