@@ -41,7 +41,10 @@ RESULTS = REPO / "benchmarks" / "results"
 
 # name -> (preset of ICUConfig.for_method, overrides, quantized 4-bit base?)
 METHODS: Dict[str, tuple] = {
-    "icu": ("icu", {}, True),
+    # the demo's settings for records (icu_peft.demo.run.demo_icu_config): last-10-layer LoRA, batch 1,
+    # u=2 a=1 b=3, forget term on tokens not shared with the retain set, lr 3e-3
+    "icu": ("icu", dict(learning_rate=3e-3, forget_weight=2.0, learn_weight=1.0, kl_weight=3.0,
+                        forget_distinct_ngram=4, lora_layers=10), True),
     "icu-paper": ("icu_paper", {}, True),
     "icu-full": ("icu_paper", {"use_lora": False, "quantize": False}, False),
     "ga": ("ga", {}, True),
@@ -208,7 +211,7 @@ def worker(job: dict) -> dict:
                   max_length=sc["max_length"])
         if not over.get("use_lora", True):
             kw.update(learning_rate=args.full_lr)
-        kw.update(over)
+        kw.update(over)  # a method's own settings (e.g. icu's learning rate) win over the shared --lr
         kw.update(job.get("overrides") or {})
         if job.get("thresholds"):
             kw.update(ma_threshold=job["thresholds"]["ma"], el_threshold=job["thresholds"]["el"])
