@@ -55,7 +55,7 @@ ROW_ORDER = ["before-4bit", "before-fp32", "icu", "icu-paper", "icu-full", "ga",
 LABELS = {
     "before-4bit": "planted model, 4-bit (before)",
     "before-fp32": "planted model, fp32 (before)",
-    "icu": "**icu-peft** (method icu: selective ICU, LoRA r=8, 4-bit base)",
+    "icu": "**icu-peft** (method icu, record settings: LoRA r=8 in the last 10 layers, 4-bit base)",
     "icu-paper": "ICU objective of the paper's code, LoRA r=8, 4-bit base",
     "icu-full": "ICU, full fine-tuning, fp32 (the published algorithm)",
     "ga": "gradient ascent (Jang et al. KUMPR), LoRA 4-bit",
