@@ -419,3 +419,26 @@ def test_eval_accepts_a_codebook_and_masks(topic_mask, codebook_dir, tiny_model_
     assert masked != plain
     assert main(common + ["--code-mask", str(mask_dir)]) == 2
     assert "--code-mask needs --codebook" in capsys.readouterr().err
+
+
+def test_massive_positions_pass_through_unsnapped_and_uncounted():
+    """An attention-sink-like position (norm far above the rest) keeps its hidden state and gets no code."""
+    from icu_peft.codebook.layer import massive_positions
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 6, 16)
+    h[0, 0] *= 200.0  # the sink
+    through = massive_positions(h, 10.0)
+    assert through.tolist() == [[True] + [False] * 5, [False] * 6]
+    assert massive_positions(h, 0.0) is None
+
+    layer = CodebookLayer(num_codes=8, dim=16, k=2)
+    layer.record = []
+    snapped_all = layer(h)
+    layer.passthrough_ratio = 10.0
+    out = layer(h)
+    assert torch.equal(out[0, 0], h[0, 0])  # passed through untouched
+    assert not torch.equal(snapped_all[0, 0], h[0, 0])  # (without the ratio it was snapped)
+    assert torch.equal(out[0, 1:], snapped_all[0, 1:]) and torch.equal(out[1], snapped_all[1])
+    idx = layer.record[-1]
+    assert (idx[0, 0] == -1).all() and (idx[0, 1:] >= 0).all() and (idx[1] >= 0).all()

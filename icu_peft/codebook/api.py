@@ -72,6 +72,7 @@ class Codebook:
     def build_layer(self) -> CodebookLayer:
         layer = CodebookLayer(self.weight.shape[0], self.weight.shape[1], self.config.k, self.config.similarity,
                               self.config.combine)
+        layer.passthrough_ratio = self.config.passthrough_norm_ratio
         with torch.no_grad():
             layer.weight.copy_(self.weight)
         layer.weight.requires_grad_(False)

@@ -26,6 +26,7 @@ class CodebookConfig:
     num_codes: int = field(default=1024, metadata={"help": "Number of code vectors in the codebook."})
     k: int = field(default=8, metadata={"help": "Top-k codes combined per hidden state."})
     similarity: str = field(default="cosine", metadata={"help": "How codes are ranked: 'cosine' or 'inner' (inner product)."})
+    passthrough_norm_ratio: float = field(default=10.0, metadata={"help": "Positions whose hidden norm exceeds this x the median pass through unsnapped (attention sinks); 0: snap all."})
     combine: str = field(default="mean", metadata={"help": "How the k codes make the output: 'mean' or 'sum'."})
 
     # --- training (base frozen; only the codebook trains) ---

@@ -115,7 +115,8 @@ def count_code_activations(model, handle: CodebookHandle, seqs: Sequence[torch.T
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
             idx = layer.record.pop()
             valid = mask.bool()
-            counts += torch.bincount(idx[valid].reshape(-1), minlength=layer.num_codes)
+            codes = idx[valid].reshape(-1)
+            counts += torch.bincount(codes[codes >= 0], minlength=layer.num_codes)  # -1: passed through
             positions += int(valid.sum())
     finally:
         layer.record = None

@@ -71,6 +71,14 @@ def kmeans(x: torch.Tensor, n: int, iters: int = 20, similarity: str = "cosine",
 # ------------------------------------------------------------------------------ the module
 
 
+def massive_positions(h: torch.Tensor, ratio: float) -> Optional[torch.Tensor]:
+    """Bool mask (h.shape[:-1]) of positions whose norm exceeds `ratio` x the median norm; None if ratio <= 0."""
+    if ratio <= 0:
+        return None
+    norms = h.float().norm(dim=-1)
+    return norms > ratio * norms.median()
+
+
 class CodebookLayer(nn.Module):
     """A codebook of `num_codes` vectors of the model's hidden size; maps h -> combination of top-k codes.
 
@@ -84,6 +92,10 @@ class CodebookLayer(nn.Module):
         self.register_buffer("blocked", torch.zeros(num_codes, dtype=torch.bool), persistent=False)
         self.register_buffer("zeroed", torch.zeros(num_codes, dtype=torch.bool), persistent=False)
         self.enabled = True
+        # Positions whose hidden-state norm exceeds this many times the median pass through untouched
+        # (0: none). Attention-sink tokens carry norms ~150x the rest in SmolLM2; no combination of
+        # unit-scale codes reproduces them, and snapping them wrecks every later position.
+        self.passthrough_ratio = 0.0
         # Set by whoever needs them (training, activation counting); None costs nothing.
         self.record: Optional[List[torch.Tensor]] = None
         self.keep_last = False
@@ -112,6 +124,10 @@ class CodebookLayer(nn.Module):
         with torch.no_grad():  # ranking is discrete: gradients reach the codes through the combination
             idx = topk_codes(code_scores(h.detach(), cb.detach(), self.similarity), self.k, self.blocked)
         q = combine_codes(cb, idx, self.combine, self.zeroed)
+        through = massive_positions(h.detach(), self.passthrough_ratio)
+        if through is not None:
+            q = torch.where(through.unsqueeze(-1), h.detach().to(q.dtype), q)
+            idx = idx.masked_fill(through.unsqueeze(-1), -1)  # -1: no code (consumers skip it)
         if self.record is not None:
             self.record.append(idx.detach().cpu())
         if self.keep_last:

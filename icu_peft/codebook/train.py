@@ -26,7 +26,7 @@ from ..adapters import utc_now
 from .api import save_codebook
 from .config import CodebookConfig
 from .evaluate import lm_scores, windows
-from .layer import CodebookLayer, attach, capture, kmeans, resolve_layer
+from .layer import CodebookLayer, attach, capture, kmeans, massive_positions, resolve_layer
 
 logger = logging.getLogger("icu_peft")
 
@@ -45,8 +45,9 @@ class CodebookResult:
 
 @torch.no_grad()
 def collect_hidden(model, seqs: Sequence[torch.Tensor], pad_id: int, layer_index: int, max_tokens: int,
-                   batch_size: int = 8) -> torch.Tensor:
-    """Residual outputs of decoder layer `layer_index` at real (non-pad) positions, up to max_tokens rows."""
+                   batch_size: int = 8, passthrough_ratio: float = 0.0) -> torch.Tensor:
+    """Residual outputs of decoder layer `layer_index` at real (non-pad) positions, up to max_tokens rows
+    (without the massive positions the bottleneck passes through, when passthrough_ratio > 0)."""
     device = model_device(model)
     sink: List[torch.Tensor] = []
     rows: List[torch.Tensor] = []
@@ -67,7 +68,10 @@ def collect_hidden(model, seqs: Sequence[torch.Tensor], pad_id: int, layer_index
             except _Stop:
                 pass
             h = sink.pop()
-            rows.append(h[mask.to(device).bool()].float().cpu())
+            real = mask.to(device).bool()
+            if passthrough_ratio > 0:  # k-means on the states the bottleneck will snap, not the sinks
+                real = real & ~massive_positions(h, passthrough_ratio)
+            rows.append(h[real].float().cpu())
             total += rows[-1].shape[0]
             if total >= max_tokens:
                 break
@@ -88,7 +92,7 @@ def _lm_and_recon(model, layer: CodebookLayer, seqs: Sequence[torch.Tensor], pad
     s, c = chunked_token_nll(h_last, head, ids, mask, config.loss_chunk_size)
     lm = s / c.clamp(min=1)
     h, q, idx = layer.last
-    valid = mask.bool()
+    valid = mask.bool() & (idx[..., 0] >= 0)  # passed-through (massive) positions are not reconstructed
     hv, qv = h[valid].float(), q[valid].float()
     # Relative MSE: scale-free, so one weight fits any model's residual norm.
     recon = ((qv - hv.detach()) ** 2).sum() / (hv.detach() ** 2).sum().clamp(min=1e-6)
@@ -127,10 +131,12 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
     base_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
 
     # k-means initialisation on the layer's own hidden states
-    hidden = collect_hidden(base_model, seqs, pad_id, layer_index, config.kmeans_tokens)
+    hidden = collect_hidden(base_model, seqs, pad_id, layer_index, config.kmeans_tokens,
+                            passthrough_ratio=config.passthrough_norm_ratio)
     init = kmeans(hidden, config.num_codes, config.kmeans_iters, config.similarity, config.seed)
     del hidden
     layer = CodebookLayer(config.num_codes, init.shape[1], config.k, config.similarity, config.combine)
+    layer.passthrough_ratio = config.passthrough_norm_ratio
     with torch.no_grad():
         layer.weight.copy_(init)
     hook = attach(base_model, layer, layer_index)
@@ -150,7 +156,8 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            usage += torch.bincount(idx.reshape(-1).cpu(), minlength=config.num_codes)
+            used = idx.reshape(-1).cpu()
+            usage += torch.bincount(used[used >= 0], minlength=config.num_codes)
             if config.dead_code_interval and (step + 1) % config.dead_code_interval == 0 and step + 1 < config.steps:
                 replaced = _reseed_dead(layer, optimizer, usage == 0, h_now, g)
                 replaced_total += replaced
@@ -225,7 +232,8 @@ def _codes_used(model, layer: CodebookLayer, seqs: Sequence[torch.Tensor], pad_i
             ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
             idx = layer.record.pop()
-            seen[idx[mask.bool()].reshape(-1)] = True
+            codes = idx[mask.bool()].reshape(-1)
+            seen[codes[codes >= 0]] = True
     finally:
         layer.record = None
     return int(seen.sum())
