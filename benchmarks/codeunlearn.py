@@ -228,6 +228,9 @@ def main():
     ap.add_argument("--mode", default="block", choices=["block", "zero"])
     ap.add_argument("--min-ratio", type=float, default=2.0)
     ap.add_argument("--max-p", type=float, default=1e-3)
+    ap.add_argument("--passthrough", type=float, default=10.0,
+                    help="codebook passthrough_norm_ratio (0: snap every position, as before the fix)")
+    ap.add_argument("--skip-icu", action="store_true", help="only the codebook and the code mask")
     ap.add_argument("--icu-epochs", type=int, default=20)
     ap.add_argument("--icu-lr", type=float, default=5e-4)
     args = ap.parse_args()
@@ -259,11 +262,13 @@ def main():
     results["planted"] = evaluate(model, tok, wiki_eval)
 
     print("2. codebook (trained once)", flush=True)
-    cb_dir = work / f"codebook-{args.layer}-{args.num_codes}-{args.k}-{args.steps}"
+    cb_dir = work / f"codebook-{args.layer}-{args.num_codes}-{args.k}-{args.steps}" + (
+        f"-pt{args.passthrough:g}" if args.passthrough else "")
     facts_all = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
     if not cb_dir.exists():
         cfg = CodebookConfig(layer=args.layer, num_codes=args.num_codes, k=args.k, steps=args.steps, batch_size=4,
-                             max_length=64, kmeans_tokens=8000, dead_code_interval=25, progress=False)
+                             max_length=64, kmeans_tokens=8000, dead_code_interval=25, progress=False,
+                             passthrough_norm_ratio=args.passthrough)
         train_codebook(cfg, rows[:400] + facts_all, model, tok, eval_texts=rows[400:420], output_dir=cb_dir,
                        base_name="SmolLM2-135M-Instruct (planted)")
     results["codebook_manifest"] = {k: v for k, v in json.loads((cb_dir / "forget_manifest.json").read_text()).items()
@@ -290,6 +295,10 @@ def main():
     model.icu_codebook.remove()
     del model.icu_codebook
 
+    if args.skip_icu:
+        (work / "results.json").write_text(json.dumps(results, indent=2))
+        print_table(results)
+        return 0
     print("3b. ICU: LoRA forget adapter", flush=True)
     cfg = ICUConfig(model=planted, quantize=False, max_epochs=args.icu_epochs, learning_rate=args.icu_lr, batch_size=8,
                     el_n=3, progress=False, request_id="icu-zorbania", seed=0)
@@ -310,6 +319,7 @@ def print_table(r):
     names = list(TOPICS) + ["(never planted)"]
     cols = [("planted model", "planted"), ("+ codebook", "codebook"), ("+ code mask", "codeunlearn"),
             ("ICU adapter", "icu")]
+    cols = [c for c in cols if c[1] in r]
     print("\n| topic | metric | " + " | ".join(c for c, _ in cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for n in names:
@@ -317,9 +327,10 @@ def print_table(r):
         for m in ("recall", "answer_acc", "nll"):
             print(f"| {n}{tag} | {m} | " + " | ".join(f"{r[k][n][m]:.3f}" for _, k in cols) + " |")
     print("| WikiText | perplexity | " + " | ".join(f"{r[k]['wikitext_ppl']:.2f}" for _, k in cols) + " |")
+    icu = (f"; ICU: {r['icu_wall_s']:.0f} s ({r['icu_report']['status']}, {r['icu_report']['epochs']} epochs)"
+           if "icu" in r else "")
     print(f"\ncodebook: {r['codebook_manifest']['wall_time_s']:.0f} s once; code mask: {r['codeunlearn_codes']} codes, "
-          f"{r['codeunlearn_wall_s']:.1f} s; ICU: {r['icu_wall_s']:.0f} s ({r['icu_report']['status']}, "
-          f"{r['icu_report']['epochs']} epochs)")
+          f"{r['codeunlearn_wall_s']:.1f} s{icu}")
 
 
 if __name__ == "__main__":
