@@ -262,8 +262,8 @@ def main():
     results["planted"] = evaluate(model, tok, wiki_eval)
 
     print("2. codebook (trained once)", flush=True)
-    cb_dir = work / f"codebook-{args.layer}-{args.num_codes}-{args.k}-{args.steps}" + (
-        f"-pt{args.passthrough:g}" if args.passthrough else "")
+    cb_dir = work / (f"codebook-{args.layer}-{args.num_codes}-{args.k}-{args.steps}"
+                     + (f"-pt{args.passthrough:g}" if args.passthrough else ""))
     facts_all = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
     if not cb_dir.exists():
         cfg = CodebookConfig(layer=args.layer, num_codes=args.num_codes, k=args.k, steps=args.steps, batch_size=4,
