@@ -489,10 +489,13 @@ def _fmt_scores(block: Optional[dict]) -> str:
     b, a = block.get("before") or {}, block.get("after") or {}
     if not b and not a:
         return "-"
+    def num(v) -> str:  # None: not measured (the retain set's EL is off by default)
+        return "-" if v is None else f"{v:.3f}"
+
     parts = []
     for k in ("ma", "el"):
-        if k in b or k in a:
-            parts.append(f"{k.upper()} {b.get(k, float('nan')):.3f} -> {a.get(k, float('nan')):.3f}")
+        if b.get(k) is not None or a.get(k) is not None:
+            parts.append(f"{k.upper()} {num(b.get(k))} -> {num(a.get(k))}")
     return ", ".join(parts)
 
 
