@@ -196,6 +196,12 @@ def unseen_level(model, tokenizer, planted: Path, corpus: DemoCorpus, el_n: int)
     return level, False
 
 
+def _logical_numel(p) -> int:
+    """Parameters a tensor stands for: a bitsandbytes 4-bit tensor packs two per byte, its numel() is half."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
 def directory_bytes(path: Path, suffix: str = ".safetensors") -> int:
     return sum(p.stat().st_size for p in Path(path).rglob(f"*{suffix}") if p.is_file())
 
@@ -306,7 +312,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
             detached = extract_secrets(model, tok, corpus.probes(corpus.forget_people))
         merged = merged_secrets(planted, adapter_dir, corpus)
         adapter_bytes = directory_bytes(adapter_dir)
-        base_params = sum(p.numel() for p in model.get_base_model().parameters()) - sum(
+        base_params = sum(_logical_numel(p) for p in model.get_base_model().parameters()) - sum(
             p.numel() for n, p in model.named_parameters() if "lora_" in n)
         report = {
             "format": "icu-peft/demo-report/v1",
