@@ -104,6 +104,14 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
     return model
 
 
+def cache_root() -> Path:
+    """$ICU_PEFT_CACHE, else $XDG_CACHE_HOME/icu-peft, else ~/.cache/icu-peft."""
+    if os.environ.get("ICU_PEFT_CACHE"):
+        return Path(os.environ["ICU_PEFT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "icu-peft"
+
+
 def gguf_as_checkpoint(model_name: str, gguf_file: str) -> Path:
     """A safetensors copy of a GGUF model (dequantized), made once and cached.
 
@@ -116,8 +124,7 @@ def gguf_as_checkpoint(model_name: str, gguf_file: str) -> Path:
 
     _check_exists(model_name)
     src = Path(model_name) / gguf_file
-    root = Path(os.environ.get("ICU_PEFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "icu-peft")
-    out = root / f"gguf-{sha256_file(src)[:16]}" if src.is_file() else None
+    out = cache_root() / f"gguf-{sha256_file(src)[:16]}" if src.is_file() else None
     if out is not None and (out / "config.json").exists():
         return out
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from ..adapters import atomic_output_dir
 from ..data import pad_batch
 from ..errors import InputError, OutputExistsError
 from ..metrics import greedy_continue
+from ..models import cache_root  # noqa: F401  (also re-exported: the demo and tests import it from here)
 from .records import DemoCorpus, Probe
 from .smollm2 import find_smollm2, load_smollm2
 
@@ -51,14 +51,6 @@ class PlantSettings:
 
 
 # ------------------------------------------------------------------------------ cache
-
-def cache_root() -> Path:
-    """$ICU_PEFT_CACHE, else $XDG_CACHE_HOME/icu-peft, else ~/.cache/icu-peft."""
-    if os.environ.get("ICU_PEFT_CACHE"):
-        return Path(os.environ["ICU_PEFT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "icu-peft"
-
 
 def plant_key(texts: Sequence[str], settings: PlantSettings, base_id: str) -> str:
     """Hash of everything that determines the planted weights."""
