@@ -23,7 +23,7 @@ import torch
 
 from ..config import ICUConfig
 from ..errors import ICUError, OutputExistsError
-from .plant import PlantSettings, cache_root, extract_secrets, plant_corpus, planted_dir, read_plant_info
+from .plant import PlantSettings, extract_secrets, planted_dir, read_plant_info
 from .records import DemoCorpus, Probe, make_corpus
 
 logger = logging.getLogger("icu_peft")
@@ -274,7 +274,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
     _prepare_output(out, opts.overwrite)
     corpus = make_corpus(opts.num_people, opts.num_unseen, opts.forget_fraction, opts.seed)
     cfg = demo_icu_config(**{"progress": opts.progress, **opts.icu})
-    nf, nk = len(corpus.forget_index), opts.num_people - len(corpus.forget_index)
+    nf = len(corpus.forget_index)
     say(f"icu-peft demo: {opts.num_people} fictitious customers planted into SmolLM2-135M-Instruct; "
         f"{nf} of them file an erasure request.")
 
@@ -363,7 +363,7 @@ def format_table(r: dict) -> str:
     for key, title in (("forgotten", "forgotten people"), ("kept", "kept people")):
         lines.append(f"{title} ({b[key]['count']})")
         row("memorisation accuracy (MA)", f"{b[key]['ma']:.3f}", f"{a[key]['ma']:.3f}", f"{u['ma']:.3f}")
-        row(f"extraction likelihood EL10", f"{b[key]['el']:.3f}", f"{a[key]['el']:.3f}", f"{u['el']:.3f}")
+        row("extraction likelihood EL10", f"{b[key]['el']:.3f}", f"{a[key]['el']:.3f}", f"{u['el']:.3f}")
         row("secrets extracted", _pct(b[key]["secrets"], b[key]["secrets_total"]),
             _pct(a[key]["secrets"], a[key]["secrets_total"]), _pct(u["secrets"], u["secrets_total"]))
     lines.append(f"general text ({r['general_text']})")
