@@ -151,3 +151,57 @@ def test_explicit_thresholds_skip_scoring_unseen_but_keep_the_mia(tmp_path, tiny
     forget_ids = {tuple(tok(t)["input_ids"]) for t in tiny_corpus["forget"][:2]}
     assert forget_ids <= set(calls)  # the spy sees what is scored (else this test would prove nothing)
     assert not unseen & set(calls)  # and no unseen text was scored
+
+
+def test_cached_reference_matches_the_reference_and_only_caches_right_padding(tiny_model_dir, tiny_corpus):
+    from icu_peft.metrics import backbone_and_head
+    from icu_peft.unlearner import CachedReference
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_base_model(str(tiny_model_dir), quantize=False)
+    calls = []
+    backbone, _ = backbone_and_head(model)
+
+    def plain(ids, mask):
+        return backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def counted(ids, mask):
+        calls.append(ids.shape[0])
+        return plain(ids, mask)
+
+    seqs = [torch.tensor(tok(t)["input_ids"]) for t in tiny_corpus["retain"][:4]]
+    cache = CachedReference(counted, max_bytes=1 << 30)
+    with torch.no_grad():
+        ids, mask = pad_batch(seqs[:3], tok.pad_token_id)
+        want = plain(ids, mask)
+        got = cache(ids, mask)
+        assert calls == [3]
+        # a new batch mixing seen and unseen rows, in another order and width: only the new row is computed
+        ids2, mask2 = pad_batch([seqs[3], seqs[1], seqs[0]], tok.pad_token_id)
+        got2 = cache(ids2, mask2)
+        assert calls == [3, 1] and cache.hits == 2 and cache.misses == 4
+        want2 = plain(ids2, mask2)
+        for a, b, m in ((got, want, mask), (got2, want2, mask2)):
+            v = m.bool()
+            assert torch.allclose(a[v], b[v], atol=1e-5)
+        # left padding is not cached (a row's hidden states would depend on its batch-mates' widths)
+        lids, lmask = pad_batch(seqs[:2], tok.pad_token_id, side="left")
+        cache(lids, lmask)
+        assert calls[-1] == 2 and cache.hits == 2
+        # a zero budget caches nothing
+        off = CachedReference(counted, max_bytes=0)
+        off(ids, mask), off(ids, mask)
+        assert calls[-2:] == [3, 3] and not off.store
+
+
+def test_reference_cache_leaves_the_adapter_unchanged(tiny_model_dir, tiny_corpus):
+    """Same seed with and without the cache: the trained LoRA weights agree (the cache only skips recomputation)."""
+    runs = []
+    for mb in (0, 64):
+        r = forget(quick_config(tiny_model_dir, max_epochs=2, quantize=False, reference_cache_mb=mb),
+                   tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+        runs.append({n: p.detach().clone() for n, p in r.model.named_parameters() if "lora_" in n})
+        assert (r.report["reference_cache"]["hits"] > 0) == (mb > 0), r.report["reference_cache"]
+    assert runs[0].keys() == runs[1].keys() and runs[0]
+    for n in runs[0]:
+        assert torch.allclose(runs[0][n], runs[1][n], atol=1e-4), n
