@@ -222,6 +222,8 @@ def main():
     ap.add_argument("--plant-loss", type=float, default=0.19,
                     help="stop planting below this mean loss (the first tokens of a fact stay unpredictable)")
     ap.add_argument("--layer", type=int, default=None, help="codebook layer (default: middle)")
+    ap.add_argument("--site", default="residual", choices=["residual", "mlp", "attention"],
+                    help="what the codebook snaps: the layer's residual output or its MLP / attention output")
     ap.add_argument("--num-codes", type=int, default=1024)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=100, help="codebook training steps")
@@ -262,12 +264,12 @@ def main():
     results["planted"] = evaluate(model, tok, wiki_eval)
 
     print("2. codebook (trained once)", flush=True)
-    cb_dir = work / (f"codebook-{args.layer}-{args.num_codes}-{args.k}-{args.steps}"
+    cb_dir = work / (f"codebook-{args.site}-{args.layer}-{args.num_codes}-{args.k}-{args.steps}"
                      + (f"-pt{args.passthrough:g}" if args.passthrough else ""))
     facts_all = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
     if not cb_dir.exists():
-        cfg = CodebookConfig(layer=args.layer, num_codes=args.num_codes, k=args.k, steps=args.steps, batch_size=4,
-                             max_length=64, kmeans_tokens=8000, dead_code_interval=25, progress=False,
+        cfg = CodebookConfig(layer=args.layer, site=args.site, num_codes=args.num_codes, k=args.k, steps=args.steps,
+                             batch_size=4, max_length=64, kmeans_tokens=8000, dead_code_interval=25, progress=False,
                              passthrough_norm_ratio=args.passthrough)
         train_codebook(cfg, rows[:400] + facts_all, model, tok, eval_texts=rows[400:420], output_dir=cb_dir,
                        base_name="SmolLM2-135M-Instruct (planted)")
@@ -329,7 +331,11 @@ def print_table(r):
     print("| WikiText | perplexity | " + " | ".join(f"{r[k]['wikitext_ppl']:.2f}" for _, k in cols) + " |")
     icu = (f"; ICU: {r['icu_wall_s']:.0f} s ({r['icu_report']['status']}, {r['icu_report']['epochs']} epochs)"
            if "icu" in r else "")
-    print(f"\ncodebook: {r['codebook_manifest']['wall_time_s']:.0f} s once; code mask: {r['codeunlearn_codes']} codes, "
+    m = r["codebook_manifest"]
+    p = m["perplexity"]
+    print(f"\ncodebook at layer {m['layer_index']} ({m['config'].get('site', 'residual')}): held-out perplexity "
+          f"{p['base']['ppl']:.1f} base, {p['kmeans_init']['ppl']:.1f} k-means init, {p['codebook']['ppl']:.1f} trained")
+    print(f"codebook: {r['codebook_manifest']['wall_time_s']:.0f} s once; code mask: {r['codeunlearn_codes']} codes, "
           f"{r['codeunlearn_wall_s']:.1f} s{icu}")
 
 

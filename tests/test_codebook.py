@@ -442,3 +442,167 @@ def test_massive_positions_pass_through_unsnapped_and_uncounted():
     assert torch.equal(out[0, 1:], snapped_all[0, 1:]) and torch.equal(out[1], snapped_all[1])
     idx = layer.record[-1]
     assert (idx[0, 0] == -1).all() and (idx[0, 1:] >= 0).all() and (idx[1] >= 0).all()
+
+
+# ------------------------------------------------------------------------------ sites (residual, mlp, attention)
+
+
+def _kmeans_layer(model, tok, site, layer_index=1):
+    """An untrained codebook at `site`, initialised by k-means on that site's outputs (cheap, no training)."""
+    from icu_peft.codebook.evaluate import windows
+    from icu_peft.codebook.train import collect_hidden
+
+    seqs = windows(tok, general_text(), 32)
+    hidden = collect_hidden(model, seqs, tok.pad_token_id, layer_index, 400, site=site)
+    layer = CodebookLayer(32, hidden.shape[1], k=4)
+    with torch.no_grad():
+        layer.weight.copy_(kmeans(hidden, 32, iters=5, seed=0))
+    return layer
+
+
+@pytest.mark.parametrize("site", ["residual", "mlp", "attention"])
+def test_each_site_changes_outputs_and_detaching_restores_exactly(base, site):
+    from icu_peft.codebook.layer import attach, capture, site_module
+
+    model, tok = base
+    assert type(site_module(model, 1, site)).__name__.endswith(
+        {"residual": "DecoderLayer", "mlp": "MLP", "attention": "Attention"}[site])
+    layer = _kmeans_layer(model, tok, site)
+    texts = topic_sentences(3, seed=41)
+    plain, _ = logits(model, tok, texts)
+    seen = []
+    spy = capture(model, 1, seen, site)  # registered first: sees the site's output before it is snapped
+    hook = attach(model, layer, 1, site)
+    layer.keep_last = True
+    snapped, _ = logits(model, tok, texts)
+    layer.keep_last = False
+    hook.remove()
+    spy.remove()
+    assert torch.equal(layer.last[0], seen[0])  # the codebook snapped exactly this site's output
+    assert not torch.allclose(snapped, plain)
+    again, _ = logits(model, tok, texts)
+    assert torch.equal(again, plain)
+
+
+def test_sub_layer_sites_snap_a_different_tensor_than_the_residual(base):
+    """At mlp/attention the codes live in the sub-layer's output space, not the residual stream's."""
+    from icu_peft.codebook.evaluate import windows
+    from icu_peft.codebook.train import collect_hidden
+
+    model, tok = base
+    seqs = windows(tok, general_text()[:8], 32)
+    got = {s: collect_hidden(model, seqs, tok.pad_token_id, 1, 10_000, site=s) for s in ("residual", "mlp", "attention")}
+    assert got["residual"].shape == got["mlp"].shape == got["attention"].shape
+    assert not torch.allclose(got["residual"], got["mlp"]) and not torch.allclose(got["mlp"], got["attention"])
+
+
+def test_sites_resolve_on_gpt2_too():
+    """Generic sub-module lookup: GPT-2 names them `mlp` and `attn` (the attention returns a tuple)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from icu_peft.codebook.layer import attach, site_module
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    assert site_module(model, 0, "mlp") is model.transformer.h[0].mlp
+    assert site_module(model, 0, "attention") is model.transformer.h[0].attn
+    assert site_module(model, 0, "residual") is model.transformer.h[0]
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(ids).logits
+        layer = CodebookLayer(16, 32, k=2)
+        hook = attach(model, layer, 0, "attention")
+        snapped = model(ids).logits
+        hook.remove()
+        again = model(ids).logits
+    assert not torch.allclose(snapped, plain) and torch.equal(again, plain)
+
+
+def test_bad_site_is_an_input_error(base, tmp_path, tiny_model_dir, capsys):
+    from torch import nn
+
+    from icu_peft.cli import main
+    from icu_peft.codebook.layer import site_module
+
+    model, _ = base
+    with pytest.raises(InputError, match="site"):
+        CodebookConfig(site="ffn")
+    with pytest.raises(InputError, match="unknown codebook site"):
+        site_module(model, 0, "ffn")
+
+    class Bare(nn.Module):  # decoder layers without named sub-modules
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"num_hidden_layers": 2})()
+            self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    with pytest.raises(InputError, match="has no mlp sub-module"):
+        site_module(Bare(), 0, "mlp")
+    with pytest.raises(InputError, match="has no attention sub-module"):
+        site_module(Bare(), 1, "attention")
+    assert site_module(Bare(), 1, "residual") is not None
+    data = tmp_path / "general.txt"
+    data.write_text("\n".join(general_text()) + "\n")
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses an unknown choice before loading anything
+        main(["codebook", "train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "cb"),
+              "--site", "ffn"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "cb").exists()
+
+
+@pytest.fixture(scope="module")
+def mlp_codebook_dir(tmp_path_factory, base):
+    model, tok = base
+    out = tmp_path_factory.mktemp("codebook-mlp") / "cb"
+    res = train_codebook(CodebookConfig(site="mlp", **CFG), general_text(), model, tok, output_dir=out)
+    return out, res
+
+
+def test_mlp_site_is_saved_reloaded_and_masking_hits_topic_more_than_contrast(tmp_path, mlp_codebook_dir, base):
+    out, res = mlp_codebook_dir
+    model, tok = base
+    assert read_codebook(out).config.site == "mlp" and describe(out)["site"] == "mlp"
+    p = res.manifest["perplexity"]
+    assert p["codebook"]["nll"] < p["kmeans_init"]["nll"]
+    # the reloaded codebook sits at the mlp: identical to the in-memory one attached there
+    from icu_peft.codebook.layer import attach
+
+    text = topic_sentences(3, seed=99)
+    hook = attach(model, res.layer, res.layer_index, "mlp")
+    mem, _ = logits(model, tok, text)
+    hook.remove()
+    load_codebook_model(model, out)
+    disk, _ = logits(model, tok, text)
+    detach(model)
+    assert torch.equal(mem, disk)
+    # zero-shot forget at the mlp site, as in test_masking_topic_codes_hits_topic_text_more_than_contrast
+    mask_dir = tmp_path / "mask"
+    cfg = CodeForgetConfig(min_ratio=2.0, max_p=0.01, request_id="topic-mlp")
+    fr = forget_topic(cfg, model, tok, out, topic_sentences(24, seed=21), topic_words=TOPIC_WORDS, output_dir=mask_dir)
+    assert fr.codes, "no topic code was selected at the mlp site"
+    assert read_code_mask(mask_dir).manifest["codebook"]["site"] == "mlp"
+    held_out = topic_sentences(12, seed=77)
+    on_topic = _change(model, tok, held_out, out, [mask_dir])
+    on_contrast = _change(model, tok, make_contrast(held_out, TOPIC_WORDS), out, [mask_dir])
+    assert on_topic > 2 * on_contrast, (on_topic, on_contrast)
+
+
+def test_codebook_saved_before_sites_loads_as_residual(tmp_path, codebook_dir, base):
+    """Old codebook dirs have no `site` in codebook_config.json: they snapped the residual stream."""
+    from icu_peft.adapters import read_manifest, write_manifest
+
+    model, tok = base
+    old = tmp_path / "old"
+    shutil.copytree(codebook_dir[0], old)
+    cfg = json.loads((old / "codebook_config.json").read_text())
+    del cfg["site"]
+    (old / "codebook_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_manifest(old, read_manifest(old))  # re-hash, as the pre-site code would have written it
+    assert read_codebook(old).config.site == "residual"
+    texts = topic_sentences(3, seed=5)
+    load_codebook_model(model, codebook_dir[0])
+    new, _ = logits(model, tok, texts)
+    load_codebook_model(model, old)
+    got, _ = logits(model, tok, texts)
+    detach(model)
+    assert torch.equal(new, got)

@@ -2,7 +2,7 @@
 
     CODEBOOK_DIR/                        trained once per base model
       codebook.safetensors               {"weight": (num_codes, hidden_size)}
-      codebook_config.json               CodebookConfig + the resolved layer index and hidden size
+      codebook_config.json               CodebookConfig (with the site) + the resolved layer index and hidden size
       forget_manifest.json               kind "codebook": base fingerprint, perplexity cost, file sha256s
 
     MASK_DIR/                            one forget request (or a stack of them)
@@ -28,7 +28,7 @@ from ..adapters import (MANIFEST_FORMAT, atomic_output_dir, check_base, read_man
                         write_manifest)
 from ..errors import IntegrityError, InputError
 from .config import CodebookConfig
-from .layer import CodebookLayer, attach, decoder_layers
+from .layer import CodebookLayer, attach, decoder_layers, site_module
 
 CODEBOOK_WEIGHTS = "codebook.safetensors"
 CODEBOOK_CONFIG = "codebook_config.json"
@@ -95,6 +95,8 @@ def read_codebook(directory: str | Path) -> Codebook:
     try:
         raw = json.loads((directory / CODEBOOK_CONFIG).read_text())
         layer_index, hidden = int(raw.pop("layer_index")), int(raw.pop("hidden_size"))
+        # Codebooks saved before sites existed snapped the residual stream; the field's default may differ.
+        raw.setdefault("site", "residual")
         config = CodebookConfig.from_dict(raw)
         weight = load_file(str(directory / CODEBOOK_WEIGHTS))["weight"]
     except (KeyError, ValueError, json.JSONDecodeError, SafetensorError) as e:
@@ -292,12 +294,13 @@ def load_codebook_model(base, codebook_dir: str | Path, mask_dirs: Sequence[str 
     hidden = getattr((model.get_base_model() if hasattr(model, "get_base_model") else model).config, "hidden_size", None)
     if hidden is not None and hidden != codebook.weight.shape[1]:
         raise IntegrityError(f"{codebook_dir}: codebook width {codebook.weight.shape[1]} != model hidden size {hidden}")
+    site_module(model, codebook.layer_index, codebook.config.site)  # fail before touching an attached codebook
     old = getattr(model, "icu_codebook", None)
     if old is not None:
         old.remove()
     layer = codebook.build_layer()
     layer.set_mask(codes, mode)
-    hook = attach(model, layer, codebook.layer_index)
+    hook = attach(model, layer, codebook.layer_index, codebook.config.site)
     model.icu_codebook = CodebookHandle(layer, hook, codebook, masks, codes, mode)
     return model
 
@@ -311,7 +314,7 @@ def describe(directory: str | Path) -> dict:
            "base_fingerprint": (manifest.get("base", {}).get("fingerprint", {}).get("sha256") or "")[:12]}
     if kind == KIND_CODEBOOK:
         cfg = json.loads((Path(directory) / CODEBOOK_CONFIG).read_text())
-        out.update(layer=cfg.get("layer_index"), num_codes=cfg.get("num_codes"), k=cfg.get("k"),
+        out.update(layer=cfg.get("layer_index"), site=cfg.get("site", "residual"), num_codes=cfg.get("num_codes"), k=cfg.get("k"),
                    similarity=cfg.get("similarity"), combine=cfg.get("combine"),
                    codebook_sha256=manifest["files"].get(CODEBOOK_WEIGHTS, "")[:12],
                    perplexity=manifest.get("perplexity"), wall_time_s=manifest.get("wall_time_s"))

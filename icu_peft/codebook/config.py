@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import InputError
+from .layer import SITES
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -22,7 +23,8 @@ class CodebookConfig:
     """Where the bottleneck sits, what it looks like, and how it is trained."""
 
     # --- the bottleneck ---
-    layer: Optional[int] = field(default=None, metadata={"help": "Decoder layer (0-based) whose residual output is snapped to codes; negative counts from the end; unset: the middle layer."})
+    layer: Optional[int] = field(default=None, metadata={"help": "Decoder layer (0-based) whose site output is snapped to codes; negative counts from the end; unset: the middle layer."})
+    site: str = field(default="residual", metadata={"help": "What is snapped: 'residual' (the layer's whole residual output), 'mlp' or 'attention' (only that sub-layer's output)."})
     num_codes: int = field(default=1024, metadata={"help": "Number of code vectors in the codebook."})
     k: int = field(default=8, metadata={"help": "Top-k codes combined per hidden state."})
     similarity: str = field(default="cosine", metadata={"help": "How codes are ranked: 'cosine' or 'inner' (inner product)."})
@@ -44,6 +46,7 @@ class CodebookConfig:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
+        _need(self.site in SITES, f"site must be one of {', '.join(repr(s) for s in SITES)}")
         _need(self.num_codes >= 2, "num_codes must be >= 2")
         _need(1 <= self.k < self.num_codes, "k must be in [1, num_codes)")
         _need(self.similarity in ("cosine", "inner"), "similarity must be 'cosine' or 'inner'")

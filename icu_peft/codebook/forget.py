@@ -189,7 +189,8 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
     base = {"name_or_path": base_name or getattr(base_model.config, "_name_or_path", None),
             "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)), "fingerprint": fp}
     cb = {"sha256": codebook.sha256, "request_id": codebook.manifest.get("request_id"),
-          "num_codes": codebook.config.num_codes, "layer_index": codebook.layer_index}
+          "num_codes": codebook.config.num_codes, "layer_index": codebook.layer_index,
+          "site": codebook.config.site}
     manifest = {"request_id": request_id, "mode": config.mode, "codebook": cb, "base": base, "codes": codes,
                 "requests": [request], "salt": salt}
     out = None

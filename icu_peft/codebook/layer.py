@@ -1,10 +1,11 @@
-"""The codebook bottleneck: math (pure functions), the module, and its attachment to a decoder layer.
+"""The codebook bottleneck: math (pure functions), the module, and its attachment to a decoder layer
+(its residual output, or the output of its MLP or self-attention sub-module: the "site").
 
 Each hidden state h is ranked against every code vector (cosine or inner product); the top-k codes
 are combined (mean or sum) and replace h. Masked codes are either blocked (ranked -inf, so the
 next-best codes take their place) or zeroed (still chosen, but contribute a zero vector).
 
-Attachment is a forward hook on the decoder layer, not a replaced module, because:
+Attachment is a forward hook on the decoder layer (or its sub-module), not a replaced module, because:
 - icu_peft.metrics and the ICU losses call the inner backbone directly (chunked logits) and
   `generate` runs the layer step by step with a KV cache: a hook on the layer sees every one of
   those paths, whatever wraps the model (PeftModel, LoRA forget adapters);
@@ -160,19 +161,45 @@ def resolve_layer(model, layer: Optional[int]) -> int:
     return i
 
 
+# Names of the sub-modules a site may be, per architecture family (Llama/Mistral/Qwen: mlp, self_attn;
+# GPT-2/Neo: mlp, attn; some others: feed_forward, attention). The first one present wins.
+SITES = {"residual": (), "mlp": ("mlp", "feed_forward"), "attention": ("self_attn", "attn", "attention")}
+
+
+def site_module(model, layer_index: int, site: str = "residual") -> nn.Module:
+    """The module whose output the bottleneck replaces: decoder layer `layer_index` itself ("residual"),
+    or its MLP ("mlp") or self-attention ("attention") sub-module."""
+    if site not in SITES:
+        raise InputError(f"unknown codebook site {site!r}: choose one of {', '.join(SITES)}")
+    layer = decoder_layers(model)[layer_index]
+    if site == "residual":
+        return layer
+    for name in SITES[site]:
+        mod = getattr(layer, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    raise InputError(f"decoder layer {layer_index} ({type(layer).__name__}) has no {site} sub-module "
+                     f"(looked for: {', '.join(SITES[site])})")
+
+
 def _replace_hidden(output, fn: Callable[[torch.Tensor], torch.Tensor]):
-    # Decoder layers return a tensor (transformers >= 4.54) or a tuple whose first item is the residual.
+    # Decoder layers return a tensor (transformers >= 4.54) or a tuple whose first item is the residual;
+    # attention modules return (output, weights, ...) and MLPs a tensor.
     if isinstance(output, torch.Tensor):
         return fn(output)
     if isinstance(output, tuple):
         return (fn(output[0]),) + tuple(output[1:])
-    raise TypeError(f"unexpected decoder layer output type {type(output).__name__}")
+    raise TypeError(f"unexpected {type(output).__name__} output at the codebook site")
 
 
-def attach(model, codebook: CodebookLayer, layer_index: int):
-    """Snap the residual output of decoder layer `layer_index` through `codebook`; returns the hook handle."""
-    layer = decoder_layers(model)[layer_index]
-    device = next(layer.parameters()).device
+def attach(model, codebook: CodebookLayer, layer_index: int, site: str = "residual"):
+    """Snap the output of the `site` of decoder layer `layer_index` through `codebook`; returns the hook handle.
+
+    At "mlp" or "attention" only that sub-layer's contribution is quantized: the layer adds it to the
+    residual stream itself, so everything else in the stream passes the bottleneck untouched.
+    """
+    module = site_module(model, layer_index, site)
+    device = next(decoder_layers(model)[layer_index].parameters()).device
     codebook.to(device)
 
     def hook(module, args, output):
@@ -180,14 +207,14 @@ def attach(model, codebook: CodebookLayer, layer_index: int):
             return output
         return _replace_hidden(output, codebook)
 
-    return layer.register_forward_hook(hook)
+    return module.register_forward_hook(hook)
 
 
-def capture(model, layer_index: int, sink: List[torch.Tensor]):
-    """Record (without changing) the residual output of a decoder layer; returns the hook handle."""
-    layer = decoder_layers(model)[layer_index]
+def capture(model, layer_index: int, sink: List[torch.Tensor], site: str = "residual"):
+    """Record (without changing) the output of a site of a decoder layer; returns the hook handle."""
+    module = site_module(model, layer_index, site)
 
     def hook(module, args, output):
         _replace_hidden(output, lambda h: sink.append(h.detach()) or h)
 
-    return layer.register_forward_hook(hook)
+    return module.register_forward_hook(hook)

@@ -26,7 +26,7 @@ from ..adapters import utc_now
 from .api import save_codebook
 from .config import CodebookConfig
 from .evaluate import lm_scores, windows
-from .layer import CodebookLayer, attach, capture, kmeans, massive_positions, resolve_layer
+from .layer import CodebookLayer, attach, capture, kmeans, massive_positions, resolve_layer, site_module
 
 logger = logging.getLogger("icu_peft")
 
@@ -45,8 +45,8 @@ class CodebookResult:
 
 @torch.no_grad()
 def collect_hidden(model, seqs: Sequence[torch.Tensor], pad_id: int, layer_index: int, max_tokens: int,
-                   batch_size: int = 8, passthrough_ratio: float = 0.0) -> torch.Tensor:
-    """Residual outputs of decoder layer `layer_index` at real (non-pad) positions, up to max_tokens rows
+                   batch_size: int = 8, passthrough_ratio: float = 0.0, site: str = "residual") -> torch.Tensor:
+    """Outputs of the `site` of decoder layer `layer_index` at real (non-pad) positions, up to max_tokens rows
     (without the massive positions the bottleneck passes through, when passthrough_ratio > 0)."""
     device = model_device(model)
     sink: List[torch.Tensor] = []
@@ -56,10 +56,9 @@ def collect_hidden(model, seqs: Sequence[torch.Tensor], pad_id: int, layer_index
     def stop_after(module, args, output):
         raise _Stop
 
-    from .layer import decoder_layers
-
-    handle = capture(model, layer_index, sink)
-    stopper = decoder_layers(model)[layer_index].register_forward_hook(stop_after)
+    # Registered after the capture hook on the same module, so the output is recorded before the stop.
+    handle = capture(model, layer_index, sink, site)
+    stopper = site_module(model, layer_index, site).register_forward_hook(stop_after)
     try:
         for s in range(0, len(seqs), batch_size):
             ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
@@ -125,21 +124,21 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
         eval_seqs, seqs = seqs[:n_eval], seqs[n_eval:]
     if not seqs:
         raise InputError("no training windows left after holding out the eval share")
-    logger.info("codebook: layer %d, %d codes, top-%d %s/%s; %d training windows, %d eval windows",
-                layer_index, config.num_codes, config.k, config.similarity, config.combine, len(seqs), len(eval_seqs))
+    logger.info("codebook: layer %d (%s), %d codes, top-%d %s/%s; %d training windows, %d eval windows",
+                layer_index, config.site, config.num_codes, config.k, config.similarity, config.combine, len(seqs), len(eval_seqs))
     base_model.eval()
     base_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
 
     # k-means initialisation on the layer's own hidden states
     hidden = collect_hidden(base_model, seqs, pad_id, layer_index, config.kmeans_tokens,
-                            passthrough_ratio=config.passthrough_norm_ratio)
+                            passthrough_ratio=config.passthrough_norm_ratio, site=config.site)
     init = kmeans(hidden, config.num_codes, config.kmeans_iters, config.similarity, config.seed)
     del hidden
     layer = CodebookLayer(config.num_codes, init.shape[1], config.k, config.similarity, config.combine)
     layer.passthrough_ratio = config.passthrough_norm_ratio
     with torch.no_grad():
         layer.weight.copy_(init)
-    hook = attach(base_model, layer, layer_index)
+    hook = attach(base_model, layer, layer_index, config.site)
     init_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
 
     # training: only the code vectors move

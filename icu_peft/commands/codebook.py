@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     t.add_argument("--eval-data", help="held-out text for the perplexity cost (default: a share of --data)")
     t.add_argument("--out", required=True, help="output directory for the codebook")
     t.add_argument("--layer", type=int, help="decoder layer (0-based; negative from the end; default: middle)")
+    t.add_argument("--site", choices=["residual", "mlp", "attention"],
+                   help="what is snapped: the layer's residual output, or only its MLP / self-attention output")
     t.add_argument("--num-codes", type=int, help="codebook size")
     t.add_argument("--k", type=int, help="top-k codes per hidden state")
     t.add_argument("--similarity", choices=["cosine", "inner"], help="code ranking")
@@ -114,7 +116,7 @@ def run_train(args) -> int:
     from ..codebook import CodebookConfig, train_codebook
     from ..data import read_texts
 
-    keys = ("layer", "num_codes", "k", "similarity", "combine", "steps", "batch_size", "max_length", "learning_rate",
+    keys = ("layer", "site", "num_codes", "k", "similarity", "combine", "steps", "batch_size", "max_length", "learning_rate",
             "recon_weight", "kmeans_tokens", "dead_code_interval", "seed")
     over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.no_progress:
@@ -126,7 +128,7 @@ def run_train(args) -> int:
     model, tok = _load(args)
     res = train_codebook(cfg, texts, model, tok, eval_texts, args.out, args.overwrite, base_name=args.model)
     p = res.manifest["perplexity"]
-    print(f"codebook written to {res.output_dir} (layer {res.layer_index}, {cfg.num_codes} codes, top-{cfg.k}, "
+    print(f"codebook written to {res.output_dir} (layer {res.layer_index} {cfg.site}, {cfg.num_codes} codes, top-{cfg.k}, "
           f"{res.manifest['wall_time_s']:.1f} s)")
     if p["base"] and p["codebook"]:
         print(f"  perplexity on {p['eval_windows']} eval windows: base {p['base']['ppl']:.3f} -> with bottleneck "
