@@ -289,12 +289,7 @@ def merge_adapters(model: str | Path, adapters: Sequence[str | Path], out: str |
             entries.append((d, read_manifest(d), e.get("source")))
         history = list(m.get("history", [])) + [{"op": "merge", "into": str(Path(model).resolve()), "at": utc_now()}]
         _check_pristine(m, base, force)
-    for d in adapters:
-        d = Path(d)
-        mm = verify_files(d)
-        if manifest_kind(mm) == "merged":
-            raise IntegrityError(f"{d} is a merged model, not an adapter")
-        entries.append((d, mm, None))
+    entries += [(d, mm, None) for d, mm in _adapter_manifests(adapters)]
     return _merge_from_pristine(base, gguf_file, entries, out, dtype, force, overwrite, trust_remote_code, history)
 
 
@@ -312,10 +307,47 @@ def _check_pristine(merged: dict, base: str, force: bool) -> None:
                              f"(weight file {diff[0]} differs); use --force to accept it anyway")
 
 
+def _merged_fp32(base: str, gguf_file: Optional[str], dirs: Sequence[Path], force: bool,
+                 trust_remote_code: bool) -> tuple:
+    """(the base with `dirs` merged in, in float32; the base's fingerprint)."""
+    from .models import base_fingerprint, load_base_model
+
+    model = load_base_model(base, quantize=False, compute_dtype="float32", gguf_file=gguf_file,
+                            trust_remote_code=trust_remote_code)
+    fp = base_fingerprint(model)
+    if dirs:
+        model = load_forget_adapters(model, [str(d) for d in dirs], force=force).merge_and_unload()
+    return model, fp
+
+
+def merged_in_memory(model: str | Path, adapters: Sequence[str | Path], gguf_file: Optional[str] = None,
+                     force: bool = False, trust_remote_code: bool = False):
+    """The float32 model `merge_adapters` would save, kept in memory (checks included, nothing written).
+
+    For checking what a merge does (the demo's "merged, the secrets stay gone") without writing and
+    re-reading a full copy of the base.
+    """
+    pairs = _adapter_manifests(adapters)
+    dirs = [d for d, _ in pairs]
+    check_stack(dirs, [m for _, m in pairs])
+    return _merged_fp32(str(model), gguf_file, dirs, force, trust_remote_code)[0]
+
+
+def _adapter_manifests(adapters: Sequence[str | Path]) -> List[Tuple[Path, dict]]:
+    """(directory, verified manifest) of each adapter; a merged model in their place is an error."""
+    out = []
+    for d in map(Path, adapters):
+        m = verify_files(d)
+        if manifest_kind(m) == "merged":
+            raise IntegrityError(f"{d} is a merged model, not an adapter")
+        out.append((d, m))
+    return out
+
+
 def _merge_from_pristine(base: str, gguf_file: Optional[str], entries: Sequence[Tuple[Path, dict, Optional[str]]],
                          out: str | Path, dtype: str, force: bool, overwrite: bool, trust_remote_code: bool,
                          history: List[dict]) -> dict:
-    from .models import base_fingerprint, load_base_model, load_tokenizer
+    from .models import base_fingerprint, load_tokenizer
 
     dirs = [d for d, _, _ in entries]
     check_stack(dirs, [m for _, m, _ in entries])
@@ -324,12 +356,7 @@ def _merge_from_pristine(base: str, gguf_file: Optional[str], entries: Sequence[
     target = _resolve_dtype(dtype, base, gguf_file, trust_remote_code)
     weight_hashes = _base_weight_hashes(base, gguf_file)
     tok = load_tokenizer(base, gguf_file, trust_remote_code)
-    model = load_base_model(base, quantize=False, compute_dtype="float32", gguf_file=gguf_file,
-                            trust_remote_code=trust_remote_code)
-    fp = base_fingerprint(model)
-    if entries:
-        peft_model = load_forget_adapters(model, [str(d) for d in dirs], force=force)
-        model = peft_model.merge_and_unload()
+    model, fp = _merged_fp32(base, gguf_file, dirs, force, trust_remote_code)
     model = model.to(target)
     records = [_entry(i, d, m, MERGED_SUBDIR, src) for i, (d, m, src) in enumerate(entries)]
     with atomic_output_dir(out, overwrite) as tmp:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from icu_peft.adapters import MANIFEST_NAME, load_forget_adapters, read_manifest
 from icu_peft.errors import InputError, IntegrityError
 from icu_peft.lifecycle import (active_adapters, collect_leaves, combine_adapters, describe, format_description,
-                                merge_adapters, remove_from_stack, revoke, stack_adapters, verify_forget_set)
+                                merge_adapters, merged_in_memory, remove_from_stack, revoke, stack_adapters, verify_forget_set)
 from icu_peft.metrics import score_samples
 from icu_peft.models import load_base_model, load_tokenizer
 
@@ -146,6 +146,15 @@ def test_wrong_base_is_refused_unless_forced(tiny_other_model_dir, ab):
 
 
 # ------------------------------------------------------------------------------------ merge
+
+def test_merged_in_memory_is_what_merge_saves(tiny_model_dir, ab, merged_ab, tmp_path):
+    enc = _ids(tiny_model_dir)
+    saved = _logits(load_base_model(str(merged_ab), quantize=False), enc)
+    assert torch.allclose(_logits(merged_in_memory(tiny_model_dir, ab), enc), saved, atol=1e-5)
+    assert not torch.allclose(_logits(_base(tiny_model_dir), enc), saved, atol=1e-3)  # the merge did something
+    with pytest.raises(IntegrityError, match="merged model"):
+        merged_in_memory(tiny_model_dir, [merged_ab])
+
 
 def test_merge_equals_stack_and_records_its_parts(tiny_model_dir, ab, merged_ab):
     from transformers import AutoModelForCausalLM

@@ -233,24 +233,19 @@ def ensure_planted(corpus: DemoCorpus, settings: PlantSettings, root: Optional[P
 # ------------------------------------------------------------------------------ lifecycle
 
 def merged_secrets(planted: Path, adapter_dir: Path, corpus: DemoCorpus) -> dict:
-    """Merge the adapter into the planted model (lifecycle.merge_adapters); count what still leaks.
+    """Merge the adapter into the planted model (float32, as `icu-peft merge` does); count what still leaks.
 
-    The merged model (a full copy of the base) goes to a temporary directory and is deleted: the
-    demo only shows that merging keeps the forgetting; `icu-peft merge` writes one to keep.
+    The merged model stays in memory (lifecycle.merged_in_memory) and is dropped: the demo only shows
+    that merging keeps the forgetting; `icu-peft merge` writes one to keep.
     """
-    import tempfile
+    from ..lifecycle import merged_in_memory
+    from ..models import load_tokenizer
 
-    from ..lifecycle import merge_adapters
-    from ..models import load_base_model, load_tokenizer
-
-    with tempfile.TemporaryDirectory(prefix="icu-peft-demo-merged-") as tmp:
-        merged_dir = Path(tmp) / "merged"
-        merge_adapters(str(planted), [adapter_dir], merged_dir)
-        tok = load_tokenizer(str(merged_dir))
-        merged = load_base_model(str(merged_dir), quantize=False)
-        f = extract_secrets(merged, tok, corpus.probes(corpus.forget_people))
-        k = extract_secrets(merged, tok, corpus.probes(corpus.kept_people))
-        del merged
+    tok = load_tokenizer(str(planted))
+    merged = merged_in_memory(planted, [adapter_dir])
+    f = extract_secrets(merged, tok, corpus.probes(corpus.forget_people))
+    k = extract_secrets(merged, tok, corpus.probes(corpus.kept_people))
+    del merged
     return {"forgotten_secrets": sum(f), "forgotten_total": len(f), "kept_secrets": sum(k), "kept_total": len(k)}
 
 
