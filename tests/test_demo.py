@@ -91,3 +91,22 @@ def test_quick_demo_forgets_the_requested_people_and_keeps_the_rest(tmp_path):
             body = f.read_text()
             for p in corpus.forget_people:
                 assert p.name not in body and p.email not in body and p.account not in body
+
+
+def test_measure_group_reuses_given_scores_instead_of_rescoring(monkeypatch):
+    import icu_peft.metrics as M
+    from icu_peft.demo import run
+
+    def boom(*a, **k):
+        raise AssertionError("rescored although scores were given")
+
+    monkeypatch.setattr(M, "score_samples", boom)
+    monkeypatch.setattr(run, "extract_secrets", lambda model, tok, probes: [True, False, True])
+
+    class Model:
+        def eval(self):
+            return self
+
+    r = run.measure_group(Model(), None, ["a", "b"], [], scores=([0.2, 0.4], [0.0, 0.5]))
+    assert r["ma"] == pytest.approx(0.3) and r["el"] == pytest.approx(0.25) and r["el_max"] == 0.5
+    assert (r["secrets"], r["secrets_total"], r["count"]) == (2, 3, 2)

@@ -138,28 +138,36 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 160, ba
 
 @torch.no_grad()
 def measure_group(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe], el_n: int = 10,
-                  batch_size: int = 16, el: bool = True) -> dict:
+                  batch_size: int = 16, el: bool = True, scores: Optional[tuple] = None) -> dict:
     """Mean MA and EL_n of `texts`, and how many of the probes' secrets greedy decoding extracts.
 
     el=False skips EL_n (None in the result): on text the model no longer reproduces it costs a
-    greedy roll-out per position, minutes per group on a CPU.
+    greedy roll-out per position, minutes per group on a CPU. `scores` = (MA list, EL list) already
+    measured on this model for these texts (then only the secrets are extracted here).
     """
     from ..metrics import score_samples
 
-    seqs = [torch.tensor(tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
     model.eval()
-    s = score_samples(model, seqs, tokenizer.pad_token_id, el_n=el_n, batch_size=batch_size,
-                      el_max_ma=None if el else -1.0)
+    if scores is None:
+        seqs = [torch.tensor(tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
+        s = score_samples(model, seqs, tokenizer.pad_token_id, el_n=el_n, batch_size=batch_size,
+                          el_max_ma=None if el else -1.0)
+        ma, el_values = s.ma, s.el
+    else:
+        ma, el_values = scores
     hits = extract_secrets(model, tokenizer, probes)
-    els = [e for e in s.el if e is not None]
-    return {"count": len(texts), "ma": sum(s.ma) / len(s.ma), "el": sum(els) / len(els) if els else None,
-            "ma_max": max(s.ma), "el_max": max(els) if els else None, "secrets": sum(hits),
+    els = [e for e in el_values if e is not None]
+    return {"count": len(texts), "ma": sum(ma) / len(ma), "el": sum(els) / len(els) if els else None,
+            "ma_max": max(ma), "el_max": max(els) if els else None, "secrets": sum(hits),
             "secrets_total": len(hits)}
 
 
 def measure_all(model, tokenizer, corpus: DemoCorpus, general: Sequence[str], el_n: int = 10,
-                unseen: bool = True) -> dict:
-    out = {"forgotten": measure_group(model, tokenizer, corpus.forget_texts, corpus.probes(corpus.forget_people), el_n),
+                unseen: bool = True, forgotten_scores: Optional[tuple] = None) -> dict:
+    """Both groups and the perplexity; `forgotten_scores` ((MA list, EL list) of the forget texts, e.g.
+    from the forget report) spares re-scoring them: EL_n of forgotten text is the costliest measurement."""
+    out = {"forgotten": measure_group(model, tokenizer, corpus.forget_texts, corpus.probes(corpus.forget_people), el_n,
+                                      scores=forgotten_scores),
            "kept": measure_group(model, tokenizer, corpus.retain_texts, corpus.probes(corpus.kept_people), el_n),
            "perplexity": perplexity(model, tokenizer, general)}
     if unseen:
@@ -301,7 +309,12 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
                      output_dir=adapter_dir, base_model=base, tokenizer=tok)
         icu_report = res.report
         model = res.model
-        after = measure_all(model, tok, corpus, general, cfg.el_n, unseen=False)
+        # The forget report scored the forget texts on this very model (same tokens, eval mode): reuse them.
+        rows = icu_report["samples"]
+        if [r["tokens"] for r in rows] != [len(tok(t)["input_ids"]) for t in corpus.forget_texts]:
+            rows = None  # truncated by max_length: score them here on the whole texts
+        final = ([r["after"]["ma"] for r in rows], [r["after"]["el"] for r in rows]) if rows else None
+        after = measure_all(model, tok, corpus, general, cfg.el_n, unseen=False, forgotten_scores=final)
         say("[4/4] lifecycle: detaching and merging the adapter ...")
         with model.disable_adapter():
             detached = extract_secrets(model, tok, corpus.probes(corpus.forget_people))
