@@ -114,7 +114,7 @@ def build_scenario(args, tokenizer=None) -> dict:
         return dict(name="A", forget=c.forget_texts, retain=c.retain_texts, unseen=c.unseen_texts,
                     probes_forget=c.probes(c.forget_people), probes_retain=c.probes(c.kept_people),
                     probes_unseen=c.probes(list(c.unseen)), plant=c.texts, oracle=c.retain_texts,
-                    general=general, general_source=general_text_source(), max_length=128,
+                    general=general, general_source=general_text_source(), max_length=128, el_start=1,
                     sizes=dict(people=args.people, forgotten=len(c.forget_texts), kept=len(c.retain_texts),
                                unseen=len(c.unseen_texts)))
     if tokenizer is None:
@@ -134,9 +134,16 @@ def build_scenario(args, tokenizer=None) -> dict:
     pf, pr, pu = (_suffix_probes(x, tokenizer, half, 8) for x in (forget, retain, unseen))
     return dict(name="B", forget=forget, retain=retain, unseen=unseen, probes_forget=pf, probes_retain=pr,
                 probes_unseen=pu, plant=forget + retain, oracle=retain, general=general,
-                general_source=general_text_source(), max_length=args.b_tokens + 8,
+                general_source=general_text_source(), max_length=args.b_tokens + 8, el_start=b_el_start(args),
                 sizes=dict(forgotten=len(forget), kept=len(retain), unseen=len(unseen), tokens=args.b_tokens,
+                           el_start=b_el_start(args),
                            forget_set=args.b_forget_set, retain_set=args.b_retain_set, unseen_set=args.b_unseen_set))
+
+
+def b_el_start(args) -> int:
+    """B scores EL10 on prefixes from the middle of each sample on, as ICU's code does (t >= 150 of 200):
+    on 32 never-seen samples every position's greedy roll-out took tens of minutes on 2 CPU cores."""
+    return args.b_el_start if args.b_el_start else args.b_tokens // 2
 
 
 def planted_dirs(args, sc) -> tuple:
@@ -160,7 +167,8 @@ def measure(model, tok, sc, el_n: int = 10, unseen: bool = True) -> dict:
     from icu_peft.demo.run import measure_group, perplexity
     from icu_peft.mia import membership_inference, zlib_sizes_of
 
-    out = {"forget": measure_group(model, tok, sc["forget"], sc["probes_forget"], el_n),
+    es = sc["el_start"]
+    out = {"forget": measure_group(model, tok, sc["forget"], sc["probes_forget"], el_n, el_start=es),
            # retain: MA and secrets (the issue's figures); EL10 of drifting retain text would cost minutes
            "retain": measure_group(model, tok, sc["retain"], sc["probes_retain"], el_n, el=False),
            "perplexity": perplexity(model, tok, sc["general"])}
@@ -169,7 +177,7 @@ def measure(model, tok, sc, el_n: int = 10, unseen: bool = True) -> dict:
     mia = membership_inference(model, f, u, tok.pad_token_id, zlib_sizes_of(tok, f), zlib_sizes_of(tok, u))
     out["mia_auc"] = {k: v["auc"] for k, v in mia.items()}
     if unseen:
-        out["unseen"] = measure_group(model, tok, sc["unseen"], sc["probes_unseen"], el_n)
+        out["unseen"] = measure_group(model, tok, sc["unseen"], sc["probes_unseen"], el_n, el_start=es)
     return out
 
 
@@ -208,7 +216,7 @@ def worker(job: dict) -> dict:
     if job.get("method"):
         preset, over, _ = METHODS[job["method"]]
         kw = dict(learning_rate=args.lr, max_epochs=args.max_epochs, batch_size=args.batch_size, seed=0, progress=False, el_n=10,
-                  max_length=sc["max_length"])
+                  max_length=sc["max_length"], el_start=sc["el_start"])
         if not over.get("use_lora", True):
             kw.update(learning_rate=args.full_lr)
         kw.update(over)  # a method's own settings (e.g. icu's learning rate) win over the shared --lr
@@ -483,6 +491,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="A: corpus seed")
     p.add_argument("--b-samples", type=int, default=32, help="B: samples per set (forget, retain, unseen)")
     p.add_argument("--b-tokens", type=int, default=64, help="B: tokens each sample is truncated to")
+    p.add_argument("--b-el-start", type=int, default=0, help="B: shortest prefix EL10 scores (0: half of --b-tokens)")
     p.add_argument("--b-forget-set", default="32_0")
     p.add_argument("--b-retain-set", default="32_1")
     p.add_argument("--b-unseen-set", default="32_2")

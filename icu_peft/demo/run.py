@@ -138,7 +138,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 160, ba
 
 @torch.no_grad()
 def measure_group(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe], el_n: int = 10,
-                  batch_size: int = 16, el: bool = True, scores: Optional[tuple] = None) -> dict:
+                  batch_size: int = 16, el: bool = True, scores: Optional[tuple] = None, el_start: int = 1) -> dict:
     """Mean MA and EL_n of `texts`, and how many of the probes' secrets greedy decoding extracts.
 
     el=False skips EL_n (None in the result): on text the model no longer reproduces it costs a
@@ -150,7 +150,7 @@ def measure_group(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe
     model.eval()
     if scores is None:
         seqs = [torch.tensor(tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
-        s = score_samples(model, seqs, tokenizer.pad_token_id, el_n=el_n, batch_size=batch_size,
+        s = score_samples(model, seqs, tokenizer.pad_token_id, el_n=el_n, el_start=el_start, batch_size=batch_size,
                           el_max_ma=None if el else -1.0)
         ma, el_values = s.ma, s.el
     else:
