@@ -507,6 +507,8 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="print the tables of the saved results and exit")
     p.add_argument("--merge", default=None, metavar="FILE",
                    help="add the rows of another results JSON (a part run in parallel) to --out, then exit")
+    p.add_argument("--replace", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="with --merge: these rows of FILE replace the ones already there")
     p.add_argument("--plant-only", choices=["plant", "oracle", "both"], default=None,
                    help="only make sure the planted (and/or oracle) model is cached, then exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -529,7 +531,7 @@ def main(argv=None) -> int:
     if args.merge:
         path = Path(args.out or RESULTS / f"unlearning_{args.scenario}.json")
         data, other = load_results(path), load_results(Path(args.merge))
-        added = [k for k in other.get("rows", {}) if k not in data.get("rows", {})]
+        added = [k for k in other.get("rows", {}) if k not in data.get("rows", {}) or k in args.replace]
         data.setdefault("rows", {}).update({k: other["rows"][k] for k in added})
         for k in ("oracle_planting",):
             if k in other:

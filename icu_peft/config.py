@@ -78,6 +78,7 @@ class ICUConfig:
     criterion: str = field(default="ma_el", metadata={"help": "'ma_el': MA and EL_n at or below thresholds; 'bleu': ICU's generated-suffix BLEU criterion."})
     el_n: int = field(default=10, metadata={"help": "n of the extraction likelihood EL_n."})
     lazy_el: bool = field(default=True, metadata={"help": "During IUR compute EL_n only for samples whose MA passes (one failing MA is not forgotten anyway); final scores are complete."})
+    neighbour_micro_batch: int = field(default=4, metadata={"help": "Neighbour sequences per forward/backward pass (0: all at once, as ICU's code); same gradient, less activation memory."})
     reference_cache_mb: int = field(default=512, metadata={"help": "Memory (MB, CPU) for keeping the frozen reference's hidden states of samples already seen (0: recompute every step)."})
     retain_el: bool = field(default=False, metadata={"help": "Also score EL_n of the retain samples in the report (slow once retain text drifts: a roll-out per departure)."})
     el_start: int = field(default=1, metadata={"help": "Shortest prefix scored by EL_n (Jang: 1; ICU's code: 150 of 200)."})
@@ -117,6 +118,7 @@ class ICUConfig:
         need(self.forget_tokens in ("all", "predicted"), "forget_tokens must be 'all' or 'predicted'")
         need(self.use_lora or not self.quantize, "full fine-tuning (use_lora=False) needs quantize=False")
         need(self.retain_kl_samples >= 0, "retain_kl_samples must be >= 0")
+        need(self.neighbour_micro_batch >= 0, "neighbour_micro_batch must be >= 0")
         need(self.reference_cache_mb >= 0, "reference_cache_mb must be >= 0")
         need(self.no_retain in ("generate", "refuse"), "no_retain must be 'generate' or 'refuse'")
         need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")
@@ -130,14 +132,15 @@ class ICUConfig:
 
         icu:       -u*NLL(forget) + a*NLL(neighbour) + b*KL(ref||model), per-sample refinement, with
                    icu-peft's selective defaults (forget_tokens='predicted', retain_kl_samples=8)
-        icu_paper: the objective of ICU's reference code (every token ascends; neighbours only)
+        icu_paper: the objective of ICU's reference code (every token ascends; neighbours only; one
+                   forward/backward pass per step)
         ga:        Jang et al.'s KUMPR, gradient ascent alone until the means pass
         graddiff:  gradient ascent + NLL on retain text
         npo:       negative preference optimisation on the forget set + NLL on retain text
         """
         presets = {
             "icu": dict(),
-            "icu_paper": dict(forget_tokens="all", retain_kl_samples=0),
+            "icu_paper": dict(forget_tokens="all", retain_kl_samples=0, neighbour_micro_batch=0),
             "ga": dict(learn_weight=0.0, kl_weight=0.0, num_neighbours=0, iur=False, forget_tokens="all",
                        retain_kl_samples=0),
             "graddiff": dict(learn_weight=1.0, kl_weight=0.0, iur=False, forget_tokens="all", retain_kl_samples=0),

@@ -98,10 +98,26 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
         model.to(device)
     else:
         keep_4bit_trainable(model)
+        release_checkpoint_map(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def release_checkpoint_map(model) -> None:
+    """Copy the tensors a 4-bit load left as views of the memory-mapped checkpoint (embeddings, norms).
+
+    Quantizing reads every page of the safetensors file, and while one tensor still points into the
+    mapping all of those pages stay resident: ~0.4 GB for a 135M-parameter fp32 checkpoint, more than
+    the 4-bit model itself. Owning copies of the few unquantized tensors lets the mapping go.
+    """
+    import gc
+
+    for p in model.parameters():
+        if p.device.type == "cpu" and type(p).__name__ != "Params4bit":
+            p.data = p.data.clone()
+    gc.collect()
 
 
 def cache_root() -> Path:

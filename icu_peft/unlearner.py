@@ -263,18 +263,69 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
     zero = l_fgt.new_zeros(())
     l_lrn, l_kl = zero, zero
     if len(neighbour_seqs) and (config.learn_weight or config.kl_weight):
-        nids, nmask = (t.to(device) for t in pad_batch(neighbour_seqs, pad_id))
-        nh = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
-        if config.learn_weight:
-            s, c = chunked_token_nll(nh, head, nids, nmask, config.loss_chunk_size)
-            l_lrn = s / c.clamp(min=1)
-        if config.kl_weight:
-            with torch.no_grad():
-                ref_h = reference(nids, nmask)
-            s, c = chunked_kl_to_reference(nh, ref_h, head, nmask, config.loss_chunk_size)
-            l_kl = s / c.clamp(min=1)
+        s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs, pad_id, config, reference)
+        count = _target_count(neighbour_seqs)
+        l_lrn, l_kl = s_lrn / count, s_kl / count
     loss = icu_loss(l_fgt, l_lrn, l_kl, config.forget_weight, config.learn_weight, config.kl_weight)
     return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach())}
+
+
+def _target_count(seqs: Sequence[torch.Tensor]) -> int:
+    """Next-token targets of right-padded sequences: what the neighbour terms average over."""
+    return max(sum(max(len(x) - 1, 0) for x in seqs), 1)
+
+
+def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: ICUConfig, reference) -> tuple:
+    """(sum of NLL, sum of KL to the reference) over the neighbours' targets, with grad."""
+    device = model_device(model)
+    backbone, head = _parts(model)
+    nids, nmask = (t.to(device) for t in pad_batch(seqs, pad_id))
+    nh = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
+    s_lrn = s_kl = nh.new_zeros((), dtype=torch.float32)
+    if config.learn_weight:
+        s_lrn = chunked_token_nll(nh, head, nids, nmask, config.loss_chunk_size)[0]
+    if config.kl_weight:
+        with torch.no_grad():
+            ref_h = reference(nids, nmask)
+        s_kl = chunked_kl_to_reference(nh, ref_h, head, nmask, config.loss_chunk_size)[0]
+    return s_lrn, s_kl
+
+
+def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
+                      config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
+                      scale: float = 1.0) -> dict:
+    """Backpropagate `scale` x icu_step_loss(...); returns its terms as floats ("loss" NaN if non-finite).
+
+    With config.neighbour_micro_batch, the forget term and each slice of the neighbours get their own
+    forward/backward pass. The objective is a sum over tokens, so the accumulated gradient is the
+    same; the activations held at once are a slice's instead of the whole batch's. A non-finite piece
+    is not backpropagated: the caller discards the step.
+    """
+    if reference is None:
+        reference = adapter_disabled_reference(model)
+    micro = config.neighbour_micro_batch
+    if not micro or len(neighbour_seqs) <= micro or not (config.learn_weight or config.kl_weight):
+        out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights)
+        if not torch.isfinite(out["loss"]):
+            return {**out, "loss": float("nan")}
+        (out["loss"] * scale).backward()
+        return {**out, "loss": float(out["loss"].detach())}
+    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights)
+    if not torch.isfinite(first["loss"]):
+        return {**first, "loss": float("nan")}
+    (first["loss"] * scale).backward()
+    count = _target_count(neighbour_seqs)
+    lrn = kl = 0.0
+    for i in range(0, len(neighbour_seqs), micro):
+        s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs[i:i + micro], pad_id, config, reference)
+        piece = (config.learn_weight * s_lrn + config.kl_weight * s_kl) / count
+        if not torch.isfinite(piece):
+            return {**first, "loss": float("nan")}
+        (piece * scale).backward()
+        lrn += float(s_lrn.detach()) / count
+        kl += float(s_kl.detach()) / count
+    loss = float(first["loss"].detach()) + config.learn_weight * lrn + config.kl_weight * kl
+    return {"loss": loss, "l_fgt": first["l_fgt"], "l_lrn": lrn, "l_kl": kl}
 
 
 def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[bool]:
@@ -508,13 +559,11 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 extra = torch.randint(len(retain_set), (config.retain_kl_samples,), generator=gen).tolist()
                 n_seqs += [retain_set.input_ids[j] for j in extra]
             f_weights = [distinct[i] for i in mine] if distinct else None
-            out = icu_step_loss(model, f_seqs, n_seqs, pad_id, config, reference, f_weights)
-            loss = out["loss"] * weight
-            if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            out = icu_step_backward(model, f_seqs, n_seqs, pad_id, config, reference, f_weights, scale=weight)
+            if not math.isfinite(out["loss"]):
                 nan = True
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if world > 1:
                 # LoRA gradients are tiny: average them explicitly rather than wrap in DDP, because
                 # the loss calls the backbone directly (chunked logits), which DDP's forward hook misses.
