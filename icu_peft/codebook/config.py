@@ -24,7 +24,7 @@ class CodebookConfig:
 
     # --- the bottleneck ---
     layer: Optional[int] = field(default=None, metadata={"help": "Decoder layer (0-based) whose site output is snapped to codes; negative counts from the end; unset: the middle layer."})
-    site: str = field(default="residual", metadata={"help": "What is snapped: 'residual' (the layer's whole residual output), 'mlp' or 'attention' (only that sub-layer's output)."})
+    site: str = field(default="mlp", metadata={"help": "What is snapped: 'mlp' or 'attention' (only that sub-layer's output) or 'residual' (the layer's whole residual output)."})
     num_codes: int = field(default=1024, metadata={"help": "Number of code vectors in the codebook."})
     k: int = field(default=8, metadata={"help": "Top-k codes combined per hidden state."})
     similarity: str = field(default="cosine", metadata={"help": "How codes are ranked: 'cosine' or 'inner' (inner product)."})

@@ -8,13 +8,12 @@ chi-squared test -> a code-mask directory (code ids + manifest).
 
 from __future__ import annotations
 
-import math
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 

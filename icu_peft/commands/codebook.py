@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     t.add_argument("--out", required=True, help="output directory for the codebook")
     t.add_argument("--layer", type=int, help="decoder layer (0-based; negative from the end; default: middle)")
     t.add_argument("--site", choices=["residual", "mlp", "attention"],
-                   help="what is snapped: the layer's residual output, or only its MLP / self-attention output")
+                   help="what is snapped: only the layer's MLP (default) or self-attention output, or its whole residual output")
     t.add_argument("--num-codes", type=int, help="codebook size")
     t.add_argument("--k", type=int, help="top-k codes per hidden state")
     t.add_argument("--similarity", choices=["cosine", "inner"], help="code ranking")
