@@ -45,17 +45,22 @@ METHODS: Dict[str, tuple] = {
     # u=2 a=1 b=3, forget term on tokens not shared with the retain set, lr 3e-3
     "icu": ("icu", dict(learning_rate=3e-3, forget_weight=2.0, learn_weight=1.0, kl_weight=3.0,
                         forget_distinct_ngram=4, lora_layers=10), True),
+    # the same on an unquantized base: on a CPU, bitsandbytes' 4-bit matmuls dequantize every weight
+    # on every call, so this row shows the speed the 4-bit base costs there
+    "icu-fp32": ("icu", dict(learning_rate=3e-3, forget_weight=2.0, learn_weight=1.0, kl_weight=3.0,
+                             forget_distinct_ngram=4, lora_layers=10, quantize=False), False),
     "icu-paper": ("icu_paper", {}, True),
     "icu-full": ("icu_paper", {"use_lora": False, "quantize": False}, False),
     "ga": ("ga", {}, True),
     "graddiff": ("graddiff", {}, True),
     "npo": ("npo", {}, True),
 }
-ROW_ORDER = ["before-4bit", "before-fp32", "icu", "icu-paper", "icu-full", "ga", "graddiff", "npo", "oracle"]
+ROW_ORDER = ["before-4bit", "before-fp32", "icu", "icu-fp32", "icu-paper", "icu-full", "ga", "graddiff", "npo", "oracle"]
 LABELS = {
     "before-4bit": "planted model, 4-bit (before)",
     "before-fp32": "planted model, fp32 (before)",
     "icu": "**icu-peft** (method icu, record settings: LoRA r=8 in the last 10 layers, 4-bit base)",
+    "icu-fp32": "icu-peft settings on an fp32 base (no quantization)",
     "icu-paper": "ICU objective of the paper's code, LoRA r=8, 4-bit base",
     "icu-full": "ICU, full fine-tuning, fp32 (the published algorithm)",
     "ga": "gradient ascent (Jang et al. KUMPR), LoRA 4-bit",
@@ -63,7 +68,7 @@ LABELS = {
     "npo": "NPO (+ retain NLL), LoRA 4-bit",
     "oracle": "oracle: planted without the forget set, 4-bit",
 }
-DEFAULT_METHODS = ["icu", "icu-paper", "icu-full", "ga", "graddiff", "npo", "oracle"]
+DEFAULT_METHODS = ["icu", "icu-fp32", "icu-paper", "icu-full", "ga", "graddiff", "npo", "oracle"]
 
 
 def plant_settings(args):
