@@ -7,7 +7,8 @@
    (the "never seen" level).
 2. Codebook: trained once on WikiText (validation rows 0-399) plus the planted facts, base frozen,
    on the --site of --layer (default: the MLP output of the middle layer); its perplexity cost is
-   measured on WikiText rows 400-419. Cached in WORK_DIR/codebook-SITE-LAYER-CODES-K-STEPS[-ptR].
+   measured on WikiText rows 400-419. Cached in WORK_DIR/codebook-SITE-LAYER-CODES-K-STEPS[-ptR][-recR].
+   --recovery-lora-r R trains a LoRA of rank R in the layers after the codebook jointly with it.
 3. Forget topic 0 ("Zorbania") both ways, from the same 8 facts:
    - CodeUnlearn: `forget_topic` with the topic's names as --topic-words (contrast built from them);
    - ICU: `icu_peft.unlearner.forget` with a WikiText retain pool and the unplanted topic as unseen.
@@ -258,6 +259,8 @@ def main():
     ap.add_argument("--max-p", type=float, default=1e-3)
     ap.add_argument("--passthrough", type=float, default=10.0,
                     help="codebook passthrough_norm_ratio (0: snap every position, as before the fix)")
+    ap.add_argument("--recovery-lora-r", type=int, default=0,
+                    help="train a recovery LoRA of this rank jointly with the codebook in the layers after it (0: none)")
     ap.add_argument("--skip-icu", action="store_true", help="only the codebook and the code mask")
     ap.add_argument("--ablate", action="store_true",
                     help="only zero the --site output of each layer in turn and score the facts (no codebook): "
@@ -299,16 +302,17 @@ def main():
 
     print("2. codebook (trained once)", flush=True)
     cb_dir = work / (f"codebook-{args.site}-{args.layer}-{args.num_codes}-{args.k}-{args.steps}"
-                     + (f"-pt{args.passthrough:g}" if args.passthrough else ""))
+                     + (f"-pt{args.passthrough:g}" if args.passthrough else "")
+                     + (f"-rec{args.recovery_lora_r}" if args.recovery_lora_r else ""))
     facts_all = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
     if not cb_dir.exists():
         cfg = CodebookConfig(layer=args.layer, site=args.site, num_codes=args.num_codes, k=args.k, steps=args.steps,
                              batch_size=4, max_length=64, kmeans_tokens=8000, dead_code_interval=25, progress=False,
-                             passthrough_norm_ratio=args.passthrough)
+                             passthrough_norm_ratio=args.passthrough, recovery_lora_r=args.recovery_lora_r)
         train_codebook(cfg, rows[:400] + facts_all, model, tok, eval_texts=rows[400:420], output_dir=cb_dir,
                        base_name="SmolLM2-135M-Instruct (planted)")
     results["codebook_manifest"] = {k: v for k, v in json.loads((cb_dir / "forget_manifest.json").read_text()).items()
-                                    if k in ("perplexity", "wall_time_s", "config", "layer_index", "training")}
+                                    if k in ("perplexity", "wall_time_s", "config", "layer_index", "training", "recovery")}
     load_codebook_model(model, cb_dir)
     print("   planted + codebook (no mask):", flush=True)
     results["codebook"] = evaluate(model, tok, wiki_eval)

@@ -11,6 +11,7 @@ import torch
 
 from icu_peft.codebook import (CodebookConfig, CodeForgetConfig, describe, forget_topic, load_codebook_model,
                                read_code_mask, read_codebook, revoke_mask, stack_masks, train_codebook, verify_dir)
+from icu_peft.adapters import read_manifest
 from icu_peft.codebook.api import write_code_mask
 from icu_peft.codebook.forget import chi2_2x2, chi2_sf_1df, make_contrast, select_topic_codes
 from icu_peft.codebook.layer import CodebookLayer, combine_codes, kmeans, topk_codes
@@ -591,7 +592,7 @@ def test_mlp_site_is_saved_reloaded_and_masking_hits_topic_more_than_contrast(tm
 def test_codebook_saved_before_sites_loads_as_residual(tmp_path, mlp_codebook_dir, base):
     """Old codebook dirs have no `site` in codebook_config.json: they snapped the residual stream,
     whatever the field's default is now."""
-    from icu_peft.adapters import read_manifest, write_manifest
+    from icu_peft.adapters import write_manifest
     from icu_peft.codebook.layer import attach
 
     model, tok = base
@@ -613,3 +614,104 @@ def test_codebook_saved_before_sites_loads_as_residual(tmp_path, mlp_codebook_di
     at_mlp, _ = logits(model, tok, texts)
     detach(model)
     assert torch.equal(want, got) and not torch.allclose(got, at_mlp)
+
+
+# ------------------------------------------------------------------------------ recovery LoRA
+
+
+@pytest.fixture(scope="module")
+def recovery_codebook_dir(tmp_path_factory, base):
+    model, tok = base
+    out = tmp_path_factory.mktemp("codebook-recovery") / "cb"
+    # Layer 0 of the 2-layer tiny model, so that there is a decoder layer after the bottleneck to adapt.
+    cfg = CodebookConfig(site="residual", layer=0, recovery_lora_r=4, recovery_learning_rate=3e-3,
+                         **dict(CFG, steps=20))
+    res = train_codebook(cfg, general_text(), model, tok, output_dir=out)
+    return out, res
+
+
+def _has_lora(model) -> bool:
+    return any("lora_" in name for name, _ in model.named_modules())
+
+
+def test_recovery_lora_is_saved_reloaded_identically_and_detached_exactly(recovery_codebook_dir, base):
+    from safetensors.torch import load_file
+
+    out, res = recovery_codebook_dir
+    model, tok = base
+    assert not _has_lora(model) and not hasattr(model, "peft_config")  # training left the base as it was
+    files = read_manifest(out)["files"]
+    assert "recovery/adapter_model.safetensors" in files and "recovery/adapter_config.json" in files
+    lora = load_file(str(out / "recovery" / "adapter_model.safetensors"))
+    assert lora and all(".layers.1." in k for k in lora)  # only the layer after the bottleneck
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())  # it trained (B starts at zero)
+    assert res.manifest["recovery"]["layers"] == [1, 1] and describe(out)["recovery_lora_r"] == 4
+
+    text = topic_sentences(3, seed=99)
+    plain, _ = logits(model, tok, text)
+    load_codebook_model(model, out)
+    assert _has_lora(model)
+    with_recovery, _ = logits(model, tok, text)
+    load_codebook_model(model, out)  # replacing an attached codebook also replaces its recovery LoRA
+    again, _ = logits(model, tok, text)
+    # the same codebook without the LoRA: the LoRA really is in the path
+    from icu_peft.codebook.layer import attach
+
+    model.icu_codebook.remove()
+    hook = attach(model, read_codebook(out).build_layer(), 0, "residual")
+    codes_only, _ = logits(model, tok, text)
+    hook.remove()
+    detach(model)
+    after, _ = logits(model, tok, text)
+    assert torch.equal(with_recovery, again)
+    assert not torch.allclose(with_recovery, codes_only)
+    assert torch.equal(after, plain) and not _has_lora(model)  # detaching restores the base exactly
+
+
+def test_recovery_codebook_masks_and_forgets_as_before(tmp_path, recovery_codebook_dir, base):
+    out, _ = recovery_codebook_dir
+    model, tok = base
+    mask_dir = tmp_path / "mask"
+    forget_topic(CodeForgetConfig(min_ratio=1.0, max_p=1.0, bonferroni=False, max_codes=4, request_id="r"),
+                 model, tok, out, topic_sentences(12, seed=21), topic_words=TOPIC_WORDS, output_dir=mask_dir)
+    assert not _has_lora(model)  # forget_topic detaches what it attached
+    text = topic_sentences(3, seed=5)
+    load_codebook_model(model, out)
+    unmasked, _ = logits(model, tok, text)
+    load_codebook_model(model, out, [mask_dir])
+    masked, _ = logits(model, tok, text)
+    detach(model)
+    assert read_code_mask(mask_dir).codes and not torch.allclose(unmasked, masked)
+
+
+def test_tampered_or_missing_recovery_adapter_refused(tmp_path, recovery_codebook_dir, base):
+    from safetensors.torch import load_file, save_file
+
+    out, _ = recovery_codebook_dir
+    model, _ = base
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    w = load_file(str(bad / "recovery" / "adapter_model.safetensors"))
+    key = next(k for k in w if "lora_B" in k)
+    w[key] = w[key] + 0.1
+    save_file(w, str(bad / "recovery" / "adapter_model.safetensors"))
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
+        load_codebook_model(model, bad)
+    assert not _has_lora(model) and not hasattr(model, "icu_codebook")
+    # dropping the adapter and its manifest entries does not turn it into a plain codebook
+    gone = tmp_path / "gone"
+    shutil.copytree(out, gone)
+    shutil.rmtree(gone / "recovery")
+    m = read_manifest(gone)
+    m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("recovery/")}
+    (gone / "forget_manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match="recovery"):
+        read_codebook(gone)
+
+
+def test_recovery_needs_a_layer_after_the_bottleneck(base):
+    model, tok = base
+    with pytest.raises(InputError, match="after the bottleneck"):
+        train_codebook(CodebookConfig(site="residual", layer=-1, recovery_lora_r=4, **dict(CFG, steps=1)),
+                       general_text(), model, tok)
+    assert not _has_lora(model)

@@ -4,6 +4,9 @@
       codebook.safetensors               {"weight": (num_codes, hidden_size)}
       codebook_config.json               CodebookConfig (with the site) + the resolved layer index and hidden size
       forget_manifest.json               kind "codebook": base fingerprint, perplexity cost, file sha256s
+      recovery/                          only with recovery_lora_r > 0: the PEFT LoRA adapter trained jointly
+        adapter_model.safetensors        with the codes in the layers after the bottleneck (hashed in the
+        adapter_config.json              manifest like every other file; attached and removed with the codebook)
 
     MASK_DIR/                            one forget request (or a stack of them)
       code_mask.safetensors              {"codes": int64 ids, the union over `requests`}
@@ -33,6 +36,9 @@ from .layer import CodebookLayer, attach, decoder_layers, site_module
 CODEBOOK_WEIGHTS = "codebook.safetensors"
 CODEBOOK_CONFIG = "codebook_config.json"
 MASK_WEIGHTS = "code_mask.safetensors"
+RECOVERY_DIR = "recovery"
+RECOVERY_ADAPTER = "codebook_recovery"
+RECOVERY_FILES = ("adapter_model.safetensors", "adapter_config.json")
 KIND_CODEBOOK = "codebook"
 KIND_MASK = "code_mask"
 METHOD = "codeunlearn"
@@ -42,12 +48,18 @@ METHOD = "codeunlearn"
 
 
 def save_codebook(layer: CodebookLayer, config: CodebookConfig, layer_index: int, manifest: dict,
-                  output_dir: str | Path, overwrite: bool = False) -> dict:
-    """Write the codebook directory atomically; returns the final manifest."""
+                  output_dir: str | Path, overwrite: bool = False, recovery=None) -> dict:
+    """Write the codebook directory atomically (with the recovery PeftModel's adapter, if given); returns the manifest."""
     from safetensors.torch import save_file
 
+    if (recovery is None) != (config.recovery_lora_r == 0):
+        raise InputError("a recovery adapter is saved exactly when config.recovery_lora_r > 0")
     with atomic_output_dir(output_dir, overwrite) as tmp:
         save_file({"weight": layer.weight.detach().float().cpu().contiguous()}, str(tmp / CODEBOOK_WEIGHTS))
+        if recovery is not None:
+            recovery.save_pretrained(str(tmp / RECOVERY_DIR), safe_serialization=True,
+                                     selected_adapters=[RECOVERY_ADAPTER])
+            _flatten_adapter_dir(tmp / RECOVERY_DIR)
         cfg = dict(config.to_dict(), layer_index=layer_index, hidden_size=int(layer.weight.shape[1]))
         (tmp / CODEBOOK_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         body = dict(manifest, format=MANIFEST_FORMAT, kind=KIND_CODEBOOK, method=METHOD)
@@ -64,6 +76,7 @@ class Codebook:
     config: CodebookConfig
     layer_index: int
     weight: torch.Tensor
+    recovery_dir: Optional[Path] = None  # the recovery LoRA (a PEFT adapter directory), when trained with one
 
     @property
     def sha256(self) -> str:
@@ -103,7 +116,41 @@ def read_codebook(directory: str | Path) -> Codebook:
         raise IntegrityError(f"{directory}: malformed codebook ({e})") from None
     if tuple(weight.shape) != (config.num_codes, hidden):
         raise IntegrityError(f"{directory}: codebook shape {tuple(weight.shape)} does not match its config")
-    return Codebook(directory, manifest, config, layer_index, weight)
+    recovery_dir = None
+    listed = {f"{RECOVERY_DIR}/{name}" for name in RECOVERY_FILES} & set(manifest["files"])
+    if config.recovery_lora_r:
+        # verify_files has checked the hashes of what is listed; here: the adapter must be listed at all.
+        if len(listed) != len(RECOVERY_FILES):
+            raise IntegrityError(f"{directory}: recovery_lora_r is {config.recovery_lora_r} but the recovery adapter "
+                                 f"files are not all in the manifest")
+        recovery_dir = directory / RECOVERY_DIR
+    elif listed or (directory / RECOVERY_DIR).exists():
+        raise IntegrityError(f"{directory}: has a {RECOVERY_DIR}/ adapter but its config says recovery_lora_r 0")
+    return Codebook(directory, manifest, config, layer_index, weight, recovery_dir)
+
+
+def _flatten_adapter_dir(path: Path) -> None:
+    """PEFT saves a named (non-"default") adapter into a sub-directory of that name; keep one flat directory."""
+    nested = path / RECOVERY_ADAPTER
+    if nested.is_dir():
+        for f in nested.iterdir():
+            f.replace(path / f.name)
+        nested.rmdir()
+
+
+def _attach_recovery(model, codebook: Codebook):
+    """Inject the codebook's recovery LoRA into `model` in place; returns the PeftModel wrapper (for unload)."""
+    from peft import PeftModel
+
+    if hasattr(model, "peft_config"):
+        raise InputError(f"{codebook.directory} has a recovery LoRA: attach it to a plain base model, "
+                         "not one that already carries PEFT adapters")
+    try:
+        wrapper = PeftModel.from_pretrained(model, str(codebook.recovery_dir), adapter_name=RECOVERY_ADAPTER,
+                                            is_trainable=False)
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise IntegrityError(f"{codebook.directory}: the recovery adapter does not fit this base ({e})") from None
+    return wrapper
 
 
 # ------------------------------------------------------------------------------ code masks
@@ -240,17 +287,22 @@ def revoke_mask(mask_dir: str | Path, request_ids: Sequence[str], output_dir: st
 class CodebookHandle:
     """What load_codebook_model leaves on the model (`model.icu_codebook`): the layer, masks, hook."""
 
-    def __init__(self, layer: CodebookLayer, hook, codebook: Codebook, masks: List[CodeMask], codes: List[int], mode: str):
+    def __init__(self, layer: CodebookLayer, hook, codebook: Codebook, masks: List[CodeMask], codes: List[int], mode: str,
+                 recovery=None):
         self.layer, self.hook, self.codebook, self.masks = layer, hook, codebook, masks
         self.codes, self.mode = codes, mode
+        self.recovery = recovery  # PeftModel wrapper of the recovery LoRA (injected in place), or None
 
     def set_codes(self, codes: Sequence[int], mode: Optional[str] = None) -> None:
         self.codes, self.mode = sorted(set(int(c) for c in codes)), mode or self.mode
         self.layer.set_mask(self.codes, self.mode)
 
     def remove(self) -> None:
-        """Detach the bottleneck: the model is the plain base again."""
+        """Detach the bottleneck (and the recovery LoRA): the model is the plain base again."""
         self.hook.remove()
+        if self.recovery is not None:
+            self.recovery.unload()  # puts the base's own linear modules back in place
+            self.recovery = None
 
 
 def verify_dir(directory: str | Path, fingerprint: Optional[dict] = None, force: bool = False) -> dict:
@@ -271,7 +323,7 @@ def load_codebook_model(base, codebook_dir: str | Path, mask_dirs: Sequence[str 
                         force: bool = False, **load_kw):
     """The base causal LM with the codebook bottleneck hooked in and the union of `mask_dirs` masked.
 
-    `base` is a loaded model (a PeftModel is fine) or a model name/path for
+    `base` is a loaded model (a PeftModel is fine, unless the codebook has a recovery LoRA) or a model name/path for
     icu_peft.models.load_base_model (`load_kw`: quantize, gguf_file, ...). Every directory is
     integrity-checked; the codebook and the masks must belong to this base (unless `force`) and the
     masks to this codebook (always). A model that already carries a codebook gets it replaced.
@@ -298,10 +350,11 @@ def load_codebook_model(base, codebook_dir: str | Path, mask_dirs: Sequence[str 
     old = getattr(model, "icu_codebook", None)
     if old is not None:
         old.remove()
+    recovery = _attach_recovery(model, codebook) if codebook.recovery_dir is not None else None
     layer = codebook.build_layer()
     layer.set_mask(codes, mode)
     hook = attach(model, layer, codebook.layer_index, codebook.config.site)
-    model.icu_codebook = CodebookHandle(layer, hook, codebook, masks, codes, mode)
+    model.icu_codebook = CodebookHandle(layer, hook, codebook, masks, codes, mode, recovery)
     return model
 
 
@@ -317,6 +370,7 @@ def describe(directory: str | Path) -> dict:
         out.update(layer=cfg.get("layer_index"), site=cfg.get("site", "residual"), num_codes=cfg.get("num_codes"), k=cfg.get("k"),
                    similarity=cfg.get("similarity"), combine=cfg.get("combine"),
                    codebook_sha256=manifest["files"].get(CODEBOOK_WEIGHTS, "")[:12],
+                   recovery_lora_r=cfg.get("recovery_lora_r", 0),
                    perplexity=manifest.get("perplexity"), wall_time_s=manifest.get("wall_time_s"))
     elif kind == KIND_MASK:
         out.update(request_id=manifest.get("request_id"), mode=manifest.get("mode"),

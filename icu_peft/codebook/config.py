@@ -31,7 +31,12 @@ class CodebookConfig:
     passthrough_norm_ratio: float = field(default=10.0, metadata={"help": "Positions whose hidden norm exceeds this x the median pass through unsnapped (attention sinks); 0: snap all."})
     combine: str = field(default="mean", metadata={"help": "How the k codes make the output: 'mean' or 'sum'."})
 
-    # --- training (base frozen; only the codebook trains) ---
+    # --- optional recovery LoRA: the layers after the bottleneck learn to read the codes ---
+    recovery_lora_r: int = field(default=0, metadata={"help": "Rank of a LoRA trained jointly with the codebook in every decoder layer after the bottleneck (base frozen); 0: none."})
+    recovery_lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha of the recovery adapter (scale alpha / r)."})
+    recovery_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the recovery LoRA weights."})
+
+    # --- training (base frozen; only the codebook, and the recovery LoRA if any, train) ---
     steps: int = field(default=300, metadata={"help": "Optimisation steps."})
     batch_size: int = field(default=8, metadata={"help": "Token windows per step."})
     max_length: int = field(default=128, metadata={"help": "Training texts are cut into windows of this many tokens."})
@@ -58,6 +63,9 @@ class CodebookConfig:
         _need(self.recon_weight >= 0, "recon_weight must be >= 0")
         _need(self.kmeans_tokens >= self.num_codes, "kmeans_tokens must be >= num_codes")
         _need(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
+        _need(self.recovery_lora_r >= 0, "recovery_lora_r must be >= 0")
+        _need(self.recovery_lora_alpha > 0, "recovery_lora_alpha must be > 0")
+        _need(self.recovery_learning_rate > 0, "recovery_learning_rate must be > 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -3,6 +3,11 @@
 Read top to bottom: windows -> base perplexity -> hidden states at the layer -> k-means init ->
 [step: LM loss through the bottleneck + reconstruction loss -> AdamW on the codes; every
 `dead_code_interval` steps re-seed codes nobody used] -> perplexity with the bottleneck -> save.
+
+With `recovery_lora_r` > 0 a LoRA in the decoder layers after the bottleneck trains jointly with the
+codes on the same loss (the base's own weights stay frozen), so that those layers learn to read the
+snapped states; it is saved as a PEFT adapter in CODEBOOK_DIR/recovery/ and removed from the model
+afterwards.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from ..losses import chunked_token_nll
 from ..metrics import backbone_and_head, model_device
 from ..models import base_fingerprint
 from ..adapters import utc_now
-from .api import save_codebook
+from .api import RECOVERY_ADAPTER, RECOVERY_DIR, save_codebook
 from .config import CodebookConfig
 from .evaluate import lm_scores, windows
-from .layer import CodebookLayer, attach, capture, kmeans, massive_positions, resolve_layer, site_module
+from .layer import (CodebookLayer, attach, capture, decoder_layers, kmeans, massive_positions, resolve_layer,
+                    site_module)
 
 logger = logging.getLogger("icu_peft")
 
@@ -102,10 +108,6 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
                    eval_texts: Optional[Sequence[str]] = None, output_dir: Optional[str | Path] = None,
                    overwrite: bool = False, base_name: Optional[str] = None) -> CodebookResult:
     """Train a codebook on `texts` for the frozen `base_model`; save it to `output_dir` if given."""
-    from tqdm.auto import tqdm
-
-    from ..unlearner import library_versions, peak_memory_mb
-
     t0 = time.time()
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
@@ -113,6 +115,8 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
     g = torch.Generator().manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id
     layer_index = resolve_layer(base_model, config.layer)
+    if config.recovery_lora_r and layer_index == len(decoder_layers(base_model)) - 1:  # fail before any heavy work
+        raise InputError(f"recovery_lora_r needs decoder layers after the bottleneck; layer {layer_index} is the last")
     seqs = windows(tokenizer, texts, config.max_length)
     if not seqs:
         raise InputError("no training text left after tokenization (texts shorter than 8 tokens?)")
@@ -141,16 +145,62 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
     hook = attach(base_model, layer, layer_index, config.site)
     init_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
 
-    # training: only the code vectors move
+    # The recovery LoRA is injected in place (the forward passes below still go through base_model)
+    # and is a no-op until its first step (PEFT starts lora_B at zero), so init_eval above is unaffected.
+    recovery = _attach_recovery(base_model, layer_index, config) if config.recovery_lora_r else None
+    try:
+        history, replaced_total = _train_steps(base_model, layer, recovery, seqs, pad_id, config, g)
+        cb_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
+        used_eval = _codes_used(base_model, layer, eval_seqs or seqs[:32], pad_id)
+        manifest = _manifest(config, base_model, base_name, layer_index, seqs, eval_seqs, eval_texts, history,
+                             replaced_total, base_eval, init_eval, cb_eval, used_eval, recovery, t0)
+        out = None
+        if output_dir is not None:
+            manifest = save_codebook(layer, config, layer_index, manifest, output_dir, overwrite, recovery=recovery)
+            out = Path(output_dir)
+    finally:
+        hook.remove()
+        if recovery is not None:
+            # Put the base's own linear layers back: the caller gets its model as it was.
+            recovery.unload()
+    return CodebookResult(layer, layer_index, manifest, out)
+
+
+def _attach_recovery(model, layer_index: int, config: CodebookConfig):
+    """A fresh LoRA (PEFT) in every decoder layer after the bottleneck: those must learn to read the codes."""
+    from ..models import attach_lora
+
+    if hasattr(model, "peft_config"):
+        raise InputError("recovery_lora_r needs a plain base model (this one already carries PEFT adapters)")
+    after = len(decoder_layers(model)) - 1 - layer_index
+    if after < 1:
+        raise InputError(f"recovery_lora_r needs decoder layers after the bottleneck; layer {layer_index} is the last")
+    peft_model = attach_lora(model, r=config.recovery_lora_r, alpha=config.recovery_lora_alpha, last_layers=after,
+                             adapter_name=RECOVERY_ADAPTER)
+    n = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info("recovery LoRA r=%d in layers %d-%d: %d trainable parameters", config.recovery_lora_r,
+                layer_index + 1, layer_index + after, n)
+    return peft_model
+
+
+def _train_steps(model, layer: CodebookLayer, recovery, seqs, pad_id: int, config: CodebookConfig,
+                 g: torch.Generator):
+    """The optimisation loop: the code vectors (and the recovery LoRA) move, the base stays frozen."""
+    from tqdm.auto import tqdm
+
     layer.keep_last = True
-    optimizer = torch.optim.AdamW([layer.weight], lr=config.learning_rate, weight_decay=0.0)
+    groups = [{"params": [layer.weight], "lr": config.learning_rate}]
+    if recovery is not None:
+        groups.append({"params": [p for p in recovery.parameters() if p.requires_grad],
+                       "lr": config.recovery_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     usage = torch.zeros(config.num_codes, dtype=torch.long)
     replaced_total, history = 0, []
     try:
         bar = tqdm(range(config.steps), desc="codebook", disable=not config.progress, leave=False, dynamic_ncols=True)
         for step in bar:
             batch_idx = torch.randint(0, len(seqs), (config.batch_size,), generator=g).tolist()
-            lm, recon, idx, h_now = _lm_and_recon(base_model, layer, [seqs[i] for i in batch_idx], pad_id, config)
+            lm, recon, idx, h_now = _lm_and_recon(model, layer, [seqs[i] for i in batch_idx], pad_id, config)
             loss = lm + config.recon_weight * recon
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -167,10 +217,15 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
     finally:
         layer.keep_last, layer.last = False, None
         layer.weight.requires_grad_(False)
+        if recovery is not None:
+            for p in recovery.parameters():
+                p.requires_grad_(False)
+    return history, replaced_total
 
-    cb_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
-    used_eval = _codes_used(base_model, layer, eval_seqs or seqs[:32], pad_id)
-    hook.remove()
+
+def _manifest(config, base_model, base_name, layer_index, seqs, eval_seqs, eval_texts, history, replaced_total,
+              base_eval, init_eval, cb_eval, used_eval, recovery, t0) -> dict:
+    from ..unlearner import library_versions, peak_memory_mb
 
     def ppl(s):
         return None if s is None else {"nll": round(s["nll"], 4), "ppl": round(s["ppl"], 3), "ma": round(s["ma"], 4),
@@ -193,14 +248,17 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
         **{k: round(v, 1) for k, v in peak_memory_mb().items()},
         "versions": library_versions(),
     }
+    if recovery is not None:
+        n_layers = len(decoder_layers(base_model))
+        manifest["recovery"] = {"directory": RECOVERY_DIR, "r": config.recovery_lora_r,
+                                "alpha": config.recovery_lora_alpha, "layers": [layer_index + 1, n_layers - 1],
+                                "trainable_parameters": sum(p.numel() for n, p in recovery.named_parameters()
+                                                            if "lora_" in n)}
     if base_eval and cb_eval:
-        logger.info("perplexity on %d eval windows: base %.3f, k-means init %.3f, trained codebook %.3f",
-                    len(eval_seqs), base_eval["ppl"], init_eval["ppl"], cb_eval["ppl"])
-    out = None
-    if output_dir is not None:
-        manifest = save_codebook(layer, config, layer_index, manifest, output_dir, overwrite)
-        out = Path(output_dir)
-    return CodebookResult(layer, layer_index, manifest, out)
+        logger.info("perplexity on %d eval windows: base %.3f, k-means init %.3f, trained codebook%s %.3f",
+                    len(eval_seqs), base_eval["ppl"], init_eval["ppl"],
+                    " + recovery LoRA" if recovery is not None else "", cb_eval["ppl"])
+    return manifest
 
 
 def _reseed_dead(layer: CodebookLayer, optimizer, dead: torch.Tensor, h: torch.Tensor, g: torch.Generator) -> int:

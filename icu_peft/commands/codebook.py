@@ -40,6 +40,10 @@ def add_parser(sub) -> None:
     t.add_argument("--recon-weight", type=float, help="weight of the reconstruction loss")
     t.add_argument("--kmeans-tokens", type=int, help="hidden states for the k-means init")
     t.add_argument("--dead-code-interval", type=int, help="re-seed unused codes every N steps (0: never)")
+    t.add_argument("--recovery-lora-r", type=int,
+                   help="rank of a LoRA trained jointly with the codes in the layers after the bottleneck (0: none)")
+    t.add_argument("--recovery-lora-alpha", type=int, help="LoRA alpha of the recovery adapter")
+    t.add_argument("--recovery-lr", dest="recovery_learning_rate", type=float, help="learning rate of the recovery LoRA")
     t.add_argument("--seed", type=int, help="random seed")
     t.add_argument("--text-field", default="text", help="jsonl field / csv column holding the text")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -117,7 +121,8 @@ def run_train(args) -> int:
     from ..data import read_texts
 
     keys = ("layer", "site", "num_codes", "k", "similarity", "combine", "steps", "batch_size", "max_length", "learning_rate",
-            "recon_weight", "kmeans_tokens", "dead_code_interval", "seed")
+            "recon_weight", "kmeans_tokens", "dead_code_interval", "seed", "recovery_lora_r", "recovery_lora_alpha",
+            "recovery_learning_rate")
     over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.no_progress:
         over["progress"] = False
@@ -128,7 +133,8 @@ def run_train(args) -> int:
     model, tok = _load(args)
     res = train_codebook(cfg, texts, model, tok, eval_texts, args.out, args.overwrite, base_name=args.model)
     p = res.manifest["perplexity"]
-    print(f"codebook written to {res.output_dir} (layer {res.layer_index} {cfg.site}, {cfg.num_codes} codes, top-{cfg.k}, "
+    rec = f", recovery LoRA r={cfg.recovery_lora_r}" if cfg.recovery_lora_r else ""
+    print(f"codebook written to {res.output_dir} (layer {res.layer_index} {cfg.site}, {cfg.num_codes} codes, top-{cfg.k}{rec}, "
           f"{res.manifest['wall_time_s']:.1f} s)")
     if p["base"] and p["codebook"]:
         print(f"  perplexity on {p['eval_windows']} eval windows: base {p['base']['ppl']:.3f} -> with bottleneck "
