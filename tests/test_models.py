@@ -1,5 +1,7 @@
 """Loading: 4-bit bases stay trainable after an eval pass; fingerprints tell bases apart."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +64,36 @@ def test_lora_layers_puts_lora_in_the_last_layers_only(tiny_model_dir):
     model = attach_lora(base, last_layers=1)
     with_lora = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
     assert with_lora == {total - 1}
+
+
+def _checkpoint_maps():
+    """Address ranges of memory-mapped .safetensors files in this process (Linux)."""
+    out = []
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            out.append((a, b))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_a_4bit_load_lets_go_of_the_checkpoint_map(tiny_model_dir, monkeypatch):
+    """After a 4-bit load no parameter points into the memory-mapped checkpoint (which would keep every
+    page quantization read resident), and the copies hold the same values."""
+    import icu_peft.models as M
+    from safetensors.torch import load_file
+
+    def inside(model):
+        maps = _checkpoint_maps()
+        return [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in maps)]
+
+    model = load_base_model(str(tiny_model_dir), quantize=True)
+    assert inside(model) == []
+    saved = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert torch.equal(model.get_input_embeddings().weight.detach().float(), saved["model.embed_tokens.weight"].float())
+    del model
+    # the check can fail: without the release, the unquantized tensors are views of the map
+    monkeypatch.setattr(M, "release_checkpoint_map", lambda m: None)
+    kept = load_base_model(str(tiny_model_dir), quantize=True)
+    assert inside(kept), "expected views of the checkpoint without release_checkpoint_map"
