@@ -261,6 +261,11 @@ def main():
                     help="codebook passthrough_norm_ratio (0: snap every position, as before the fix)")
     ap.add_argument("--recovery-lora-r", type=int, default=0,
                     help="train a recovery LoRA of this rank jointly with the codebook in the layers after it (0: none)")
+    ap.add_argument("--fact-repeat", type=int, default=1,
+                    help="the planted facts appear this many times in the codebook's training text (1: once, as before)")
+    ap.add_argument("--recon-weight", type=float, default=1.0,
+                    help="codebook recon_weight (0: the codes move by the LM loss alone)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="codebook learning rate (code vectors)")
     ap.add_argument("--skip-icu", action="store_true", help="only the codebook and the code mask")
     ap.add_argument("--ablate", action="store_true",
                     help="only zero the --site output of each layer in turn and score the facts (no codebook): "
@@ -303,13 +308,17 @@ def main():
     print("2. codebook (trained once)", flush=True)
     cb_dir = work / (f"codebook-{args.site}-{args.layer}-{args.num_codes}-{args.k}-{args.steps}"
                      + (f"-pt{args.passthrough:g}" if args.passthrough else "")
-                     + (f"-rec{args.recovery_lora_r}" if args.recovery_lora_r else ""))
+                     + (f"-rec{args.recovery_lora_r}" if args.recovery_lora_r else "")
+                     + (f"-facts{args.fact_repeat}" if args.fact_repeat > 1 else "")
+                     + (f"-rw{args.recon_weight:g}" if args.recon_weight != 1.0 else "")
+                     + (f"-lr{args.lr:g}" if args.lr != 1e-3 else ""))
     facts_all = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
     if not cb_dir.exists():
         cfg = CodebookConfig(layer=args.layer, site=args.site, num_codes=args.num_codes, k=args.k, steps=args.steps,
                              batch_size=4, max_length=64, kmeans_tokens=8000, dead_code_interval=25, progress=False,
-                             passthrough_norm_ratio=args.passthrough, recovery_lora_r=args.recovery_lora_r)
-        train_codebook(cfg, rows[:400] + facts_all, model, tok, eval_texts=rows[400:420], output_dir=cb_dir,
+                             passthrough_norm_ratio=args.passthrough, recovery_lora_r=args.recovery_lora_r,
+                             recon_weight=args.recon_weight, learning_rate=args.lr)
+        train_codebook(cfg, rows[:400] + facts_all * args.fact_repeat, model, tok, eval_texts=rows[400:420], output_dir=cb_dir,
                        base_name="SmolLM2-135M-Instruct (planted)")
     results["codebook_manifest"] = {k: v for k, v in json.loads((cb_dir / "forget_manifest.json").read_text()).items()
                                     if k in ("perplexity", "wall_time_s", "config", "layer_index", "training", "recovery")}
