@@ -7,7 +7,7 @@
    (the "never seen" level).
 2. Codebook: trained once on WikiText (validation rows 0-399) plus the planted facts, base frozen,
    on the --site of --layer (default: the MLP output of the middle layer); its perplexity cost is
-   measured on WikiText rows 400-419. Cached in WORK_DIR/codebook-SITE-LAYER-CODES-K-STEPS[-ptR][-recR].
+   measured on WikiText rows 400-419. Cached in WORK_DIR/codebook-SITE-LAYER-CODES-K-STEPS[-ptR][-recR][-factsN][-rwW][-lrL].
    --recovery-lora-r R trains a LoRA of rank R in the layers after the codebook jointly with it.
 3. Forget topic 0 ("Zorbania") both ways, from the same 8 facts:
    - CodeUnlearn: `forget_topic` with the topic's names as --topic-words (contrast built from them);
