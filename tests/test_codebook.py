@@ -80,6 +80,19 @@ def detach(model):
 # ------------------------------------------------------------------------------ pure functions
 
 
+def _in_memory_and_reloaded(model, tok, res, out, site, text):
+    """Logits of `text` with the freshly trained codebook attached at `site`, then with it reloaded from `out`."""
+    from icu_peft.codebook.layer import attach
+
+    hook = attach(model, res.layer, res.layer_index, site)
+    mem, _ = logits(model, tok, text)
+    hook.remove()
+    load_codebook_model(model, out)
+    disk, _ = logits(model, tok, text)
+    detach(model)
+    return mem, disk
+
+
 def test_chi2_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     a, b = torch.tensor([30, 5, 0, 12]), torch.tensor([10, 5, 4, 12])
@@ -161,14 +174,7 @@ def test_codebook_trains_reloads_identically_and_beats_its_init(codebook_dir, ba
     text = topic_sentences(3, seed=99)
     plain, _ = logits(model, tok, text)
     # trained layer (in memory) vs. reloaded from disk: identical
-    from icu_peft.codebook.layer import attach
-
-    hook = attach(model, res.layer, res.layer_index, "residual")
-    mem, _ = logits(model, tok, text)
-    hook.remove()
-    load_codebook_model(model, out)
-    disk, _ = logits(model, tok, text)
-    detach(model)
+    mem, disk = _in_memory_and_reloaded(model, tok, res, out, "residual", text)
     assert torch.equal(mem, disk)
     assert not torch.allclose(mem, plain)  # the bottleneck is really in the path
     again, _ = logits(model, tok, text)
@@ -567,15 +573,7 @@ def test_mlp_site_is_saved_reloaded_and_masking_hits_topic_more_than_contrast(tm
     p = res.manifest["perplexity"]
     assert p["codebook"]["nll"] < p["kmeans_init"]["nll"]
     # the reloaded codebook sits at the mlp: identical to the in-memory one attached there
-    from icu_peft.codebook.layer import attach
-
-    text = topic_sentences(3, seed=99)
-    hook = attach(model, res.layer, res.layer_index, "mlp")
-    mem, _ = logits(model, tok, text)
-    hook.remove()
-    load_codebook_model(model, out)
-    disk, _ = logits(model, tok, text)
-    detach(model)
+    mem, disk = _in_memory_and_reloaded(model, tok, res, out, "mlp", topic_sentences(3, seed=99))
     assert torch.equal(mem, disk)
     # zero-shot forget at the mlp site, as in test_masking_topic_codes_hits_topic_text_more_than_contrast
     mask_dir = tmp_path / "mask"
