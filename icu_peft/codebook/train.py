@@ -115,8 +115,8 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
     g = torch.Generator().manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id
     layer_index = resolve_layer(base_model, config.layer)
-    if config.recovery_lora_r and layer_index == len(decoder_layers(base_model)) - 1:  # fail before any heavy work
-        raise InputError(f"recovery_lora_r needs decoder layers after the bottleneck; layer {layer_index} is the last")
+    if config.recovery_lora_r:  # fail before any heavy work
+        _check_recovery_target(base_model, layer_index)
     seqs = windows(tokenizer, texts, config.max_length)
     if not seqs:
         raise InputError("no training text left after tokenization (texts shorter than 8 tokens?)")
@@ -166,15 +166,19 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
     return CodebookResult(layer, layer_index, manifest, out)
 
 
+def _check_recovery_target(model, layer_index: int) -> None:
+    """A recovery LoRA needs a plain base and at least one decoder layer after the bottleneck."""
+    if hasattr(model, "peft_config"):
+        raise InputError("recovery_lora_r needs a plain base model (this one already carries PEFT adapters)")
+    if layer_index >= len(decoder_layers(model)) - 1:
+        raise InputError(f"recovery_lora_r needs decoder layers after the bottleneck; layer {layer_index} is the last")
+
+
 def _attach_recovery(model, layer_index: int, config: CodebookConfig):
     """A fresh LoRA (PEFT) in every decoder layer after the bottleneck: those must learn to read the codes."""
     from ..models import attach_lora
 
-    if hasattr(model, "peft_config"):
-        raise InputError("recovery_lora_r needs a plain base model (this one already carries PEFT adapters)")
-    after = len(decoder_layers(model)) - 1 - layer_index
-    if after < 1:
-        raise InputError(f"recovery_lora_r needs decoder layers after the bottleneck; layer {layer_index} is the last")
+    after = len(decoder_layers(model)) - 1 - layer_index  # >= 1: checked by _check_recovery_target
     peft_model = attach_lora(model, r=config.recovery_lora_r, alpha=config.recovery_lora_alpha, last_layers=after,
                              adapter_name=RECOVERY_ADAPTER)
     n = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
