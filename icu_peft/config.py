@@ -21,6 +21,10 @@ DEFAULT_MA_THRESHOLD = 0.5994
 DEFAULT_EL_THRESHOLD = 0.0499
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and x > 0
+
+
 @dataclass
 class ICUConfig:
     """Configuration of one ICU forget request (KUI + CLE + IUR trained into a LoRA adapter)."""
@@ -51,6 +55,9 @@ class ICUConfig:
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
     forget_distinct_ngram: int = field(default=0, metadata={"help": "Forget term skips tokens whose n-gram (token + n-1 before) occurs in the retain pool: shared template, not private text (0: off; 4 suits records)."})
+    nll_ceiling: Any = field(default="off", metadata={"help": "Bound on a forget sample's mean NLL: 'unseen' (the base's mean NLL on the unseen text), a number of nats, or 'off' (ICU: unbounded ascent)."})
+    ceiling_weight: float = field(default=1.0, metadata={"help": "Weight of the term pulling a forget sample's mean NLL back under nll_ceiling."})
+    ceiling_tolerance: float = field(default=0.25, metadata={"help": "A sample stays in refinement while its mean NLL exceeds nll_ceiling by more than this (nats)."})
     retain_kl_samples: int = field(default=8, metadata={"help": "Extra random retain samples per step for the NLL/KL terms, beside the neighbours (ICU's code: 0)."})
     forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
     learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})
@@ -80,6 +87,7 @@ class ICUConfig:
     lazy_el: bool = field(default=True, metadata={"help": "During IUR compute EL_n only for samples whose MA passes (one failing MA is not forgotten anyway); final scores are complete."})
     neighbour_micro_batch: int = field(default=4, metadata={"help": "Neighbour sequences per forward/backward pass (0: all at once, as ICU's code); same gradient, less activation memory."})
     reference_cache_mb: int = field(default=512, metadata={"help": "Memory (MB, CPU) for keeping the frozen reference's hidden states of samples already seen (0: recompute every step)."})
+    prefix_cache_mb: int = field(default=512, metadata={"help": "Memory (MB, CPU) for the hidden states below the lowest trained layer, so steps run only the layers with LoRA (0: run every layer every step)."})
     retain_el: bool = field(default=False, metadata={"help": "Also score EL_n of the retain samples in the report (slow once retain text drifts: a roll-out per departure)."})
     el_start: int = field(default=1, metadata={"help": "Shortest prefix scored by EL_n (Jang: 1; ICU's code: 150 of 200)."})
     ma_threshold: Optional[float] = field(default=None, metadata={"help": "MA threshold; measured from --unseen when given, else 0.5994 with a warning."})
@@ -96,6 +104,11 @@ class ICUConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
             self.adam_betas = tuple(self.adam_betas)
+        if isinstance(self.nll_ceiling, str) and self.nll_ceiling not in ("off", "unseen"):
+            try:  # from the command line every value is a string
+                self.nll_ceiling = float(self.nll_ceiling)
+            except ValueError:
+                pass  # validate() names the field
         self.validate()
 
     def validate(self) -> None:
@@ -117,9 +130,12 @@ class ICUConfig:
         need(self.forget_loss in ("ga", "npo"), "forget_loss must be 'ga' or 'npo'")
         need(self.forget_tokens in ("all", "predicted"), "forget_tokens must be 'all' or 'predicted'")
         need(self.use_lora or not self.quantize, "full fine-tuning (use_lora=False) needs quantize=False")
+        need(self.nll_ceiling in ("off", "unseen") or _is_number(self.nll_ceiling),
+             "nll_ceiling must be 'off', 'unseen' or a positive number")
+        need(self.ceiling_weight >= 0 and self.ceiling_tolerance >= 0, "ceiling_weight and ceiling_tolerance must be >= 0")
         need(self.retain_kl_samples >= 0, "retain_kl_samples must be >= 0")
         need(self.neighbour_micro_batch >= 0, "neighbour_micro_batch must be >= 0")
-        need(self.reference_cache_mb >= 0, "reference_cache_mb must be >= 0")
+        need(self.reference_cache_mb >= 0 and self.prefix_cache_mb >= 0, "reference_cache_mb and prefix_cache_mb must be >= 0")
         need(self.no_retain in ("generate", "refuse"), "no_retain must be 'generate' or 'refuse'")
         need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")
         need(len(tuple(self.adam_betas)) == 2, "adam_betas must have two values")

@@ -62,6 +62,18 @@ def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 0.1) -> t
     return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).mean()
 
 
+def nll_ceiling_loss(sample_nll: torch.Tensor, ceiling: float) -> torch.Tensor:
+    """Mean over samples of max(0, NLL - ceiling), sample_nll of shape (batch,).
+
+    Gradient ascent does not stop at "no longer reproduced": it drives the forgotten tokens to
+    probabilities far below anything the model assigns to text it never saw, and a sample whose loss
+    is higher than every unseen one is as easy to single out as a memorised one (membership
+    inference AUC 0 instead of 1). Minimising this hinge pulls such a sample back to the unseen
+    level; below the ceiling it does nothing.
+    """
+    return torch.relu(sample_nll - ceiling).mean()
+
+
 def icu_loss(l_fgt: torch.Tensor, l_lrn: torch.Tensor, l_kl: torch.Tensor, u: float, a: float, b: float) -> torch.Tensor:
     """ICU's objective: ascend on the forget NLL, descend on the neighbours' NLL and KL."""
     return -u * l_fgt + a * l_lrn + b * l_kl

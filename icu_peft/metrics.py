@@ -273,6 +273,7 @@ class Scores:
     ma: List[float]
     el: List[Optional[float]]  # None: not computed (lazy scoring skips EL where MA already fails)
     bleu: Optional[List[float]] = None
+    nll: Optional[List[float]] = None  # mean next-token NLL of each sample (what a loss attack sees)
 
     def mean(self) -> Dict[str, Optional[float]]:
         """Means over the set; EL's mean covers the samples it was computed for (None if none)."""
@@ -280,6 +281,8 @@ class Scores:
         out = {"ma": float(sum(self.ma) / len(self.ma)), "el": float(sum(els) / len(els)) if els else None}
         if self.bleu is not None:
             out["bleu"] = float(sum(self.bleu) / len(self.bleu))
+        if self.nll is not None:
+            out["nll"] = float(sum(self.nll) / len(self.nll))
         return out
 
 
@@ -293,12 +296,13 @@ def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 
     EL_n on text the model no longer reproduces costs a greedy roll-out per position (quadratic in
     the length), so IUR skips it where the cheap MA already says "not forgotten yet".
     """
-    ma, el, bleu = [], [], []
+    ma, el, bleu, nll = [], [], [], []
     for s in range(0, len(seqs), batch_size):
         chunk = list(seqs[s:s + batch_size])
         tf = teacher_forced(model, chunk, pad_id)
         chunk_ma = tf.ma().tolist()
         ma.extend(chunk_ma)
+        nll.extend(tf.nll().tolist())
         if el_max_ma is None:
             el.extend(extraction_likelihood(model, chunk, el_n, pad_id, start=el_start, batch_size=batch_size, tf=tf))
         else:
@@ -314,7 +318,7 @@ def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 
             bleu.extend(suffix_bleu(model, chunk, pad_id, bleu_prefix, bleu_suffix, batch_size))
         if progress is not None:
             progress.update(len(chunk))
-    return Scores(ma=ma, el=el, bleu=bleu if with_bleu else None)
+    return Scores(ma=ma, el=el, bleu=bleu if with_bleu else None, nll=nll)
 
 
 # ------------------------------------------------------------------------------ perplexity

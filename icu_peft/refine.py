@@ -22,6 +22,7 @@ class Thresholds:
     bleu: float = 0.01
     source: str = "default"  # unseen | config | default
     unseen_count: Optional[int] = None
+    nll: Optional[float] = None  # ceiling on a forget sample's mean NLL (config.nll_ceiling); None: no bound
 
     def to_dict(self) -> dict:
         return asdict(self)

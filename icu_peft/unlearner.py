@@ -21,13 +21,14 @@ import torch
 
 from . import __version__
 from .adapters import MANIFEST_FORMAT, atomic_output_dir, check_output_dir, utc_now, write_manifest
+from .caches import CachedReference, FrozenPrefixBackbone
 from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
 from .losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, distinct_token_mask, icu_loss,
-                     ngram_set, npo_loss)
-from .metrics import Scores, backbone_and_head, model_device, score_samples
+                     ngram_set, nll_ceiling_loss, npo_loss)
+from .metrics import Scores, backbone_and_head, model_device, score_samples, teacher_forced
 from .models import (attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_layer_indices,
                      lora_targets_in_layers)
 from .refine import Thresholds, forgotten_mask
@@ -92,6 +93,21 @@ def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config
     Explicit values skip scoring the unseen text (EL_n on text the model never saw is the costliest
     measurement there is); the unseen text still serves the membership-inference report.
     """
+    t = _thresholds(model, tokenizer, unseen, config, salt, progress)
+    if config.nll_ceiling == "unseen":
+        if not unseen:
+            raise InputError("nll_ceiling='unseen' needs unseen text (--unseen); give a number or 'off' instead")
+        tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=2, name="unseen")
+        nlls = []
+        for s in range(0, len(tset), config.score_batch_size):
+            nlls += teacher_forced(model, tset.input_ids[s:s + config.score_batch_size], tokenizer.pad_token_id).nll().tolist()
+        t.nll = float(sum(nlls) / len(nlls))
+    elif config.nll_ceiling != "off":
+        t.nll = float(config.nll_ceiling)
+    return t
+
+
+def _thresholds(model, tokenizer, unseen, config: ICUConfig, salt: str, progress: bool) -> Thresholds:
     explicit = config.ma_threshold is not None and config.el_threshold is not None
     if explicit and config.criterion == "ma_el":
         return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold, source="config")
@@ -179,52 +195,6 @@ def _parts(model):
     return parts
 
 
-class CachedReference:
-    """Memoises a frozen reference's final hidden states per sequence.
-
-    The reference (the base with the forget adapter switched off, or a frozen copy) never changes
-    during a request, yet every step asks it about the same retain and forget samples again: on a
-    CPU that forward pass is a third of a step. Rows are keyed by their tokens, so any batch made of
-    already-seen samples is answered from memory. Only right-padded batches are cached (then a row's
-    valid positions do not depend on its batch-mates); anything else goes straight to `fn`.
-    """
-
-    def __init__(self, fn, max_bytes: int):
-        self.fn, self.max_bytes = fn, max_bytes
-        self.store: dict = {}
-        self.bytes = 0
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def _right_padded(mask: torch.Tensor) -> bool:
-        lengths = mask.sum(-1)
-        pos = torch.arange(mask.shape[1], device=mask.device)
-        return bool(((pos[None, :] < lengths[:, None]).to(mask.dtype) == mask).all())
-
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.max_bytes <= 0 or not self._right_padded(attention_mask):
-            return self.fn(input_ids, attention_mask)
-        lengths = attention_mask.sum(-1).tolist()
-        keys = [input_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
-        missing = [i for i, k in enumerate(keys) if k not in self.store]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        fresh = {}
-        if missing:
-            width = max(lengths[i] for i in missing)
-            h = self.fn(input_ids[missing, :width], attention_mask[missing, :width])
-            for row, i in enumerate(missing):
-                fresh[keys[i]] = h[row, : lengths[i]]
-                if self.bytes + fresh[keys[i]].nbytes <= self.max_bytes and keys[i] not in self.store:
-                    self.store[keys[i]] = fresh[keys[i]].detach().to("cpu", copy=True)
-                    self.bytes += fresh[keys[i]].nbytes
-        first = fresh[keys[0]] if keys[0] in fresh else self.store[keys[0]]
-        out = first.new_zeros((len(keys), input_ids.shape[1], first.shape[-1]), device=input_ids.device)
-        for i, k in enumerate(keys):
-            out[i, : lengths[i]] = fresh[k] if k in fresh else self.store[k]
-        return out
-
-
 def adapter_disabled_reference(model):
     """The default reference: the same model with its adapters switched off (the frozen base)."""
     backbone, _ = _parts(model)
@@ -237,14 +207,18 @@ def adapter_disabled_reference(model):
 
 
 def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
-                  config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None) -> dict:
+                  config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
+                  nll_ceiling: Optional[float] = None, backbone=None) -> dict:
     """The unlearning objective on one batch; returns the total (with grad) and each term (floats).
 
     `reference(input_ids, attention_mask)` gives the reference model's final hidden states (no grad);
-    by default the same model with its adapters switched off.
+    by default the same model with its adapters switched off. With `nll_ceiling`, each forget sample
+    whose mean NLL is above it adds ceiling_weight * (NLL - ceiling) / batch (losses.nll_ceiling_loss).
+    `backbone` replaces the model's own (e.g. a prefix.FrozenPrefixBackbone; same hidden states).
     """
     device = model_device(model)
-    backbone, head = _parts(model)
+    own, head = _parts(model)
+    backbone = backbone or own
     if reference is None:
         reference = adapter_disabled_reference(model)
     ids, mask = (t.to(device) for t in pad_batch(forget_seqs, pad_id))
@@ -261,13 +235,19 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
                                  only_predicted=config.forget_tokens == "predicted", weights=w)
         l_fgt = s / c.clamp(min=1)
     zero = l_fgt.new_zeros(())
-    l_lrn, l_kl = zero, zero
+    l_lrn, l_kl, l_ceil = zero, zero, zero
     if len(neighbour_seqs) and (config.learn_weight or config.kl_weight):
-        s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs, pad_id, config, reference)
+        s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs, pad_id, config, reference, backbone)
         count = _target_count(neighbour_seqs)
         l_lrn, l_kl = s_lrn / count, s_kl / count
     loss = icu_loss(l_fgt, l_lrn, l_kl, config.forget_weight, config.learn_weight, config.kl_weight)
-    return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach())}
+    if nll_ceiling is not None and config.ceiling_weight:
+        sums = -chunked_sequence_logprob(h, head, ids, mask, config.loss_chunk_size)
+        counts = (mask[:, 1:] * mask[:, :-1]).sum(1).clamp(min=1)
+        l_ceil = nll_ceiling_loss(sums / counts, nll_ceiling)
+        loss = loss + config.ceiling_weight * l_ceil
+    return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach()),
+            "l_ceil": float(l_ceil.detach())}
 
 
 def _target_count(seqs: Sequence[torch.Tensor]) -> int:
@@ -275,10 +255,12 @@ def _target_count(seqs: Sequence[torch.Tensor]) -> int:
     return max(sum(max(len(x) - 1, 0) for x in seqs), 1)
 
 
-def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: ICUConfig, reference) -> tuple:
+def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: ICUConfig, reference,
+                    backbone=None) -> tuple:
     """(sum of NLL, sum of KL to the reference) over the neighbours' targets, with grad."""
     device = model_device(model)
-    backbone, head = _parts(model)
+    own, head = _parts(model)
+    backbone = backbone or own
     nids, nmask = (t.to(device) for t in pad_batch(seqs, pad_id))
     nh = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
     s_lrn = s_kl = nh.new_zeros((), dtype=torch.float32)
@@ -293,7 +275,7 @@ def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: IC
 
 def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
                       config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
-                      scale: float = 1.0) -> dict:
+                      scale: float = 1.0, nll_ceiling: Optional[float] = None, backbone=None) -> dict:
     """Backpropagate `scale` x icu_step_loss(...); returns its terms as floats ("loss" NaN if non-finite).
 
     With config.neighbour_micro_batch, the forget term and each slice of the neighbours get their own
@@ -305,19 +287,20 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
         reference = adapter_disabled_reference(model)
     micro = config.neighbour_micro_batch
     if not micro or len(neighbour_seqs) <= micro or not (config.learn_weight or config.kl_weight):
-        out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights)
+        out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights, nll_ceiling,
+                            backbone)
         if not torch.isfinite(out["loss"]):
             return {**out, "loss": float("nan")}
         (out["loss"] * scale).backward()
         return {**out, "loss": float(out["loss"].detach())}
-    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights)
+    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights, nll_ceiling, backbone)
     if not torch.isfinite(first["loss"]):
         return {**first, "loss": float("nan")}
     (first["loss"] * scale).backward()
     count = _target_count(neighbour_seqs)
     lrn = kl = 0.0
     for i in range(0, len(neighbour_seqs), micro):
-        s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs[i:i + micro], pad_id, config, reference)
+        s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs[i:i + micro], pad_id, config, reference, backbone)
         piece = (config.learn_weight * s_lrn + config.kl_weight * s_kl) / count
         if not torch.isfinite(piece):
             return {**first, "loss": float("nan")}
@@ -325,17 +308,21 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
         lrn += float(s_lrn.detach()) / count
         kl += float(s_kl.detach()) / count
     loss = float(first["loss"].detach()) + config.learn_weight * lrn + config.kl_weight * kl
-    return {"loss": loss, "l_fgt": first["l_fgt"], "l_lrn": lrn, "l_kl": kl}
+    return {"loss": loss, "l_fgt": first["l_fgt"], "l_lrn": lrn, "l_kl": kl, "l_ceil": first["l_ceil"]}
 
 
 def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[bool]:
     """Which samples the next epoch trains on.
 
-    IUR: those not yet forgotten. Without IUR (Jang et al.): all of them until the set's mean MA and
-    EL pass the thresholds, then none.
+    IUR: those not yet forgotten, and with an NLL ceiling also those whose mean NLL is still above it
+    (plus tolerance). Without IUR (Jang et al.): all of them until the set's mean MA and EL pass the
+    thresholds, then none.
     """
     done = forgotten_mask(scores, thresholds, config.criterion)
     if config.iur:
+        if thresholds.nll is not None and scores.nll is not None:
+            limit = thresholds.nll + config.ceiling_tolerance
+            return [not f or n > limit for f, n in zip(done, scores.nll)]
         return [not f for f in done]
     if config.criterion == "bleu":
         passed = sum(scores.bleu) / len(scores.bleu) < thresholds.bleu
@@ -504,12 +491,18 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     logger.info("forget set: %d samples (%d truncated); retain pool: %d (%s); thresholds MA<=%.4f EL%d<=%.4f (%s)",
                 len(forget_set), forget_set.truncated, len(retain_set), retain_source, thresholds.ma, config.el_n,
                 thresholds.el, thresholds.source)
+    if thresholds.nll is not None:
+        logger.info("NLL ceiling: a forget sample's mean NLL is held at or below %.3f (+%.2f tolerance)",
+                    thresholds.nll, config.ceiling_tolerance)
 
     distinct = _distinct_masks(forget_set, retain_set, config.forget_distinct_ngram)
 
     # 3. the forget adapter (or, for the full fine-tuning baseline, every weight)
     model, reference = prepare_trainable(base_model, config)
     reference = CachedReference(reference or adapter_disabled_reference(model), config.reference_cache_mb * 2**20)
+    # with LoRA in the top layers only, the layers below are run once per sample instead of every step
+    train_backbone = (FrozenPrefixBackbone.build(_parts(model)[0], config.prefix_cache_mb * 2**20)
+                      if backbone_and_head(model) else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=tuple(config.adam_betas),
                                   weight_decay=config.weight_decay)
@@ -544,7 +537,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
             active_idx = list(range(len(forget_set)))
         order = [active_idx[i] for i in torch.randperm(len(active_idx), generator=gen).tolist()]
         model.train()
-        terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
+        terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0, "l_ceil": 0.0}
+        passed = forgotten_mask(state.scores, thresholds, config.criterion)
         nsteps = math.ceil(len(order) / config.batch_size)
         nan = False
         for b in range(nsteps):
@@ -559,8 +553,13 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 extra = torch.randint(len(retain_set), (config.retain_kl_samples,), generator=gen).tolist()
                 n_seqs += [retain_set.input_ids[j] for j in extra]
             f_weights = [distinct[i] for i in mine] if distinct else None
+            if thresholds.nll is not None:
+                # a sample already past MA/EL is only here to come back under the ceiling: no more ascent
+                f_weights = [(f_weights[k] if f_weights else torch.ones(len(forget_set.input_ids[i])))
+                             * (0.0 if passed[i] else 1.0) for k, i in enumerate(mine)]
             optimizer.zero_grad(set_to_none=True)
-            out = icu_step_backward(model, f_seqs, n_seqs, pad_id, config, reference, f_weights, scale=weight)
+            out = icu_step_backward(model, f_seqs, n_seqs, pad_id, config, reference, f_weights, scale=weight,
+                                    nll_ceiling=thresholds.nll, backbone=train_backbone)
             if not math.isfinite(out["loss"]):
                 nan = True
                 break
@@ -592,9 +591,9 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         state.active = _active(state.scores, thresholds, config)
         m = state.scores.mean()
         history.append(dict(epoch=epoch, active=sum(state.active), **terms, **{f"{k}_mean": v for k, v in m.items()}))
-        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f EL %s, %d still to forget",
-                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], m["ma"], _fmt_el(m["el"]),
-                    sum(state.active))
+        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f ceil %.4f) MA %.4f EL %s NLL %.3f, %d still to forget",
+                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], terms["l_ceil"], m["ma"],
+                    _fmt_el(m["el"]), m["nll"], sum(state.active))
         epoch_bar.update(1)
         epoch_bar.set_postfix(active=sum(state.active), ma=f"{m['ma']:.3f}")
     else:
@@ -623,6 +622,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                "forgotten": bool(done[i]), "epochs_active": state.epochs_active[i]}
         if before.bleu is not None:
             row["before"]["bleu"], row["after"]["bleu"] = before.bleu[i], after.bleu[i]
+        if before.nll is not None and after.nll is not None:
+            row["before"]["nll"], row["after"]["nll"] = before.nll[i], after.nll[i]
         samples.append(row)
     cfg = config.to_dict()
     cfg.pop("hash_salt", None)
@@ -657,6 +658,9 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         "device": str(accelerator.device),
         "wall_time_s": round(time.time() - t0, 2),
         "reference_cache": {"hits": reference.hits, "misses": reference.misses, "mb": round(reference.bytes / 2**20, 1)},
+        "prefix_cache": ({"layers": train_backbone.start, "hits": train_backbone.prefix.hits,
+                          "misses": train_backbone.prefix.misses, "mb": round(train_backbone.prefix.bytes / 2**20, 1)}
+                         if train_backbone else None),
         **{k: round(v, 1) for k, v in peak_memory_mb().items()},
         "versions": library_versions(),
     }

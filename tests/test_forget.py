@@ -233,3 +233,38 @@ def test_neighbour_micro_batches_give_the_same_gradient(tiny_model_dir, tiny_cor
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-3, atol=1e-6), k
     assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_nll_ceiling_holds_forgotten_samples_under_the_bound(tiny_model_dir, tiny_corpus):
+    """Unbounded ascent leaves forget samples less likely than a bound; with nll_ceiling they end
+    forgotten *and* under it (the bound is set between the before and the unbounded after levels)."""
+    args = (tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    off = forget(quick_config(tiny_model_dir), *args).report
+    assert off["thresholds"]["nll"] is None
+    lo = max(s["before"]["nll"] for s in off["samples"])
+    hi = max(s["after"]["nll"] for s in off["samples"])
+    assert hi > lo + 1.0  # the ascent did raise the loss, so a bound in between binds
+    ceiling = (lo + hi) / 2
+    on = forget(quick_config(tiny_model_dir, nll_ceiling=ceiling, ceiling_tolerance=0.1), *args).report
+    assert on["thresholds"]["nll"] == ceiling and on["status"] == "forgotten"
+    for s in on["samples"]:
+        assert s["forgotten"] and s["after"]["nll"] <= ceiling + 0.1, (s["after"], ceiling)
+
+
+def test_nll_ceiling_unseen_is_the_bases_mean_nll_on_unseen_text(tiny_model_dir, tiny_corpus):
+    from icu_peft.metrics import teacher_forced
+
+    r = forget(quick_config(tiny_model_dir, nll_ceiling="unseen", max_epochs=1), tiny_corpus["forget"][:2],
+               tiny_corpus["retain"], tiny_corpus["unseen"]).report
+    tok = load_tokenizer(str(tiny_model_dir))
+    base = load_base_model(str(tiny_model_dir), quantize=True)
+    nll = teacher_forced(base, [torch.tensor(tok(t)["input_ids"]) for t in tiny_corpus["unseen"]], tok.pad_token_id).nll()
+    assert r["thresholds"]["nll"] == pytest.approx(float(nll.mean()), rel=1e-4)
+
+
+def test_nll_ceiling_unseen_needs_unseen_text(tiny_model_dir, tiny_corpus):
+    from icu_peft.errors import InputError
+
+    with pytest.raises(InputError, match="nll_ceiling='unseen' needs unseen text"):
+        forget(quick_config(tiny_model_dir, nll_ceiling="unseen", max_epochs=1), tiny_corpus["forget"][:2],
+               tiny_corpus["retain"], None)

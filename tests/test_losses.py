@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from icu_peft.losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, icu_loss,
-                             kl_to_reference, npo_loss, per_sample_nll, token_nll)
+                             kl_to_reference, nll_ceiling_loss, npo_loss, per_sample_nll, token_nll)
 
 
 def test_token_nll_matches_hand_computation_and_ignores_padding():
@@ -121,3 +121,13 @@ def test_token_weights_restrict_the_nll_and_its_gradient():
     g, = torch.autograd.grad(s, hidden)
     assert g[0, 1].abs().sum() == 0 and g[0, 2].abs().sum() == 0  # hidden states of dropped targets get no gradient
     assert g[0, 0].abs().sum() > 0 and g[0, 3].abs().sum() > 0
+
+
+def test_nll_ceiling_hinge_is_zero_below_and_pulls_down_above():
+    nll = torch.tensor([1.0, 3.0, 6.0], requires_grad=True)
+    loss = nll_ceiling_loss(nll, 2.5)
+    assert loss.item() == pytest.approx((0.5 + 3.5) / 3)
+    loss.backward()
+    # below the ceiling: no gradient; above: minimising lowers the NLL (positive gradient)
+    assert nll.grad.tolist() == pytest.approx([0.0, 1 / 3, 1 / 3])
+    assert nll_ceiling_loss(torch.tensor([1.0, 2.0]), 2.5).item() == 0.0

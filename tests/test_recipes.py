@@ -37,3 +37,11 @@ def test_overrides_win_and_unknown_keys_fail(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(InputError, match="mapping"):
         ICUConfig.from_yaml(p)
+
+
+def test_nll_ceiling_accepts_off_unseen_or_a_positive_number():
+    assert ICUConfig(nll_ceiling="3.5").nll_ceiling == 3.5  # from a command line, every value is a string
+    assert ICUConfig(nll_ceiling=2).nll_ceiling == 2 and ICUConfig(nll_ceiling="unseen").nll_ceiling == "unseen"
+    for bad in ("sometimes", -1.0, 0, float("nan"), True):
+        with pytest.raises(InputError, match="nll_ceiling"):
+            ICUConfig(nll_ceiling=bad)

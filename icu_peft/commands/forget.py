@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--criterion", choices=["ma_el", "bleu"], help="IUR criterion")
     p.add_argument("--method", choices=["icu", "icu_paper", "ga", "graddiff", "npo"],
                    help="preset: icu (default; selective), icu_paper (ICU's reference objective), or a baseline")
+    p.add_argument("--nll-ceiling", metavar="off|unseen|NATS",
+                   help="hold each forget sample's mean NLL at or below the unseen text's (or this many nats), so "
+                        "forgotten text does not stand out as *less* likely than text never seen")
     p.add_argument("--request-id", help="identifier of the request (default: a UUID)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--on-top-of", action="append", default=[], metavar="ADAPTER",
@@ -40,7 +43,8 @@ def run(args) -> int:
     from ..unlearner import forget
 
     overrides = dict(method=args.method, model=args.model, gguf_file=args.gguf_file, max_epochs=args.max_epochs, seed=args.seed,
-                     learning_rate=args.learning_rate, criterion=args.criterion, request_id=args.request_id)
+                     learning_rate=args.learning_rate, criterion=args.criterion, request_id=args.request_id,
+                     nll_ceiling=args.nll_ceiling)
     if args.no_quantize:
         overrides["quantize"] = False
     if args.no_progress:

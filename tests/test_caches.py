@@ -1,0 +1,91 @@
+"""The frozen-prefix cache: running only the trained top layers must not change what a step computes."""
+
+import pytest
+import torch
+
+from conftest import quick_config
+from icu_peft.caches import FrozenPrefixBackbone, first_trained_layer
+from icu_peft.config import ICUConfig
+from icu_peft.data import pad_batch
+from icu_peft.models import attach_lora, load_base_model, load_tokenizer
+from icu_peft.unlearner import _parts, forget, icu_step_backward
+
+
+def _top_lora(model_dir, quantize=False):
+    model = attach_lora(load_base_model(str(model_dir), quantize=quantize), 4, 8, 0.0, "all-linear", False, last_layers=1)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:  # LoRA B starts at zero; give the adapter a non-trivial state
+            p.data.normal_(0, 0.05)
+    return model
+
+
+def _seqs(tok, texts):
+    return [torch.tensor(tok(t)["input_ids"]) for t in texts]
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_prefix_backbone_gives_the_same_hidden_states_and_gradients(tiny_model_dir, tiny_corpus, quantize):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = _top_lora(tiny_model_dir, quantize)
+    backbone = _parts(model)[0]
+    pref = FrozenPrefixBackbone.build(backbone, max_bytes=1 << 24)
+    assert pref is not None and pref.start == len(backbone.layers) - 1
+    f, n = _seqs(tok, tiny_corpus["forget"][:2]), _seqs(tok, tiny_corpus["retain"][:5])
+    ids, mask = pad_batch(f + n, tok.pad_token_id)
+    with torch.no_grad():
+        want = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = pref(ids, mask).last_hidden_state
+    real = mask.bool()
+    assert torch.allclose(want[real], got[real], atol=1e-5)
+    model.train()
+    cfg = ICUConfig(learn_weight=0.5, kl_weight=1.0, neighbour_micro_batch=2)
+    grads, outs = [], []
+    for bb in (None, pref):
+        model.zero_grad(set_to_none=True)
+        outs.append(icu_step_backward(model, f, n, tok.pad_token_id, cfg, backbone=bb))
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    for k in ("loss", "l_fgt", "l_lrn", "l_kl"):
+        assert outs[0][k] == pytest.approx(outs[1][k], rel=1e-4, abs=1e-6), k
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-3, atol=1e-6), k
+    assert any(g.abs().sum() > 0 for g in grads[1].values())
+    assert pref.prefix.hits > 0  # the step re-used the prefix states of the first comparison
+
+
+def test_prefix_cache_is_off_when_nothing_below_is_frozen(tiny_model_dir):
+    all_layers = attach_lora(load_base_model(str(tiny_model_dir), quantize=False), 4, 8, 0.0, "all-linear", False)
+    assert first_trained_layer(_parts(all_layers)[0]) == 0
+    assert FrozenPrefixBackbone.build(_parts(all_layers)[0], 1 << 24) is None
+    full = load_base_model(str(tiny_model_dir), quantize=False)
+    for p in full.parameters():
+        p.requires_grad_(True)  # full fine-tuning: the embeddings train
+    assert first_trained_layer(_parts(full)[0]) is None
+    assert FrozenPrefixBackbone.build(_parts(_top_lora(tiny_model_dir))[0], 0) is None
+
+
+def test_prefix_cache_is_off_when_the_split_changes_the_output(tiny_model_dir):
+    """A model that post-processes inputs_embeds (Gemma scales them) cannot be split this way: detected."""
+    backbone = _parts(_top_lora(tiny_model_dir))[0]
+    plain = backbone.forward
+
+    def scaled(input_ids=None, inputs_embeds=None, **kw):
+        return plain(input_ids=input_ids, inputs_embeds=None if inputs_embeds is None else inputs_embeds * 2, **kw)
+
+    backbone.forward = scaled
+    assert FrozenPrefixBackbone.build(backbone, 1 << 24) is None
+    del backbone.forward
+    assert FrozenPrefixBackbone.build(backbone, 1 << 24) is not None
+
+
+def test_forget_with_and_without_the_prefix_cache_trains_the_same_adapter(tiny_model_dir, tiny_corpus):
+    runs = []
+    for mb in (0, 64):
+        r = forget(quick_config(tiny_model_dir, max_epochs=2, quantize=False, lora_layers=1, prefix_cache_mb=mb),
+                   tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+        runs.append({n: p.detach().clone() for n, p in r.model.named_parameters() if "lora_" in n})
+        cache = r.report["prefix_cache"]
+        assert (cache is None) if mb == 0 else (cache["hits"] > 0 and cache["layers"] == 1), cache
+    assert runs[0].keys() == runs[1].keys() and runs[0]
+    for n in runs[0]:
+        assert torch.allclose(runs[0][n], runs[1][n], atol=1e-4), n
