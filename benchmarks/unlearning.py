@@ -233,9 +233,10 @@ def worker(job: dict) -> dict:
         try:
             t1 = time.time()
             # The unseen level was measured once on this very base (row before-4bit / before-fp32): passing
-            # it as thresholds spares every method the same minutes of EL10 roll-outs on unseen text.
-            res = forget(cfg, sc["forget"], sc["retain"], None if job.get("thresholds") else sc["unseen"],
-                         output_dir=tmp / "out", base_model=model, tokenizer=tok)
+            # it as thresholds spares every method the same minutes of EL10 roll-outs on unseen text. The
+            # unseen texts still go in: for the report's MIA and for nll_target (one forward pass each).
+            res = forget(cfg, sc["forget"], sc["retain"], sc["unseen"], output_dir=tmp / "out", base_model=model,
+                         tokenizer=tok)
             row["wall_s"] = round(time.time() - t1, 1)
             row.update(peak())  # the forget request's peak: load + train + save, before measuring
             row.update(dir_bytes(tmp / "out"))

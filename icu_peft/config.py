@@ -55,9 +55,9 @@ class ICUConfig:
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
     forget_distinct_ngram: int = field(default=0, metadata={"help": "Forget term skips tokens whose n-gram (token + n-1 before) occurs in the retain pool: shared template, not private text (0: off; 4 suits records)."})
-    nll_ceiling: Any = field(default="off", metadata={"help": "Bound on a forget sample's mean NLL: 'unseen' (the base's mean NLL on the unseen text), a number of nats, or 'off' (ICU: unbounded ascent)."})
-    ceiling_weight: float = field(default=1.0, metadata={"help": "Weight of the term pulling a forget sample's mean NLL back under nll_ceiling."})
-    ceiling_tolerance: float = field(default=0.25, metadata={"help": "A sample stays in refinement while its mean NLL exceeds nll_ceiling by more than this (nats)."})
+    nll_target: Any = field(default="off", metadata={"help": "Hold each forget sample's mean NLL near this level: 'unseen' (the base's mean NLL on the unseen text), a number of nats, or 'off' (ICU: unbounded ascent)."})
+    nll_target_weight: float = field(default=1.0, metadata={"help": "Weight of the hinge pulling a forget sample's mean NLL back down to nll_target."})
+    nll_tolerance: float = field(default=0.25, metadata={"help": "Half-width (nats) of the band around nll_target a forget sample must end in to leave refinement."})
     retain_kl_samples: int = field(default=8, metadata={"help": "Extra random retain samples per step for the NLL/KL terms, beside the neighbours (ICU's code: 0)."})
     forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
     learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})
@@ -104,9 +104,9 @@ class ICUConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
             self.adam_betas = tuple(self.adam_betas)
-        if isinstance(self.nll_ceiling, str) and self.nll_ceiling not in ("off", "unseen"):
+        if isinstance(self.nll_target, str) and self.nll_target not in ("off", "unseen"):
             try:  # from the command line every value is a string
-                self.nll_ceiling = float(self.nll_ceiling)
+                self.nll_target = float(self.nll_target)
             except ValueError:
                 pass  # validate() names the field
         self.validate()
@@ -130,9 +130,9 @@ class ICUConfig:
         need(self.forget_loss in ("ga", "npo"), "forget_loss must be 'ga' or 'npo'")
         need(self.forget_tokens in ("all", "predicted"), "forget_tokens must be 'all' or 'predicted'")
         need(self.use_lora or not self.quantize, "full fine-tuning (use_lora=False) needs quantize=False")
-        need(self.nll_ceiling in ("off", "unseen") or _is_number(self.nll_ceiling),
-             "nll_ceiling must be 'off', 'unseen' or a positive number")
-        need(self.ceiling_weight >= 0 and self.ceiling_tolerance >= 0, "ceiling_weight and ceiling_tolerance must be >= 0")
+        need(self.nll_target in ("off", "unseen") or _is_number(self.nll_target),
+             "nll_target must be 'off', 'unseen' or a positive number")
+        need(self.nll_target_weight >= 0 and self.nll_tolerance >= 0, "nll_target_weight and nll_tolerance must be >= 0")
         need(self.retain_kl_samples >= 0, "retain_kl_samples must be >= 0")
         need(self.neighbour_micro_batch >= 0, "neighbour_micro_batch must be >= 0")
         need(self.reference_cache_mb >= 0 and self.prefix_cache_mb >= 0, "reference_cache_mb and prefix_cache_mb must be >= 0")

@@ -69,7 +69,7 @@ def nll_ceiling_loss(sample_nll: torch.Tensor, ceiling: float) -> torch.Tensor:
     probabilities far below anything the model assigns to text it never saw, and a sample whose loss
     is higher than every unseen one is as easy to single out as a memorised one (membership
     inference AUC 0 instead of 1). Minimising this hinge pulls such a sample back to the unseen
-    level; below the ceiling it does nothing.
+    level (config.nll_target); below the ceiling it does nothing.
     """
     return torch.relu(sample_nll - ceiling).mean()
 

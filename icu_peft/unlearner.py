@@ -94,16 +94,16 @@ def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config
     measurement there is); the unseen text still serves the membership-inference report.
     """
     t = _thresholds(model, tokenizer, unseen, config, salt, progress)
-    if config.nll_ceiling == "unseen":
+    if config.nll_target == "unseen":
         if not unseen:
-            raise InputError("nll_ceiling='unseen' needs unseen text (--unseen); give a number or 'off' instead")
+            raise InputError("nll_target='unseen' needs unseen text (--unseen); give a number or 'off' instead")
         tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=2, name="unseen")
         nlls = []
         for s in range(0, len(tset), config.score_batch_size):
             nlls += teacher_forced(model, tset.input_ids[s:s + config.score_batch_size], tokenizer.pad_token_id).nll().tolist()
         t.nll = float(sum(nlls) / len(nlls))
-    elif config.nll_ceiling != "off":
-        t.nll = float(config.nll_ceiling)
+    elif config.nll_target != "off":
+        t.nll = float(config.nll_target)
     return t
 
 
@@ -208,12 +208,12 @@ def adapter_disabled_reference(model):
 
 def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
                   config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
-                  nll_ceiling: Optional[float] = None, backbone=None) -> dict:
+                  nll_target: Optional[float] = None, backbone=None) -> dict:
     """The unlearning objective on one batch; returns the total (with grad) and each term (floats).
 
     `reference(input_ids, attention_mask)` gives the reference model's final hidden states (no grad);
-    by default the same model with its adapters switched off. With `nll_ceiling`, each forget sample
-    whose mean NLL is above it adds ceiling_weight * (NLL - ceiling) / batch (losses.nll_ceiling_loss).
+    by default the same model with its adapters switched off. With `nll_target`, each forget sample
+    whose mean NLL is above it adds nll_target_weight * (NLL - target) / batch (losses.nll_ceiling_loss).
     `backbone` replaces the model's own (e.g. a prefix.FrozenPrefixBackbone; same hidden states).
     """
     device = model_device(model)
@@ -235,19 +235,19 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
                                  only_predicted=config.forget_tokens == "predicted", weights=w)
         l_fgt = s / c.clamp(min=1)
     zero = l_fgt.new_zeros(())
-    l_lrn, l_kl, l_ceil = zero, zero, zero
+    l_lrn, l_kl, l_nll = zero, zero, zero
     if len(neighbour_seqs) and (config.learn_weight or config.kl_weight):
         s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs, pad_id, config, reference, backbone)
         count = _target_count(neighbour_seqs)
         l_lrn, l_kl = s_lrn / count, s_kl / count
     loss = icu_loss(l_fgt, l_lrn, l_kl, config.forget_weight, config.learn_weight, config.kl_weight)
-    if nll_ceiling is not None and config.ceiling_weight:
+    if nll_target is not None and config.nll_target_weight:
         sums = -chunked_sequence_logprob(h, head, ids, mask, config.loss_chunk_size)
         counts = (mask[:, 1:] * mask[:, :-1]).sum(1).clamp(min=1)
-        l_ceil = nll_ceiling_loss(sums / counts, nll_ceiling)
-        loss = loss + config.ceiling_weight * l_ceil
+        l_nll = nll_ceiling_loss(sums / counts, nll_target)
+        loss = loss + config.nll_target_weight * l_nll
     return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach()),
-            "l_ceil": float(l_ceil.detach())}
+            "l_nll": float(l_nll.detach())}
 
 
 def _target_count(seqs: Sequence[torch.Tensor]) -> int:
@@ -275,7 +275,7 @@ def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: IC
 
 def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
                       config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
-                      scale: float = 1.0, nll_ceiling: Optional[float] = None, backbone=None) -> dict:
+                      scale: float = 1.0, nll_target: Optional[float] = None, backbone=None) -> dict:
     """Backpropagate `scale` x icu_step_loss(...); returns its terms as floats ("loss" NaN if non-finite).
 
     With config.neighbour_micro_batch, the forget term and each slice of the neighbours get their own
@@ -287,13 +287,13 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
         reference = adapter_disabled_reference(model)
     micro = config.neighbour_micro_batch
     if not micro or len(neighbour_seqs) <= micro or not (config.learn_weight or config.kl_weight):
-        out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights, nll_ceiling,
+        out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights, nll_target,
                             backbone)
         if not torch.isfinite(out["loss"]):
             return {**out, "loss": float("nan")}
         (out["loss"] * scale).backward()
         return {**out, "loss": float(out["loss"].detach())}
-    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights, nll_ceiling, backbone)
+    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights, nll_target, backbone)
     if not torch.isfinite(first["loss"]):
         return {**first, "loss": float("nan")}
     (first["loss"] * scale).backward()
@@ -308,22 +308,30 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
         lrn += float(s_lrn.detach()) / count
         kl += float(s_kl.detach()) / count
     loss = float(first["loss"].detach()) + config.learn_weight * lrn + config.kl_weight * kl
-    return {"loss": loss, "l_fgt": first["l_fgt"], "l_lrn": lrn, "l_kl": kl, "l_ceil": first["l_ceil"]}
+    return {"loss": loss, "l_fgt": first["l_fgt"], "l_lrn": lrn, "l_kl": kl, "l_nll": first["l_nll"]}
 
 
 def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[bool]:
     """Which samples the next epoch trains on.
 
-    IUR: those not yet forgotten, and with an NLL ceiling also those whose mean NLL is still above it
-    (plus tolerance). Without IUR (Jang et al.): all of them until the set's mean MA and EL pass the
-    thresholds, then none.
+    IUR: those not yet forgotten, and with an NLL target also those whose mean NLL is outside the
+    band target +- tolerance. Without IUR (Jang et al.): all of them until the set's mean MA and EL
+    pass the thresholds, then none.
     """
     done = forgotten_mask(scores, thresholds, config.criterion)
     if config.iur:
         if thresholds.nll is not None and scores.nll is not None:
-            limit = thresholds.nll + config.ceiling_tolerance
-            return [not f or n > limit for f, n in zip(done, scores.nll)]
+            return [not f or abs(n - thresholds.nll) > config.nll_tolerance for f, n in zip(done, scores.nll)]
         return [not f for f in done]
+
+
+def _ascends(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[bool]:
+    """Which samples the forget term pushes on. With an NLL target, a sample past MA/EL is in the batch
+    only to reach the band: ascent while it is still more likely than target - tolerance, none above."""
+    done = forgotten_mask(scores, thresholds, config.criterion)
+    if thresholds.nll is None or scores.nll is None:
+        return [True] * len(done)
+    return [not f or n < thresholds.nll - config.nll_tolerance for f, n in zip(done, scores.nll)]
     if config.criterion == "bleu":
         passed = sum(scores.bleu) / len(scores.bleu) < thresholds.bleu
     else:
@@ -492,8 +500,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 len(forget_set), forget_set.truncated, len(retain_set), retain_source, thresholds.ma, config.el_n,
                 thresholds.el, thresholds.source)
     if thresholds.nll is not None:
-        logger.info("NLL ceiling: a forget sample's mean NLL is held at or below %.3f (+%.2f tolerance)",
-                    thresholds.nll, config.ceiling_tolerance)
+        logger.info("NLL target: each forget sample's mean NLL is brought to %.3f +- %.2f",
+                    thresholds.nll, config.nll_tolerance)
 
     distinct = _distinct_masks(forget_set, retain_set, config.forget_distinct_ngram)
 
@@ -537,8 +545,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
             active_idx = list(range(len(forget_set)))
         order = [active_idx[i] for i in torch.randperm(len(active_idx), generator=gen).tolist()]
         model.train()
-        terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0, "l_ceil": 0.0}
-        passed = forgotten_mask(state.scores, thresholds, config.criterion)
+        terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0, "l_nll": 0.0}
+        ascends = _ascends(state.scores, thresholds, config)
         nsteps = math.ceil(len(order) / config.batch_size)
         nan = False
         for b in range(nsteps):
@@ -553,13 +561,12 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 extra = torch.randint(len(retain_set), (config.retain_kl_samples,), generator=gen).tolist()
                 n_seqs += [retain_set.input_ids[j] for j in extra]
             f_weights = [distinct[i] for i in mine] if distinct else None
-            if thresholds.nll is not None:
-                # a sample already past MA/EL is only here to come back under the ceiling: no more ascent
+            if not all(ascends[i] for i in mine):
                 f_weights = [(f_weights[k] if f_weights else torch.ones(len(forget_set.input_ids[i])))
-                             * (0.0 if passed[i] else 1.0) for k, i in enumerate(mine)]
+                             * float(ascends[i]) for k, i in enumerate(mine)]
             optimizer.zero_grad(set_to_none=True)
             out = icu_step_backward(model, f_seqs, n_seqs, pad_id, config, reference, f_weights, scale=weight,
-                                    nll_ceiling=thresholds.nll, backbone=train_backbone)
+                                    nll_target=thresholds.nll, backbone=train_backbone)
             if not math.isfinite(out["loss"]):
                 nan = True
                 break
@@ -591,8 +598,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         state.active = _active(state.scores, thresholds, config)
         m = state.scores.mean()
         history.append(dict(epoch=epoch, active=sum(state.active), **terms, **{f"{k}_mean": v for k, v in m.items()}))
-        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f ceil %.4f) MA %.4f EL %s NLL %.3f, %d still to forget",
-                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], terms["l_ceil"], m["ma"],
+        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f nll %.4f) MA %.4f EL %s NLL %.3f, %d still to forget",
+                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], terms["l_nll"], m["ma"],
                     _fmt_el(m["el"]), m["nll"], sum(state.active))
         epoch_bar.update(1)
         epoch_bar.set_postfix(active=sum(state.active), ma=f"{m['ma']:.3f}")

@@ -30,8 +30,8 @@ def files(tmp_path, tiny_files):
     ("unknown column", ["--forget", "{tmp}/wrongcol.csv"], "no column 'text'"),
     ("too short", ["--forget", "{tmp}/short.txt"], "at least 11 are needed"),
     ("missing file", ["--forget", "{tmp}/nope.jsonl"], "file not found"),
-    ("bad ceiling", ["--nll-ceiling", "high"], "nll_ceiling must be"),
-    ("ceiling without unseen", ["--nll-ceiling", "unseen"], "needs unseen text"),
+    ("bad nll target", ["--nll-target", "high"], "nll_target must be"),
+    ("nll target without unseen", ["--nll-target", "unseen"], "needs unseen text"),
 ])
 def test_bad_input_exits_2_with_one_line(case, extra, message, files, tiny_files, tiny_model_dir, capsys):
     argv = {"--model": str(tiny_model_dir), "--forget": str(tiny_files["forget"]), "--out": str(files / "out")}

@@ -235,26 +235,35 @@ def test_neighbour_micro_batches_give_the_same_gradient(tiny_model_dir, tiny_cor
     assert any(g.abs().sum() > 0 for g in grads[0].values())
 
 
-def test_nll_ceiling_holds_forgotten_samples_under_the_bound(tiny_model_dir, tiny_corpus):
-    """Unbounded ascent leaves forget samples less likely than a bound; with nll_ceiling they end
-    forgotten *and* under it (the bound is set between the before and the unbounded after levels)."""
-    args = (tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
-    off = forget(quick_config(tiny_model_dir), *args).report
+@pytest.fixture(scope="module")
+def unbounded_run(tiny_model_dir, tiny_corpus):
+    """The default objective (no NLL target) on two forget samples: how far the ascent moves their loss."""
+    r = forget(quick_config(tiny_model_dir), tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    return r.report
+
+
+@pytest.mark.parametrize("where", ["between", "above"])
+def test_nll_target_brings_forgotten_samples_into_the_band(tiny_model_dir, tiny_corpus, unbounded_run, where):
+    """Unbounded ascent ends wherever it ends; with nll_target every sample ends forgotten *and* with its
+    mean NLL within the band: pulled down when the ascent overshoots (target between the before and the
+    unbounded after levels), pushed further when it stops short (target above the unbounded level)."""
+    off = unbounded_run
     assert off["thresholds"]["nll"] is None
     lo = max(s["before"]["nll"] for s in off["samples"])
     hi = max(s["after"]["nll"] for s in off["samples"])
-    assert hi > lo + 1.0  # the ascent did raise the loss, so a bound in between binds
-    ceiling = (lo + hi) / 2
-    on = forget(quick_config(tiny_model_dir, nll_ceiling=ceiling, ceiling_tolerance=0.1), *args).report
-    assert on["thresholds"]["nll"] == ceiling and on["status"] == "forgotten"
+    assert hi > lo + 1.0  # the ascent did raise the loss, so a target in between binds
+    target, tol = ((lo + hi) / 2 if where == "between" else hi + 1.0), 0.3
+    on = forget(quick_config(tiny_model_dir, nll_target=target, nll_tolerance=tol), tiny_corpus["forget"][:2],
+                tiny_corpus["retain"], tiny_corpus["unseen"]).report
+    assert on["thresholds"]["nll"] == target and on["status"] == "forgotten"
     for s in on["samples"]:
-        assert s["forgotten"] and s["after"]["nll"] <= ceiling + 0.1, (s["after"], ceiling)
+        assert s["forgotten"] and abs(s["after"]["nll"] - target) <= tol, (s["after"], target)
 
 
-def test_nll_ceiling_unseen_is_the_bases_mean_nll_on_unseen_text(tiny_model_dir, tiny_corpus):
+def test_nll_target_unseen_is_the_bases_mean_nll_on_unseen_text(tiny_model_dir, tiny_corpus):
     from icu_peft.metrics import teacher_forced
 
-    r = forget(quick_config(tiny_model_dir, nll_ceiling="unseen", max_epochs=1), tiny_corpus["forget"][:2],
+    r = forget(quick_config(tiny_model_dir, nll_target="unseen", max_epochs=1), tiny_corpus["forget"][:2],
                tiny_corpus["retain"], tiny_corpus["unseen"]).report
     tok = load_tokenizer(str(tiny_model_dir))
     base = load_base_model(str(tiny_model_dir), quantize=True)
@@ -262,9 +271,9 @@ def test_nll_ceiling_unseen_is_the_bases_mean_nll_on_unseen_text(tiny_model_dir,
     assert r["thresholds"]["nll"] == pytest.approx(float(nll.mean()), rel=1e-4)
 
 
-def test_nll_ceiling_unseen_needs_unseen_text(tiny_model_dir, tiny_corpus):
+def test_nll_target_unseen_needs_unseen_text(tiny_model_dir, tiny_corpus):
     from icu_peft.errors import InputError
 
-    with pytest.raises(InputError, match="nll_ceiling='unseen' needs unseen text"):
-        forget(quick_config(tiny_model_dir, nll_ceiling="unseen", max_epochs=1), tiny_corpus["forget"][:2],
+    with pytest.raises(InputError, match="nll_target='unseen' needs unseen text"):
+        forget(quick_config(tiny_model_dir, nll_target="unseen", max_epochs=1), tiny_corpus["forget"][:2],
                tiny_corpus["retain"], None)

@@ -39,9 +39,9 @@ def test_overrides_win_and_unknown_keys_fail(tmp_path):
         ICUConfig.from_yaml(p)
 
 
-def test_nll_ceiling_accepts_off_unseen_or_a_positive_number():
-    assert ICUConfig(nll_ceiling="3.5").nll_ceiling == 3.5  # from a command line, every value is a string
-    assert ICUConfig(nll_ceiling=2).nll_ceiling == 2 and ICUConfig(nll_ceiling="unseen").nll_ceiling == "unseen"
+def test_nll_target_accepts_off_unseen_or_a_positive_number():
+    assert ICUConfig(nll_target="3.5").nll_target == 3.5  # from a command line, every value is a string
+    assert ICUConfig(nll_target=2).nll_target == 2 and ICUConfig(nll_target="unseen").nll_target == "unseen"
     for bad in ("sometimes", -1.0, 0, float("nan"), True):
-        with pytest.raises(InputError, match="nll_ceiling"):
-            ICUConfig(nll_ceiling=bad)
+        with pytest.raises(InputError, match="nll_target"):
+            ICUConfig(nll_target=bad)

@@ -23,9 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--criterion", choices=["ma_el", "bleu"], help="IUR criterion")
     p.add_argument("--method", choices=["icu", "icu_paper", "ga", "graddiff", "npo"],
                    help="preset: icu (default; selective), icu_paper (ICU's reference objective), or a baseline")
-    p.add_argument("--nll-ceiling", metavar="off|unseen|NATS",
-                   help="hold each forget sample's mean NLL at or below the unseen text's (or this many nats), so "
-                        "forgotten text does not stand out as *less* likely than text never seen")
+    p.add_argument("--nll-target", metavar="off|unseen|NATS",
+                   help="bring each forget sample's mean NLL to the unseen text's (or this many nats), so forgotten "
+                        "text looks like text never seen to a loss-based membership attack, not less likely")
     p.add_argument("--request-id", help="identifier of the request (default: a UUID)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--on-top-of", action="append", default=[], metavar="ADAPTER",
@@ -44,7 +44,7 @@ def run(args) -> int:
 
     overrides = dict(method=args.method, model=args.model, gguf_file=args.gguf_file, max_epochs=args.max_epochs, seed=args.seed,
                      learning_rate=args.learning_rate, criterion=args.criterion, request_id=args.request_id,
-                     nll_ceiling=args.nll_ceiling)
+                     nll_target=args.nll_target)
     if args.no_quantize:
         overrides["quantize"] = False
     if args.no_progress:
