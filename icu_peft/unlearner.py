@@ -27,7 +27,7 @@ from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transform
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
 from .losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, distinct_token_mask, icu_loss,
-                     ngram_set, nll_ceiling_loss, npo_loss)
+                     ngram_set, nll_band_loss, npo_loss)
 from .metrics import Scores, backbone_and_head, model_device, score_samples, teacher_forced
 from .models import (attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_layer_indices,
                      lora_targets_in_layers)
@@ -208,12 +208,14 @@ def adapter_disabled_reference(model):
 
 def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
                   config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
-                  nll_target: Optional[float] = None, backbone=None) -> dict:
+                  nll_target: Optional[float] = None, raise_nll: Optional[Sequence[bool]] = None,
+                  backbone=None) -> dict:
     """The unlearning objective on one batch; returns the total (with grad) and each term (floats).
 
     `reference(input_ids, attention_mask)` gives the reference model's final hidden states (no grad);
-    by default the same model with its adapters switched off. With `nll_target`, each forget sample
-    whose mean NLL is above it adds nll_target_weight * (NLL - target) / batch (losses.nll_ceiling_loss).
+    by default the same model with its adapters switched off. With `nll_target`, the forget samples'
+    mean NLLs are held in target +- nll_tolerance / 2 by losses.nll_band_loss (the lower side only for
+    samples flagged in `raise_nll`, those already forgotten by MA/EL).
     `backbone` replaces the model's own (e.g. a prefix.FrozenPrefixBackbone; same hidden states).
     """
     device = model_device(model)
@@ -244,7 +246,9 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
     if nll_target is not None and config.nll_target_weight:
         sums = -chunked_sequence_logprob(h, head, ids, mask, config.loss_chunk_size)
         counts = (mask[:, 1:] * mask[:, :-1]).sum(1).clamp(min=1)
-        l_nll = nll_ceiling_loss(sums / counts, nll_target)
+        half = config.nll_tolerance / 2
+        flags = torch.tensor([float(x) for x in raise_nll], device=device) if raise_nll is not None else None
+        l_nll = nll_band_loss(sums / counts, nll_target - half, nll_target + half, flags)
         loss = loss + config.nll_target_weight * l_nll
     return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach()),
             "l_nll": float(l_nll.detach())}
@@ -275,7 +279,8 @@ def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: IC
 
 def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
                       config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
-                      scale: float = 1.0, nll_target: Optional[float] = None, backbone=None) -> dict:
+                      scale: float = 1.0, nll_target: Optional[float] = None,
+                      raise_nll: Optional[Sequence[bool]] = None, backbone=None) -> dict:
     """Backpropagate `scale` x icu_step_loss(...); returns its terms as floats ("loss" NaN if non-finite).
 
     With config.neighbour_micro_batch, the forget term and each slice of the neighbours get their own
@@ -288,12 +293,13 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
     micro = config.neighbour_micro_batch
     if not micro or len(neighbour_seqs) <= micro or not (config.learn_weight or config.kl_weight):
         out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights, nll_target,
-                            backbone)
+                            raise_nll, backbone)
         if not torch.isfinite(out["loss"]):
             return {**out, "loss": float("nan")}
         (out["loss"] * scale).backward()
         return {**out, "loss": float(out["loss"].detach())}
-    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights, nll_target, backbone)
+    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights, nll_target, raise_nll,
+                          backbone)
     if not torch.isfinite(first["loss"]):
         return {**first, "loss": float("nan")}
     (first["loss"] * scale).backward()
@@ -323,21 +329,6 @@ def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[b
         if thresholds.nll is not None and scores.nll is not None:
             return [not f or abs(n - thresholds.nll) > config.nll_tolerance for f, n in zip(done, scores.nll)]
         return [not f for f in done]
-
-
-def _ascends(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[bool]:
-    """Which samples the forget term pushes on. With an NLL target, a sample past MA/EL is in the batch
-    only to reach the band: ascent while it is still more likely than target - tolerance, none above."""
-    done = forgotten_mask(scores, thresholds, config.criterion)
-    if thresholds.nll is None or scores.nll is None:
-        return [True] * len(done)
-    return [not f or n < thresholds.nll - config.nll_tolerance for f, n in zip(done, scores.nll)]
-    if config.criterion == "bleu":
-        passed = sum(scores.bleu) / len(scores.bleu) < thresholds.bleu
-    else:
-        m = scores.mean()
-        passed = m["ma"] <= thresholds.ma and m["el"] <= thresholds.el
-    return [not passed] * len(done)
 
 
 def prepare_trainable(base_model, config: ICUConfig):
@@ -546,7 +537,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         order = [active_idx[i] for i in torch.randperm(len(active_idx), generator=gen).tolist()]
         model.train()
         terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0, "l_nll": 0.0}
-        ascends = _ascends(state.scores, thresholds, config)
+        passed = forgotten_mask(state.scores, thresholds, config.criterion)
         nsteps = math.ceil(len(order) / config.batch_size)
         nan = False
         for b in range(nsteps):
@@ -561,12 +552,16 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 extra = torch.randint(len(retain_set), (config.retain_kl_samples,), generator=gen).tolist()
                 n_seqs += [retain_set.input_ids[j] for j in extra]
             f_weights = [distinct[i] for i in mine] if distinct else None
-            if not all(ascends[i] for i in mine):
-                f_weights = [(f_weights[k] if f_weights else torch.ones(len(forget_set.input_ids[i])))
-                             * float(ascends[i]) for k, i in enumerate(mine)]
+            raise_nll = None
+            if thresholds.nll is not None:
+                # a sample past MA/EL is in the batch only to reach the NLL band: the band term moves it, not ascent
+                raise_nll = [passed[i] for i in mine]
+                if any(raise_nll):
+                    f_weights = [(f_weights[k] if f_weights else torch.ones(len(forget_set.input_ids[i])))
+                                 * float(not passed[i]) for k, i in enumerate(mine)]
             optimizer.zero_grad(set_to_none=True)
             out = icu_step_backward(model, f_seqs, n_seqs, pad_id, config, reference, f_weights, scale=weight,
-                                    nll_target=thresholds.nll, backbone=train_backbone)
+                                    nll_target=thresholds.nll, raise_nll=raise_nll, backbone=train_backbone)
             if not math.isfinite(out["loss"]):
                 nan = True
                 break

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from icu_peft.losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, icu_loss,
-                             kl_to_reference, nll_ceiling_loss, npo_loss, per_sample_nll, token_nll)
+                             kl_to_reference, nll_band_loss, npo_loss, per_sample_nll, token_nll)
 
 
 def test_token_nll_matches_hand_computation_and_ignores_padding():
@@ -123,11 +123,11 @@ def test_token_weights_restrict_the_nll_and_its_gradient():
     assert g[0, 0].abs().sum() > 0 and g[0, 3].abs().sum() > 0
 
 
-def test_nll_ceiling_hinge_is_zero_below_and_pulls_down_above():
-    nll = torch.tensor([1.0, 3.0, 6.0], requires_grad=True)
-    loss = nll_ceiling_loss(nll, 2.5)
-    assert loss.item() == pytest.approx((0.5 + 3.5) / 3)
+def test_nll_band_is_flat_inside_pulls_down_above_and_lifts_only_raised_samples_below():
+    nll = torch.tensor([1.0, 3.0, 6.0, 1.0], requires_grad=True)
+    loss = nll_band_loss(nll, 2.0, 4.0, torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    assert loss.item() == pytest.approx((0.0 + 0.0 + 2.0 + 1.0) / 4)
     loss.backward()
-    # below the ceiling: no gradient; above: minimising lowers the NLL (positive gradient)
-    assert nll.grad.tolist() == pytest.approx([0.0, 1 / 3, 1 / 3])
-    assert nll_ceiling_loss(torch.tensor([1.0, 2.0]), 2.5).item() == 0.0
+    # sample 0 is below but not raised: untouched; 1 inside: flat; 2 above: pushed down; 3 below and raised: pushed up
+    assert nll.grad.tolist() == pytest.approx([0.0, 0.0, 0.25, -0.25])
+    assert nll_band_loss(torch.tensor([1.0, 5.0]), 2.0, 4.0).item() == pytest.approx(0.5)  # no mask: upper hinge only
