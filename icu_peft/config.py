@@ -57,7 +57,7 @@ class ICUConfig:
     forget_distinct_ngram: int = field(default=0, metadata={"help": "Forget term skips tokens whose n-gram (token + n-1 before) occurs in the retain pool: shared template, not private text (0: off; 4 suits records)."})
     nll_target: Any = field(default="off", metadata={"help": "Hold each forget sample's mean NLL near this level: 'unseen' (the base's mean NLL on the unseen text), a number of nats, or 'off' (ICU: unbounded ascent)."})
     nll_target_weight: float = field(default=1.0, metadata={"help": "Weight of the hinge pulling a forget sample's mean NLL back down to nll_target."})
-    nll_tolerance: float = field(default=0.25, metadata={"help": "Half-width (nats) of the band around nll_target a forget sample must end in to leave refinement."})
+    nll_tolerance: float = field(default=0.5, metadata={"help": "Half-width (nats) of the band around nll_target a forget sample must end in to leave refinement."})
     retain_kl_samples: int = field(default=8, metadata={"help": "Extra random retain samples per step for the NLL/KL terms, beside the neighbours (ICU's code: 0)."})
     forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
     learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})
