@@ -222,7 +222,7 @@ def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
     last_layers: LoRA only in the last N decoder layers (0: all); the backward pass then stops
     there, so steps are faster and hold fewer activations.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(
@@ -232,14 +232,19 @@ def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
-        bias="none", task_type="CAUSAL_LM",
-    )
+    return get_peft_model(model, lora_config(model, r, alpha, dropout, target_modules, last_layers), adapter_name=adapter_name)
+
+
+def lora_config(model, r: int, alpha: int, dropout: float, target_modules, last_layers: int = 0):
+    """The LoraConfig of a forget adapter; with last_layers, its targets listed by name in those layers."""
+    from peft import LoraConfig
+
     if last_layers:
-        config.target_modules = lora_targets_in_layers(model, target_modules, lora_layer_indices(model, last_layers))
-    return get_peft_model(model, config, adapter_name=adapter_name)
+        targets = lora_targets_in_layers(model, target_modules, lora_layer_indices(model, last_layers))
+    else:
+        targets = list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                      task_type="CAUSAL_LM")
 
 
 def base_fingerprint(model) -> dict:

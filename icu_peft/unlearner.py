@@ -29,8 +29,7 @@ from .errors import ICUError, InputError
 from .losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, distinct_token_mask, icu_loss,
                      ngram_set, nll_band_loss, npo_loss)
 from .metrics import Scores, backbone_and_head, model_device, score_samples, teacher_forced
-from .models import (attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_layer_indices,
-                     lora_targets_in_layers)
+from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
 from .refine import Thresholds, forgotten_mask
 from .evaluation import forget_mia
 from .report import write_report
@@ -357,19 +356,11 @@ def prepare_trainable(base_model, config: ICUConfig):
 
 
 def _add_stacked_adapter(model, config: ICUConfig):
-    from peft import LoraConfig
-
     old = list(model.peft_config)
     if "default" in old:
         raise InputError("the existing stack already has an adapter named 'default'")
-    if config.lora_layers:
-        targets = lora_targets_in_layers(model.get_base_model(), config.target_modules,
-                                         lora_layer_indices(model.get_base_model(), config.lora_layers))
-    else:
-        targets = list(config.target_modules) if isinstance(config.target_modules, (list, tuple)) else config.target_modules
-    model.add_adapter("default", LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
-        target_modules=targets, task_type="CAUSAL_LM"))
+    model.add_adapter("default", lora_config(model.get_base_model(), config.lora_r, config.lora_alpha,
+                                             config.lora_dropout, config.target_modules, config.lora_layers))
     backbone, _ = _parts(model)
 
     def activate(names):
