@@ -55,9 +55,10 @@ class ICUConfig:
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
     forget_distinct_ngram: int = field(default=0, metadata={"help": "Forget term skips tokens whose n-gram (token + n-1 before) occurs in the retain pool: shared template, not private text (0: off; 4 suits records)."})
-    nll_target: Any = field(default="off", metadata={"help": "Hold each forget sample's mean NLL near this level: 'unseen' (the base's mean NLL on the unseen text), a number of nats, or 'off' (ICU: unbounded ascent)."})
-    nll_target_weight: float = field(default=1.0, metadata={"help": "Weight of the hinge pulling a forget sample's mean NLL back down to nll_target."})
-    nll_tolerance: float = field(default=0.5, metadata={"help": "Half-width (nats) of the band around nll_target a forget sample must end in to leave refinement."})
+    nll_target: Any = field(default="off", metadata={"help": "After training, scale the adapter so the forget set's mean NLL is near this: 'unseen' (the base's mean NLL on the unseen text), a number of nats, or 'off' (ICU)."})
+    nll_tolerance: float = field(default=0.5, metadata={"help": "nll_target: a mean NLL this close (nats) needs no scaling."})
+    nll_max_scale: float = field(default=2.0, metadata={"help": "nll_target: largest factor the adapter may be scaled up by when forgetting stopped short of the target."})
+    nll_probes: int = field(default=6, metadata={"help": "nll_target: bisection steps over the scale (each scores the forget set once)."})
     retain_kl_samples: int = field(default=8, metadata={"help": "Extra random retain samples per step for the NLL/KL terms, beside the neighbours (ICU's code: 0)."})
     forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
     learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})
@@ -132,7 +133,8 @@ class ICUConfig:
         need(self.use_lora or not self.quantize, "full fine-tuning (use_lora=False) needs quantize=False")
         need(self.nll_target in ("off", "unseen") or _is_number(self.nll_target),
              "nll_target must be 'off', 'unseen' or a positive number")
-        need(self.nll_target_weight >= 0 and self.nll_tolerance >= 0, "nll_target_weight and nll_tolerance must be >= 0")
+        need(self.nll_tolerance >= 0 and self.nll_max_scale >= 1 and self.nll_probes >= 0,
+             "nll_tolerance and nll_probes must be >= 0, nll_max_scale >= 1")
         need(self.retain_kl_samples >= 0, "retain_kl_samples must be >= 0")
         need(self.neighbour_micro_batch >= 0, "neighbour_micro_batch must be >= 0")
         need(self.reference_cache_mb >= 0 and self.prefix_cache_mb >= 0, "reference_cache_mb and prefix_cache_mb must be >= 0")

@@ -62,23 +62,6 @@ def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float = 0.1) -> t
     return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).mean()
 
 
-def nll_band_loss(sample_nll: torch.Tensor, low: float, high: float,
-                  raise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over samples of max(0, NLL - high) + raise * max(0, low - NLL); sample_nll of shape (batch,).
-
-    Gradient ascent does not stop at "no longer reproduced": it drives forgotten tokens to
-    probabilities far below anything the model assigns to text it never saw, and a sample whose loss
-    is higher than every unseen one is as easy to single out as a memorised one (membership inference
-    AUC 0 instead of 1). The upper hinge pulls such a sample back down. The lower hinge, only where
-    `raise_mask` is 1 (samples already forgotten by MA/EL), lifts a sample that is still more likely
-    than unseen text. Inside [low, high] the term is flat, so a sample settles instead of oscillating.
-    """
-    above = torch.relu(sample_nll - high)
-    if raise_mask is None:
-        return above.mean()
-    return (above + raise_mask.to(sample_nll) * torch.relu(low - sample_nll)).mean()
-
-
 def icu_loss(l_fgt: torch.Tensor, l_lrn: torch.Tensor, l_kl: torch.Tensor, u: float, a: float, b: float) -> torch.Tensor:
     """ICU's objective: ascend on the forget NLL, descend on the neighbours' NLL and KL."""
     return -u * l_fgt + a * l_lrn + b * l_kl

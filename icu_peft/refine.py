@@ -8,7 +8,9 @@ epoch, so a sample whose memory comes back re-enters.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
+
+import torch
 
 from .metrics import Scores
 
@@ -42,3 +44,63 @@ def is_forgotten(ma: float, el: float, thresholds: Thresholds, bleu: Optional[fl
 def forgotten_mask(scores: Scores, thresholds: Thresholds, criterion: str = "ma_el") -> List[bool]:
     bleu = scores.bleu if scores.bleu is not None else [None] * len(scores.ma)
     return [is_forgotten(m, e, thresholds, b, criterion) for m, e, b in zip(scores.ma, scores.el, bleu)]
+
+
+@dataclass
+class Calibration:
+    """Outcome of `calibrate_nll`: the scale kept for the adapter and the forget set's mean NLL around it."""
+
+    target: float
+    scale: float
+    nll_before: float  # mean NLL of the forget set at scale 1 (as trained)
+    nll_after: float
+    probes: int  # scales scored, besides 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mean_nll(scores: Scores) -> float:
+    return float(sum(scores.nll) / len(scores.nll))
+
+
+def calibrate_nll(lora_b: List, score_at: Callable[[], Scores], scores: Scores, thresholds: Thresholds,
+                  criterion: str = "ma_el", tolerance: float = 0.5, max_scale: float = 2.0,
+                  probes: int = 6) -> Tuple[Calibration, Scores]:
+    """Scale the adapter's LoRA B weights so the forget set's mean NLL lands near thresholds.nll.
+
+    Gradient ascent stops when MA/EL pass, not when the loss looks like text never seen; it usually
+    overshoots (forgotten text ends far *less* likely than unseen text, which membership inference
+    detects as surely as memorised text) and sometimes stops short. The adapter's output is linear in
+    its B matrices, so scaling them by s in (0, max_scale] moves between the base (s = 0: memorised)
+    and a stronger forget; the forget set's loss rises with s. Bisection over s for the mean NLL, then
+    the scale among those scored (1 included) whose every sample is still forgotten and whose mean NLL
+    is nearest the target. `scores` are the scores at scale 1; `score_at()` scores the forget set as the
+    weights are now. Returns the calibration and the scores at the kept scale; the weights are left scaled.
+    """
+    target = float(thresholds.nll)
+    original = [p.detach().clone() for p in lora_b]
+
+    def set_scale(s: float) -> None:
+        with torch.no_grad():
+            for p, p0 in zip(lora_b, original):
+                p.copy_(p0 * s)
+
+    first = _mean_nll(scores)
+    tried = [(1.0, scores)]
+    if abs(first - target) > tolerance:
+        lo, hi = (0.0, 1.0) if first > target else (1.0, max_scale)
+        for _ in range(probes):
+            mid = (lo + hi) / 2
+            set_scale(mid)
+            sc = score_at()
+            tried.append((mid, sc))
+            if _mean_nll(sc) > target:
+                hi = mid
+            else:
+                lo = mid
+    usable = [(s, sc) for s, sc in tried if all(forgotten_mask(sc, thresholds, criterion))] or tried[:1]
+    scale, kept = min(usable, key=lambda t: abs(_mean_nll(t[1]) - target))
+    set_scale(scale)
+    return Calibration(target=target, scale=scale, nll_before=first, nll_after=_mean_nll(kept),
+                       probes=len(tried) - 1), kept

@@ -27,10 +27,10 @@ from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transform
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
 from .losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, distinct_token_mask, icu_loss,
-                     ngram_set, nll_band_loss, npo_loss)
+                     ngram_set, npo_loss)
 from .metrics import Scores, backbone_and_head, model_device, score_samples, teacher_forced
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
-from .refine import Thresholds, forgotten_mask
+from .refine import Thresholds, calibrate_nll, forgotten_mask
 from .evaluation import forget_mia
 from .report import write_report
 
@@ -207,14 +207,11 @@ def adapter_disabled_reference(model):
 
 def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
                   config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
-                  nll_target: Optional[float] = None, raise_nll: Optional[Sequence[bool]] = None,
                   backbone=None) -> dict:
     """The unlearning objective on one batch; returns the total (with grad) and each term (floats).
 
     `reference(input_ids, attention_mask)` gives the reference model's final hidden states (no grad);
-    by default the same model with its adapters switched off. With `nll_target`, the forget samples'
-    mean NLLs are held in target +- nll_tolerance / 2 by losses.nll_band_loss (the lower side only for
-    samples flagged in `raise_nll`, those already forgotten by MA/EL).
+    by default the same model with its adapters switched off.
     `backbone` replaces the model's own (e.g. a prefix.FrozenPrefixBackbone; same hidden states).
     """
     device = model_device(model)
@@ -236,21 +233,14 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
                                  only_predicted=config.forget_tokens == "predicted", weights=w)
         l_fgt = s / c.clamp(min=1)
     zero = l_fgt.new_zeros(())
-    l_lrn, l_kl, l_nll = zero, zero, zero
+    l_lrn, l_kl = zero, zero
     if len(neighbour_seqs) and (config.learn_weight or config.kl_weight):
         s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs, pad_id, config, reference, backbone)
         count = _target_count(neighbour_seqs)
         l_lrn, l_kl = s_lrn / count, s_kl / count
     loss = icu_loss(l_fgt, l_lrn, l_kl, config.forget_weight, config.learn_weight, config.kl_weight)
-    if nll_target is not None and config.nll_target_weight:
-        sums = -chunked_sequence_logprob(h, head, ids, mask, config.loss_chunk_size)
-        counts = (mask[:, 1:] * mask[:, :-1]).sum(1).clamp(min=1)
-        half = config.nll_tolerance / 2
-        flags = torch.tensor([float(x) for x in raise_nll], device=device) if raise_nll is not None else None
-        l_nll = nll_band_loss(sums / counts, nll_target - half, nll_target + half, flags)
-        loss = loss + config.nll_target_weight * l_nll
     return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach()),
-            "l_nll": float(l_nll.detach())}
+}
 
 
 def _target_count(seqs: Sequence[torch.Tensor]) -> int:
@@ -278,8 +268,7 @@ def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: IC
 
 def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
                       config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
-                      scale: float = 1.0, nll_target: Optional[float] = None,
-                      raise_nll: Optional[Sequence[bool]] = None, backbone=None) -> dict:
+                      scale: float = 1.0, backbone=None) -> dict:
     """Backpropagate `scale` x icu_step_loss(...); returns its terms as floats ("loss" NaN if non-finite).
 
     With config.neighbour_micro_batch, the forget term and each slice of the neighbours get their own
@@ -291,14 +280,12 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
         reference = adapter_disabled_reference(model)
     micro = config.neighbour_micro_batch
     if not micro or len(neighbour_seqs) <= micro or not (config.learn_weight or config.kl_weight):
-        out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights, nll_target,
-                            raise_nll, backbone)
+        out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights, backbone)
         if not torch.isfinite(out["loss"]):
             return {**out, "loss": float("nan")}
         (out["loss"] * scale).backward()
         return {**out, "loss": float(out["loss"].detach())}
-    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights, nll_target, raise_nll,
-                          backbone)
+    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights, backbone)
     if not torch.isfinite(first["loss"]):
         return {**first, "loss": float("nan")}
     (first["loss"] * scale).backward()
@@ -313,20 +300,17 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
         lrn += float(s_lrn.detach()) / count
         kl += float(s_kl.detach()) / count
     loss = float(first["loss"].detach()) + config.learn_weight * lrn + config.kl_weight * kl
-    return {"loss": loss, "l_fgt": first["l_fgt"], "l_lrn": lrn, "l_kl": kl, "l_nll": first["l_nll"]}
+    return {"loss": loss, "l_fgt": first["l_fgt"], "l_lrn": lrn, "l_kl": kl}
 
 
 def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[bool]:
     """Which samples the next epoch trains on.
 
-    IUR: those not yet forgotten, and with an NLL target also those whose mean NLL is outside the
-    band target +- tolerance. Without IUR (Jang et al.): all of them until the set's mean MA and EL
-    pass the thresholds, then none.
+    IUR: those not yet forgotten. Without IUR (Jang et al.): all of them until the set's mean MA and
+    EL pass the thresholds, then none.
     """
     done = forgotten_mask(scores, thresholds, config.criterion)
     if config.iur:
-        if thresholds.nll is not None and scores.nll is not None:
-            return [not f or abs(n - thresholds.nll) > config.nll_tolerance for f, n in zip(done, scores.nll)]
         return [not f for f in done]
 
 
@@ -482,7 +466,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 len(forget_set), forget_set.truncated, len(retain_set), retain_source, thresholds.ma, config.el_n,
                 thresholds.el, thresholds.source)
     if thresholds.nll is not None:
-        logger.info("NLL target: each forget sample's mean NLL is brought to %.3f +- %.2f",
+        logger.info("NLL target: after training, the adapter is scaled so the forget set's mean NLL is %.3f +- %.2f",
                     thresholds.nll, config.nll_tolerance)
 
     distinct = _distinct_masks(forget_set, retain_set, config.forget_distinct_ngram)
@@ -527,8 +511,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
             active_idx = list(range(len(forget_set)))
         order = [active_idx[i] for i in torch.randperm(len(active_idx), generator=gen).tolist()]
         model.train()
-        terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0, "l_nll": 0.0}
-        passed = forgotten_mask(state.scores, thresholds, config.criterion)
+        terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
         nsteps = math.ceil(len(order) / config.batch_size)
         nan = False
         for b in range(nsteps):
@@ -543,16 +526,9 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                 extra = torch.randint(len(retain_set), (config.retain_kl_samples,), generator=gen).tolist()
                 n_seqs += [retain_set.input_ids[j] for j in extra]
             f_weights = [distinct[i] for i in mine] if distinct else None
-            raise_nll = None
-            if thresholds.nll is not None:
-                # a sample past MA/EL is in the batch only to reach the NLL band: the band term moves it, not ascent
-                raise_nll = [passed[i] for i in mine]
-                if any(raise_nll):
-                    f_weights = [(f_weights[k] if f_weights else torch.ones(len(forget_set.input_ids[i])))
-                                 * float(not passed[i]) for k, i in enumerate(mine)]
             optimizer.zero_grad(set_to_none=True)
             out = icu_step_backward(model, f_seqs, n_seqs, pad_id, config, reference, f_weights, scale=weight,
-                                    nll_target=thresholds.nll, raise_nll=raise_nll, backbone=train_backbone)
+                                    backbone=train_backbone)
             if not math.isfinite(out["loss"]):
                 nan = True
                 break
@@ -584,8 +560,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         state.active = _active(state.scores, thresholds, config)
         m = state.scores.mean()
         history.append(dict(epoch=epoch, active=sum(state.active), **terms, **{f"{k}_mean": v for k, v in m.items()}))
-        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f nll %.4f) MA %.4f EL %s NLL %.3f, %d still to forget",
-                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], terms["l_nll"], m["ma"],
+        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f EL %s NLL %.3f, %d still to forget",
+                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], m["ma"],
                     _fmt_el(m["el"]), m["nll"], sum(state.active))
         epoch_bar.update(1)
         epoch_bar.set_postfix(active=sum(state.active), ma=f"{m['ma']:.3f}")
@@ -594,6 +570,21 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
             status = "forgotten"
     epoch_bar.close()
     model.eval()
+    calibration = None
+    if thresholds.nll is not None:
+        lora_b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+        if status != "forgotten" or not lora_b:
+            logger.warning("nll_target: adapter not calibrated (%s)",
+                           "no LoRA adapter to scale" if not lora_b else "not every sample is forgotten")
+        else:
+            calibration, state.scores = calibrate_nll(
+                lora_b, lambda: _score(model, forget_set, pad_id, config, "calibrating", el_max_ma=lazy_ma),
+                state.scores, thresholds, config.criterion, config.nll_tolerance, config.nll_max_scale,
+                config.nll_probes)
+            per_epoch[-1] = state.scores
+            logger.info("nll_target: adapter scaled by %.3f; forget set's mean NLL %.3f -> %.3f (target %.3f, %d probes)",
+                        calibration.scale, calibration.nll_before, calibration.nll_after, calibration.target,
+                        calibration.probes)
     in_sync = None
     if world > 1:
         # every rank must hold the same adapter; a cheap checksum per rank proves it
@@ -650,6 +641,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         "ranks_in_sync": in_sync,
         "device": str(accelerator.device),
         "wall_time_s": round(time.time() - t0, 2),
+        "calibration": calibration.to_dict() if calibration else None,
         "reference_cache": {"hits": reference.hits, "misses": reference.misses, "mb": round(reference.bytes / 2**20, 1)},
         "prefix_cache": ({"layers": train_backbone.start, "hits": train_backbone.prefix.hits,
                           "misses": train_backbone.prefix.misses, "mb": round(train_backbone.prefix.bytes / 2**20, 1)}

@@ -338,6 +338,9 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
             "thresholds": icu_report["thresholds"],
             "icu": {k: icu_report[k] for k in ("status", "epochs", "steps", "wall_time_s", "peak_rss_mb")},
             "forgotten_samples": f"{icu_report['forget']['forgotten']}/{icu_report['forget']['count']}",
+            # loss-attack AUC of the forgotten people's records against never-planted people's (0.5 = chance)
+            "mia_auc": ({k: icu_report["mia"][k]["loss"]["auc"] for k in ("before", "after")}
+                        if icu_report.get("mia") else None),
             "detached": {"forgotten_secrets": sum(detached), "forgotten_total": len(detached)},
             "merged": merged,
             "adapter_bytes": adapter_bytes,
@@ -376,6 +379,9 @@ def format_table(r: dict) -> str:
             _pct(a[key]["secrets"], a[key]["secrets_total"]), _pct(u["secrets"], u["secrets_total"]))
     lines.append(f"general text ({r['general_text']})")
     row("perplexity", f"{b['perplexity']:.2f}", f"{a['perplexity']:.2f}")
+    if r.get("mia_auc"):
+        lines.append("membership inference, forgotten vs never-seen people")
+        row("loss-attack AUC (0.5: chance)", f"{r['mia_auc']['before']:.2f}", f"{r['mia_auc']['after']:.2f}")
     icu = r["icu"]
     lines.append("")
     lines.append(f"forget request: {r['forgotten_samples']} records below the unseen level (MA <= {th['ma']:.3f}, "
