@@ -72,35 +72,64 @@ def calibrate_nll(lora_b: List, score_at: Callable[[], Scores], scores: Scores, 
     Gradient ascent stops when MA/EL pass, not when the loss looks like text never seen; it usually
     overshoots (forgotten text ends far *less* likely than unseen text, which membership inference
     detects as surely as memorised text) and sometimes stops short. The adapter's output is linear in
-    its B matrices, so scaling them by s in (0, max_scale] moves between the base (s = 0: memorised)
-    and a stronger forget; the forget set's loss rises with s. Bisection over s for the mean NLL, then
-    the scale among those scored (1 included) whose every sample is still forgotten and whose mean NLL
-    is nearest the target. `scores` are the scores at scale 1; `score_at()` scores the forget set as the
-    weights are now. Returns the calibration and the scores at the kept scale; the weights are left scaled.
+    its B matrices, so scaling them by s moves between the base (s = 0: memorised) and a stronger
+    forget; the forget set's loss rises with s.
+
+    Loss too high at s = 1: bisection in (0, 1) for the smallest scale at which every sample is still
+    forgotten (forgetting switches on sharply in s, so a plain search for the target loss lands where
+    nothing is forgotten), then, if that scale's loss is below the target, bisection between it and 1
+    for the loss. Loss too low: bisection in (1, max_scale) for the loss (a stronger adapter forgets
+    at least as much; checked). Each step scores the forget set once; EL only where MA passes.
+
+    `scores`: complete scores at scale 1. `score_at()` scores the forget set as the weights are now
+    (EL may be skipped where MA fails). Returns the calibration and the scores at the kept scale; the weights are left scaled.
     """
     target = float(thresholds.nll)
     original = [p.detach().clone() for p in lora_b]
+    used = 0
 
     def set_scale(s: float) -> None:
         with torch.no_grad():
             for p, p0 in zip(lora_b, original):
                 p.copy_(p0 * s)
 
+    def at(s: float) -> Scores:
+        nonlocal used
+        set_scale(s)
+        used += 1
+        return score_at()
+
+    def ok(sc: Scores) -> bool:
+        return all(forgotten_mask(sc, thresholds, criterion))
+
     first = _mean_nll(scores)
-    tried = [(1.0, scores)]
+    best = (1.0, scores)
     if abs(first - target) > tolerance:
-        lo, hi = (0.0, 1.0) if first > target else (1.0, max_scale)
-        for _ in range(probes):
-            mid = (lo + hi) / 2
-            set_scale(mid)
-            sc = score_at()
-            tried.append((mid, sc))
-            if _mean_nll(sc) > target:
-                hi = mid
-            else:
-                lo = mid
-    usable = [(s, sc) for s, sc in tried if all(forgotten_mask(sc, thresholds, criterion))] or tried[:1]
-    scale, kept = min(usable, key=lambda t: abs(_mean_nll(t[1]) - target))
-    set_scale(scale)
-    return Calibration(target=target, scale=scale, nll_before=first, nll_after=_mean_nll(kept),
-                       probes=len(tried) - 1), kept
+        if first > target:
+            lo, hi = 0.0, 1.0  # lo: not forgotten (the base), hi: forgotten
+            for _ in range(probes // 2 + probes % 2):
+                mid = (lo + hi) / 2
+                sc = at(mid)
+                if ok(sc):
+                    hi, best = mid, (mid, sc)
+                else:
+                    lo = mid
+            lo, hi = best[0], 1.0  # loss rises from lo to hi; every scale in between forgets
+        else:
+            lo, hi = 1.0, max_scale
+        if _mean_nll(best[1]) < target:
+            for _ in range(probes // 2 if first > target else probes):
+                mid = (lo + hi) / 2
+                sc = at(mid)
+                if not ok(sc):
+                    lo = mid  # too weak after all: only stronger scales qualify
+                    continue
+                if abs(_mean_nll(sc) - target) < abs(_mean_nll(best[1]) - target):
+                    best = (mid, sc)
+                if _mean_nll(sc) > target:
+                    hi = mid
+                else:
+                    lo = mid
+    set_scale(best[0])
+    return Calibration(target=target, scale=best[0], nll_before=first, nll_after=_mean_nll(best[1]),
+                       probes=used), best[1]
