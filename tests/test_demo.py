@@ -77,12 +77,17 @@ def test_quick_demo_forgets_the_requested_people_and_keeps_the_rest(tmp_path):
     assert a["kept"]["secrets"] >= 0.9 * b["kept"]["secrets"]
     assert a["perplexity"] <= 1.1 * b["perplexity"]
 
+    # the loss attack separated the forgotten people from never-seen ones before; the table reports it after
+    assert r["mia_auc"]["before"] >= 0.9 and 0.0 <= r["mia_auc"]["after"] <= 1.0
+    assert r["calibration"] is None or r["calibration"]["scale"] <= 1.0
+
     # lifecycle: detached, the secrets are back; merged, they stay gone
     assert r["detached"]["forgotten_secrets"] == b["forgotten"]["secrets"]
     assert r["merged"]["forgotten_secrets"] == 0
 
     # artifacts where the table says, and no forgotten text in any of them
     table = "\n".join(lines)
+    assert "loss-attack AUC" in table
     assert str(out / "forget-adapter") in table and str(out / "demo_report.json") in table
     assert json.loads((out / "demo_report.json").read_text())["after"]["forgotten"]["secrets"] == 0
     corpus = make_corpus(**{k: v for k, v in r["corpus"].items()})

@@ -94,10 +94,13 @@ def demo_icu_config(**overrides) -> ICUConfig:
     Tuned on the 20-person planted model (docs/DEMO.md, "Tuning"): LoRA in the last 10 layers only,
     one forget sample per step, the forget term on tokens not shared with the kept records, and a
     KL anchor three times its weight. All-layer LoRA with the library defaults forgot as well but
-    cost the kept people half their secrets.
+    cost the kept people half their secrets. Afterwards the adapter is scaled down as far as the
+    forgotten people stay forgotten (nll_target), so their records look less out of place to a
+    membership-inference attack.
     """
     base = dict(learning_rate=3e-3, max_epochs=30, batch_size=1, forget_weight=2.0, learn_weight=1.0, kl_weight=3.0,
-                forget_distinct_ngram=4, lora_layers=10, seed=0, progress=True, el_n=10, max_length=128)
+                forget_distinct_ngram=4, lora_layers=10, seed=0, progress=True, el_n=10, max_length=128,
+                nll_target="unseen")
     base.update(overrides)
     return ICUConfig(**base)
 
@@ -338,6 +341,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
             "thresholds": icu_report["thresholds"],
             "icu": {k: icu_report[k] for k in ("status", "epochs", "steps", "wall_time_s", "peak_rss_mb")},
             "forgotten_samples": f"{icu_report['forget']['forgotten']}/{icu_report['forget']['count']}",
+            "calibration": icu_report.get("calibration"),
             # loss-attack AUC of the forgotten people's records against never-planted people's (0.5 = chance)
             "mia_auc": ({k: icu_report["mia"][k]["loss"]["auc"] for k in ("before", "after")}
                         if icu_report.get("mia") else None),
