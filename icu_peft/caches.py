@@ -77,7 +77,6 @@ class CachedReference:
         return out
 
 
-
 def first_trained_layer(backbone) -> Optional[int]:
     """Index of the lowest decoder layer holding a trainable parameter; None when the embeddings train,
     when nothing trains, or when the backbone has no `layers` list."""

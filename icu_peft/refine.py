@@ -24,7 +24,7 @@ class Thresholds:
     bleu: float = 0.01
     source: str = "default"  # unseen | config | default
     unseen_count: Optional[int] = None
-    nll: Optional[float] = None  # the level a forget sample's mean NLL is held near (config.nll_target); None: off
+    nll: Optional[float] = None  # loss level the adapter is calibrated towards (config.nll_target); None: off
 
     def to_dict(self) -> dict:
         return asdict(self)

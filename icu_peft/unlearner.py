@@ -212,7 +212,7 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
 
     `reference(input_ids, attention_mask)` gives the reference model's final hidden states (no grad);
     by default the same model with its adapters switched off.
-    `backbone` replaces the model's own (e.g. a prefix.FrozenPrefixBackbone; same hidden states).
+    `backbone` replaces the model's own (e.g. a caches.FrozenPrefixBackbone; same hidden states).
     """
     device = model_device(model)
     own, head = _parts(model)
@@ -239,8 +239,7 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
         count = _target_count(neighbour_seqs)
         l_lrn, l_kl = s_lrn / count, s_kl / count
     loss = icu_loss(l_fgt, l_lrn, l_kl, config.forget_weight, config.learn_weight, config.kl_weight)
-    return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach()),
-}
+    return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach())}
 
 
 def _target_count(seqs: Sequence[torch.Tensor]) -> int:
@@ -312,6 +311,12 @@ def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[b
     done = forgotten_mask(scores, thresholds, config.criterion)
     if config.iur:
         return [not f for f in done]
+    if config.criterion == "bleu":
+        passed = sum(scores.bleu) / len(scores.bleu) < thresholds.bleu
+    else:
+        m = scores.mean()
+        passed = m["ma"] <= thresholds.ma and m["el"] <= thresholds.el
+    return [not passed] * len(done)
 
 
 def prepare_trainable(base_model, config: ICUConfig):

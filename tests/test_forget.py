@@ -294,3 +294,19 @@ def test_nll_target_unseen_needs_unseen_text(tiny_model_dir, tiny_corpus):
     with pytest.raises(InputError, match="nll_target='unseen' needs unseen text"):
         forget(quick_config(tiny_model_dir, nll_target="unseen", max_epochs=1), tiny_corpus["forget"][:2],
                tiny_corpus["retain"], None)
+
+
+def test_without_iur_the_whole_set_trains_until_its_means_pass():
+    """Jang et al.'s rule (iur=False, the ga/graddiff/npo presets): all samples or none."""
+    from icu_peft.config import ICUConfig
+    from icu_peft.metrics import Scores
+    from icu_peft.refine import Thresholds
+    from icu_peft.unlearner import _active
+
+    thr = Thresholds(ma=0.5, el=0.1)
+    jang, iur = ICUConfig.for_method("ga"), ICUConfig.for_method("icu")
+    one_left = Scores(ma=[0.2, 0.2, 0.9], el=[0.0, 0.0, 0.0])  # mean MA 0.43 passes; one sample does not
+    two_left = Scores(ma=[0.2, 0.9, 0.9], el=[0.0, 0.0, 0.0])  # mean MA 0.67 fails
+    assert _active(one_left, thr, jang) == [False] * 3
+    assert _active(two_left, thr, jang) == [True] * 3
+    assert _active(one_left, thr, iur) == [False, False, True]

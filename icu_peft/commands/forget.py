@@ -24,8 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--method", choices=["icu", "icu_paper", "ga", "graddiff", "npo"],
                    help="preset: icu (default; selective), icu_paper (ICU's reference objective), or a baseline")
     p.add_argument("--nll-target", metavar="off|unseen|NATS",
-                   help="bring each forget sample's mean NLL to the unseen text's (or this many nats), so forgotten "
-                        "text looks like text never seen to a loss-based membership attack, not less likely")
+                   help="after training, scale the adapter towards the forget set's loss matching the unseen text's "
+                        "(or this many nats) while it stays forgotten: over-forgotten text is itself a membership signal")
     p.add_argument("--request-id", help="identifier of the request (default: a UUID)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--on-top-of", action="append", default=[], metavar="ADAPTER",
