@@ -82,7 +82,8 @@ def calibrate_nll(lora_b: List, score_at: Callable[[], Scores], scores: Scores, 
     at least as much; checked). Each step scores the forget set once; EL only where MA passes.
 
     `scores`: complete scores at scale 1. `score_at()` scores the forget set as the weights are now
-    (EL may be skipped where MA fails). Returns the calibration and the scores at the kept scale; the weights are left scaled.
+    (EL may be skipped where MA fails). Returns the calibration and the scores at the kept scale; the
+    weights are left scaled.
     """
     target = float(thresholds.nll)
     original = [p.detach().clone() for p in lora_b]
