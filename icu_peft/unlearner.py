@@ -92,10 +92,12 @@ def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config
     Explicit values skip scoring the unseen text (EL_n on text the model never saw is the costliest
     measurement there is); the unseen text still serves the membership-inference report.
     """
-    t = _thresholds(model, tokenizer, unseen, config, salt, progress)
-    if config.nll_target == "unseen":
-        if not unseen:
-            raise InputError("nll_target='unseen' needs unseen text (--unseen); give a number or 'off' instead")
+    if config.nll_target == "unseen" and not unseen:
+        raise InputError("nll_target='unseen' needs unseen text (--unseen); give a number or 'off' instead")
+    t, unseen_nll = _thresholds(model, tokenizer, unseen, config, salt, progress)
+    if config.nll_target == "unseen" and unseen_nll is not None:
+        t.nll = unseen_nll  # the unseen text was just scored: its NLL came with MA and EL
+    elif config.nll_target == "unseen":
         tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=2, name="unseen")
         nlls = []
         for s in range(0, len(tset), config.score_batch_size):
@@ -106,10 +108,12 @@ def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config
     return t
 
 
-def _thresholds(model, tokenizer, unseen, config: ICUConfig, salt: str, progress: bool) -> Thresholds:
+def _thresholds(model, tokenizer, unseen, config: ICUConfig, salt: str, progress: bool) -> tuple:
+    """(thresholds, the unseen text's mean NLL if it was scored here, else None)."""
     explicit = config.ma_threshold is not None and config.el_threshold is not None
     if explicit and config.criterion == "ma_el":
-        return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold, source="config")
+        return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold,
+                          source="config"), None
     if unseen:
         tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1, name="unseen")
         with _bar(len(tset), "scoring unseen", progress) as bar:
@@ -120,16 +124,17 @@ def _thresholds(model, tokenizer, unseen, config: ICUConfig, salt: str, progress
         m = s.mean()
         ma = config.ma_threshold if config.ma_threshold is not None else m["ma"]
         el = config.el_threshold if config.el_threshold is not None else m["el"]
-        return Thresholds(ma=ma, el=el, bleu=config.bleu_threshold, source="unseen", unseen_count=len(tset))
+        return Thresholds(ma=ma, el=el, bleu=config.bleu_threshold, source="unseen", unseen_count=len(tset)), m["nll"]
     if explicit:
-        return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold, source="config")
+        return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold,
+                          source="config"), None
     if config.criterion == "ma_el":
         logger.warning("no --unseen file and no explicit thresholds: using Jang et al.'s GPT-Neo-125M values "
                        "(MA %.4f, EL %.4f), which may not fit this model", DEFAULT_MA_THRESHOLD, DEFAULT_EL_THRESHOLD)
     return Thresholds(
         ma=config.ma_threshold if config.ma_threshold is not None else DEFAULT_MA_THRESHOLD,
         el=config.el_threshold if config.el_threshold is not None else DEFAULT_EL_THRESHOLD,
-        bleu=config.bleu_threshold, source="default")
+        bleu=config.bleu_threshold, source="default"), None
 
 
 @torch.no_grad()

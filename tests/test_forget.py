@@ -277,11 +277,16 @@ def test_nll_target_scales_the_adapter_towards_the_target_and_keeps_every_sample
     assert again.nll == pytest.approx([s["after"]["nll"] for s in rep["samples"]], rel=1e-3)
 
 
-def test_nll_target_unseen_is_the_bases_mean_nll_on_unseen_text(tiny_model_dir, tiny_corpus):
+@pytest.mark.parametrize("explicit", [False, True], ids=["scored", "explicit-thresholds"])
+def test_nll_target_unseen_is_the_bases_mean_nll_on_unseen_text(tiny_model_dir, tiny_corpus, explicit):
+    """Whether the thresholds come from scoring the unseen text (its NLL comes along) or from the config
+    (the unseen text is then only run forward for its NLL)."""
     from icu_peft.metrics import teacher_forced
 
-    r = forget(quick_config(tiny_model_dir, nll_target="unseen", max_epochs=1), tiny_corpus["forget"][:2],
+    given = dict(ma_threshold=0.3, el_threshold=0.05) if explicit else {}
+    r = forget(quick_config(tiny_model_dir, nll_target="unseen", max_epochs=1, **given), tiny_corpus["forget"][:2],
                tiny_corpus["retain"], tiny_corpus["unseen"]).report
+    assert r["thresholds"]["source"] == ("config" if explicit else "unseen")
     tok = load_tokenizer(str(tiny_model_dir))
     base = load_base_model(str(tiny_model_dir), quantize=True)
     nll = teacher_forced(base, [torch.tensor(tok(t)["input_ids"]) for t in tiny_corpus["unseen"]], tok.pad_token_id).nll()
