@@ -20,7 +20,7 @@ any code mask at that site could remove (WORK_DIR/ablation-SITE.json).
 
 Everything runs on CPU, base in fp32 for both methods (no 4-bit: the planted weights are the
 reference, and bitsandbytes' CPU kernels are slower). Results go to stdout (markdown) and
-WORK_DIR/results.json. Needs ../shared/data/validation/wikitext.csv; exits 0 with a message if absent.
+WORK_DIR/results-CODEBOOK-MODE-pP-rR.json. Needs ../shared/data/validation/wikitext.csv; exits 0 with a message if absent.
 """
 
 from __future__ import annotations
@@ -329,7 +329,9 @@ def main():
     del model.icu_codebook
 
     print("3a. CodeUnlearn: zero-shot code mask", flush=True)
-    mask_dir = work / "mask-zorbania"
+    # Per codebook and selection, so that runs sharing a work dir (and its planted model) do not clash.
+    tag = f"{cb_dir.name}-{args.mode}-p{args.max_p:g}-r{args.min_ratio:g}"
+    mask_dir = work / f"mask-zorbania-{tag}"
     spec = TOPICS[FORGET_TOPIC]
     t0 = time.time()
     res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, max_p=args.max_p, mode=args.mode,
@@ -345,7 +347,7 @@ def main():
     del model.icu_codebook
 
     if args.skip_icu:
-        (work / "results.json").write_text(json.dumps(results, indent=2))
+        (work / f"results-{tag}.json").write_text(json.dumps(results, indent=2))
         print_table(results)
         return 0
     print("3b. ICU: LoRA forget adapter", flush=True)
@@ -359,7 +361,7 @@ def main():
     print(f"   ICU: {out.report['status']} after {out.report['epochs']} epochs, {results['icu_wall_s']:.0f} s", flush=True)
     results["icu"] = evaluate(out.model, tok, wiki_eval)
 
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+    (work / f"results-{tag}.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     return 0
 

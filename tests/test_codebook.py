@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import shutil
@@ -556,6 +557,19 @@ def test_bad_site_is_an_input_error(base, tmp_path, tiny_model_dir, capsys):
               "--site", "ffn"])
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
     assert not (tmp_path / "cb").exists()
+
+
+def test_cli_site_choices_are_the_library_sites():
+    # The CLI spells the choices out so that parsing does not import torch; they must not drift apart.
+    from icu_peft.cli import build_parser
+    from icu_peft.codebook.layer import SITES
+
+    def subparsers(p):
+        return next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    train = subparsers(subparsers(build_parser())["codebook"])["train"]
+    site = next(a for a in train._actions if a.dest == "site")
+    assert list(site.choices) == list(SITES)
 
 
 @pytest.fixture(scope="module")
