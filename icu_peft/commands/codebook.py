@@ -26,9 +26,9 @@ def add_parser(sub) -> None:
     t.add_argument("--data", required=True, help="general training text: .jsonl (field text), .csv (column text) or .txt")
     t.add_argument("--eval-data", help="held-out text for the perplexity cost (default: a share of --data)")
     t.add_argument("--out", required=True, help="output directory for the codebook")
-    t.add_argument("--layer", type=int, help="decoder layer (0-based; negative from the end; default: middle)")
+    t.add_argument("--layer", type=int, help="decoder layer (0-based; negative from the end; default: a tenth of the way up)")
     t.add_argument("--site", choices=["residual", "mlp", "attention"],
-                   help="what is snapped: only the layer's MLP (default) or self-attention output, or its whole residual output")
+                   help="what is snapped: the layer's whole residual output (default), or only its MLP or self-attention output")
     t.add_argument("--num-codes", type=int, help="codebook size")
     t.add_argument("--k", type=int, help="top-k codes per hidden state")
     t.add_argument("--similarity", choices=["cosine", "inner"], help="code ranking")
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
     t.add_argument("--kmeans-tokens", type=int, help="hidden states for the k-means init")
     t.add_argument("--dead-code-interval", type=int, help="re-seed unused codes every N steps (0: never)")
     t.add_argument("--recovery-lora-r", type=int,
-                   help="rank of a LoRA trained jointly with the codes in the layers after the bottleneck (0: none)")
+                   help="rank of a LoRA trained jointly with the codes in the layers after the bottleneck (default 8; 0: none)")
     t.add_argument("--recovery-lora-alpha", type=int, help="LoRA alpha of the recovery adapter")
     t.add_argument("--recovery-lr", dest="recovery_learning_rate", type=float, help="learning rate of the recovery LoRA")
     t.add_argument("--seed", type=int, help="random seed")
@@ -60,10 +60,11 @@ def add_parser(sub) -> None:
     f.add_argument("--out", required=True, help="output directory for the code mask")
     f.add_argument("--min-ratio", type=float, help="minimum topic/contrast frequency ratio")
     f.add_argument("--max-p", type=float, help="maximum chi-squared p-value")
-    f.add_argument("--no-bonferroni", action="store_true", help="do not divide --max-p by the number of codes")
+    f.add_argument("--bonferroni", action="store_true",
+                   help="divide --max-p by the number of codes (strict: needs a large topic text)")
     f.add_argument("--min-count", type=int, help="minimum topic positions a code must be active at")
     f.add_argument("--max-codes", type=int, help="keep at most this many codes (0: no cap)")
-    f.add_argument("--mode", choices=["block", "zero"], help="block (next-best codes replace) or zero")
+    f.add_argument("--mode", choices=["zero", "block"], help="zero (default: masked codes add nothing) or block (next-best codes replace them)")
     f.add_argument("--max-length", type=int, help="tokens per text")
     f.add_argument("--request-id", help="identifier of the request (default: a UUID)")
     f.add_argument("--text-field", default="text", help="jsonl field / csv column holding the text")
@@ -150,8 +151,8 @@ def run_forget(args) -> int:
 
     keys = ("min_ratio", "max_p", "min_count", "max_codes", "mode", "max_length", "request_id")
     over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.no_bonferroni:
-        over["bonferroni"] = False
+    if args.bonferroni:
+        over["bonferroni"] = True
     cfg = CodeForgetConfig(**over)
     check_output_dir(args.out, args.overwrite)
     topic = read_texts(args.topic, args.text_field)
