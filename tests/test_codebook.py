@@ -728,3 +728,23 @@ def test_recovery_needs_a_layer_after_the_bottleneck(base):
         train_codebook(CodebookConfig(site="residual", **dict(CFG, steps=1, layer=-1, recovery_lora_r=4)),
                        general_text(), model, tok)
     assert not _has_lora(model)
+
+
+def test_default_layer_is_a_tenth_of_the_way_up():
+    from torch import nn
+
+    from icu_peft.codebook.layer import resolve_layer
+
+    class Stack(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.config = type("C", (), {"num_hidden_layers": n})()
+            self.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(n)])
+
+    assert [resolve_layer(Stack(n), None) for n in (2, 12, 30, 32)] == [0, 1, 3, 3]
+    assert resolve_layer(Stack(30), -1) == 29 and resolve_layer(Stack(30), 15) == 15
+    with pytest.raises(InputError, match="out of range"):
+        resolve_layer(Stack(30), 30)
+    cfg = CodebookConfig()
+    assert (cfg.site, cfg.layer, cfg.recovery_lora_r) == ("residual", None, 8)
+    assert (CodeForgetConfig().mode, CodeForgetConfig().bonferroni) == ("zero", False)
