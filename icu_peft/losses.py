@@ -38,6 +38,17 @@ def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
+def token_nll_excess(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """Mean over real targets of max(0, NLL - cap): how far tokens sit below the likelihood `cap` allows.
+
+    Minimised, it pulls only the tokens that gradient ascent pushed past `cap` nats back to it; a token
+    that likely is still far from being the model's choice, so nothing memorised comes back.
+    """
+    lg, lb, valid = _shift(logits, labels, mask)
+    nll = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none").view(lb.shape)
+    return ((nll - cap).clamp(min=0) * valid).sum() / valid.sum().clamp(min=1)
+
+
 def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real positions of KL(p_ref || p_model) of the next-token distributions.
 
@@ -101,6 +112,12 @@ def _nll_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, valid: to
     return (nll.view(targets.shape) * valid).sum()
 
 
+def _excess_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, cap: float) -> torch.Tensor:
+    logits = head(h).float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return ((nll.view(targets.shape) - cap).clamp(min=0) * valid).sum()
+
+
 @torch.no_grad()
 def _still_predicted(head: Callable, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (head(h).argmax(-1) == targets).float()
@@ -147,6 +164,21 @@ def chunked_token_nll(hidden: torch.Tensor, head: Callable, labels: torch.Tensor
         total = total + _run_chunk(lambda a, b, c: _nll_chunk(head, a, b, c), h[:, s:e], targets[:, s:e], v, grad=grad)
         count = count + v.sum()
     return total, count
+
+
+def chunked_token_nll_excess(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
+                             cap: float, chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of max(0, NLL - cap) over real targets (token_nll_excess), chunk by chunk."""
+    h = hidden[:, :-1]
+    targets = labels[:, 1:]
+    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    for s in range(0, h.shape[1], chunk_size):
+        e = s + chunk_size
+        total = total + _run_chunk(lambda a, b, c: _excess_chunk(head, a, b, c, cap), h[:, s:e], targets[:, s:e],
+                                   valid[:, s:e], grad=grad)
+    return total, valid.sum()
 
 
 def chunked_kl_to_reference(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: Callable, mask: torch.Tensor,
