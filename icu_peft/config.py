@@ -55,7 +55,7 @@ class ICUConfig:
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
     forget_distinct_ngram: int = field(default=0, metadata={"help": "Forget term skips tokens whose n-gram (token + n-1 before) occurs in the retain pool: shared template, not private text (0: off; 4 suits records)."})
-    forget_nll_cap: float = field(default=0.0, metadata={"help": "Forget tokens whose NLL exceeds this many nats are pulled back down to it (a hinge): ascent stops making forgotten text less likely than unseen text. 0: off."})
+    forget_nll_cap: float = field(default=0.0, metadata={"help": "Forget tokens whose NLL exceeds this many nats (or the base's own NLL, if higher) are pulled back down to it (a hinge): ascent stops making forgotten text less likely than unseen text. 0: off."})
     nll_target: Any = field(default="off", metadata={"help": "After training, scale the adapter so the forget set's mean NLL is near this: 'unseen' (the base's mean NLL on the unseen text), a number of nats, or 'off' (ICU)."})
     nll_tolerance: float = field(default=0.5, metadata={"help": "nll_target: a mean NLL this close (nats) needs no scaling."})
     nll_max_scale: float = field(default=2.0, metadata={"help": "nll_target: largest factor the adapter may be scaled up by when forgetting stopped short of the target."})
