@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from icu_peft.losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll,
-                             chunked_token_nll_excess, icu_loss, kl_to_reference, npo_loss, per_sample_nll, token_nll,
+                             chunked_token_nll_excess, chunked_token_nll_per_target, icu_loss, kl_to_reference, npo_loss, per_sample_nll, token_nll,
                              token_nll_excess)
 
 
@@ -83,12 +83,16 @@ def test_chunked_forms_equal_plain_forms_and_their_gradients(chunk):
     lp = chunked_sequence_logprob(hidden, head, labels, mask, chunk)
     assert torch.allclose(lp, -per_sample_nll(head(hidden), labels, mask) * (mask[:, 1:] * mask[:, :-1]).sum(1), atol=1e-5)
 
-    s, c = chunked_token_nll_excess(hidden, head, labels, mask, 2.5, chunk)
-    plain = token_nll_excess(head(hidden), labels, mask, 2.5)
-    assert plain.item() > 0 and (s / c).item() == pytest.approx(plain.item(), rel=1e-5)
-    g1, = torch.autograd.grad(s / c, hidden)
-    g2, = torch.autograd.grad(plain, hidden)
-    assert torch.allclose(g1, g2, atol=1e-6)
+    for cap in (2.5, torch.linspace(1.5, 3.5, 5).repeat(3, 1)):  # one cap for all, or one per target
+        s, c = chunked_token_nll_excess(hidden, head, labels, mask, cap, chunk)
+        plain = token_nll_excess(head(hidden), labels, mask, cap)
+        assert plain.item() > 0 and (s / c).item() == pytest.approx(plain.item(), rel=1e-5)
+        g1, = torch.autograd.grad(s / c, hidden)
+        g2, = torch.autograd.grad(plain, hidden)
+        assert torch.allclose(g1, g2, atol=1e-6)
+    per_target = chunked_token_nll_per_target(hidden, head, labels, chunk)
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    assert per_target[valid].mean().item() == pytest.approx(token_nll(head(hidden), labels, mask).item(), rel=1e-5)
 
 
 def test_nll_excess_counts_only_tokens_past_the_cap():
