@@ -23,18 +23,23 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
     return logits[:, :-1], labels[:, 1:], valid
 
 
+def _target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of each target, shaped like `targets` (logits already aligned with them)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction="none").view(targets.shape)
+
+
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token negative log-likelihood over real (unpadded) targets."""
     lg, lb, valid = _shift(logits, labels, mask)
-    nll = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none")
-    nll = nll.view(lb.shape)
+    nll = _target_nll(lg, lb)
     return (nll * valid).sum() / valid.sum().clamp(min=1)
 
 
 def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of each sample, shape (batch,)."""
     lg, lb, valid = _shift(logits, labels, mask)
-    nll = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none").view(lb.shape)
+    nll = _target_nll(lg, lb)
     return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
@@ -46,8 +51,7 @@ def token_nll_excess(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Ten
     from being the model's choice, so nothing memorised comes back.
     """
     lg, lb, valid = _shift(logits, labels, mask)
-    nll = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none").view(lb.shape)
-    return ((nll - cap).clamp(min=0) * valid).sum() / valid.sum().clamp(min=1)
+    return ((_target_nll(lg, lb) - cap).clamp(min=0) * valid).sum() / valid.sum().clamp(min=1)
 
 
 def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -108,15 +112,11 @@ def distinct_token_mask(ids: Sequence[int], shared: Set[Tuple[int, ...]], n: int
 
 
 def _nll_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (nll.view(targets.shape) * valid).sum()
+    return (_target_nll(head(h), targets) * valid).sum()
 
 
 def _excess_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, cap) -> torch.Tensor:
-    logits = head(h).float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return ((nll.view(targets.shape) - cap).clamp(min=0) * valid).sum()
+    return ((_target_nll(head(h), targets) - cap).clamp(min=0) * valid).sum()
 
 
 @torch.no_grad()
@@ -190,12 +190,8 @@ def chunked_token_nll_per_target(hidden: torch.Tensor, head: Callable, labels: t
                                  chunk_size: int = 64) -> torch.Tensor:
     """(batch, length - 1) next-token NLL of every target (padding included; mask it yourself), no grad."""
     h, targets = hidden[:, :-1], labels[:, 1:]
-    out = []
-    for s in range(0, h.shape[1], chunk_size):
-        logits = head(h[:, s:s + chunk_size]).float()
-        t = targets[:, s:s + chunk_size]
-        out.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="none").view(t.shape))
-    return torch.cat(out, dim=1)
+    return torch.cat([_target_nll(head(h[:, s:s + chunk_size]), targets[:, s:s + chunk_size])
+                      for s in range(0, h.shape[1], chunk_size)], dim=1)
 
 
 def chunked_kl_to_reference(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: Callable, mask: torch.Tensor,
@@ -220,9 +216,7 @@ def chunked_sequence_logprob(hidden: torch.Tensor, head: Callable, labels: torch
     grad = torch.is_grad_enabled() and hidden.requires_grad
 
     def per_sample(a, b, c):
-        logits = head(a).float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b.reshape(-1), reduction="none")
-        return -(nll.view(b.shape) * c).sum(1)
+        return -(_target_nll(head(a), b) * c).sum(1)
 
     total = hidden.new_zeros((hidden.shape[0],), dtype=torch.float32)
     for s in range(0, h.shape[1], chunk_size):
