@@ -55,7 +55,6 @@ class ICUConfig:
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
     forget_distinct_ngram: int = field(default=0, metadata={"help": "Forget term skips tokens whose n-gram (token + n-1 before) occurs in the retain pool: shared template, not private text (0: off; 4 suits records)."})
-    forget_nll_cap: float = field(default=0.0, metadata={"help": "Forget tokens whose NLL exceeds this many nats (or the base's own NLL, if higher) are pulled back down to it (a hinge): ascent stops making forgotten text less likely than unseen text. 0: off."})
     nll_target: Any = field(default="off", metadata={"help": "After training, scale the adapter so the forget set's mean NLL is near this: 'unseen' (the base's mean NLL on the unseen text), a number of nats, or 'off' (ICU)."})
     nll_tolerance: float = field(default=0.5, metadata={"help": "nll_target: a mean NLL this close (nats) needs no scaling."})
     nll_max_scale: float = field(default=2.0, metadata={"help": "nll_target: largest factor the adapter may be scaled up by when forgetting stopped short of the target."})
@@ -131,7 +130,6 @@ class ICUConfig:
         need(self.criterion in ("ma_el", "bleu"), "criterion must be 'ma_el' or 'bleu'")
         need(self.forget_loss in ("ga", "npo"), "forget_loss must be 'ga' or 'npo'")
         need(self.forget_tokens in ("all", "predicted"), "forget_tokens must be 'all' or 'predicted'")
-        need(self.forget_nll_cap >= 0, "forget_nll_cap must be >= 0 (0: off)")
         need(self.use_lora or not self.quantize, "full fine-tuning (use_lora=False) needs quantize=False")
         need(self.nll_target in ("off", "unseen") or _is_number(self.nll_target),
              "nll_target must be 'off', 'unseen' or a positive number")

@@ -43,17 +43,6 @@ def per_sample_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
-def token_nll_excess(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, cap) -> torch.Tensor:
-    """Mean over real targets of max(0, NLL - cap): how far tokens sit below the likelihood `cap` allows.
-
-    `cap` is a number of nats or a (batch, length - 1) tensor, one per target (aligned with labels[:, 1:]).
-    Minimised, it pulls only the tokens past their cap back to it; a token that likely is still far
-    from being the model's choice, so nothing memorised comes back.
-    """
-    lg, lb, valid = _shift(logits, labels, mask)
-    return ((_target_nll(lg, lb) - cap).clamp(min=0) * valid).sum() / valid.sum().clamp(min=1)
-
-
 def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real positions of KL(p_ref || p_model) of the next-token distributions.
 
@@ -115,10 +104,6 @@ def _nll_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, valid: to
     return (_target_nll(head(h), targets) * valid).sum()
 
 
-def _excess_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, cap) -> torch.Tensor:
-    return ((_target_nll(head(h), targets) - cap).clamp(min=0) * valid).sum()
-
-
 @torch.no_grad()
 def _still_predicted(head: Callable, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (head(h).argmax(-1) == targets).float()
@@ -165,33 +150,6 @@ def chunked_token_nll(hidden: torch.Tensor, head: Callable, labels: torch.Tensor
         total = total + _run_chunk(lambda a, b, c: _nll_chunk(head, a, b, c), h[:, s:e], targets[:, s:e], v, grad=grad)
         count = count + v.sum()
     return total, count
-
-
-def chunked_token_nll_excess(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
-                             cap, chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sum and count of max(0, NLL - cap) over real targets (token_nll_excess), chunk by chunk.
-
-    `cap`: nats, or a (batch, length - 1) tensor with one cap per target."""
-    h = hidden[:, :-1]
-    targets = labels[:, 1:]
-    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
-    caps = (cap if torch.is_tensor(cap) else torch.full(targets.shape, float(cap))).to(valid)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and hidden.requires_grad
-    for s in range(0, h.shape[1], chunk_size):
-        e = s + chunk_size
-        total = total + _run_chunk(lambda a, b, c, d: _excess_chunk(head, a, b, c, d), h[:, s:e], targets[:, s:e],
-                                   valid[:, s:e], caps[:, s:e], grad=grad)
-    return total, valid.sum()
-
-
-@torch.no_grad()
-def chunked_token_nll_per_target(hidden: torch.Tensor, head: Callable, labels: torch.Tensor,
-                                 chunk_size: int = 64) -> torch.Tensor:
-    """(batch, length - 1) next-token NLL of every target (padding included; mask it yourself), no grad."""
-    h, targets = hidden[:, :-1], labels[:, 1:]
-    return torch.cat([_target_nll(head(h[:, s:s + chunk_size]), targets[:, s:s + chunk_size])
-                      for s in range(0, h.shape[1], chunk_size)], dim=1)
 
 
 def chunked_kl_to_reference(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: Callable, mask: torch.Tensor,

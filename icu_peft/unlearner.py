@@ -26,8 +26,8 @@ from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
-from .losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, chunked_token_nll_excess,
-                     chunked_token_nll_per_target, distinct_token_mask, icu_loss, ngram_set, npo_loss)
+from .losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, distinct_token_mask, icu_loss,
+                     ngram_set, npo_loss)
 from .metrics import Scores, backbone_and_head, model_device, score_samples, teacher_forced
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
 from .refine import Thresholds, calibrate_nll, forgotten_mask
@@ -237,14 +237,6 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
         s, c = chunked_token_nll(h, head, ids, mask, config.loss_chunk_size,
                                  only_predicted=config.forget_tokens == "predicted", weights=w)
         l_fgt = s / c.clamp(min=1)
-        if config.forget_nll_cap:
-            # Folded into the forget term so that u weighs both: ascend on what is still predicted,
-            # descend on what went past the cap. A token the base itself never predicted (a name
-            # that opens a record) keeps its own, higher cap: pulling it down would teach it.
-            ref_nll = chunked_token_nll_per_target(reference(ids, mask), head, ids, config.loss_chunk_size)
-            caps = ref_nll.clamp(min=config.forget_nll_cap)
-            s_over, c_over = chunked_token_nll_excess(h, head, ids, mask, caps, config.loss_chunk_size)
-            l_fgt = l_fgt - s_over / c_over.clamp(min=1)
     zero = l_fgt.new_zeros(())
     l_lrn, l_kl = zero, zero
     if len(neighbour_seqs) and (config.learn_weight or config.kl_weight):

@@ -315,26 +315,3 @@ def test_without_iur_the_whole_set_trains_until_its_means_pass():
     assert _active(one_left, thr, jang) == [False] * 3
     assert _active(two_left, thr, jang) == [True] * 3
     assert _active(one_left, thr, iur) == [False, False, True]
-
-
-def test_forget_nll_cap_is_inert_at_init_and_pulls_back_overshoot(tiny_model_dir, tiny_corpus):
-    """forget_nll_cap: with the adapter still the identity nothing is past the base's own NLL, so the
-    forget term is unchanged; once the adapter has pushed tokens past the cap, the term is lower."""
-    from icu_peft import unlearner as U
-
-    tok = load_tokenizer(str(tiny_model_dir))
-    base = load_base_model(str(tiny_model_dir), quantize=False)
-    plain_cfg = quick_config(tiny_model_dir, quantize=False)
-    capped_cfg = quick_config(tiny_model_dir, quantize=False, forget_nll_cap=1.0)
-    model, _ = U.prepare_trainable(base, plain_cfg)
-    seqs = [torch.tensor(tok(t)["input_ids"]) for t in tiny_corpus["forget"][:2]]
-    with torch.no_grad():
-        plain = U.icu_step_loss(model, seqs, [], tok.pad_token_id, plain_cfg)["l_fgt"]
-        capped = U.icu_step_loss(model, seqs, [], tok.pad_token_id, capped_cfg)["l_fgt"]
-        assert capped == pytest.approx(plain, abs=1e-6)
-        for name, p in model.named_parameters():  # an adapter that wrecks the forget samples' likelihood
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-        plain = U.icu_step_loss(model, seqs, [], tok.pad_token_id, plain_cfg)["l_fgt"]
-        capped = U.icu_step_loss(model, seqs, [], tok.pad_token_id, capped_cfg)["l_fgt"]
-    assert capped < plain - 0.1
