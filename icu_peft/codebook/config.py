@@ -88,7 +88,7 @@ class CodeForgetConfig:
     bonferroni: bool = field(default=False, metadata={"help": "Divide max_p by the number of codes tested; too strict for a topic of a few sentences (a code on 9 of 117 positions and never on the contrast has p 0.007)."})
     min_count: int = field(default=3, metadata={"help": "Ignore codes active at fewer than this many topic positions."})
     max_codes: int = field(default=0, metadata={"help": "Keep at most this many codes, highest ratio first (0: no cap)."})
-    mode: str = field(default="zero", metadata={"help": "'zero': masked codes still win but add nothing; 'block': they are skipped and the next-best take their place (forgot less in every real-model run)."})
+    mode: str = field(default="zero", metadata={"help": "'zero': masked codes still win but add nothing; 'block': they are skipped and the next-best take their place (forgot less on SmolLM2)."})
     max_length: int = field(default=128, metadata={"help": "Topic/contrast texts are truncated to this many tokens."})
     batch_size: int = field(default=8, metadata={"help": "Texts per forward pass while counting code activations."})
     hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})
