@@ -37,7 +37,9 @@ def main(argv=None) -> int:
     base = load_base_model(planted, True)
     cfg = demo_icu_config(**{"progress": False, "ma_threshold": 0.687, "el_threshold": 0.0227, **overrides})
     t0 = time.time()
-    r = forget(cfg, corpus.forget_texts, corpus.retain_texts, None, base_model=base, tokenizer=tok)
+    # The unseen people's records: the thresholds above are fixed, but nll_target ('unseen', the demo's
+    # default) takes its level from them.
+    r = forget(cfg, corpus.forget_texts, corpus.retain_texts, corpus.unseen_texts, base_model=base, tokenizer=tok)
     wall = time.time() - t0
     kept = measure_group(r.model, tok, corpus.retain_texts[:8], corpus.probes(corpus.kept_people[:8]), 10)
     gone = measure_group(r.model, tok, corpus.forget_texts, corpus.probes(corpus.forget_people), 10)
