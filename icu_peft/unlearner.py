@@ -30,7 +30,7 @@ from .losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_
                      ngram_set, npo_loss)
 from .metrics import Scores, backbone_and_head, model_device, score_samples, teacher_forced
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
-from .refine import Thresholds, calibrate_nll, forgotten_mask
+from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
 from .evaluation import forget_mia
 from .report import write_report
 
@@ -111,9 +111,10 @@ def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config
 def _thresholds(model, tokenizer, unseen, config: ICUConfig, salt: str, progress: bool) -> tuple:
     """(thresholds, the unseen text's mean NLL if it was scored here, else None)."""
     explicit = config.ma_threshold is not None and config.el_threshold is not None
+    from_config = (Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold,
+                              source="config") if explicit else None)
     if explicit and config.criterion == "ma_el":
-        return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold,
-                          source="config"), None
+        return from_config, None
     if unseen:
         tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1, name="unseen")
         with _bar(len(tset), "scoring unseen", progress) as bar:
@@ -126,8 +127,7 @@ def _thresholds(model, tokenizer, unseen, config: ICUConfig, salt: str, progress
         el = config.el_threshold if config.el_threshold is not None else m["el"]
         return Thresholds(ma=ma, el=el, bleu=config.bleu_threshold, source="unseen", unseen_count=len(tset)), m["nll"]
     if explicit:
-        return Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold,
-                          source="config"), None
+        return from_config, None
     if config.criterion == "ma_el":
         logger.warning("no --unseen file and no explicit thresholds: using Jang et al.'s GPT-Neo-125M values "
                        "(MA %.4f, EL %.4f), which may not fit this model", DEFAULT_MA_THRESHOLD, DEFAULT_EL_THRESHOLD)
@@ -316,11 +316,8 @@ def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[b
     done = forgotten_mask(scores, thresholds, config.criterion)
     if config.iur:
         return [not f for f in done]
-    if config.criterion == "bleu":
-        passed = sum(scores.bleu) / len(scores.bleu) < thresholds.bleu
-    else:
-        m = scores.mean()
-        passed = m["ma"] <= thresholds.ma and m["el"] <= thresholds.el
+    m = scores.mean()  # Jang's rule is the per-sample test applied to the set's means
+    passed = is_forgotten(m["ma"], m["el"], thresholds, m.get("bleu"), config.criterion)
     return [not passed] * len(done)
 
 
