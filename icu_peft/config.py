@@ -21,6 +21,9 @@ DEFAULT_MA_THRESHOLD = 0.5994
 DEFAULT_EL_THRESHOLD = 0.0499
 
 
+FORGET_LOSSES = ("target", "ga", "npo", "simnpo", "undial")
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and x > 0
 
@@ -50,9 +53,13 @@ class ICUConfig:
     hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})
 
     # --- loss (ICU: loss = -u*L_fgt + a*L_lrn + b*L_kl) ---
-    method: str = field(default="icu", metadata={"help": "Label of the method: icu, ga (Jang's KUMPR), graddiff, npo; see ICUConfig.for_method."})
-    forget_loss: str = field(default="ga", metadata={"help": "Forget term: 'ga' (negated NLL, ICU/KUI) or 'npo' (negative preference optimisation)."})
+    method: str = field(default="icu", metadata={"help": "Method (icu-peft methods/): icu (calibrated, default), icu_ga, icu_paper, ga, graddiff, npo, simnpo, undial; see ICUConfig.for_method."})
+    forget_loss: str = field(default="target", metadata={"help": "Forget term: 'target' (distil towards never-seen-looking targets), 'ga' (negated NLL, ICU's KUI), 'npo', 'simnpo' or 'undial'."})
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
+    simnpo_beta: float = field(default=2.5, metadata={"help": "SimNPO inverse temperature beta."})
+    simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO reward margin gamma."})
+    target_log_weight: float = field(default=0.1, metadata={"help": "Method icu: weight of the log-space push on tokens still more likely than their target (the BCE alone stalls short of very unlikely targets)."})
+    undial_gamma: float = field(default=10.0, metadata={"help": "UNDIAL: how far the true token's logit is lowered in the distillation target."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
     forget_distinct_ngram: int = field(default=0, metadata={"help": "Forget term skips tokens whose n-gram (token + n-1 before) occurs in the retain pool: shared template, not private text (0: off; 4 suits records)."})
     nll_target: Any = field(default="off", metadata={"help": "After training, scale the adapter so the forget set's mean NLL is near this: 'unseen' (the base's mean NLL on the unseen text), a number of nats, or 'off' (ICU)."})
@@ -73,12 +80,17 @@ class ICUConfig:
     # --- optimisation ---
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or fine-tune every weight (False; needs quantize=False; a baseline)."})
     iur: bool = field(default=True, metadata={"help": "Per-sample refinement: forgotten samples leave the batch. False: train on all until the means pass (Jang et al.)."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Adam learning rate for the LoRA weights."})
+    learning_rate: Any = field(default="auto", metadata={"help": "Adam learning rate, or 'auto': start at lr_start, double while the forget set's distance to the never-seen band stalls, halve (last good adapter restored) when the retain set is damaged."})
+    lr_start: float = field(default=2e-4, metadata={"help": "learning_rate auto: the first rate tried."})
+    lr_max: float = field(default=5e-2, metadata={"help": "learning_rate auto: the rate is never raised past this."})
+    max_steps: int = field(default=400, metadata={"help": "Budget in optimizer steps (the work a request may do, whatever its size)."})
+    round_steps: int = field(default=4, metadata={"help": "Optimizer steps (whole epochs, at least this many steps) between two scorings of the forget set."})
+    retain_floor: float = field(default=0.9, metadata={"help": "Retain guard: if the retain set's MA falls below this fraction of its value before, the last good adapter is restored (and with lr auto, the rate halved)."})
     adam_betas: Any = field(default=(0.9, 0.98), metadata={"help": "Adam betas (ICU: 0.9, 0.98)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     batch_size: int = field(default=8, metadata={"help": "Forget samples per optimisation step (ICU: 8)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
-    max_epochs: int = field(default=30, metadata={"help": "Epoch cap (ICU's code has none)."})
+    max_epochs: Optional[int] = field(default=None, metadata={"help": "Epoch cap (None: only max_steps bounds the work; ICU's code has none)."})
     min_epochs: int = field(default=0, metadata={"help": "Train at least this many epochs even when every sample already passes."})
     seed: int = field(default=42, metadata={"help": "Random seed (data order, LoRA init, generated retain pool)."})
 
@@ -91,6 +103,8 @@ class ICUConfig:
     prefix_cache_mb: int = field(default=512, metadata={"help": "Memory (MB, CPU) for the hidden states below the lowest trained layer, so steps run only the layers with LoRA (0: run every layer every step)."})
     retain_el: bool = field(default=False, metadata={"help": "Also score EL_n of the retain samples in the report (slow once retain text drifts: a roll-out per departure)."})
     el_start: int = field(default=1, metadata={"help": "Shortest prefix scored by EL_n (Jang: 1; ICU's code: 150 of 200)."})
+    band_quantile: float = field(default=0.1, metadata={"help": "Never-seen band: a sample is forgotten when its NLL lies between the unseen samples' q and 1-q quantiles and its MA / EL_n under their 1-q quantile."})
+    settle_quantile: float = field(default=0.25, metadata={"help": "A sample leaves the batch once its NLL lies between these (tighter) quantiles, so the set ends mid-band, not at its edge."})
     ma_threshold: Optional[float] = field(default=None, metadata={"help": "MA threshold; measured from --unseen when given, else 0.5994 with a warning."})
     el_threshold: Optional[float] = field(default=None, metadata={"help": "EL_n threshold; measured from --unseen when given, else 0.0499 with a warning."})
     bleu_prefix_tokens: int = field(default=50, metadata={"help": "BLEU criterion: prefix length fed to the model (ICU: 50)."})
@@ -105,6 +119,11 @@ class ICUConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
             self.adam_betas = tuple(self.adam_betas)
+        if isinstance(self.learning_rate, str) and self.learning_rate != "auto":
+            try:
+                self.learning_rate = float(self.learning_rate)
+            except ValueError:
+                pass
         if isinstance(self.nll_target, str) and self.nll_target not in ("off", "unseen"):
             try:  # from the command line every value is a string
                 self.nll_target = float(self.nll_target)
@@ -124,11 +143,19 @@ class ICUConfig:
         need(self.el_start >= 1, "el_start must be >= 1")
         need(self.batch_size >= 1, "batch_size must be >= 1")
         need(self.num_neighbours >= 0, "num_neighbours must be >= 0")
-        need(self.learning_rate > 0, "learning_rate must be > 0")
-        need(self.max_epochs >= 0, "max_epochs must be >= 0")
+        need(self.learning_rate == "auto" or (_is_number(self.learning_rate) and self.learning_rate <= 1e6),
+             "learning_rate must be 'auto' or a number in (0, 1e6]")
+        need(0 < self.lr_start <= self.lr_max <= 10, "need 0 < lr_start <= lr_max <= 10")
+        need(self.max_epochs is None or self.max_epochs >= 0, "max_epochs must be >= 0")
+        need(self.max_steps >= 0 and self.round_steps >= 1, "max_steps must be >= 0 and round_steps >= 1")
+        need(0 <= self.retain_floor < 1, "retain_floor must be in [0, 1)")
+        need(0 <= self.band_quantile <= self.settle_quantile < 0.5,
+             "need 0 <= band_quantile <= settle_quantile < 0.5")
+        need(self.simnpo_beta > 0 and self.npo_beta > 0 and self.undial_gamma > 0,
+             "simnpo_beta, npo_beta and undial_gamma must be > 0")
         need(self.loss_chunk_size >= 1, "loss_chunk_size must be >= 1")
         need(self.criterion in ("ma_el", "bleu"), "criterion must be 'ma_el' or 'bleu'")
-        need(self.forget_loss in ("ga", "npo"), "forget_loss must be 'ga' or 'npo'")
+        need(self.forget_loss in FORGET_LOSSES, f"forget_loss must be one of {', '.join(FORGET_LOSSES)}")
         need(self.forget_tokens in ("all", "predicted"), "forget_tokens must be 'all' or 'predicted'")
         need(self.use_lora or not self.quantize, "full fine-tuning (use_lora=False) needs quantize=False")
         need(self.nll_target in ("off", "unseen") or _is_number(self.nll_target),
@@ -146,27 +173,12 @@ class ICUConfig:
 
     @staticmethod
     def method_preset(method: str) -> dict:
-        """Field values of ICU and of the baselines it is compared with.
+        """Field values of a method (icu_peft/methods/: each method's module holds its preset)."""
+        from .methods import METHODS  # torch-heavy: not at import time, so CLI parsing stays light
 
-        icu:       -u*NLL(forget) + a*NLL(neighbour) + b*KL(ref||model), per-sample refinement, with
-                   icu-peft's selective defaults (forget_tokens='predicted', retain_kl_samples=8)
-        icu_paper: the objective of ICU's reference code (every token ascends; neighbours only; one
-                   forward/backward pass per step)
-        ga:        Jang et al.'s KUMPR, gradient ascent alone until the means pass
-        graddiff:  gradient ascent + NLL on retain text
-        npo:       negative preference optimisation on the forget set + NLL on retain text
-        """
-        presets = {
-            "icu": dict(),
-            "icu_paper": dict(forget_tokens="all", retain_kl_samples=0, neighbour_micro_batch=0),
-            "ga": dict(learn_weight=0.0, kl_weight=0.0, num_neighbours=0, iur=False, forget_tokens="all",
-                       retain_kl_samples=0),
-            "graddiff": dict(learn_weight=1.0, kl_weight=0.0, iur=False, forget_tokens="all", retain_kl_samples=0),
-            "npo": dict(forget_loss="npo", learn_weight=1.0, kl_weight=0.0, iur=False, retain_kl_samples=0),
-        }
-        if method not in presets:
-            raise InputError(f"unknown method '{method}': choose from {', '.join(presets)}")
-        return {"method": method, **presets[method]}
+        if method not in METHODS:
+            raise InputError(f"unknown method '{method}': choose from {', '.join(METHODS)}")
+        return {"method": method, **METHODS[method].preset}
 
     @classmethod
     def for_method(cls, method: str, **kw: Any) -> "ICUConfig":

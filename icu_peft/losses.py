@@ -181,3 +181,112 @@ def chunked_sequence_logprob(hidden: torch.Tensor, head: Callable, labels: torch
         e = s + chunk_size
         total = total + _run_chunk(per_sample, h[:, s:e], targets[:, s:e], valid[:, s:e], grad=grad)
     return total
+
+
+def simnpo_loss(logp: torch.Tensor, lengths: torch.Tensor, beta: float = 2.5, gamma: float = 0.0) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024): NPO without a reference, on the length-normalised log-likelihood.
+
+    (2/beta) * log(1 + exp(beta * logp/|y| + gamma)); minimised. `logp`: (batch,) summed token
+    log-probabilities, `lengths`: (batch,) their target counts.
+    """
+    return -(2.0 / beta) * F.logsigmoid(-beta * logp / lengths.clamp(min=1) - gamma).mean()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012)."""
+    x = x.clamp(max=-1e-12)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def relabelled_log_probs(ref_logp: torch.Tensor, targets: torch.Tensor, new_target_logp: torch.Tensor) -> torch.Tensor:
+    """The reference's next-token log-distribution with the target token's log-prob set to `new_target_logp`.
+
+    The other tokens keep their proportions and share what the target token gave up. `ref_logp`:
+    (..., V) log-probs, `targets`: (...) token ids, `new_target_logp`: (...) values <= 0.
+    """
+    ref_y = ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    others = ref_logp.scatter(-1, targets.unsqueeze(-1), float("-inf"))
+    # log(mass of the others) from the others themselves: 1 - p_y loses every digit when p_y ~ 1
+    scale = log1mexp(new_target_logp) - torch.logsumexp(others, dim=-1)
+    scale = torch.where(new_target_logp >= ref_y, torch.zeros_like(scale), scale)
+    out = ref_logp + scale.unsqueeze(-1)
+    return out.scatter(-1, targets.unsqueeze(-1), torch.minimum(new_target_logp, ref_y).unsqueeze(-1))
+
+
+def _relabel_kl_chunk(head: Callable, h: torch.Tensor, ref_h: torch.Tensor, targets: torch.Tensor,
+                      new_logp: Callable, valid: torch.Tensor) -> torch.Tensor:
+    lp = F.log_softmax(head(h).float(), dim=-1)
+    with torch.no_grad():
+        ref_lp = F.log_softmax(head(ref_h).float(), dim=-1)
+        ref_y = ref_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        lq = relabelled_log_probs(ref_lp, targets, new_logp(ref_y))
+    kl = (lq.exp() * (lq - lp)).sum(-1)
+    return (kl * valid).sum()
+
+
+def chunked_relabelled_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: Callable, labels: torch.Tensor,
+                          mask: torch.Tensor, new_logp: Callable, chunk_size: int = 64,
+                          target_logp: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of KL(q || p_model) over real targets, q = the reference with the true next
+    token's log-prob replaced by new_logp(ref log-prob[, target_logp]) (see relabelled_log_probs).
+
+    Self-distillation towards a lowered target: bounded by construction (its minimum is the target
+    distribution, so the forget term cannot run away as gradient ascent does). `target_logp`:
+    optional (B, T) per-token values aligned with `labels`, passed to new_logp as a second argument.
+    """
+    h, ref_h = hidden[:, :-1], ref_hidden[:, :-1]
+    targets = labels[:, 1:]
+    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
+    tl = target_logp[:, 1:] if target_logp is not None else None
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    for s in range(0, h.shape[1], chunk_size):
+        e = s + chunk_size
+        fn = new_logp if tl is None else (lambda ry, t=tl[:, s:e]: new_logp(ry, t))
+        total = total + _run_chunk(lambda a, b, c, d: _relabel_kl_chunk(head, a, b, c, fn, d), h[:, s:e],
+                                   ref_h[:, s:e], targets[:, s:e], valid[:, s:e], grad=grad)
+    return total, valid.sum()
+
+
+def target_token_bce(logp: torch.Tensor, target_logp: torch.Tensor, log_weight: float = 0.0) -> torch.Tensor:
+    """Binary cross-entropy between the target token's probability and its target, per position.
+
+    -[p* log p + (1 - p*) log(1 - p)] with p = exp(logp), p* = exp(target_logp): minimal at p = p*,
+    so it is bounded by construction, and it constrains only the true token's probability (the rest
+    of the distribution is left to the model and the retain anchors, rather than forced to the
+    shape of the reference's residual). Both arguments are log-probabilities (<= 0).
+    """
+    p_star = target_logp.exp()
+    # The BCE's pull fades as p shrinks (its gradient is p - p*), so a token meant to be very unlikely
+    # (an unseen text's hardest tokens are) stops a few nats short and the sample's NLL plateaus
+    # under the band. A one-sided Huber term on how far log p is still above log p* keeps pushing
+    # such tokens; `log_weight` keeps it from drowning the retain anchors (at weight 1 it did: retain
+    # MA fell below 90% within 12 steps on two tiny memorisers, docs/METHOD.md).
+    bce = -(p_star * logp + (1 - p_star) * log1mexp(logp))
+    if not log_weight:
+        return bce
+    excess = (logp - target_logp).clamp(min=0)
+    return bce + log_weight * torch.where(excess < 1, 0.5 * excess ** 2, excess - 0.5)
+
+
+def _target_bce_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, target_logp: torch.Tensor,
+                      valid: torch.Tensor, log_weight: float) -> torch.Tensor:
+    lp = F.log_softmax(head(h).float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (target_token_bce(lp, target_logp, log_weight) * valid).sum()
+
+
+def chunked_target_bce(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
+                       target_logp: torch.Tensor, chunk_size: int = 64,
+                       log_weight: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of target_token_bce over real targets; `target_logp` (B, T) is aligned with `labels`."""
+    h = hidden[:, :-1]
+    targets = labels[:, 1:]
+    tl = target_logp[:, 1:]
+    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    for s in range(0, h.shape[1], chunk_size):
+        e = s + chunk_size
+        total = total + _run_chunk(lambda a, b, c, d: _target_bce_chunk(head, a, b, c, d, log_weight), h[:, s:e], targets[:, s:e],
+                                   tl[:, s:e], valid[:, s:e], grad=grad)
+    return total, valid.sum()

@@ -151,6 +151,41 @@ def teacher_forced(model, seqs: Sequence[torch.Tensor], pad_id: int, chunk_size:
     return TeacherForced(torch.cat(preds, 1).cpu(), torch.cat(tlp, 1).cpu(), mask.cpu(), ids.cpu())
 
 
+@torch.no_grad()
+def next_token_stats(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,
+                     chunk_size: int = 64) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Per sequence, (T-1,) tensors: the NLL of each next token, and the log-prob of the best other token.
+
+    What calibrated forgetting needs to know about the base before training (calibrate.token_targets):
+    how likely each true token is, and by how much it beats the runner-up.
+    """
+    device = model_device(model)
+    parts = backbone_and_head(model)
+    nlls: List[torch.Tensor] = []
+    others: List[torch.Tensor] = []
+    for b in range(0, len(seqs), batch_size):
+        chunk = list(seqs[b:b + batch_size])
+        ids, mask = pad_batch(chunk, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        if parts is None:
+            hidden, head = model(input_ids=ids, attention_mask=mask).logits, (lambda x: x)
+        else:
+            hidden, head = parts[0](input_ids=ids, attention_mask=mask).last_hidden_state, parts[1]
+        ty, oth = [], []
+        for s in range(0, ids.shape[1] - 1, chunk_size):
+            e = min(s + chunk_size, ids.shape[1] - 1)
+            lp = F.log_softmax(head(hidden[:, s:e]).float(), dim=-1)
+            nxt = ids[:, s + 1:e + 1]
+            y = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            ty.append(-y)
+            oth.append(lp.scatter(-1, nxt.unsqueeze(-1), float("-inf")).max(-1).values)
+        ty_t, oth_t = torch.cat(ty, 1).cpu(), torch.cat(oth, 1).cpu()
+        for row, x in enumerate(chunk):
+            nlls.append(ty_t[row, : len(x) - 1].clone())
+            others.append(oth_t[row, : len(x) - 1].clone())
+    return nlls, others
+
+
 def _forward_last(model, **kw):
     """Forward pass keeping only the last position's logits where the model supports it."""
     try:

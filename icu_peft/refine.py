@@ -25,14 +25,26 @@ class Thresholds:
     source: str = "default"  # unseen | config | default
     unseen_count: Optional[int] = None
     nll: Optional[float] = None  # loss level the adapter is calibrated towards (config.nll_target); None: off
+    # the never-seen band's NLL edges (calibrate.Band): a forgotten sample's NLL lies between them
+    nll_lo: Optional[float] = None
+    nll_hi: Optional[float] = None
+    # the unseen text's mean MA / EL_n (Jang et al.'s set-level line; `ma`/`el` are the band's upper edges)
+    ma_mean: Optional[float] = None
+    el_mean: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def is_forgotten(ma: float, el: float, thresholds: Thresholds, bleu: Optional[float] = None,
-                 criterion: str = "ma_el") -> bool:
-    """ma_el: MA and EL_n at or below their thresholds. bleu: generated-suffix BLEU below the cut."""
+                 criterion: str = "ma_el", nll: Optional[float] = None) -> bool:
+    """ma_el: MA and EL_n at or below their thresholds. bleu: generated-suffix BLEU below the cut.
+
+    With the never-seen band's NLL edges in `thresholds` and the sample's `nll`, the NLL must also lie
+    inside them: text pushed past every never-seen text is as recognisable as memorised text.
+    """
+    if nll is not None and thresholds.nll_lo is not None and not thresholds.nll_lo <= nll <= thresholds.nll_hi:
+        return False
     if criterion == "bleu":
         if bleu is None:
             raise ValueError("criterion 'bleu' needs BLEU scores")
@@ -43,7 +55,8 @@ def is_forgotten(ma: float, el: float, thresholds: Thresholds, bleu: Optional[fl
 
 def forgotten_mask(scores: Scores, thresholds: Thresholds, criterion: str = "ma_el") -> List[bool]:
     bleu = scores.bleu if scores.bleu is not None else [None] * len(scores.ma)
-    return [is_forgotten(m, e, thresholds, b, criterion) for m, e, b in zip(scores.ma, scores.el, bleu)]
+    nll = scores.nll if scores.nll is not None else [None] * len(scores.ma)
+    return [is_forgotten(m, e, thresholds, b, criterion, n) for m, e, b, n in zip(scores.ma, scores.el, bleu, nll)]
 
 
 @dataclass

@@ -26,9 +26,10 @@ from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
-from .losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, distinct_token_mask, icu_loss,
-                     ngram_set, npo_loss)
-from .metrics import Scores, backbone_and_head, model_device, score_samples, teacher_forced
+from .calibrate import Band, StepSize, band_gap, band_position
+from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set
+from .methods import ForgetBatch, PrepareContext, objective
+from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples, teacher_forced
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
 from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
 from .evaluation import forget_mia
@@ -45,13 +46,6 @@ class ForgetResult:
     tokenizer: object
     report: dict
     output_dir: Optional[Path] = None
-
-
-@dataclass
-class _State:
-    scores: Scores
-    active: List[bool]
-    epochs_active: List[int] = field(default_factory=list)
 
 
 def _bar(total, desc, enabled, **kw):
@@ -85,56 +79,77 @@ def library_versions() -> dict:
 
 # ------------------------------------------------------------------------------------ pieces
 
-def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config: ICUConfig, salt: str,
-                       progress: bool = False) -> Thresholds:
-    """Thresholds from (in order): explicit config values, unseen text scored by the base model, defaults.
+@dataclass
+class Target:
+    """Where a forget request aims: the thresholds (manifest, verify) and the never-seen band (None
+    without never-seen text), with the never-seen text's per-token NLLs that targets are matched to."""
 
-    Explicit values skip scoring the unseen text (EL_n on text the model never saw is the costliest
-    measurement there is); the unseen text still serves the membership-inference report.
+    thresholds: Thresholds
+    band: Optional[Band] = None
+    unseen_token_nll: Optional[torch.Tensor] = None
+
+
+def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: ICUConfig, salt: str,
+                   progress: bool = False) -> Target:
+    """The never-seen band and thresholds, from (in order): explicit config values, unseen text scored
+    by the base model, published defaults.
+
+    Explicit MA / EL thresholds skip EL_n on the unseen text (the costliest measurement there is);
+    its per-sample and per-token NLL (one forward pass) still give the band's loss edges.
     """
     if config.nll_target == "unseen" and not unseen:
         raise InputError("nll_target='unseen' needs unseen text (--unseen); give a number or 'off' instead")
-    t, unseen_nll = _thresholds(model, tokenizer, unseen, config, salt, progress)
-    if config.nll_target == "unseen" and unseen_nll is not None:
-        t.nll = unseen_nll  # the unseen text was just scored: its NLL came with MA and EL
-    elif config.nll_target == "unseen":
-        tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=2, name="unseen")
-        nlls = []
-        for s in range(0, len(tset), config.score_batch_size):
-            nlls += teacher_forced(model, tset.input_ids[s:s + config.score_batch_size], tokenizer.pad_token_id).nll().tolist()
-        t.nll = float(sum(nlls) / len(nlls))
+    explicit = config.ma_threshold is not None and config.el_threshold is not None
+    q = config.band_quantile
+    if not unseen:
+        t = _fallback_thresholds(config, explicit)
+        band, tok_nll = None, None
+    else:
+        tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1, name="unseen")
+        per_token = next_token_stats(model, tset.input_ids, tokenizer.pad_token_id, config.score_batch_size)[0]
+        tok_nll = torch.cat(per_token)
+        nll = [float(x.mean()) for x in per_token]
+        if explicit and config.criterion == "ma_el":
+            band = Band.from_scores(nll, [config.ma_threshold], [config.el_threshold], q, config.settle_quantile)
+            ma_mean, el_mean, source = config.ma_threshold, config.el_threshold, "config"
+        else:
+            with _bar(len(tset), "scoring unseen", progress) as bar:
+                s = score_samples(model, tset.input_ids, tokenizer.pad_token_id, config.el_n, config.el_start,
+                                  config.score_batch_size, with_bleu=config.criterion == "bleu",
+                                  bleu_prefix=config.bleu_prefix_tokens, bleu_suffix=config.bleu_suffix_tokens,
+                                  progress=bar)
+            band = Band.from_scores(s.nll, s.ma, s.el, q, config.settle_quantile)
+            m = s.mean()
+            ma_mean, el_mean, source = m["ma"], m["el"], "unseen"
+        if config.ma_threshold is not None:
+            band.ma_hi = band.ma_mid = config.ma_threshold
+        if config.el_threshold is not None:
+            band.el_hi = config.el_threshold
+        t = Thresholds(ma=band.ma_hi, el=band.el_hi if band.el_hi is not None else ma_mean, bleu=config.bleu_threshold,
+                       source=source, unseen_count=len(tset), nll_lo=band.nll_lo, nll_hi=band.nll_hi,
+                       ma_mean=ma_mean, el_mean=el_mean)
+    if config.nll_target == "unseen":
+        t.nll = float(sum(nll) / len(nll))  # the unseen samples' mean NLL, as before
     elif config.nll_target != "off":
         t.nll = float(config.nll_target)
-    return t
+    return Target(thresholds=t, band=band, unseen_token_nll=tok_nll)
 
 
-def _thresholds(model, tokenizer, unseen, config: ICUConfig, salt: str, progress: bool) -> tuple:
-    """(thresholds, the unseen text's mean NLL if it was scored here, else None)."""
-    explicit = config.ma_threshold is not None and config.el_threshold is not None
-    from_config = (Thresholds(ma=config.ma_threshold, el=config.el_threshold, bleu=config.bleu_threshold,
-                              source="config") if explicit else None)
-    if explicit and config.criterion == "ma_el":
-        return from_config, None
-    if unseen:
-        tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1, name="unseen")
-        with _bar(len(tset), "scoring unseen", progress) as bar:
-            s = score_samples(model, tset.input_ids, tokenizer.pad_token_id, config.el_n, config.el_start,
-                              config.score_batch_size, with_bleu=config.criterion == "bleu",
-                              bleu_prefix=config.bleu_prefix_tokens, bleu_suffix=config.bleu_suffix_tokens,
-                              progress=bar)
-        m = s.mean()
-        ma = config.ma_threshold if config.ma_threshold is not None else m["ma"]
-        el = config.el_threshold if config.el_threshold is not None else m["el"]
-        return Thresholds(ma=ma, el=el, bleu=config.bleu_threshold, source="unseen", unseen_count=len(tset)), m["nll"]
-    if explicit:
-        return from_config, None
-    if config.criterion == "ma_el":
+def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config: ICUConfig, salt: str,
+                       progress: bool = False) -> Thresholds:
+    """The thresholds alone (see measure_target)."""
+    return measure_target(model, tokenizer, unseen, config, salt, progress).thresholds
+
+
+def _fallback_thresholds(config: ICUConfig, explicit: bool) -> Thresholds:
+    """No never-seen text: explicit thresholds, else Jang et al.'s GPT-Neo values with a warning."""
+    if not explicit and config.criterion == "ma_el":
         logger.warning("no --unseen file and no explicit thresholds: using Jang et al.'s GPT-Neo-125M values "
                        "(MA %.4f, EL %.4f), which may not fit this model", DEFAULT_MA_THRESHOLD, DEFAULT_EL_THRESHOLD)
-    return Thresholds(
-        ma=config.ma_threshold if config.ma_threshold is not None else DEFAULT_MA_THRESHOLD,
-        el=config.el_threshold if config.el_threshold is not None else DEFAULT_EL_THRESHOLD,
-        bleu=config.bleu_threshold, source="default"), None
+    ma = config.ma_threshold if config.ma_threshold is not None else DEFAULT_MA_THRESHOLD
+    el = config.el_threshold if config.el_threshold is not None else DEFAULT_EL_THRESHOLD
+    return Thresholds(ma=ma, el=el, bleu=config.bleu_threshold, source="config" if explicit else "default",
+                      ma_mean=ma, el_mean=el)
 
 
 @torch.no_grad()
@@ -212,13 +227,19 @@ def adapter_disabled_reference(model):
 
 def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
                   config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
-                  backbone=None) -> dict:
+                  backbone=None, rows: Optional[Sequence[int]] = None, method_state=None) -> dict:
     """The unlearning objective on one batch; returns the total (with grad) and each term (floats).
 
+    total = u * (the method's forget loss) + a * NLL(neighbours) + b * KL(ref || model on neighbours).
     `reference(input_ids, attention_mask)` gives the reference model's final hidden states (no grad);
     by default the same model with its adapters switched off.
     `backbone` replaces the model's own (e.g. a caches.FrozenPrefixBackbone; same hidden states).
+    `rows`: the forget samples' indices (for methods that prepared per-sample targets), with
+    `method_state` what the method's prepare returned.
     """
+    method = objective(config.forget_loss)
+    if method.prepare is not None and method_state is None:
+        raise ValueError(f"forget_loss '{config.forget_loss}' needs the state its prepare step returns (method_state)")
     device = model_device(model)
     own, head = _parts(model)
     backbone = backbone or own
@@ -226,24 +247,18 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
         reference = adapter_disabled_reference(model)
     ids, mask = (t.to(device) for t in pad_batch(forget_seqs, pad_id))
     h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-    if config.forget_loss == "npo":
-        logp = chunked_sequence_logprob(h, head, ids, mask, config.loss_chunk_size)
-        with torch.no_grad():
-            ref_logp = chunked_sequence_logprob(reference(ids, mask), head, ids, mask, config.loss_chunk_size)
-        # npo_loss is minimised; expressed as "-u * l_fgt" so the weights read the same for every method
-        l_fgt = -npo_loss(logp, ref_logp, config.npo_beta)
-    else:
-        w = pad_batch(forget_weights, 0)[0].to(device=device, dtype=torch.float32) if forget_weights else None
-        s, c = chunked_token_nll(h, head, ids, mask, config.loss_chunk_size,
-                                 only_predicted=config.forget_tokens == "predicted", weights=w)
-        l_fgt = s / c.clamp(min=1)
+    w = pad_batch(forget_weights, 0)[0].to(device=device, dtype=torch.float32) if forget_weights else None
+    batch = ForgetBatch(hidden=h, head=head, ids=ids, mask=mask, reference=reference,
+                        rows=list(rows) if rows is not None else list(range(len(forget_seqs))),
+                        chunk_size=config.loss_chunk_size, weights=w, state=method_state)
+    l_fgt = method.forget_loss(batch, config)
     zero = l_fgt.new_zeros(())
     l_lrn, l_kl = zero, zero
     if len(neighbour_seqs) and (config.learn_weight or config.kl_weight):
         s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs, pad_id, config, reference, backbone)
         count = _target_count(neighbour_seqs)
         l_lrn, l_kl = s_lrn / count, s_kl / count
-    loss = icu_loss(l_fgt, l_lrn, l_kl, config.forget_weight, config.learn_weight, config.kl_weight)
+    loss = config.forget_weight * l_fgt + config.learn_weight * l_lrn + config.kl_weight * l_kl
     return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach())}
 
 
@@ -272,7 +287,8 @@ def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: IC
 
 def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
                       config: ICUConfig, reference=None, forget_weights: Optional[Sequence[torch.Tensor]] = None,
-                      scale: float = 1.0, backbone=None) -> dict:
+                      scale: float = 1.0, backbone=None, rows: Optional[Sequence[int]] = None,
+                      method_state=None) -> dict:
     """Backpropagate `scale` x icu_step_loss(...); returns its terms as floats ("loss" NaN if non-finite).
 
     With config.neighbour_micro_batch, the forget term and each slice of the neighbours get their own
@@ -284,12 +300,13 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
         reference = adapter_disabled_reference(model)
     micro = config.neighbour_micro_batch
     if not micro or len(neighbour_seqs) <= micro or not (config.learn_weight or config.kl_weight):
-        out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights, backbone)
+        out = icu_step_loss(model, forget_seqs, neighbour_seqs, pad_id, config, reference, forget_weights, backbone,
+                            rows, method_state)
         if not torch.isfinite(out["loss"]):
             return {**out, "loss": float("nan")}
         (out["loss"] * scale).backward()
         return {**out, "loss": float(out["loss"].detach())}
-    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights, backbone)
+    first = icu_step_loss(model, forget_seqs, [], pad_id, config, reference, forget_weights, backbone, rows, method_state)
     if not torch.isfinite(first["loss"]):
         return {**first, "loss": float("nan")}
     (first["loss"] * scale).backward()
@@ -307,18 +324,36 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
     return {"loss": loss, "l_fgt": first["l_fgt"], "l_lrn": lrn, "l_kl": kl}
 
 
-def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig) -> List[bool]:
-    """Which samples the next epoch trains on.
+def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig, band: Optional[Band] = None,
+            previous: Optional[List[bool]] = None, two_sided: bool = False) -> List[bool]:
+    """Which samples the next round trains on.
 
-    IUR: those not yet forgotten. Without IUR (Jang et al.): all of them until the set's mean MA and
-    EL pass the thresholds, then none.
+    Without IUR (Jang et al.): all of them until the set's mean MA and EL pass the unseen means, then none.
+    With IUR and a never-seen band: a sample trains until its scores are inside the band; a method that
+    can pull a sample back (two_sided) keeps it until it sits inside the band's inner part, and takes
+    it back once it leaves the outer band, so the set ends mid-band (hysteresis). A one-sided method
+    (gradient ascent) cannot pull back: it trains only samples that are still too familiar.
+    Without a band: those not yet forgotten by the thresholds.
     """
-    done = forgotten_mask(scores, thresholds, config.criterion)
-    if config.iur:
-        return [not f for f in done]
-    m = scores.mean()  # Jang's rule is the per-sample test applied to the set's means
-    passed = is_forgotten(m["ma"], m["el"], thresholds, m.get("bleu"), config.criterion)
-    return [not passed] * len(done)
+    if not config.iur:
+        m = scores.mean()  # Jang's rule is the per-sample test applied to the set's means
+        t = Thresholds(ma=thresholds.ma_mean if thresholds.ma_mean is not None else thresholds.ma,
+                       el=thresholds.el_mean if thresholds.el_mean is not None else thresholds.el,
+                       bleu=thresholds.bleu)
+        passed = is_forgotten(m["ma"], m["el"], t, m.get("bleu"), config.criterion)
+        return [not passed] * len(scores.ma)
+    if band is None or config.criterion != "ma_el":
+        return [not f for f in forgotten_mask(scores, thresholds, config.criterion)]
+    nll = scores.nll or [None] * len(scores.ma)
+    out = []
+    for i, (n, ma, el) in enumerate(zip(nll, scores.ma, scores.el)):
+        outer = band_position(n, ma, el, band)
+        if not two_sided:
+            out.append(outer < 0)
+            continue
+        was = True if previous is None else previous[i]
+        out.append(band_position(n, ma, el, band, inner=True) != 0 if was else outer != 0)
+    return out
 
 
 def prepare_trainable(base_model, config: ICUConfig):
@@ -422,11 +457,14 @@ def _restore(model, state: dict) -> None:
 def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optional[Sequence[str]] = None,
            unseen_texts: Optional[Sequence[str]] = None, output_dir: Optional[str | Path] = None,
            overwrite: bool = False, base_model=None, tokenizer=None) -> ForgetResult:
-    """Run one ICU forget request and return the trained PeftModel with its report.
+    """Run one forget request and return the trained PeftModel with its report.
 
+    Phases: load -> tokenize -> target (the never-seen band) -> neighbours -> prepare the method ->
+    train until every sample is inside the band (or the step budget ends) -> report -> save.
     `base_model`/`tokenizer` may be passed to reuse a loaded (frozen) base; otherwise they are
     loaded from `config.model`. With `output_dir`, the adapter and its manifest are written there
-    atomically (main process only under DDP).
+    atomically (main process only under DDP). `report["status"]`: forgotten | partial |
+    retain_damaged | nan_restored (see STATUS_EXIT_CODES).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -438,13 +476,12 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         raise InputError("the forget set is empty")
     # cpu=True on a machine without CUDA: it is what makes accelerate set up gloo under torchrun
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    show = config.progress and main
+    show = config.progress and accelerator.is_main_process
     set_seed(config.seed)
     salt = config.hash_salt or new_salt()
     request_id = config.request_id or str(uuid.uuid4())
 
-    # 1. base model and data
+    # 1. load and tokenize
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model, config.gguf_file, config.trust_remote_code)
     if base_model is None:
@@ -452,165 +489,340 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                                      config.trust_remote_code, device=accelerator.device)
     pad_id = tokenizer.pad_token_id
     forget_set = tokenize_texts(forget_texts, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1)
-    if retain_texts:
-        retain_set = tokenize_texts(retain_texts, tokenizer, config.max_length, salt, min_tokens=2, name="retain")
-        retain_source = "file"
-    elif config.no_retain == "refuse":
-        raise InputError("no retain pool given (--retain) and no_retain='refuse'")
-    else:
-        logger.warning("no retain pool given: sampling %d neighbour texts from the base model itself "
-                       "(weaker selectivity than real text of the same kind; pass --retain)",
-                       config.generated_retain_size)
-        retain_set = generate_retain_pool(base_model, tokenizer, config, salt)
-        retain_source = "generated"
+    retain_set, retain_source = _retain_pool(base_model, tokenizer, retain_texts, config, salt)
     fingerprint = base_fingerprint(base_model)
 
-    # 2. thresholds and neighbours, both measured on the untouched base
-    thresholds = measure_thresholds(base_model, tokenizer, unseen_texts, config, salt, progress=show)
+    # 2. the target (never-seen band) and the neighbours, both measured on the untouched base
+    target = measure_target(base_model, tokenizer, unseen_texts, config, salt, progress=show)
+    thresholds = target.thresholds
     neighbours = find_neighbours(base_model, tokenizer, forget_set, retain_set, config, forget_texts,
                                  retain_texts if retain_source == "file" else None)
-    logger.info("forget set: %d samples (%d truncated); retain pool: %d (%s); thresholds MA<=%.4f EL%d<=%.4f (%s)",
-                len(forget_set), forget_set.truncated, len(retain_set), retain_source, thresholds.ma, config.el_n,
-                thresholds.el, thresholds.source)
-    if thresholds.nll is not None:
-        logger.info("NLL target: after training, the adapter is scaled so the forget set's mean NLL is %.3f +- %.2f",
-                    thresholds.nll, config.nll_tolerance)
-
+    _log_setup(forget_set, retain_set, retain_source, target, config)
     distinct = _distinct_masks(forget_set, retain_set, config.forget_distinct_ngram)
 
-    # 3. the forget adapter (or, for the full fine-tuning baseline, every weight)
+    # 3. the method's own preparation (per-sample targets), then the forget adapter
+    method = objective(config.forget_loss)
+    method_state = _prepare_method(method, base_model, forget_set, pad_id, target, distinct, config)
     model, reference = prepare_trainable(base_model, config)
     reference = CachedReference(reference or adapter_disabled_reference(model), config.reference_cache_mb * 2**20)
     # with LoRA in the top layers only, the layers below are run once per sample instead of every step
     train_backbone = (FrozenPrefixBackbone.build(_parts(model)[0], config.prefix_cache_mb * 2**20)
                       if backbone_and_head(model) else None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=tuple(config.adam_betas),
-                                  weight_decay=config.weight_decay)
 
-    retain_eval = TokenizedSet(retain_set.input_ids[:32], retain_set.ids[:32])
-    # MA < 0 never happens: with retain_el off the retain set gets MA only (no EL roll-outs)
-    retain_el = None if config.retain_el else -1.0
-    before = _score(model, forget_set, pad_id, config, "scoring forget set")
-    retain_before = _score(model, retain_eval, pad_id, config, "scoring retain set", el_max_ma=retain_el) if len(retain_eval) else None
-    state = _State(scores=before, active=_active(before, thresholds, config), epochs_active=[0] * len(forget_set))
-    history = [dict(epoch=0, active=sum(state.active), **{f"{k}_mean": v for k, v in before.mean().items()})]
-    per_epoch = [before]  # per-sample scores of every epoch, for the report's plots
-    logger.info("epoch 0: MA %.4f EL %.4f, %d of %d samples still to forget", before.mean()["ma"],
-                before.mean()["el"], sum(state.active), len(forget_set))
+    # 4. train until calibrated
+    run = _Run(model=model, forget_set=forget_set, retain_set=retain_set, neighbours=neighbours, pad_id=pad_id,
+               config=config, target=target, reference=reference, backbone=train_backbone, distinct=distinct,
+               method_state=method_state, two_sided=method.prepare is not None, accelerator=accelerator, show=show)
+    run.train()
 
-    # 4. IUR: train on what is still remembered, re-score, repeat
-    status, steps, epoch = "max_epochs", 0, 0
-    good = _lora_state(model)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    gen = torch.Generator().manual_seed(config.seed)
-    epoch_bar = _bar(config.max_epochs, "epochs", show)
-    # Lazy EL: a sample whose MA fails is not forgotten whatever its EL, so skip the costly roll-outs
-    # (not without IUR, whose stop rule needs the set's mean EL).
-    lazy_ma = thresholds.ma if config.lazy_el and config.iur and config.criterion == "ma_el" else None
-    for epoch in range(1, config.max_epochs + 1):
-        active_idx = [i for i, a in enumerate(state.active) if a]
-        if not active_idx and epoch > config.min_epochs:
-            status = "forgotten"
-            epoch -= 1
-            break
-        if not active_idx:  # min_epochs asks for more: keep pushing on every sample
-            active_idx = list(range(len(forget_set)))
-        order = [active_idx[i] for i in torch.randperm(len(active_idx), generator=gen).tolist()]
-        model.train()
-        terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
-        nsteps = math.ceil(len(order) / config.batch_size)
-        nan = False
-        for b in range(nsteps):
-            batch = order[b * config.batch_size:(b + 1) * config.batch_size]
-            mine = batch[rank::world]
-            weight = 1.0
-            if not mine:  # fewer samples than processes: join the gradient sync with a zero loss
-                mine, weight = batch[:1], 0.0
-            f_seqs = [forget_set.input_ids[i] for i in mine]
-            n_seqs = [retain_set.input_ids[j] for i in mine for j in neighbours[i].tolist()]
-            if config.retain_kl_samples and len(retain_set):
-                extra = torch.randint(len(retain_set), (config.retain_kl_samples,), generator=gen).tolist()
-                n_seqs += [retain_set.input_ids[j] for j in extra]
-            f_weights = [distinct[i] for i in mine] if distinct else None
-            optimizer.zero_grad(set_to_none=True)
-            out = icu_step_backward(model, f_seqs, n_seqs, pad_id, config, reference, f_weights, scale=weight,
-                                    backbone=train_backbone)
-            if not math.isfinite(out["loss"]):
-                nan = True
+    # 5. optional post-hoc scaling towards a loss level (nll_target), DDP check, complete scores
+    calibration = _scale_to_nll_target(run) if thresholds.nll is not None else None
+    in_sync = _ranks_in_sync(run)
+    if any(e is None for e in run.scores.el):  # lazy scoring left gaps: the report gets complete scores
+        run.scores = _score(model, forget_set, pad_id, config, "scoring forget set")
+        run.per_epoch[-1] = run.scores
+    if run.status == "forgotten" and not all(forgotten_mask(run.scores, thresholds, config.criterion)):
+        run.status = "partial"  # complete EL (or the scaling) moved a sample out of the band
+    retain_after = (_score(model, run.retain_eval, pad_id, config, "scoring retain set", el_max_ma=run.retain_el)
+                    if len(run.retain_eval) else None)
+
+    # 6. the report (= manifest): scores by salted hash, never text
+    report = _build_report(run, request_id, fingerprint, base_model, tokenizer, unseen_texts, salt, retain_source,
+                           retain_after, calibration, in_sync, t0)
+    logger.info("%s: %d of %d samples forgotten after %d steps (%d epochs), %.1f s", run.status,
+                report["forget"]["forgotten"], len(forget_set), run.steps, run.epoch, report["wall_time_s"])
+    out_path = None
+    if output_dir is not None and accelerator.is_main_process:
+        out_path = save_forget_adapter(model, report, output_dir, overwrite)
+    accelerator.wait_for_everyone()
+    return ForgetResult(model=model, tokenizer=tokenizer, report=report, output_dir=out_path)
+
+
+# Exit codes of `icu-peft forget` per status (documented in the README).
+STATUS_EXIT_CODES = {"forgotten": 0, "partial": 3, "retain_damaged": 4, "nan_restored": 4}
+
+
+def _retain_pool(base_model, tokenizer, retain_texts, config: ICUConfig, salt: str):
+    """(retain set, 'file' | 'generated'): the user's retain text, or text sampled from the base."""
+    if retain_texts:
+        return tokenize_texts(retain_texts, tokenizer, config.max_length, salt, min_tokens=2, name="retain"), "file"
+    if config.no_retain == "refuse":
+        raise InputError("no retain pool given (--retain) and no_retain='refuse'")
+    logger.warning("no retain pool given: sampling %d neighbour texts from the base model itself "
+                   "(weaker selectivity than real text of the same kind; pass --retain)", config.generated_retain_size)
+    return generate_retain_pool(base_model, tokenizer, config, salt), "generated"
+
+
+def _log_setup(forget_set, retain_set, retain_source, target: Target, config: ICUConfig) -> None:
+    t = target.thresholds
+    logger.info("forget set: %d samples (%d truncated); retain pool: %d (%s); thresholds MA<=%.4f EL%d<=%.4f (%s)",
+                len(forget_set), forget_set.truncated, len(retain_set), retain_source, t.ma, config.el_n, t.el, t.source)
+    if target.band is not None:
+        b = target.band
+        logger.info("never-seen band (%d samples): NLL %.3f..%.3f (settles in %.3f..%.3f, aims at %.3f), MA <= %.3f",
+                    b.count, b.nll_lo, b.nll_hi, b.inner_lo, b.inner_hi, b.nll_mid, b.ma_hi)
+    if t.nll is not None:
+        logger.info("NLL target: after training, the adapter is scaled so the forget set's mean NLL is %.3f +- %.2f",
+                    t.nll, config.nll_tolerance)
+
+
+def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target: Target, distinct, config: ICUConfig):
+    """What the method computes from the untouched base before training (None for most methods)."""
+    if method.prepare is None:
+        return None
+    ref_nll, ref_other = next_token_stats(model, forget_set.input_ids, pad_id, config.score_batch_size)
+    band = target.band
+    ma_max = band.ma_mid if band is not None else target.thresholds.ma
+    ctx = PrepareContext(ref_nll=ref_nll, ref_other=ref_other, unseen_token_nll=target.unseen_token_nll, band=band,
+                         ma_max=ma_max, weights=distinct)
+    state = method.prepare(ctx, config)
+    if hasattr(state, "summary"):
+        logger.info("forget targets: %s", ", ".join(f"{k} {v:.3f}" for k, v in state.summary().items()))
+    return state
+
+
+@dataclass
+class _Run:
+    """One request's training state: the loop (train) and what the report needs afterwards."""
+
+    model: object
+    forget_set: TokenizedSet
+    retain_set: TokenizedSet
+    neighbours: torch.Tensor
+    pad_id: int
+    config: ICUConfig
+    target: Target
+    reference: object
+    backbone: object
+    distinct: Optional[list]
+    method_state: object
+    two_sided: bool
+    accelerator: object
+    show: bool
+    status: str = "partial"
+    steps: int = 0
+    epoch: int = 0
+
+    def __post_init__(self) -> None:
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        cfg = self.config
+        auto = cfg.learning_rate == "auto"
+        self.step_size = StepSize(lr=cfg.lr_start if auto else float(cfg.learning_rate), auto=auto, lr_max=cfg.lr_max,
+                                  retain_floor=cfg.retain_floor)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=self.step_size.lr, betas=tuple(cfg.adam_betas),
+                                           weight_decay=cfg.weight_decay)
+        self.retain_eval = TokenizedSet(self.retain_set.input_ids[:32], self.retain_set.ids[:32])
+        # MA < 0 never happens: with retain_el off the retain set gets MA only (no EL roll-outs)
+        self.retain_el = None if cfg.retain_el else -1.0
+        band = self.target.band
+        # Lazy EL: a sample whose MA fails is not forgotten whatever its EL, so skip the costly roll-outs
+        # (not without IUR, whose stop rule needs the set's mean EL).
+        ma_line = band.ma_hi if band is not None else self.target.thresholds.ma
+        self.lazy_ma = ma_line if cfg.lazy_el and cfg.iur and cfg.criterion == "ma_el" else None
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    # -- scoring
+    def score(self, desc: str) -> Scores:
+        return _score(self.model, self.forget_set, self.pad_id, self.config, desc, el_max_ma=self.lazy_ma)
+
+    def gap(self, scores: Scores) -> float:
+        """Distance of the active samples from the band (or the thresholds), for the step-size control."""
+        band, t = self.target.band, self.target.thresholds
+        nll = scores.nll or [None] * len(scores.ma)
+        if band is None:
+            return sum(max(0.0, m - t.ma) for m in scores.ma)
+        return sum(band_gap(n, m, band) for n, m in zip(nll, scores.ma))
+
+    def retain_ma(self) -> Optional[float]:
+        if not len(self.retain_eval):
+            return None
+        self.model.eval()
+        ma = []
+        for s in range(0, len(self.retain_eval), self.config.score_batch_size):
+            ma += teacher_forced(self.model, self.retain_eval.input_ids[s:s + self.config.score_batch_size],
+                                 self.pad_id).ma().tolist()
+        return sum(ma) / len(ma)
+
+    def update_active(self, previous: Optional[List[bool]] = None) -> None:
+        self.active = _active(self.scores, self.target.thresholds, self.config, self.target.band, previous,
+                              self.two_sided)
+
+    # -- the loop
+    def train(self) -> None:
+        cfg, model = self.config, self.model
+        self.before = self.scores = self.score("scoring forget set")
+        self.retain_before = (_score(model, self.retain_eval, self.pad_id, cfg, "scoring retain set",
+                                     el_max_ma=self.retain_el) if len(self.retain_eval) else None)
+        retain_ma_before = self.retain_before.mean()["ma"] if self.retain_before else None
+        self.update_active()
+        self.epochs_active = [0] * len(self.forget_set)
+        self.history = [dict(epoch=0, step=0, active=sum(self.active), lr=self.step_size.lr,
+                             **{f"{k}_mean": v for k, v in self.scores.mean().items()})]
+        self.per_epoch = [self.scores]  # per-sample scores at every scoring, for the report's plots
+        logger.info("start: MA %.4f NLL %.3f, %d of %d samples outside the target", self.scores.mean()["ma"],
+                    self.scores.mean()["nll"], sum(self.active), len(self.forget_set))
+        good = (_lora_state(model), self.scores, list(self.active))
+        bar = _bar(cfg.max_steps, "steps", self.show)
+        while True:
+            if self.settled() and self.epoch >= cfg.min_epochs:
+                self.status = "forgotten"
                 break
-            if world > 1:
-                # LoRA gradients are tiny: average them explicitly rather than wrap in DDP, because
-                # the loss calls the backbone directly (chunked logits), which DDP's forward hook misses.
-                for p in trainable:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            steps += 1
-            for k in terms:
-                terms[k] += float(out[k].detach() if torch.is_tensor(out[k]) else out[k]) / nsteps
-        for i in active_idx:
-            state.epochs_active[i] += 1
-        if nan or any(not torch.isfinite(p).all() for p in trainable):
-            _restore(model, good)
-            status = "nan_restored"
-            logger.error("non-finite loss or weights in epoch %d: restored the adapter weights of epoch %d and stopped",
-                         epoch, epoch - 1)
-            epoch -= 1
-            break
-        good = _lora_state(model)
-        state.scores = _score(model, forget_set, pad_id, config, f"scoring epoch {epoch}", el_max_ma=lazy_ma)
-        per_epoch.append(state.scores)
-        state.active = _active(state.scores, thresholds, config)
-        m = state.scores.mean()
-        history.append(dict(epoch=epoch, active=sum(state.active), **terms, **{f"{k}_mean": v for k, v in m.items()}))
-        logger.info("epoch %d: loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f EL %s NLL %.3f, %d still to forget",
-                    epoch, terms["loss"], terms["l_fgt"], terms["l_lrn"], terms["l_kl"], m["ma"],
-                    _fmt_el(m["el"]), m["nll"], sum(state.active))
-        epoch_bar.update(1)
-        epoch_bar.set_postfix(active=sum(state.active), ma=f"{m['ma']:.3f}")
-    else:
-        if not any(state.active):
-            status = "forgotten"
-    epoch_bar.close()
-    model.eval()
-    calibration = None
-    if thresholds.nll is not None:
-        lora_b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
-        if status != "forgotten" or not lora_b:
-            logger.warning("nll_target: adapter not calibrated (%s)",
-                           "no LoRA adapter to scale" if not lora_b else "not every sample is forgotten")
-        else:
-            calibration, state.scores = calibrate_nll(
-                lora_b, lambda: _score(model, forget_set, pad_id, config, "calibrating", el_max_ma=lazy_ma),
-                state.scores, thresholds, config.criterion, config.nll_tolerance, config.nll_max_scale,
-                config.nll_probes)
-            per_epoch[-1] = state.scores
-            logger.info("nll_target: adapter scaled by %.3f; forget set's mean NLL %.3f -> %.3f (target %.3f, %d probes)",
-                        calibration.scale, calibration.nll_before, calibration.nll_after, calibration.target,
-                        calibration.probes)
-    in_sync = None
-    if world > 1:
-        # every rank must hold the same adapter; a cheap checksum per rank proves it
-        checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().reshape(1).to(accelerator.device)
-        gathered = accelerator.gather(checksum).cpu()
-        in_sync = bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9))
-    if any(e is None for e in state.scores.el):  # lazy scoring left gaps: the report gets complete scores
-        state.scores = _score(model, forget_set, pad_id, config, "scoring forget set")
-        per_epoch[-1] = state.scores
-    retain_after = _score(model, retain_eval, pad_id, config, "scoring retain set", el_max_ma=retain_el) if len(retain_eval) else None
+            if self.steps >= cfg.max_steps or (cfg.max_epochs is not None and self.epoch >= cfg.max_epochs):
+                break  # budget spent: status stays "partial"
+            gap_before = self.gap(self.scores)
+            terms, nan = self.round(bar)
+            if nan or any(not torch.isfinite(p).all() for p in self.trainable):
+                _restore(model, good[0])
+                self.scores, self.active = good[1], good[2]
+                self.status = "nan_restored"
+                logger.error("non-finite loss or weights at step %d: restored the last good adapter and stopped", self.steps)
+                break
+            self.scores = self.score(f"scoring step {self.steps}")
+            retain_ma = self.retain_ma() if self.step_size.retain_floor > 0 else None
+            action = self.step_size.update(gap_before, self.gap(self.scores), retain_ma, retain_ma_before)
+            if action in ("restore", "stop"):
+                _restore(model, good[0])
+                self.scores, self.active = good[1], good[2]
+                self.optimizer.state.clear()  # Adam's moments point the way that did the damage
+                logger.warning("retain MA %.3f fell below %.0f%% of its %.3f before: restored the last good adapter%s",
+                               retain_ma, 100 * cfg.retain_floor, retain_ma_before,
+                               f", learning rate now {self.step_size.lr:.2e}" if action == "restore" else " and stopped")
+                if action == "stop":
+                    self.status = "retain_damaged"
+                    break
+            else:
+                self.update_active(self.active)
+                # a restore point must be clearly good, not just above the floor: from a state at the
+                # floor's edge the next round slides under it again
+                safe = 1 - (1 - cfg.retain_floor) / 2
+                if retain_ma is None or retain_ma_before is None or retain_ma >= safe * retain_ma_before:
+                    good = (_lora_state(model), self.scores, list(self.active))
+            for g in self.optimizer.param_groups:
+                g["lr"] = self.step_size.lr
+            m = self.scores.mean()
+            self.per_epoch.append(self.scores)
+            self.history.append(dict(epoch=self.epoch, step=self.steps, active=sum(self.active), lr=self.step_size.lr,
+                                     action=action, retain_ma=retain_ma, **terms,
+                                     **{f"{k}_mean": v for k, v in m.items()}))
+            logger.info("step %d (epoch %d): loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f NLL %.3f retain MA %s, "
+                        "%d outside the target; lr %.2e (%s)", self.steps, self.epoch, terms["loss"], terms["l_fgt"],
+                        terms["l_lrn"], terms["l_kl"], m["ma"], m["nll"],
+                        "-" if retain_ma is None else f"{retain_ma:.3f}", sum(self.active), self.step_size.lr, action)
+            bar.set_postfix(active=sum(self.active), ma=f"{m['ma']:.3f}", lr=f"{self.step_size.lr:.1e}")
+        bar.close()
+        self.model.eval()
+        if self.status == "partial" and all(forgotten_mask(self.scores, self.target.thresholds, cfg.criterion)):
+            self.status = "forgotten"  # the budget ended with the set inside the band, if not yet centred
 
-    # 5. the report (= manifest): scores by salted hash, never text
-    after = state.scores
+    def settled(self) -> bool:
+        """Done: nothing left to train on; with a two-sided method, also every sample inside the band and
+        the set's mean NLL in the band's inner part (then a loss attack sees a set centred on unseen text)."""
+        if not any(self.active):
+            return True
+        band = self.target.band
+        if not self.two_sided or band is None or not self.scores.nll:
+            return False
+        mean_nll = sum(self.scores.nll) / len(self.scores.nll)
+        return (band.inner_lo <= mean_nll <= band.inner_hi
+                and all(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion)))
+
+    def round(self, bar) -> tuple:
+        """Whole epochs over the active samples until round_steps steps are done (or the budget ends)."""
+        cfg = self.config
+        terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
+        done = 0
+        active_idx = [i for i, a in enumerate(self.active) if a] or list(range(len(self.forget_set)))  # min_epochs
+        while done < cfg.round_steps and self.steps < cfg.max_steps and (cfg.max_epochs is None or self.epoch < cfg.max_epochs):
+            self.epoch += 1
+            order = [active_idx[i] for i in torch.randperm(len(active_idx), generator=self.gen).tolist()]
+            self.model.train()
+            for b in range(math.ceil(len(order) / cfg.batch_size)):
+                if self.steps >= cfg.max_steps:
+                    break
+                out = self.step(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                if not math.isfinite(out["loss"]):
+                    return terms, True
+                done += 1
+                self.steps += 1
+                bar.update(1)
+                for k in terms:
+                    terms[k] += (out[k] - terms[k]) / done  # running mean over the round
+            for i in active_idx:
+                self.epochs_active[i] += 1
+        return terms, False
+
+    def step(self, batch: List[int]) -> dict:
+        cfg = self.config
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = batch[rank::world]
+        weight = 1.0
+        if not mine:  # fewer samples than processes: join the gradient sync with a zero loss
+            mine, weight = batch[:1], 0.0
+        f_seqs = [self.forget_set.input_ids[i] for i in mine]
+        n_seqs = [self.retain_set.input_ids[j] for i in mine for j in self.neighbours[i].tolist()]
+        if cfg.retain_kl_samples and len(self.retain_set):
+            extra = torch.randint(len(self.retain_set), (cfg.retain_kl_samples,), generator=self.gen).tolist()
+            n_seqs += [self.retain_set.input_ids[j] for j in extra]
+        f_weights = [self.distinct[i] for i in mine] if self.distinct else None
+        self.optimizer.zero_grad(set_to_none=True)
+        out = icu_step_backward(self.model, f_seqs, n_seqs, self.pad_id, cfg, self.reference, f_weights, scale=weight,
+                                backbone=self.backbone, rows=mine, method_state=self.method_state)
+        if not math.isfinite(out["loss"]):
+            return out
+        if world > 1:
+            # LoRA gradients are tiny: average them explicitly rather than wrap in DDP, because
+            # the loss calls the backbone directly (chunked logits), which DDP's forward hook misses.
+            for p in self.trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        self.optimizer.step()
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+
+
+def _scale_to_nll_target(run: _Run):
+    """nll_target: scale the adapter's LoRA B weights towards a loss level (refine.calibrate_nll)."""
+    model, config = run.model, run.config
+    lora_b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    if run.status != "forgotten" or not lora_b:
+        logger.warning("nll_target: adapter not calibrated (%s)",
+                       "no LoRA adapter to scale" if not lora_b else "not every sample is forgotten")
+        return None
+    calibration, run.scores = calibrate_nll(lora_b, lambda: run.score("calibrating"), run.scores,
+                                            run.target.thresholds, config.criterion, config.nll_tolerance,
+                                            config.nll_max_scale, config.nll_probes)
+    run.per_epoch[-1] = run.scores
+    logger.info("nll_target: adapter scaled by %.3f; forget set's mean NLL %.3f -> %.3f (target %.3f, %d probes)",
+                calibration.scale, calibration.nll_before, calibration.nll_after, calibration.target, calibration.probes)
+    return calibration
+
+
+def _ranks_in_sync(run: _Run) -> Optional[bool]:
+    """Under DDP every rank must hold the same adapter; a cheap checksum per rank proves it."""
+    acc = run.accelerator
+    if acc.num_processes <= 1:
+        return None
+    checksum = torch.stack([p.detach().double().sum() for p in run.trainable]).sum().reshape(1).to(acc.device)
+    gathered = acc.gather(checksum).cpu()
+    return bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-9))
+
+
+def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, unseen_texts, salt, retain_source,
+                  retain_after, calibration, in_sync, t0) -> dict:
+    config, forget_set, thresholds = run.config, run.forget_set, run.target.thresholds
+    before, after = run.before, run.scores
     done = forgotten_mask(after, thresholds, config.criterion)
+    band = run.target.band
     samples = []
     for i, sid in enumerate(forget_set.ids):
         row = {"id": sid, "tokens": forget_set.lengths[i],
                "before": {"ma": before.ma[i], "el": before.el[i]}, "after": {"ma": after.ma[i], "el": after.el[i]},
-               "forgotten": bool(done[i]), "epochs_active": state.epochs_active[i]}
+               "forgotten": bool(done[i]), "epochs_active": run.epochs_active[i]}
+        if band is not None and after.nll is not None:
+            row["band"] = {-1: "too_familiar", 0: "inside", 1: "pushed_past"}[
+                band_position(after.nll[i], after.ma[i], after.el[i], band)]
         if before.bleu is not None:
             row["before"]["bleu"], row["after"]["bleu"] = before.bleu[i], after.bleu[i]
         if before.nll is not None and after.nll is not None:
@@ -618,52 +830,49 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         samples.append(row)
     cfg = config.to_dict()
     cfg.pop("hash_salt", None)
-    report = {
+    acc = run.accelerator
+    return {
         "format": MANIFEST_FORMAT,
         "request_id": request_id,
         "created_at": utc_now(),
-        "method": "icu",
-        "status": status,
+        "method": config.method,
+        "status": run.status,
         "base": {"name_or_path": config.model or getattr(base_model.config, "_name_or_path", None),
                  "gguf_file": config.gguf_file, "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)),
                  "fingerprint": fingerprint},
         "config": cfg,
         "salt": salt,
         "thresholds": thresholds.to_dict(),
-        "retain": {"source": retain_source, "count": len(retain_set),
-                   "before": retain_before.mean() if retain_before else None,
+        "band": band.to_dict() if band is not None else None,
+        "retain": {"source": retain_source, "count": len(run.retain_set),
+                   "before": run.retain_before.mean() if run.retain_before else None,
                    "after": retain_after.mean() if retain_after else None},
         "forget": {"count": len(forget_set), "truncated": forget_set.truncated, "forgotten": int(sum(done)),
                    "before": before.mean(), "after": after.mean()},
         "samples": samples,
-        "history": history,
-        "per_sample_history": {sid: {"ma": [s.ma[i] for s in per_epoch], "el": [s.el[i] for s in per_epoch]}
+        "history": run.history,
+        "learning_rate": {"auto": run.step_size.auto, "final": run.step_size.lr, "backoffs": run.step_size.backoffs},
+        "targets": run.method_state.summary() if hasattr(run.method_state, "summary") else None,
+        "per_sample_history": {sid: {"ma": [s.ma[i] for s in run.per_epoch], "el": [s.el[i] for s in run.per_epoch]}
                                for i, sid in enumerate(forget_set.ids)},
-        "mia": forget_mia(model, tokenizer, forget_set.input_ids, unseen_texts, config.max_length,
+        "mia": forget_mia(run.model, tokenizer, forget_set.input_ids, unseen_texts, config.max_length,
                           batch_size=config.score_batch_size) if unseen_texts else None,
         "stacked_on": _stacked_on(base_model),
-        "epochs": epoch,
-        "steps": steps,
-        "world_size": world,
+        "epochs": run.epoch,
+        "steps": run.steps,
+        "world_size": acc.num_processes,
         "ranks_in_sync": in_sync,
-        "device": str(accelerator.device),
+        "device": str(acc.device),
         "wall_time_s": round(time.time() - t0, 2),
         "calibration": calibration.to_dict() if calibration else None,
-        "reference_cache": {"hits": reference.hits, "misses": reference.misses, "mb": round(reference.bytes / 2**20, 1)},
-        "prefix_cache": ({"layers": train_backbone.start, "hits": train_backbone.prefix.hits,
-                          "misses": train_backbone.prefix.misses, "mb": round(train_backbone.prefix.bytes / 2**20, 1)}
-                         if train_backbone else None),
+        "reference_cache": {"hits": run.reference.hits, "misses": run.reference.misses,
+                            "mb": round(run.reference.bytes / 2**20, 1)},
+        "prefix_cache": ({"layers": run.backbone.start, "hits": run.backbone.prefix.hits,
+                          "misses": run.backbone.prefix.misses, "mb": round(run.backbone.prefix.bytes / 2**20, 1)}
+                         if run.backbone else None),
         **{k: round(v, 1) for k, v in peak_memory_mb().items()},
         "versions": library_versions(),
     }
-    logger.info("%s: %d of %d samples forgotten after %d epochs (%d steps), %.1f s", status, sum(done),
-                len(forget_set), epoch, steps, report["wall_time_s"])
-
-    out_path = None
-    if output_dir is not None and main:
-        out_path = save_forget_adapter(model, report, output_dir, overwrite)
-    accelerator.wait_for_everyone()
-    return ForgetResult(model=model, tokenizer=tokenizer, report=report, output_dir=out_path)
 
 
 def save_forget_adapter(model, report: dict, output_dir: str | Path, overwrite: bool = False) -> Path:
@@ -679,4 +888,5 @@ def save_forget_adapter(model, report: dict, output_dir: str | Path, overwrite: 
     return Path(output_dir)
 
 
-__all__ = ["forget", "ForgetResult", "save_forget_adapter", "icu_step_loss", "ICUError"]
+__all__ = ["forget", "ForgetResult", "save_forget_adapter", "icu_step_loss", "measure_target", "STATUS_EXIT_CODES",
+           "ICUError"]

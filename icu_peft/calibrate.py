@@ -1,0 +1,256 @@
+"""Where "forgotten" lies, and how a forget request finds its own step size.
+
+Three pure pieces, each tested on hand-made numbers:
+
+- `Band`: the never-seen band. Text the model never saw is not one number but a distribution: its
+  per-sample NLL, MA and EL_n spread over a range. A forgotten sample must land *inside* that range.
+  Below the lower NLL edge it is still more familiar than unseen text (a loss attack finds it);
+  above the upper edge it was pushed past unseen text, which a loss attack finds just as surely
+  (forgotten text that no never-seen text resembles is exactly who filed the request).
+- `token_targets`: per-token target probabilities for the calibrated objective (methods/target.py).
+  Each forget sample's tokens are rank-matched to the never-seen text's per-token NLL distribution
+  (its easiest token gets an easy unseen token's NLL, its hardest a hard one's), then shifted per
+  sample until the sample's mean NLL sits at the middle of the band and its MA is inside it. Tokens
+  the base already finds harder than their target keep the base's own probability. Everything is
+  computed from the frozen base's per-token statistics, before a single step.
+- `StepSize`: the learning rate found during training. It escalates while the forget set's distance
+  to the band stalls and backs off (with the last good adapter restored) when the retain set is
+  damaged; so the same defaults serve a 2-layer toy and an 8B model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+
+# ------------------------------------------------------------------------------ the never-seen band
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of a non-empty list."""
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        raise ValueError("quantile of an empty list")
+    pos = q * (len(xs) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Band:
+    """The never-seen band: central quantile ranges of the unseen text's per-sample scores.
+
+    `outer` edges (quantiles q and 1-q) decide whether a sample is forgotten; the tighter `inner`
+    edges (quantiles s and 1-s) decide when a sample may leave the batch, so the set ends around the
+    middle of the band instead of piled up at an edge (where an attack would still find it).
+    """
+
+    nll_lo: float
+    nll_hi: float
+    nll_mid: float
+    inner_lo: float
+    inner_hi: float
+    ma_hi: float
+    ma_mid: float
+    el_hi: Optional[float]
+    count: int
+    quantile: float
+    settle_quantile: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_scores(cls, nll: Sequence[float], ma: Sequence[float], el: Optional[Sequence[Optional[float]]],
+                    q: float = 0.1, settle: float = 0.25) -> "Band":
+        """The band of never-seen samples' per-sample NLL / MA / EL_n (EL may be missing)."""
+        if not nll:
+            raise ValueError("the never-seen band needs at least one sample")
+        if not 0 <= q < 0.5 or not q <= settle < 0.5:
+            raise ValueError("need 0 <= quantile <= settle_quantile < 0.5")
+        els = [e for e in (el or []) if e is not None]
+        return cls(nll_lo=quantile(nll, q), nll_hi=quantile(nll, 1 - q), nll_mid=quantile(nll, 0.5),
+                   inner_lo=quantile(nll, settle), inner_hi=quantile(nll, 1 - settle),
+                   ma_hi=quantile(ma, 1 - q), ma_mid=quantile(ma, 0.5), el_hi=quantile(els, 1 - q) if els else None,
+                   count=len(nll), quantile=q, settle_quantile=settle)
+
+
+def band_position(nll: Optional[float], ma: float, el: Optional[float], band: Band, inner: bool = False) -> int:
+    """-1: still too familiar (NLL under the band, or MA / EL over it); 0: inside; +1: pushed past it."""
+    lo, hi = (band.inner_lo, band.inner_hi) if inner else (band.nll_lo, band.nll_hi)
+    if nll is not None and nll > hi:
+        return 1
+    if ma > band.ma_hi or (nll is not None and nll < lo):
+        return -1
+    if band.el_hi is not None and (el is None or el > band.el_hi):
+        return -1  # EL missing: lazy scoring skipped it because MA already failed
+    return 0
+
+
+def band_gap(nll: Optional[float], ma: float, band: Band) -> float:
+    """How far a sample is from the band's middle, in units of the band's width (0 inside the inner band).
+
+    The step-size controller watches the sum of these over the forget set: it falls while training
+    makes progress and stalls when the step size is too small to move anything.
+    """
+    width = max(band.nll_hi - band.nll_lo, 1e-3)
+    gap = max(0.0, ma - band.ma_hi) * 4.0  # an MA excess of 0.25 weighs like one band width
+    if nll is not None:
+        gap += max(0.0, band.inner_lo - nll, nll - band.inner_hi) / width
+    return gap
+
+
+# ------------------------------------------------------------------------------ per-token targets
+
+@dataclass
+class TokenTargets:
+    """Per forget sample: the target log-probability of each next token, and the shift it took."""
+
+    logp: List[torch.Tensor]  # per sample, (T-1,): log p*(x_t+1 | x_<=t), <= the base's own log-prob
+    shift: List[float]  # nats added to the rank-matched unseen NLLs
+    nll: List[float]  # the target's mean NLL per sample
+    ma: List[float]  # the target's MA per sample (tokens whose target stays the argmax)
+
+    def summary(self) -> dict:
+        n = max(len(self.nll), 1)
+        return {"mean_nll": sum(self.nll) / n, "mean_ma": sum(self.ma) / n,
+                "mean_shift": sum(self.shift) / n}
+
+
+def _target_stats(ref_nll: torch.Tensor, ref_other: torch.Tensor, target_nll: torch.Tensor) -> Tuple[float, float]:
+    """(mean NLL, MA) of a target that caps each token's NLL from below at `target_nll`.
+
+    The target token gets p* = exp(-max(ref_nll, target_nll)); the other tokens share the rest in
+    the base's proportions, so the best other token gets p_other * (1 - p*) / (1 - p_ref).
+    """
+    nll = torch.maximum(ref_nll, target_nll)
+    p_star, p_ref = torch.exp(-nll), torch.exp(-ref_nll)
+    rest = torch.where(nll > ref_nll, (1 - p_star) / (1 - p_ref).clamp(min=1e-12), torch.ones_like(p_star))
+    other = torch.exp(ref_other) * rest
+    return float(nll.mean()), float((p_star >= other).float().mean())
+
+
+def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Tensor],
+                  unseen_token_nll: torch.Tensor, nll_goal: float, ma_max: float,
+                  weights: Optional[Sequence[Optional[torch.Tensor]]] = None, iters: int = 40) -> TokenTargets:
+    """Per-token target NLLs for each forget sample (see the module docstring).
+
+    ref_nll[i]: (T-1,) the base's NLL of each next token of sample i; ref_other[i]: the log-prob of
+    the best *other* token at each position. unseen_token_nll: every next-token NLL of the
+    never-seen text under the base (the distribution ranks are matched to). nll_goal: the mean NLL
+    each sample should reach; ma_max: the MA it may keep at most. weights[i] (optional, (T-1,)):
+    0 marks tokens to leave as the base has them (shared template), 1 tokens that may change.
+
+    Per sample a shift d (bisection) is added to the rank-matched NLLs: the smallest d whose target
+    has mean NLL >= nll_goal and MA <= ma_max. A sample already there gets d at the low end (no
+    change where the base is already above the rank-matched level).
+    """
+    sorted_unseen = torch.sort(unseen_token_nll.float().flatten()).values
+    if sorted_unseen.numel() == 0:
+        raise ValueError("no unseen tokens to match")
+    out = TokenTargets([], [], [], [])
+    for i, (nll, other) in enumerate(zip(ref_nll, ref_other)):
+        nll, other = nll.float(), other.float()
+        T = nll.numel()
+        w = weights[i] if weights is not None and weights[i] is not None else None
+        free = torch.ones(T, dtype=torch.bool) if w is None else w.bool()
+        # rank of each token among this sample's tokens (easiest first) -> the unseen quantile
+        ranks = torch.empty(T)
+        ranks[torch.argsort(nll)] = torch.arange(T, dtype=torch.float32)
+        u = (ranks + 0.5) / max(T, 1)
+        idx = (u * (sorted_unseen.numel() - 1)).round().long()
+        matched = sorted_unseen[idx]
+
+        def target_at(d: float) -> torch.Tensor:
+            t = (matched + d).clamp(min=0.0)
+            return torch.where(free, t, torch.zeros_like(t))  # 0 nats: never below the base's own NLL
+
+        def good(d: float) -> bool:
+            m, ma = _target_stats(nll, other, target_at(d))
+            return m >= nll_goal - 1e-6 and ma <= ma_max + 1e-9
+
+        lo, hi = -float(sorted_unseen[-1]) - 1.0, 1.0
+        while not good(hi) and hi < 64.0:
+            hi *= 2.0
+        if good(lo):
+            hi = lo
+        else:
+            for _ in range(iters):
+                mid = (lo + hi) / 2
+                if good(mid):
+                    hi = mid
+                else:
+                    lo = mid
+        tgt = torch.maximum(nll, target_at(hi))
+        m, ma = _target_stats(nll, other, target_at(hi))
+        out.logp.append(-tgt)
+        out.shift.append(float(hi))
+        out.nll.append(m)
+        out.ma.append(ma)
+    return out
+
+
+# ------------------------------------------------------------------------------ the step size
+
+@dataclass
+class StepSize:
+    """Learning-rate control between scoring rounds (pure bookkeeping; the loop applies it).
+
+    - progress: the forget set's summed band gap fell by less than `stall` (relative) over a round
+      -> the step is too small for this model: multiply the rate by `factor` (up to `lr_max`);
+    - damage: the retain set's MA fell below `retain_floor` x its value before the request -> the
+      step is too large: restore the adapter of the last good round and divide the rate by `factor`.
+      The rate that did damage becomes a ceiling, lifted one step after `patience` stalled rounds.
+      After `max_backoffs` such restores the request stops (it cannot forget without damage here).
+    With `auto=False` the rate never changes and the first damage stops the request.
+    """
+
+    lr: float
+    auto: bool = True
+    factor: float = 2.0
+    lr_max: float = 5e-2
+    lr_min: float = 1e-6
+    stall: float = 0.1
+    retain_floor: float = 0.9
+    max_backoffs: int = 3
+    patience: int = 5
+    backoffs: int = 0
+    stalled: int = 0
+    history: List[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lr_ceiling = self.lr_max  # lr_max may fall after damage and climb back up to this
+
+    def update(self, gap_before: float, gap_after: float, retain_ma: Optional[float],
+               retain_ma_before: Optional[float]) -> str:
+        """'keep' | 'escalate' | 'restore' | 'stop' after one round; adjusts self.lr."""
+        damaged = (retain_ma is not None and retain_ma_before is not None
+                   and retain_ma < self.retain_floor * retain_ma_before)
+        if damaged:
+            self.backoffs += 1
+            if not self.auto or self.backoffs > self.max_backoffs or self.lr / self.factor < self.lr_min:
+                action = "stop"
+            else:
+                self.lr /= self.factor
+                self.lr_max = self.lr  # never climb back to a rate that did damage
+                action = "restore"
+        elif self.auto and gap_before > 0 and (gap_before - gap_after) < self.stall * gap_before:
+            self.stalled += 1
+            if self.lr >= self.lr_max and self.stalled >= self.patience and self.lr_max < self.lr_ceiling:
+                # a ceiling set by one damaging round is not forever: after `patience` stalled rounds
+                # without damage below it, try one step above it again
+                self.lr_max = min(self.lr_max * self.factor, self.lr_ceiling)
+            new = min(self.lr * self.factor, self.lr_max)
+            action = "escalate" if new > self.lr else "keep"
+            if new > self.lr:
+                self.stalled = 0
+            self.lr = new
+        else:
+            self.stalled = 0
+            action = "keep"
+        self.history.append({"action": action, "lr": self.lr, "gap": gap_after, "retain_ma": retain_ma})
+        return action

@@ -1,0 +1,24 @@
+"""Unlearning methods as units: each module holds its forget loss and its config preset.
+
+`METHODS` maps a method name (ICUConfig.method, `--method`) to its Method; `OBJECTIVES` maps a
+forget-loss name (ICUConfig.forget_loss) to the method that defines it.
+"""
+
+from __future__ import annotations
+
+from .ascent import GA, GRADDIFF, ICU_GA, ICU_PAPER
+from .base import ForgetBatch, Method, PrepareContext
+from .npo import NPO, SIMNPO
+from .target import ICU
+from .undial import UNDIAL
+
+METHODS = {m.name: m for m in (ICU, ICU_GA, ICU_PAPER, GA, GRADDIFF, NPO, SIMNPO, UNDIAL)}
+OBJECTIVES = {"target": ICU, "ga": ICU_GA, "npo": NPO, "simnpo": SIMNPO, "undial": UNDIAL}
+
+
+def objective(name: str) -> Method:
+    """The method whose forget loss is `name` (ICUConfig.forget_loss)."""
+    return OBJECTIVES[name]
+
+
+__all__ = ["METHODS", "OBJECTIVES", "objective", "ForgetBatch", "Method", "PrepareContext"]

@@ -1,0 +1,53 @@
+"""What every unlearning method is: a config preset plus a forget term over one batch.
+
+The loop (unlearner.py) builds a `ForgetBatch` and asks the request's method for its forget loss;
+the neighbour terms (NLL and KL to the reference on retain text, ICU's CLE) are the loop's own and
+are weighted by the preset. The loop knows no method by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class ForgetBatch:
+    """One step's forget samples as the method sees them."""
+
+    hidden: torch.Tensor  # (B, T, D) final hidden states, with grad
+    head: Callable  # hidden -> logits
+    ids: torch.Tensor  # (B, T) right-padded token ids
+    mask: torch.Tensor  # (B, T) 1 = real token
+    reference: Callable  # (ids, mask) -> the frozen reference's final hidden states (no grad)
+    rows: List[int]  # which forget samples these are (index into the forget set)
+    chunk_size: int = 64
+    weights: Optional[torch.Tensor] = None  # (B, T) per-token weights (distinct n-grams); None: all
+    state: Any = None  # what the method's `prepare` returned
+
+
+@dataclass
+class PrepareContext:
+    """What a method may look at before training (all measured on the untouched base)."""
+
+    ref_nll: List[torch.Tensor]  # per forget sample, (T-1,): the base's NLL of each next token
+    ref_other: List[torch.Tensor]  # per forget sample, (T-1,): log-prob of the best other token
+    unseen_token_nll: Optional[torch.Tensor]  # every next-token NLL of the never-seen text
+    band: Any  # calibrate.Band or None (no never-seen text)
+    ma_max: float  # the MA a forgotten sample may keep
+    weights: Optional[List[torch.Tensor]]  # per forget sample (T,) distinct-token masks, or None
+
+
+@dataclass
+class Method:
+    """An unlearning method: its name, its config fields, its forget loss (minimised) and an optional prepare."""
+
+    name: str
+    help: str
+    preset: Dict[str, Any]
+    forget_loss: Callable[[ForgetBatch, Any], torch.Tensor]  # (batch, config) -> scalar to minimise
+    prepare: Optional[Callable[[PrepareContext, Any], Any]] = None  # (context, config) -> batch.state
+    needs_token_stats: bool = False  # prepare reads ref_nll / ref_other
+    extra: Dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,58 @@
+"""Calibrated forgetting, icu-peft's default: distil each forget sample towards a target that looks
+like text the model never saw.
+
+ICU's structure stays (a forget term on the forget samples, NLL + KL to the reference on their
+neighbours, per-sample refinement), but the forget term is bounded and aimed: before training,
+`calibrate.token_targets` gives every next token of every forget sample a target probability
+(rank-matched to the never-seen text's per-token losses, shifted per sample until its mean NLL sits
+at the middle of the never-seen band and its MA inside it). The loss is a per-token binary
+cross-entropy between the true token's probability and its target. Its minimum is the target, so it
+cannot push a sample past the band the way gradient ascent does; tokens the base already finds hard
+have their own probability as target, so the same term holds them in place. Only the true token's
+probability is constrained: matching the reference's whole residual distribution (a KL to a
+relabelled reference, as UNDIAL does) left a 0.6-nat floor on a tiny memoriser, its residual being noise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..calibrate import token_targets
+from ..losses import chunked_target_bce
+from .base import ForgetBatch, Method, PrepareContext
+
+logger = logging.getLogger("icu_peft")
+
+
+def prepare_targets(ctx: PrepareContext, config):
+    """Per-sample target log-probs (calibrate.TokenTargets) from the base's per-token statistics."""
+    if ctx.band is None or ctx.unseen_token_nll is None:
+        # No never-seen text: no loss level to match. Keep each token's rank-free target at the MA
+        # threshold only, i.e. match the forget set's own harder tokens (a weaker, documented fallback).
+        logger.warning("method icu without never-seen text (--unseen): targets only bring MA under its threshold; "
+                       "the loss level cannot be matched, so membership inference is not calibrated")
+        pooled = torch.cat([x for x in ctx.ref_nll if x.numel()]) if ctx.ref_nll else torch.zeros(1)
+        goal, unseen = 0.0, pooled
+    else:
+        goal, unseen = ctx.band.nll_mid, ctx.unseen_token_nll
+    weights = [w[1:] if w is not None else None for w in ctx.weights] if ctx.weights else None
+    return token_targets(ctx.ref_nll, ctx.ref_other, unseen, goal, ctx.ma_max, weights)
+
+
+def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
+    """Mean per-token binary cross-entropy of the true token's probability against its target."""
+    width = batch.ids.shape[1]
+    t = torch.zeros((len(batch.rows), width), dtype=torch.float32)
+    for r, i in enumerate(batch.rows):
+        lp = batch.state.logp[i]
+        t[r, 1:1 + lp.numel()] = lp  # aligned with labels: position t holds the target of token t
+    t = t.to(batch.hidden.device)
+    s, c = chunked_target_bce(batch.hidden, batch.head, batch.ids, batch.mask, t, batch.chunk_size, config.target_log_weight)
+    return s / c.clamp(min=1)
+
+
+ICU = Method("icu", "calibrated ICU (default): distil each forget sample towards never-seen-looking targets, "
+                    "CLE neighbours, per-sample refinement inside the never-seen band",
+             dict(forget_loss="target"), target_forget_loss, prepare=prepare_targets, needs_token_stats=True)
