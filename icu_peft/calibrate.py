@@ -42,7 +42,8 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class Band:
-    """The never-seen band: central quantile ranges of the unseen text's per-sample scores.
+    """The never-seen band: central quantile ranges of the unseen text's per-sample NLL, and the
+    highest MA / EL_n any never-seen sample has.
 
     `outer` edges (quantiles q and 1-q) decide whether a sample is forgotten; the tighter `inner`
     edges (quantiles s and 1-s) decide when a sample may leave the batch, so the set ends around the
@@ -66,8 +67,12 @@ class Band:
 
     @classmethod
     def from_scores(cls, nll: Sequence[float], ma: Sequence[float], el: Optional[Sequence[Optional[float]]],
-                    q: float = 0.1, settle: float = 0.25) -> "Band":
-        """The band of never-seen samples' per-sample NLL / MA / EL_n (EL may be missing)."""
+                    q: float = 0.1, settle: float = 0.25, lengths: Optional[Sequence[int]] = None) -> "Band":
+        """The band of never-seen samples' per-sample NLL / MA / EL_n (EL may be missing).
+
+        `lengths` (tokens per never-seen sample): MA moves in steps of 1/(T-1), so its edge gets one
+        step of slack at the median length; on 15-token records a single template token decides.
+        """
         if not nll:
             raise ValueError("the never-seen band needs at least one sample")
         if not 0 <= q < 0.5 or not q <= settle < 0.5:
@@ -75,7 +80,9 @@ class Band:
         els = [e for e in (el or []) if e is not None]
         return cls(nll_lo=quantile(nll, q), nll_hi=quantile(nll, 1 - q), nll_mid=quantile(nll, 0.5),
                    inner_lo=quantile(nll, settle), inner_hi=quantile(nll, 1 - settle),
-                   ma_hi=quantile(ma, 1 - q), ma_mid=quantile(ma, 0.5), el_hi=quantile(els, 1 - q) if els else None,
+                   # MA / EL are upper limits only, and on short texts they move in steps of one token:
+                   # their edge is the highest never-seen value, not a quantile of a handful of steps
+                   ma_hi=max(ma) + (1.0 / max(quantile(lengths, 0.5) - 1, 1) if lengths else 0.0), ma_mid=quantile(ma, 0.5), el_hi=max(els) if els else None,
                    count=len(nll), quantile=q, settle_quantile=settle)
 
 

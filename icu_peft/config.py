@@ -103,7 +103,7 @@ class ICUConfig:
     prefix_cache_mb: int = field(default=512, metadata={"help": "Memory (MB, CPU) for the hidden states below the lowest trained layer, so steps run only the layers with LoRA (0: run every layer every step)."})
     retain_el: bool = field(default=False, metadata={"help": "Also score EL_n of the retain samples in the report (slow once retain text drifts: a roll-out per departure)."})
     el_start: int = field(default=1, metadata={"help": "Shortest prefix scored by EL_n (Jang: 1; ICU's code: 150 of 200)."})
-    band_quantile: float = field(default=0.1, metadata={"help": "Never-seen band: a sample is forgotten when its NLL lies between the unseen samples' q and 1-q quantiles and its MA / EL_n under their 1-q quantile."})
+    band_quantile: float = field(default=0.1, metadata={"help": "Never-seen band: a sample is forgotten when its NLL lies between the unseen samples' q and 1-q quantiles and its MA / EL_n are no higher than any unseen sample's."})
     settle_quantile: float = field(default=0.25, metadata={"help": "A sample leaves the batch once its NLL lies between these (tighter) quantiles, so the set ends mid-band, not at its edge."})
     ma_threshold: Optional[float] = field(default=None, metadata={"help": "MA threshold; measured from --unseen when given, else 0.5994 with a warning."})
     el_threshold: Optional[float] = field(default=None, metadata={"help": "EL_n threshold; measured from --unseen when given, else 0.0499 with a warning."})

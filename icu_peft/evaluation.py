@@ -19,7 +19,8 @@ import torch
 
 from .data import pad_batch, sample_id
 from .errors import InputError
-from .metrics import backbone_and_head, model_device, perplexity, score_samples, secret_extraction, suffix_bleu
+from .metrics import (backbone_and_head, model_device, perplexity, score_samples, secret_extraction, suffix_bleu,
+                      teacher_forced)
 
 logger = logging.getLogger("icu_peft")
 
@@ -97,13 +98,18 @@ def _mean(xs: Sequence[float]) -> float:
 @torch.no_grad()
 def evaluate(model, tokenizer, texts: Sequence[str], metrics: Sequence[str] = DEFAULT_METRICS,
              config: Optional[EvalConfig] = None, unseen: Optional[Sequence[str]] = None,
-             secrets: Optional[Sequence[Tuple[str, str]]] = None, salt: Optional[str] = None) -> dict:
+             secrets: Optional[Sequence[Tuple[str, str]]] = None, salt: Optional[str] = None,
+             oracle=None) -> dict:
     """Score `model` on `texts` (and `unseen` / `secrets` where a metric needs them).
 
     Returns {"count", "metrics", <metric>: mean, ..., "samples": [per-sample values], "seconds"}.
     `ppl` is the corpus perplexity (every token weighs the same); each sample also gets its own.
     `mia` maps each attack to its ROC-AUC of `texts` (members) against `unseen` (non-members).
     With `salt` (e.g. an adapter's manifest salt), samples carry the same ids as that manifest.
+    With `mia`, `privacy` holds the field's privacy metrics under open-unlearning's names
+    (mia_loss, mia_zlib, mia_min_k, mia_min_k_plus_plus, forget_quality = KS p-value of the
+    per-sample loss against `unseen`, extraction_strength); with an `oracle` model (one that never
+    saw `texts`) also privleak per attack, in percent (MUSE).
     """
     config = config or EvalConfig()
     metrics = parse_metrics(metrics)
@@ -179,6 +185,7 @@ def evaluate(model, tokenizer, texts: Sequence[str], metrics: Sequence[str] = DE
         for a, r in mia.items():
             for row, v in zip(samples, r["members"]):
                 row[f"mia_{a}"] = v
+        result["privacy"] = privacy_metrics(model, seqs, useen, pad_id, mia, oracle, tokenizer, config)
         seconds["mia"] = time.perf_counter() - t0
 
     if "extraction" in metrics:
@@ -195,6 +202,29 @@ def evaluate(model, tokenizer, texts: Sequence[str], metrics: Sequence[str] = DE
     result["samples"] = samples if text_metrics else []
     result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return result
+
+
+def privacy_metrics(model, seqs, unseen_seqs, pad_id: int, mia: dict, oracle=None, tokenizer=None,
+                    config: Optional["EvalConfig"] = None) -> dict:
+    """open-unlearning's privacy metrics from an MIA result (mia.membership_inference) and the model."""
+    from .mia import extraction_strength, forget_quality, membership_inference, privleak, zlib_sizes_of
+
+    config = config or EvalConfig()
+    out = {f"mia_{a}": r["auc"] for a, r in mia.items()}
+    out["forget_quality"] = forget_quality(mia["loss"]["members"], mia["loss"]["non_members"])
+    strengths = []
+    for s in range(0, len(seqs), config.batch_size):
+        tf = teacher_forced(model, list(seqs[s:s + config.batch_size]), pad_id)
+        for row, x in enumerate(seqs[s:s + config.batch_size]):
+            n = len(x) - 1
+            strengths.append(extraction_strength(tf.predictions[row, :n].tolist(), x[1:].tolist()))
+    out["extraction_strength"] = _mean(strengths)
+    if oracle is not None:
+        om = membership_inference(oracle, seqs, unseen_seqs, pad_id, zlib_sizes_of(tokenizer, seqs),
+                                  zlib_sizes_of(tokenizer, unseen_seqs), config.min_k, config.batch_size)
+        out["oracle"] = {f"mia_{a}": r["auc"] for a, r in om.items()}
+        out["privleak"] = {a: privleak(mia[a]["auc"], om[a]["auc"]) for a in mia if a in om and om[a]["auc"] > 0}
+    return out
 
 
 def forget_mia(model, tokenizer, forget_seqs: Sequence[torch.Tensor], unseen_texts: Sequence[str],

@@ -7,6 +7,15 @@ Three reference-free attacks, each a score per sample where higher means "more l
             so text that is merely easy (repetitive, boilerplate) does not look memorised.
 - min_k     (Shi et al. 2023, Min-K% Prob): the mean log-likelihood of the k% least likely tokens;
             a memorised text has few surprising tokens.
+- min_k_plus_plus (Zhang et al. 2024, Min-K%++): each token's log-likelihood standardised by the
+            mean and standard deviation of log p over the vocabulary at that position, then the mean
+            of the lowest k%: a memorised token is a local maximum of the distribution.
+
+Beside the AUCs, the metrics that open-unlearning reports under these names: `privleak` (MUSE:
+(AUC_unlearned - AUC_oracle) / AUC_oracle, with AUC in open-unlearning's orientation), `forget_quality`
+(the p-value of a two-sample KS test between per-sample scores, TOFU-style) and
+`extraction_strength` (Carlini et al.: 1 - the shortest prefix fraction after which teacher-forced
+greedy decoding reproduces the rest).
 
 `roc_auc(members, non_members)` is the probability that a random member outscores a random
 non-member: 1.0 = the attacker separates them perfectly, 0.5 = indistinguishable (the target after
@@ -24,7 +33,7 @@ import torch
 
 from .metrics import teacher_forced
 
-ATTACKS = ("loss", "zlib", "min_k")
+ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -55,6 +64,51 @@ def min_k_score(token_logprobs: Sequence[float], k: float = 0.2) -> float:
         return 0.0
     m = max(1, math.ceil(k * len(lp)))
     return sum(lp[:m]) / m
+
+
+def min_k_plus_plus_score(token_logprobs: Sequence[float], mu: Sequence[float], sigma: Sequence[float],
+                          k: float = 0.2) -> float:
+    """Min-K%++: mean of the lowest ceil(k*T) values of (log p(x_t) - mu_t) / sigma_t."""
+    z = [(lp - m) / s if s > 0 else 0.0 for lp, m, s in zip(token_logprobs, mu, sigma)]
+    return min_k_score(z, k) if z else 0.0
+
+
+def extraction_strength(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """1 - k/T for the smallest k such that the argmax predictions of tokens k..T-1 all equal the text.
+
+    `predictions[t]` is the argmax for labels[t] (already aligned). 0: even the last token is not
+    reproduced; 1: every token is (the whole text comes out from its first token).
+    """
+    T = len(labels)
+    if T == 0:
+        return 0.0
+    k = T
+    while k > 0 and int(predictions[k - 1]) == int(labels[k - 1]):
+        k -= 1
+    return 1.0 - k / T
+
+
+def privleak(auc_unlearned: float, auc_oracle: float) -> float:
+    """MUSE's PrivLeak in percent: (AUC_unlearned - AUC_oracle) / AUC_oracle * 100.
+
+    AUC here is ours (higher = the attack says "member"); 0 is the target, negative means the
+    forget set now looks *less* like members than under a model that never saw it (over-unlearning),
+    positive that it still leaks.
+    """
+    if auc_oracle <= 0:
+        raise ValueError("the oracle's AUC must be > 0")
+    return (auc_unlearned - auc_oracle) / auc_oracle * 100.0
+
+
+def forget_quality(forget_scores: Sequence[float], reference_scores: Sequence[float]) -> float:
+    """p-value of a two-sample Kolmogorov-Smirnov test (scipy): high = the two score sets could come
+    from one distribution (TOFU's forget quality compares with a retain-only model; without one we
+    compare with never-seen text, which is what the forget set should look like)."""
+    from scipy.stats import ks_2samp
+
+    if not forget_scores or not reference_scores:
+        raise ValueError("forget_quality needs scores on both sides")
+    return float(ks_2samp(list(forget_scores), list(reference_scores)).pvalue)
 
 
 def roc_auc(members: Sequence[float], non_members: Sequence[float]) -> float:
@@ -100,11 +154,15 @@ def tpr_at_fpr(members: Sequence[float], non_members: Sequence[float], max_fpr: 
     return max(t for f, t in zip(fpr, tpr) if f <= max_fpr + 1e-12)
 
 
-def attack_scores(token_logprobs: Sequence[float], compressed_bytes: Optional[int], k: float = 0.2) -> Dict[str, float]:
-    """Every attack's score for one sample; zlib is left out without a compressed size."""
+def attack_scores(token_logprobs: Sequence[float], compressed_bytes: Optional[int], k: float = 0.2,
+                  mu: Optional[Sequence[float]] = None, sigma: Optional[Sequence[float]] = None) -> Dict[str, float]:
+    """Every attack's score for one sample; zlib is left out without a compressed size, Min-K%++
+    without the per-position mean / std of the log-probs."""
     out = {"loss": loss_score(token_logprobs), "min_k": min_k_score(token_logprobs, k)}
     if compressed_bytes is not None:
         out["zlib"] = zlib_score(token_logprobs, compressed_bytes)
+    if mu is not None and sigma is not None:
+        out["min_k_plus_plus"] = min_k_plus_plus_score(token_logprobs, mu, sigma, k)
     return out
 
 
@@ -113,21 +171,49 @@ def attack_scores(token_logprobs: Sequence[float], compressed_bytes: Optional[in
 @torch.no_grad()
 def token_logprobs(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16) -> List[List[float]]:
     """log p(x_t | x_<t) for t = 1..T-1 of every sequence (one teacher-forced pass per batch)."""
-    out: List[List[float]] = []
-    for s in range(0, len(seqs), batch_size):
-        chunk = list(seqs[s:s + batch_size])
-        tf = teacher_forced(model, chunk, pad_id)
+    return [lp for lp, _, _ in token_distribution_stats(model, seqs, pad_id, batch_size)]
+
+
+@torch.no_grad()
+def token_distribution_stats(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,
+                             chunk_size: int = 64) -> List[Tuple[List[float], List[float], List[float]]]:
+    """Per sequence: (log p(x_t), mean of log p over the vocabulary under p, its standard deviation) for t = 1..T-1."""
+    from .data import pad_batch
+    from .metrics import backbone_and_head, model_device
+
+    device = model_device(model)
+    parts = backbone_and_head(model)
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        chunk = list(seqs[b:b + batch_size])
+        ids, mask = (t.to(device) for t in pad_batch(chunk, pad_id))
+        if parts is None:
+            hidden, head = model(input_ids=ids, attention_mask=mask).logits, (lambda x: x)
+        else:
+            hidden, head = parts[0](input_ids=ids, attention_mask=mask).last_hidden_state, parts[1]
+        tl, mus, sds = [], [], []
+        for s in range(0, ids.shape[1] - 1, chunk_size):
+            e = min(s + chunk_size, ids.shape[1] - 1)
+            lp = torch.log_softmax(head(hidden[:, s:e]).float(), dim=-1)
+            p = lp.exp()
+            mu = (p * lp).sum(-1)
+            var = (p * lp.clamp(min=-1e4) ** 2).sum(-1) - mu ** 2
+            tl.append(lp.gather(-1, ids[:, s + 1:e + 1].unsqueeze(-1)).squeeze(-1))
+            mus.append(mu)
+            sds.append(var.clamp(min=0).sqrt())
+        tl_t, mu_t, sd_t = (torch.cat(x, 1).double().cpu() for x in (tl, mus, sds))
         for row, x in enumerate(chunk):
-            out.append(tf.target_logprobs[row, : len(x) - 1].double().tolist())
+            n = len(x) - 1
+            out.append((tl_t[row, :n].tolist(), mu_t[row, :n].tolist(), sd_t[row, :n].tolist()))
     return out
 
 
 def sample_scores(model, seqs: Sequence[torch.Tensor], pad_id: int, zlib_sizes: Optional[Sequence[int]] = None,
                   k: float = 0.2, batch_size: int = 16) -> List[Dict[str, float]]:
     """Per-sample attack scores under `model`."""
-    lps = token_logprobs(model, seqs, pad_id, batch_size)
-    sizes = list(zlib_sizes) if zlib_sizes is not None else [None] * len(lps)
-    return [attack_scores(lp, z, k) for lp, z in zip(lps, sizes)]
+    stats = token_distribution_stats(model, seqs, pad_id, batch_size)
+    sizes = list(zlib_sizes) if zlib_sizes is not None else [None] * len(stats)
+    return [attack_scores(lp, z, k, mu, sd) for (lp, mu, sd), z in zip(stats, sizes)]
 
 
 def zlib_sizes_of(tokenizer, seqs: Sequence[torch.Tensor]) -> List[int]:
@@ -155,5 +241,6 @@ def membership_inference(model, member_seqs: Sequence[torch.Tensor], non_member_
     return out
 
 
-__all__ = ["ATTACKS", "zlib_size", "loss_score", "zlib_score", "min_k_score", "roc_auc", "roc_curve", "tpr_at_fpr",
+__all__ = ["ATTACKS", "zlib_size", "loss_score", "zlib_score", "min_k_score", "min_k_plus_plus_score",
+           "extraction_strength", "privleak", "forget_quality", "token_distribution_stats", "roc_auc", "roc_curve", "tpr_at_fpr",
            "attack_scores", "token_logprobs", "sample_scores", "zlib_sizes_of", "membership_inference"]

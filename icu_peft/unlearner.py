@@ -28,7 +28,7 @@ from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transform
 from .errors import ICUError, InputError
 from .calibrate import Band, StepSize, band_gap, band_position
 from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set
-from .methods import ForgetBatch, PrepareContext, objective
+from .methods import ForgetBatch, PrepareContext, resolve
 from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples, teacher_forced
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
 from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
@@ -118,7 +118,7 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
                                   config.score_batch_size, with_bleu=config.criterion == "bleu",
                                   bleu_prefix=config.bleu_prefix_tokens, bleu_suffix=config.bleu_suffix_tokens,
                                   progress=bar)
-            band = Band.from_scores(s.nll, s.ma, s.el, q, config.settle_quantile)
+            band = Band.from_scores(s.nll, s.ma, s.el, q, config.settle_quantile, tset.lengths)
             m = s.mean()
             ma_mean, el_mean, source = m["ma"], m["el"], "unseen"
         if config.ma_threshold is not None:
@@ -237,7 +237,7 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
     `rows`: the forget samples' indices (for methods that prepared per-sample targets), with
     `method_state` what the method's prepare returned.
     """
-    method = objective(config.forget_loss)
+    method = resolve(config)
     if method.prepare is not None and method_state is None:
         raise ValueError(f"forget_loss '{config.forget_loss}' needs the state its prepare step returns (method_state)")
     device = model_device(model)
@@ -501,7 +501,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     distinct = _distinct_masks(forget_set, retain_set, config.forget_distinct_ngram)
 
     # 3. the method's own preparation (per-sample targets), then the forget adapter
-    method = objective(config.forget_loss)
+    method = resolve(config)
     method_state = _prepare_method(method, base_model, forget_set, pad_id, target, distinct, config)
     model, reference = prepare_trainable(base_model, config)
     reference = CachedReference(reference or adapter_disabled_reference(model), config.reference_cache_mb * 2**20)
@@ -650,7 +650,8 @@ class _Run:
     # -- the loop
     def train(self) -> None:
         cfg, model = self.config, self.model
-        self.before = self.scores = self.score("scoring forget set")
+        # complete scores before (EL of memorised text is cheap: few roll-outs), lazy ones during training
+        self.before = self.scores = _score(model, self.forget_set, self.pad_id, cfg, "scoring forget set")
         self.retain_before = (_score(model, self.retain_eval, self.pad_id, cfg, "scoring retain set",
                                      el_max_ma=self.retain_el) if len(self.retain_eval) else None)
         retain_ma_before = self.retain_before.mean()["ma"] if self.retain_before else None

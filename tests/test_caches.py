@@ -39,7 +39,7 @@ def test_prefix_backbone_gives_the_same_hidden_states_and_gradients(tiny_model_d
     real = mask.bool()
     assert torch.allclose(want[real], got[real], atol=1e-5)
     model.train()
-    cfg = ICUConfig(learn_weight=0.5, kl_weight=1.0, neighbour_micro_batch=2)
+    cfg = ICUConfig(learn_weight=0.5, kl_weight=1.0, neighbour_micro_batch=2, forget_loss="ga")
     grads, outs = [], []
     for bb in (None, pref):
         model.zero_grad(set_to_none=True)

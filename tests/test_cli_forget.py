@@ -60,13 +60,16 @@ def test_cli_forget_end_to_end_and_overwrite(tmp_path, tiny_files, tiny_model_di
     argv = ["forget", "--no-progress", "--model", str(tiny_model_dir), "--forget", str(tiny_files["forget"]),
             "--retain", str(tiny_files["retain"]), "--unseen", str(tiny_files["unseen"]), "--out", str(out),
             "--max-epochs", "2", "--seed", "3", "--lr", "2e-3"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "forget adapter written to" in printed
+    # two epochs cannot reach the never-seen band: the adapter is written, marked partial, exit 3
+    assert main(argv) == 3
+    captured = capsys.readouterr()
+    assert "forget adapter written to" in captured.out
+    assert "partial:" in captured.err and "--max-steps" in captured.err
     assert (out / "adapter_model.safetensors").exists() and (out / "forget_manifest.json").exists()
+    assert json.loads((out / "forget_manifest.json").read_text())["status"] == "partial"
     assert main(argv) == 2  # exists now
     capsys.readouterr()
-    assert main(argv + ["--overwrite"]) == 0
+    assert main(argv + ["--overwrite"]) == 3
 
 
 def test_real_process_exit_code(tmp_path):
@@ -103,7 +106,7 @@ def test_cli_forget_on_top_of_records_the_stack(tmp_path, tiny_model_dir, tiny_c
     argv = ["forget", "--no-progress", "--model", str(tiny_model_dir), "--forget", str(forget_file),
             "--out", str(out), "--max-epochs", "1", "--lr", "2e-3", "--request-id", "req-seq",
             "--on-top-of", str(tiny_forget_adapter)]
-    assert main(argv) == 0
+    assert main(argv) == 3  # one epoch: written, marked partial
     m = read_manifest(out)
     first = read_manifest(tiny_forget_adapter)
     assert m["stacked_on"] == [{"request_id": "req-a", "adapter_sha256": first["files"]["adapter_model.safetensors"]}]

@@ -103,7 +103,7 @@ def test_eval_extraction_and_mia(capsys, tiny_model_dir, tiny_files, tiny_corpus
                    tiny_files["unseen"], "--secrets", secrets, "--metrics", "extraction,mia,bleu")
     assert got["extraction"] == 0.5
     assert [s["extracted"] for s in got["secrets"]] == [1.0, 1.0, 0.0, 0.0]
-    assert got["mia"]["loss"]["auc"] > 0.9 and set(got["mia"]) == {"loss", "zlib", "min_k"}
+    assert got["mia"]["loss"]["auc"] > 0.9 and set(got["mia"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
     assert 0 <= got["bleu"] <= 1 and all("mia_loss" in s and "bleu" in s for s in got["samples"])
     out = json.dumps(got)
     for t in tiny_corpus["forget"] + tiny_corpus["unseen"]:

@@ -82,9 +82,10 @@ def test_unquantized_path_and_iur_removes_samples(tiny_model_dir, tiny_corpus, t
     assert rep["base"]["quantized"] is False
     actives = [h["active"] for h in rep["history"]]
     assert actives[0] == len(tiny_corpus["forget"])
-    # IUR: the active set shrinks over epochs and samples train for different numbers of epochs
-    assert actives[-1] == 0 and any(0 < a < actives[0] for a in actives)
-    assert len({s["epochs_active"] for s in rep["samples"]}) > 1
+    # IUR: the active set shrinks as samples settle in the never-seen band; the request ends with
+    # every sample inside the band (the set's mean mid-band may end it before each one settled)
+    assert any(a < actives[0] for a in actives[1:])
+    assert all(s["band"] == "inside" for s in rep["samples"])
     assert (tmp_path / "fp" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "fp" / MANIFEST_NAME).read_text())["status"] == "forgotten"
 
@@ -92,7 +93,7 @@ def test_unquantized_path_and_iur_removes_samples(tiny_model_dir, tiny_corpus, t
 def test_max_epochs_caps_training_and_status_says_so(tiny_model_dir, tiny_corpus):
     r = forget(quick_config(tiny_model_dir, max_epochs=1), tiny_corpus["forget"], tiny_corpus["retain"],
                tiny_corpus["unseen"])
-    assert r.report["epochs"] == 1 and r.report["status"] == "max_epochs"
+    assert r.report["epochs"] == 1 and r.report["status"] == "partial"  # not in the band after one epoch
     assert r.output_dir is None
 
 
@@ -113,7 +114,7 @@ def test_nan_loss_restores_last_good_weights(tiny_model_dir, tiny_corpus, monkey
     cfg = quick_config(tiny_model_dir, batch_size=8)
     r = forget(cfg, tiny_corpus["forget"], tiny_corpus["retain"], tiny_corpus["unseen"])
     assert r.report["status"] == "nan_restored"
-    assert r.report["epochs"] == 1  # epoch 1 was good, epoch 2 hit the NaN
+    assert r.report["steps"] == 1  # step 1 was good, step 2 hit the NaN: the round's start is restored
     assert all(torch.isfinite(p).all() for p in r.model.parameters())
 
 
@@ -223,7 +224,7 @@ def test_neighbour_micro_batches_give_the_same_gradient(tiny_model_dir, tiny_cor
             p.data.normal_(0, 0.05)
     grads, outs = [], []
     for micro in (0, 2):
-        cfg = ICUConfig(neighbour_micro_batch=micro, learn_weight=0.5, kl_weight=1.0)
+        cfg = ICUConfig(neighbour_micro_batch=micro, learn_weight=0.5, kl_weight=1.0, forget_loss="ga")
         model.zero_grad(set_to_none=True)
         outs.append(icu_step_backward(model, f, n, tok.pad_token_id, cfg, scale=0.5))
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
@@ -237,8 +238,11 @@ def test_neighbour_micro_batches_give_the_same_gradient(tiny_model_dir, tiny_cor
 
 @pytest.fixture(scope="module")
 def unbounded_run(tiny_model_dir, tiny_corpus):
-    """The default objective (no NLL target) on two forget samples: how far the ascent moves their loss."""
-    r = forget(quick_config(tiny_model_dir), tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    """Gradient ascent (no NLL target) on two forget samples: how far the ascent moves their loss.
+
+    Without never-seen text there is no band (the published thresholds decide), which is where the
+    post-hoc scaling (nll_target, a number) still applies; calibrated forgetting (the default) does not need it."""
+    r = forget(quick_config(tiny_model_dir, forget_loss="ga"), tiny_corpus["forget"][:2], tiny_corpus["retain"], None)
     return r.report
 
 
@@ -260,8 +264,8 @@ def test_nll_target_scales_the_adapter_towards_the_target_and_keeps_every_sample
     assert hi > lo + 1.0  # the ascent did raise the loss
     extra = dict(min_epochs=off["epochs"] + 10) if where == "below" else {}
     target = hi if where == "below" else hi + 1.0
-    on = forget(quick_config(tiny_model_dir, nll_target=target, nll_tolerance=0.1, **extra), tiny_corpus["forget"][:2],
-                tiny_corpus["retain"], tiny_corpus["unseen"])
+    on = forget(quick_config(tiny_model_dir, forget_loss="ga", nll_target=target, nll_tolerance=0.1, **extra),
+                tiny_corpus["forget"][:2], tiny_corpus["retain"], None)
     rep = on.report
     cal = rep["calibration"]
     assert rep["thresholds"]["nll"] == target and rep["status"] == "forgotten"

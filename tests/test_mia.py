@@ -79,9 +79,24 @@ def test_membership_inference_on_the_tiny_model(tiny_model_dir, tiny_corpus):
     mem = [torch.tensor(tok(t)["input_ids"]) for t in tiny_corpus["forget"] + tiny_corpus["retain"][:4]]
     non = [torch.tensor(tok(t)["input_ids"]) for t in tiny_corpus["unseen"]]
     res = membership_inference(model, mem, non, tok.pad_token_id, zlib_sizes_of(tok, mem), zlib_sizes_of(tok, non))
-    assert set(res) == {"loss", "zlib", "min_k"}
+    assert set(res) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
     for r in res.values():  # memorised vs never seen: every attack separates them
         assert r["auc"] > 0.9
         assert len(r["members"]) == len(mem) and len(r["non_members"]) == len(non)
     same = membership_inference(model, mem, mem, tok.pad_token_id)
     assert all(r["auc"] == 0.5 for r in same.values())
+
+
+def test_privacy_metrics_by_hand():
+    from icu_peft.mia import extraction_strength, forget_quality, min_k_plus_plus_score, privleak
+
+    # Min-K%++: standardise, then the mean of the lowest 50%
+    assert min_k_plus_plus_score([-1.0, -3.0], [-2.0, -2.0], [1.0, 2.0], k=0.5) == pytest.approx(-0.5)
+    # extraction strength: the last 2 of 4 tokens come out -> 1 - 2/4
+    assert extraction_strength([9, 9, 3, 4], [1, 2, 3, 4]) == 0.5
+    assert extraction_strength([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0 and extraction_strength([0], [1]) == 0.0
+    # PrivLeak (MUSE): (0.6 - 0.5) / 0.5
+    assert privleak(0.6, 0.5) == pytest.approx(20.0) and privleak(0.25, 0.5) == pytest.approx(-50.0)
+    # KS: identical samples -> p = 1; disjoint ones -> small p
+    assert forget_quality([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert forget_quality([10.0, 11, 12, 13, 14, 15], [1.0, 2, 3, 4, 5, 6]) < 0.01

@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ppl-stride", type=int, default=None, help="perplexity window stride (default: window/2)")
     p.add_argument("--unseen", help="text the model never saw (non-members for 'mia'; control for --relearn)")
     p.add_argument("--secrets", help="jsonl with fields prefix and secret, for 'extraction'")
+    p.add_argument("--oracle", metavar="DIR", help="with 'mia': a model that never saw --data (retrained without it); "
+                                                   "adds PrivLeak per attack (MUSE)")
     p.add_argument("--relearn", type=int, default=0, metavar="K",
                    help="relearning probe: fine-tune a throwaway LoRA K steps on part of --data, score the rest")
     p.add_argument("--relearn-lr", type=float, default=1e-3, help="relearning probe learning rate")
@@ -103,7 +105,14 @@ def run(args) -> int:
     # With one adapter, its manifest's salt gives the samples the ids the manifest uses.
     salt = adapters[0][2].get("salt") if len(adapters) == 1 else None
     result = {"model": args.model, "adapters": [d for _, d, _ in adapters]}
-    result.update(evaluate(model, tok, texts, metrics, config, unseen=unseen, secrets=secrets, salt=salt))
+    oracle = None
+    if args.oracle:
+        if "mia" not in metrics:
+            raise InputError("--oracle needs the 'mia' metric")
+        from ..models import load_base_model
+
+        oracle = load_base_model(args.oracle, quantize=not args.no_quantize, trust_remote_code=args.trust_remote_code)
+    result.update(evaluate(model, tok, texts, metrics, config, unseen=unseen, secrets=secrets, salt=salt, oracle=oracle))
     if args.relearn:
         result["relearn"] = relearn_probe(model, tok, texts, unseen, config)
     if tasks:
@@ -136,6 +145,12 @@ def format_table(r: dict) -> str:
     if "mia" in r:
         lines.append(f"membership inference vs {r['unseen_count']} unseen (ROC-AUC, 0.5 = indistinguishable): "
                      + "   ".join(f"{a} {v['auc']:.3f}" for a, v in r["mia"].items()))
+    pv = r.get("privacy")
+    if pv:
+        lines.append(f"privacy: forget_quality (KS p vs unseen) {pv['forget_quality']:.3g}   "
+                     f"extraction_strength {pv['extraction_strength']:.3f}"
+                     + ("   privleak " + "  ".join(f"{a} {v:+.1f}%" for a, v in pv["privleak"].items())
+                        if pv.get("privleak") else ""))
     cols = [k for k in ("ma", "el", "ppl", "bleu", "mia_loss") if r["samples"] and k in r["samples"][0]]
     if cols:
         head = f"{'#':>4} {'id':16} {'tokens':>6} " + " ".join(f"{c:>9}" for c in cols)

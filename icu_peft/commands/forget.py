@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 logger = logging.getLogger("icu_peft")
 
 
+# Literal, so that parsing the command line does not import torch; a test checks it equals methods.METHODS.
+METHOD_CHOICES = ["icu", "icu_ga", "icu_paper", "ga", "graddiff", "npo", "simnpo", "undial"]
+
+EXIT_CODES_HELP = ("exit status: 0 every sample forgotten (inside the never-seen band); 3 partial: the adapter is "
+                   "written and marked partial, some samples missed; 4 stopped: the retain set was damaged (or the loss "
+                   "went non-finite), the last good adapter is written; 2 bad input")
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("forget", help="train a forget adapter for a forget request (ICU)")
+    p = sub.add_parser("forget", help="train a forget adapter for a forget request (ICU)", epilog=EXIT_CODES_HELP)
     p.add_argument("--model", help="base model: local directory or hub id (or `model:` in --config)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
     p.add_argument("--forget", help="forget set: .jsonl (field text), .csv (column text) or .txt (one per line)")
@@ -19,10 +28,13 @@ def add_parser(sub) -> None:
     p.add_argument("--no-quantize", action="store_true", help="keep the base in full precision")
     p.add_argument("--max-epochs", type=int, help="epoch cap")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate")
+    p.add_argument("--lr", "--learning-rate", dest="learning_rate", metavar="auto|LR",
+                   help="learning rate (default auto: found during training; a number fixes it)")
     p.add_argument("--criterion", choices=["ma_el", "bleu"], help="IUR criterion")
-    p.add_argument("--method", choices=["icu", "icu_paper", "ga", "graddiff", "npo"],
-                   help="preset: icu (default; selective), icu_paper (ICU's reference objective), or a baseline")
+    p.add_argument("--method", choices=METHOD_CHOICES,
+                   help="icu (default: calibrated to the never-seen band), icu_ga (ascent, the previous default), "
+                        "icu_paper (ICU's reference objective), or a baseline: ga, graddiff, npo, simnpo, undial")
+    p.add_argument("--max-steps", type=int, help="budget in optimizer steps (default 400)")
     p.add_argument("--nll-target", metavar="off|unseen|NATS",
                    help="after training, scale the adapter towards the forget set's loss matching the unseen text's "
                         "(or this many nats) while it stays forgotten: over-forgotten text is itself a membership signal")
@@ -40,9 +52,10 @@ def run(args) -> int:
     from ..config import ICUConfig, read_recipe
     from ..data import read_texts
     from ..errors import InputError
-    from ..unlearner import forget
+    from ..unlearner import STATUS_EXIT_CODES, forget
 
-    overrides = dict(method=args.method, model=args.model, gguf_file=args.gguf_file, max_epochs=args.max_epochs, seed=args.seed,
+    overrides = dict(method=args.method, model=args.model, gguf_file=args.gguf_file, max_epochs=args.max_epochs,
+                     max_steps=args.max_steps, seed=args.seed,
                      learning_rate=args.learning_rate, criterion=args.criterion, request_id=args.request_id,
                      nll_target=args.nll_target)
     if args.no_quantize:
@@ -79,13 +92,35 @@ def run(args) -> int:
     result = forget(cfg, forget_texts, retain, unseen, output_dir=args.out, overwrite=args.overwrite,
                     base_model=base_model)
     r = result.report
+    f = r["forget"]
     if result.output_dir is not None:
         print(f"forget adapter written to {result.output_dir}")
-        print(f"  status: {r['status']}; {r['forget']['forgotten']} of {r['forget']['count']} samples forgotten "
-              f"after {r['epochs']} epochs ({r['wall_time_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB)")
-        print(f"  forget MA {r['forget']['before']['ma']:.3f} -> {r['forget']['after']['ma']:.3f}, "
-              f"EL{cfg.el_n} {r['forget']['before']['el']:.3f} -> {r['forget']['after']['el']:.3f} "
-              f"(thresholds {r['thresholds']['ma']:.3f} / {r['thresholds']['el']:.3f}, {r['thresholds']['source']})")
+        print(f"  status: {r['status']}; {f['forgotten']} of {f['count']} samples forgotten after {r['steps']} steps "
+              f"({r['wall_time_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, final lr {r['learning_rate']['final']:.2e})")
+        print(f"  forget MA {f['before']['ma']:.3f} -> {f['after']['ma']:.3f}, NLL {f['before'].get('nll', 0):.3f} -> "
+              f"{f['after'].get('nll', 0):.3f}, EL{cfg.el_n} {_num(f['before']['el'])} -> {_num(f['after']['el'])}")
+        b = r.get("band")
+        if b:
+            print(f"  never-seen band ({b['count']} samples): NLL {b['nll_lo']:.3f}..{b['nll_hi']:.3f}, MA <= {b['ma_hi']:.3f}")
+        else:
+            print(f"  thresholds MA <= {r['thresholds']['ma']:.3f}, EL <= {r['thresholds']['el']:.3f} ({r['thresholds']['source']})")
         if r["retain"]["before"]:
             print(f"  retain MA {r['retain']['before']['ma']:.3f} -> {r['retain']['after']['ma']:.3f}")
-    return 0 if r["status"] != "nan_restored" else 1
+        if r.get("mia"):
+            print("  membership inference AUC (0.5 = like never-seen text): " + ", ".join(
+                f"{k} {v['auc']:.2f}" for k, v in r["mia"]["after"].items()))
+    code = STATUS_EXIT_CODES.get(r["status"], 1)
+    if r["status"] == "partial":
+        missed = f["count"] - f["forgotten"]
+        print(f"icu-peft: partial: {missed} of {f['count']} samples are not inside the never-seen band after "
+              f"{r['steps']} steps; the adapter is marked partial. Try --max-steps {2 * max(r['steps'], 1)}, or "
+              f"more --unseen text of the same kind", file=sys.stderr)
+    elif r["status"] in ("retain_damaged", "nan_restored"):
+        print(f"icu-peft: stopped ({r['status']}): the retain set was being damaged (or the loss went non-finite); "
+              f"the last good adapter was restored and written, {f['forgotten']} of {f['count']} forgotten. "
+              f"Try a lower --lr, or --lr auto", file=sys.stderr)
+    return code
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"

@@ -91,16 +91,13 @@ def demo_plant_settings(**overrides) -> PlantSettings:
 def demo_icu_config(**overrides) -> ICUConfig:
     """ICU settings for the demo's records (a handful of short forget samples, 4-bit SmolLM2).
 
-    Tuned on the 20-person planted model (docs/DEMO.md, "Tuning"): LoRA in the last 10 layers only,
-    one forget sample per step, the forget term on tokens not shared with the kept records, and a
-    KL anchor three times its weight. All-layer LoRA with the library defaults forgot as well but
-    cost the kept people half their secrets. Afterwards the adapter is scaled down as far as the
-    forgotten people stay forgotten (nll_target), so their records look less out of place to a
-    membership-inference attack.
+    The method, its step size and its stop are the library defaults (calibrated forgetting: targets
+    inside the never-seen band, learning rate found during training). Only the model's shape is set
+    here: LoRA in the last 10 layers (the frozen-prefix cache then skips 20 of 30 layers per step),
+    records of at most 128 tokens, and the forget term's targets only on tokens not shared with the
+    kept records (their template stays as the base has it).
     """
-    base = dict(learning_rate=3e-3, max_epochs=30, batch_size=1, forget_weight=2.0, learn_weight=1.0, kl_weight=3.0,
-                forget_distinct_ngram=4, lora_layers=10, seed=0, progress=True, el_n=10, max_length=128,
-                nll_target="unseen")
+    base = dict(forget_distinct_ngram=4, lora_layers=10, seed=0, progress=True, el_n=10, max_length=128)
     base.update(overrides)
     return ICUConfig(**base)
 

@@ -21,4 +21,12 @@ def objective(name: str) -> Method:
     return OBJECTIVES[name]
 
 
-__all__ = ["METHODS", "OBJECTIVES", "objective", "ForgetBatch", "Method", "PrepareContext"]
+def resolve(config) -> Method:
+    """The method a config runs: its `method`, unless `forget_loss` was set to another method's term."""
+    m = METHODS.get(config.method)
+    if m is not None and m.preset.get("forget_loss") == config.forget_loss:
+        return m
+    return OBJECTIVES[config.forget_loss]
+
+
+__all__ = ["METHODS", "OBJECTIVES", "objective", "resolve", "ForgetBatch", "Method", "PrepareContext"]

@@ -1,0 +1,183 @@
+"""Calibrated forgetting: the never-seen band, per-token targets, the step size, and the loop that uses them."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import quick_config
+from icu_peft.calibrate import Band, StepSize, band_gap, band_position, quantile, token_targets
+from icu_peft.losses import log1mexp, relabelled_log_probs, target_token_bce
+
+
+# ------------------------------------------------------------------------------ pure pieces
+
+def test_quantile_matches_numpy_linear():
+    np = pytest.importorskip("numpy")
+    xs = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    for q in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+        assert quantile(xs, q) == pytest.approx(float(np.quantile(xs, q)))
+
+
+def test_band_is_two_sided():
+    band = Band.from_scores(nll=[2.0, 3.0, 4.0, 5.0, 6.0], ma=[0.2, 0.3, 0.4, 0.5, 0.6], el=[0.0] * 5, q=0.1, settle=0.25)
+    assert band.nll_lo == pytest.approx(2.4) and band.nll_hi == pytest.approx(5.6) and band.nll_mid == 4.0
+    assert band.ma_hi == 0.6
+    assert band_position(4.0, 0.3, 0.0, band) == 0  # looks like never-seen text
+    assert band_position(1.0, 0.3, 0.0, band) == -1  # too familiar: NLL below every never-seen sample's
+    assert band_position(4.0, 0.9, 0.0, band) == -1  # still reproduced token by token
+    assert band_position(9.0, 0.1, 0.0, band) == 1  # pushed past never-seen text: an attack finds it too
+    assert band_position(2.5, 0.3, 0.0, band) == 0 and band_position(2.5, 0.3, 0.0, band, inner=True) == -1
+    assert band_gap(4.0, 0.3, band) == 0.0 and band_gap(1.0, 0.3, band) > band_gap(2.0, 0.3, band) > 0
+
+
+def test_band_gives_ma_one_token_of_slack_on_short_texts():
+    band = Band.from_scores(nll=[3.0, 4.0], ma=[0.3, 0.4], el=None, lengths=[11, 11])
+    assert band.ma_hi == pytest.approx(0.4 + 0.1) and band.el_hi is None
+
+
+def test_token_targets_reach_the_goal_and_never_raise_a_probability():
+    torch.manual_seed(0)
+    memorised = [torch.full((20,), 0.01), torch.rand(15) * 0.05]
+    others = [torch.full((20,), -6.0), torch.full((15,), -5.0)]
+    unseen = torch.distributions.Exponential(1 / 3.0).sample((400,))  # never-seen per-token NLLs, mean ~3
+    t = token_targets(memorised, others, unseen, nll_goal=3.0, ma_max=0.4)
+    for i, lp in enumerate(t.logp):
+        assert (lp <= -memorised[i] + 1e-6).all()  # a target is never more likely than the base had it
+        assert 2.95 <= float((-lp).mean()) <= 4.0  # mean NLL at the goal (more only where MA needed it)
+        assert t.ma[i] <= 0.4 + 1e-9
+        # rank-matched: the base's easiest tokens get the easiest targets
+        assert torch.argsort(memorised[i]).tolist()[0] in torch.argsort(-lp)[:3].tolist() or len(set(memorised[i].tolist())) == 1
+
+
+def test_token_targets_leave_already_unlikely_samples_alone():
+    hard = [torch.full((10,), 6.0)]
+    t = token_targets(hard, [torch.full((10,), -1.0)], torch.full((100,), 3.0), nll_goal=3.0, ma_max=0.5)
+    assert torch.allclose(-t.logp[0], hard[0])
+
+
+def test_token_targets_keep_shared_template_tokens_as_the_base_has_them():
+    nll = [torch.full((6,), 0.01)]
+    w = [torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])]
+    t = token_targets(nll, [torch.full((6,), -8.0)], torch.full((50,), 4.0), nll_goal=2.0, ma_max=1.0, weights=w)
+    assert torch.allclose(-t.logp[0][3:], nll[0][3:])  # template: untouched
+    assert (-t.logp[0][:3] > 3.0).all()  # private tokens carry the whole shift
+
+
+def test_target_bce_is_minimal_at_the_target_in_both_directions():
+    target = torch.tensor(-2.0)
+    grid = torch.linspace(-8, -0.01, 400)
+    for w in (0.0, 0.1):
+        losses = target_token_bce(grid, target.expand_as(grid), w)
+        assert float(grid[int(losses.argmin())]) == pytest.approx(-2.0, abs=0.05)
+
+
+def test_relabelled_log_probs_is_a_distribution_with_the_new_target():
+    ref = torch.log_softmax(torch.tensor([[4.0, 1.0, 0.5, -1.0]]), -1)
+    out = relabelled_log_probs(ref, torch.tensor([0]), torch.tensor([-3.0]))
+    assert float(out.exp().sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(out[0, 0]) == pytest.approx(-3.0)
+    # the others keep their proportions
+    assert float(out[0, 1] - out[0, 2]) == pytest.approx(float(ref[0, 1] - ref[0, 2]), abs=1e-5)
+    assert float(log1mexp(torch.tensor(-1e-8))) == pytest.approx(-18.42, abs=0.01)
+
+
+def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
+    s = StepSize(lr=1e-4, retain_floor=0.9, max_backoffs=2)
+    assert s.update(10.0, 9.9, 0.97, 0.97) == "escalate" and s.lr == pytest.approx(2e-4)
+    assert s.update(10.0, 5.0, 0.97, 0.97) == "keep" and s.lr == pytest.approx(2e-4)
+    assert s.update(5.0, 4.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(1e-4)
+    assert s.update(5.0, 5.0, 0.97, 0.97) == "keep"  # the rate that did damage is a ceiling now
+    assert s.update(5.0, 4.0, 0.50, 0.97) == "restore"
+    assert s.update(5.0, 4.0, 0.50, 0.97) == "stop"
+    fixed = StepSize(lr=1.0, auto=False)
+    assert fixed.update(10.0, 10.0, 0.97, 0.97) == "keep" and fixed.lr == 1.0
+    assert fixed.update(10.0, 9.0, 0.0, 0.97) == "stop"
+
+
+# ------------------------------------------------------------------------------ the loop
+
+def test_defaults_forget_a_memoriser_the_quick_config_was_not_tuned_on(tmp_path):
+    """A 3-layer, 48-wide memoriser of other records: no learning rate, no epochs given."""
+    from icu_peft import ICUConfig
+    from icu_peft.testing import build_tiny_memorizer, random_sentences
+    from icu_peft.unlearner import forget
+
+    texts = random_sentences(34, seed=11, min_words=8, max_words=12)
+    fg, rt, un = texts[:6], texts[6:22], texts[22:]
+    build_tiny_memorizer(tmp_path / "m", fg + rt, un, steps=300, layers=3, hidden=48, seed=11)
+    r = forget(ICUConfig(model=str(tmp_path / "m"), progress=False), fg, rt, un)
+    rep = r.report
+    assert rep["config"]["learning_rate"] == "auto"
+    assert rep["status"] == "forgotten", [s.get("band") for s in rep["samples"]]
+    assert all(s["band"] == "inside" for s in rep["samples"])
+    assert rep["retain"]["after"]["ma"] >= 0.9 * rep["retain"]["before"]["ma"]
+    assert rep["mia"]["after"]["loss"]["auc"] < rep["mia"]["before"]["loss"]["auc"]
+    assert rep["steps"] <= rep["config"]["max_steps"]
+
+
+def test_a_sample_pushed_past_the_band_is_pulled_back(tiny_model_dir, tiny_corpus, monkeypatch):
+    """Start the calibrated method from an adapter that overshot (gradient ascent far past the band):
+    its two-sided target brings the samples back inside."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    import icu_peft.unlearner as U
+
+    over = U.forget(quick_config(tiny_model_dir, forget_loss="ga", learning_rate=3e-3, max_steps=60, min_epochs=60,
+                                 retain_floor=0.0), tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    assert any(s["band"] == "pushed_past" for s in over.report["samples"]), over.report["samples"]
+    state = {k: v.clone() for k, v in get_peft_model_state_dict(over.model).items()}
+    real = U.attach_lora
+
+    def attach_overshot(*a, **k):
+        m = real(*a, **k)
+        set_peft_model_state_dict(m, state)
+        return m
+
+    monkeypatch.setattr(U, "attach_lora", attach_overshot)
+    back = U.forget(quick_config(tiny_model_dir), tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    start = back.report["history"][0]
+    assert start["nll_mean"] > back.report["band"]["nll_hi"]  # it did start past the band
+    assert all(s["band"] == "inside" for s in back.report["samples"]), back.report["samples"]
+
+
+def test_retain_guard_restores_and_exits_non_zero(tmp_path, tiny_files, tiny_model_dir, capsys):
+    from icu_peft.cli import main
+
+    out = tmp_path / "a"
+    code = main(["forget", "--no-progress", "--model", str(tiny_model_dir), "--forget", str(tiny_files["forget"]),
+                 "--retain", str(tiny_files["retain"]), "--unseen", str(tiny_files["unseen"]), "--out", str(out),
+                 "--lr", "1e6", "--max-steps", "40"])
+    err = capsys.readouterr().err
+    m = json.loads((out / "forget_manifest.json").read_text())
+    assert code == 4 and m["status"] in ("retain_damaged", "nan_restored"), (code, m["status"])
+    assert "restored" in err
+    # what was written is the last good adapter: the retain set is as it was
+    assert m["retain"]["after"]["ma"] >= 0.9 * m["retain"]["before"]["ma"]
+
+
+@pytest.mark.parametrize("method", ["icu", "icu_ga", "icu_paper", "ga", "graddiff", "npo", "simnpo", "undial"])
+def test_every_method_module_is_called_by_the_loop(method, tiny_model_dir, tiny_corpus, monkeypatch):
+    from icu_peft import ICUConfig
+    from icu_peft.methods import METHODS
+    from icu_peft.unlearner import forget
+
+    m = METHODS[method]
+    calls = {"n": 0}
+    real = m.forget_loss
+
+    def spy(batch, config):
+        calls["n"] += 1
+        return real(batch, config)
+
+    monkeypatch.setattr(m, "forget_loss", spy)
+    cfg = ICUConfig.for_method(method, model=str(tiny_model_dir), max_steps=2, progress=False, batch_size=4)
+    r = forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    assert calls["n"] >= 1 and r.report["method"] == method
+
+
+def test_cli_method_choices_are_the_registry():
+    from icu_peft.commands.forget import METHOD_CHOICES
+    from icu_peft.methods import METHODS
+
+    assert sorted(METHOD_CHOICES) == sorted(METHODS)
