@@ -1,5 +1,6 @@
 """`icu-peft forget` on bad input: one line on stderr, exit code 2, nothing written."""
 
+import json
 import subprocess
 import sys
 

@@ -19,7 +19,9 @@ def test_two_process_forget(tmp_path, tiny_model_dir, tiny_files):
            "--max-epochs", "3", "--lr", "2e-3"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     m = json.loads((out / "forget_manifest.json").read_text())
-    assert p.returncode == {"forgotten": 0, "partial": 3}[m["status"]], p.stderr[-3000:]
+    # torchrun turns a worker's exit 3 (partial: 3 epochs do not reach the band) into its own 1
+    assert (p.returncode == 0) == (m["status"] == "forgotten"), p.stderr[-3000:]
+    assert m["status"] == "forgotten" or "partial:" in p.stderr
     assert m["world_size"] == 2
     assert m["ranks_in_sync"] is True
     assert m["steps"] >= 1
