@@ -21,7 +21,7 @@ Three pure pieces, each tested on hand-made numbers:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -78,11 +78,12 @@ class Band:
         if not 0 <= q < 0.5 or not q <= settle < 0.5:
             raise ValueError("need 0 <= quantile <= settle_quantile < 0.5")
         els = [e for e in (el or []) if e is not None]
+        # MA / EL are upper limits only, and on short texts they move in steps of one token: their
+        # edge is the highest never-seen value (plus one MA step), not a quantile of a handful of steps
+        ma_step = 1.0 / max(quantile(lengths, 0.5) - 1, 1) if lengths else 0.0
         return cls(nll_lo=quantile(nll, q), nll_hi=quantile(nll, 1 - q), nll_mid=quantile(nll, 0.5),
                    inner_lo=quantile(nll, settle), inner_hi=quantile(nll, 1 - settle),
-                   # MA / EL are upper limits only, and on short texts they move in steps of one token:
-                   # their edge is the highest never-seen value, not a quantile of a handful of steps
-                   ma_hi=max(ma) + (1.0 / max(quantile(lengths, 0.5) - 1, 1) if lengths else 0.0), ma_mid=quantile(ma, 0.5), el_hi=max(els) if els else None,
+                   ma_hi=max(ma) + ma_step, ma_mid=quantile(ma, 0.5), el_hi=max(els) if els else None,
                    count=len(nll), quantile=q, settle_quantile=settle)
 
 
@@ -227,7 +228,6 @@ class StepSize:
     patience: int = 5
     backoffs: int = 0
     stalled: int = 0
-    history: List[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.lr_ceiling = self.lr_max  # lr_max may fall after damage and climb back up to this
@@ -259,5 +259,4 @@ class StepSize:
         else:
             self.stalled = 0
             action = "keep"
-        self.history.append({"action": action, "lr": self.lr, "gap": gap_after, "retain_ma": retain_ma})
         return action

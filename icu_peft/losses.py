@@ -225,25 +225,21 @@ def _relabel_kl_chunk(head: Callable, h: torch.Tensor, ref_h: torch.Tensor, targ
 
 
 def chunked_relabelled_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: Callable, labels: torch.Tensor,
-                          mask: torch.Tensor, new_logp: Callable, chunk_size: int = 64,
-                          target_logp: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                          mask: torch.Tensor, new_logp: Callable, chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sum and count of KL(q || p_model) over real targets, q = the reference with the true next
-    token's log-prob replaced by new_logp(ref log-prob[, target_logp]) (see relabelled_log_probs).
+    token's log-prob replaced by new_logp(ref log-prob) (see relabelled_log_probs).
 
     Self-distillation towards a lowered target: bounded by construction (its minimum is the target
-    distribution, so the forget term cannot run away as gradient ascent does). `target_logp`:
-    optional (B, T) per-token values aligned with `labels`, passed to new_logp as a second argument.
+    distribution, so the forget term cannot run away as gradient ascent does).
     """
     h, ref_h = hidden[:, :-1], ref_hidden[:, :-1]
     targets = labels[:, 1:]
     valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
-    tl = target_logp[:, 1:] if target_logp is not None else None
     total = hidden.new_zeros((), dtype=torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
     for s in range(0, h.shape[1], chunk_size):
         e = s + chunk_size
-        fn = new_logp if tl is None else (lambda ry, t=tl[:, s:e]: new_logp(ry, t))
-        total = total + _run_chunk(lambda a, b, c, d: _relabel_kl_chunk(head, a, b, c, fn, d), h[:, s:e],
+        total = total + _run_chunk(lambda a, b, c, d: _relabel_kl_chunk(head, a, b, c, new_logp, d), h[:, s:e],
                                    ref_h[:, s:e], targets[:, s:e], valid[:, s:e], grad=grad)
     return total, valid.sum()
 

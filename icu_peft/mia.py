@@ -171,7 +171,13 @@ def attack_scores(token_logprobs: Sequence[float], compressed_bytes: Optional[in
 @torch.no_grad()
 def token_logprobs(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16) -> List[List[float]]:
     """log p(x_t | x_<t) for t = 1..T-1 of every sequence (one teacher-forced pass per batch)."""
-    return [lp for lp, _, _ in token_distribution_stats(model, seqs, pad_id, batch_size)]
+    out: List[List[float]] = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = list(seqs[s:s + batch_size])
+        tf = teacher_forced(model, chunk, pad_id)
+        for row, x in enumerate(chunk):
+            out.append(tf.target_logprobs[row, : len(x) - 1].double().tolist())
+    return out
 
 
 @torch.no_grad()

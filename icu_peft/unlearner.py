@@ -13,7 +13,7 @@ import platform
 import resource
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -29,7 +29,7 @@ from .errors import ICUError, InputError
 from .calibrate import Band, StepSize, band_gap, band_position
 from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set
 from .methods import ForgetBatch, PrepareContext, resolve
-from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples, teacher_forced
+from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
 from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
 from .evaluation import forget_mia
@@ -125,7 +125,7 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
             band.ma_hi = band.ma_mid = config.ma_threshold
         if config.el_threshold is not None:
             band.el_hi = config.el_threshold
-        t = Thresholds(ma=band.ma_hi, el=band.el_hi if band.el_hi is not None else ma_mean, bleu=config.bleu_threshold,
+        t = Thresholds(ma=band.ma_hi, el=band.el_hi if band.el_hi is not None else el_mean, bleu=config.bleu_threshold,
                        source=source, unseen_count=len(tset), nll_lo=band.nll_lo, nll_hi=band.nll_hi,
                        ma_mean=ma_mean, el_mean=el_mean)
     if config.nll_target == "unseen":
@@ -133,12 +133,6 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
     elif config.nll_target != "off":
         t.nll = float(config.nll_target)
     return Target(thresholds=t, band=band, unseen_token_nll=tok_nll)
-
-
-def measure_thresholds(model, tokenizer, unseen: Optional[Sequence[str]], config: ICUConfig, salt: str,
-                       progress: bool = False) -> Thresholds:
-    """The thresholds alone (see measure_target)."""
-    return measure_target(model, tokenizer, unseen, config, salt, progress).thresholds
 
 
 def _fallback_thresholds(config: ICUConfig, explicit: bool) -> Thresholds:
@@ -200,10 +194,6 @@ def _score(model, tset: TokenizedSet, pad_id: int, config: ICUConfig, desc: str,
         return score_samples(model, tset.input_ids, pad_id, config.el_n, config.el_start, config.score_batch_size,
                              with_bleu=config.criterion == "bleu", bleu_prefix=config.bleu_prefix_tokens,
                              bleu_suffix=config.bleu_suffix_tokens, progress=bar, el_max_ma=el_max_ma)
-
-
-def _fmt_el(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.4f}"
 
 
 def _parts(model):
@@ -626,7 +616,7 @@ class _Run:
         return _score(self.model, self.forget_set, self.pad_id, self.config, desc, el_max_ma=self.lazy_ma)
 
     def gap(self, scores: Scores) -> float:
-        """Distance of the active samples from the band (or the thresholds), for the step-size control."""
+        """Distance of the forget set from the band (or the thresholds), for the step-size control."""
         band, t = self.target.band, self.target.thresholds
         nll = scores.nll or [None] * len(scores.ma)
         if band is None:
@@ -636,12 +626,8 @@ class _Run:
     def retain_ma(self) -> Optional[float]:
         if not len(self.retain_eval):
             return None
-        self.model.eval()
-        ma = []
-        for s in range(0, len(self.retain_eval), self.config.score_batch_size):
-            ma += teacher_forced(self.model, self.retain_eval.input_ids[s:s + self.config.score_batch_size],
-                                 self.pad_id).ma().tolist()
-        return sum(ma) / len(ma)
+        return _score(self.model, self.retain_eval, self.pad_id, self.config, "scoring retain set",
+                      el_max_ma=-1.0).mean()["ma"]  # MA only: no EL roll-outs
 
     def update_active(self, previous: Optional[List[bool]] = None) -> None:
         self.active = _active(self.scores, self.target.thresholds, self.config, self.target.band, previous,

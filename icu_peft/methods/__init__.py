@@ -16,11 +16,6 @@ METHODS = {m.name: m for m in (ICU, ICU_GA, ICU_PAPER, GA, GRADDIFF, NPO, SIMNPO
 OBJECTIVES = {"target": ICU, "ga": ICU_GA, "npo": NPO, "simnpo": SIMNPO, "undial": UNDIAL}
 
 
-def objective(name: str) -> Method:
-    """The method whose forget loss is `name` (ICUConfig.forget_loss)."""
-    return OBJECTIVES[name]
-
-
 def resolve(config) -> Method:
     """The method a config runs: its `method`, unless `forget_loss` was set to another method's term."""
     m = METHODS.get(config.method)
@@ -29,4 +24,4 @@ def resolve(config) -> Method:
     return OBJECTIVES[config.forget_loss]
 
 
-__all__ = ["METHODS", "OBJECTIVES", "objective", "resolve", "ForgetBatch", "Method", "PrepareContext"]
+__all__ = ["METHODS", "OBJECTIVES", "resolve", "ForgetBatch", "Method", "PrepareContext"]

@@ -7,7 +7,7 @@ are weighted by the preset. The loop knows no method by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -49,5 +49,3 @@ class Method:
     preset: Dict[str, Any]
     forget_loss: Callable[[ForgetBatch, Any], torch.Tensor]  # (batch, config) -> scalar to minimise
     prepare: Optional[Callable[[PrepareContext, Any], Any]] = None  # (context, config) -> batch.state
-    needs_token_stats: bool = False  # prepare reads ref_nll / ref_other
-    extra: Dict[str, Any] = field(default_factory=dict)

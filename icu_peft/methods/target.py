@@ -55,4 +55,4 @@ def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
 
 ICU = Method("icu", "calibrated ICU (default): distil each forget sample towards never-seen-looking targets, "
                     "CLE neighbours, per-sample refinement inside the never-seen band",
-             dict(forget_loss="target"), target_forget_loss, prepare=prepare_targets, needs_token_stats=True)
+             dict(forget_loss="target"), target_forget_loss, prepare=prepare_targets)
