@@ -144,7 +144,8 @@ def _target_stats(ref_nll: torch.Tensor, ref_other: torch.Tensor, target_nll: to
 
 def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Tensor],
                   unseen_token_nll: torch.Tensor, nll_goal: float, ma_max: float,
-                  weights: Optional[Sequence[Optional[torch.Tensor]]] = None, iters: int = 40) -> TokenTargets:
+                  weights: Optional[Sequence[Optional[torch.Tensor]]] = None, iters: int = 40,
+                  nll_cap: Optional[float] = None) -> TokenTargets:
     """Per-token target NLLs for each forget sample (see the module docstring).
 
     ref_nll[i]: (T-1,) the base's NLL of each next token of sample i; ref_other[i]: the log-prob of
@@ -155,7 +156,10 @@ def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Ten
 
     Per sample a shift d (bisection) is added to the rank-matched NLLs: the smallest d whose target
     has mean NLL >= nll_goal and MA <= ma_max. A sample already there gets d at the low end (no
-    change where the base is already above the rank-matched level).
+    change where the base is already above the rank-matched level). With `nll_cap`, d never takes the
+    target's mean NLL past it, even where MA would need more: a target beyond the band would teach
+    the model exactly the over-forgetting the band forbids (on code-like text, whose syntax tokens
+    stay predictable, the MA condition alone put the targets at 2.96 nats against a band top of 2.88).
     """
     sorted_unseen = torch.sort(unseen_token_nll.float().flatten()).values
     if sorted_unseen.numel() == 0:
@@ -181,18 +185,13 @@ def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Ten
             m, ma = _target_stats(nll, other, target_at(d))
             return m >= nll_goal - 1e-6 and ma <= ma_max + 1e-9
 
-        lo, hi = -float(sorted_unseen[-1]) - 1.0, 1.0
-        while not good(hi) and hi < 64.0:
-            hi *= 2.0
-        if good(lo):
-            hi = lo
-        else:
-            for _ in range(iters):
-                mid = (lo + hi) / 2
-                if good(mid):
-                    hi = mid
-                else:
-                    lo = mid
+        def under_cap(d: float) -> bool:
+            return nll_cap is None or _target_stats(nll, other, target_at(d))[0] <= nll_cap + 1e-6
+
+        lo = -float(sorted_unseen[-1]) - 1.0
+        hi = _bisect_first(good, lo, 1.0, iters)
+        if not under_cap(hi):  # MA asked for more than the cap allows: the largest shift under the cap
+            hi = max(lo, _bisect_first(lambda d: not under_cap(d), lo, hi, iters) - 1e-9)
         tgt = torch.maximum(nll, target_at(hi))
         m, ma = _target_stats(nll, other, target_at(hi))
         out.logp.append(-tgt)
@@ -200,6 +199,21 @@ def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Ten
         out.nll.append(m)
         out.ma.append(ma)
     return out
+
+
+def _bisect_first(pred, lo: float, hi: float, iters: int) -> float:
+    """The smallest d in [lo, ...) with pred(d), for pred monotone in d (hi doubled until it holds, up to 64)."""
+    while not pred(hi) and hi < 64.0:
+        hi = hi * 2.0 if hi > 0 else 1.0
+    if pred(lo):
+        return lo
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 # ------------------------------------------------------------------------------ the step size
@@ -210,6 +224,8 @@ class StepSize:
 
     - progress: the forget set's summed band gap fell by less than `stall` (relative) over a round
       -> the step is too small for this model: multiply the rate by `factor` (up to `lr_max`);
+    - regress: the gap grew by more than `stall` over a round -> the step overshoots: divide the
+      rate by `factor`;
     - damage: the retain set's MA fell below `retain_floor` x its value before the request -> the
       step is too large: restore the adapter of the last good round and divide the rate by `factor`.
       The rate that did damage becomes a ceiling, lifted one step after `patience` stalled rounds.
@@ -234,7 +250,7 @@ class StepSize:
 
     def update(self, gap_before: float, gap_after: float, retain_ma: Optional[float],
                retain_ma_before: Optional[float]) -> str:
-        """'keep' | 'escalate' | 'restore' | 'stop' after one round; adjusts self.lr."""
+        """'keep' | 'escalate' | 'slow' | 'restore' | 'stop' after one round; adjusts self.lr."""
         damaged = (retain_ma is not None and retain_ma_before is not None
                    and retain_ma < self.retain_floor * retain_ma_before)
         if damaged:
@@ -245,6 +261,11 @@ class StepSize:
                 self.lr /= self.factor
                 self.lr_max = self.lr  # never climb back to a rate that did damage
                 action = "restore"
+        elif self.auto and gap_before > 0 and gap_after > (1 + self.stall) * gap_before:
+            # the round made things worse: the step overshoots (noise around the target at this rate)
+            self.stalled = 0
+            self.lr = max(self.lr / self.factor, self.lr_min)
+            action = "slow"
         elif self.auto and gap_before > 0 and (gap_before - gap_after) < self.stall * gap_before:
             self.stalled += 1
             if self.lr >= self.lr_max and self.stalled >= self.patience and self.lr_max < self.lr_ceiling:

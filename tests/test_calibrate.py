@@ -64,6 +64,16 @@ def test_token_targets_keep_shared_template_tokens_as_the_base_has_them():
     assert (-t.logp[0][:3] > 3.0).all()  # private tokens carry the whole shift
 
 
+def test_token_targets_never_aim_past_the_cap_even_where_ma_asks_for_more():
+    # the runner-up is far behind everywhere: only a huge shift would end the argmax (MA 0 asked)
+    nll, other = [torch.full((10,), 0.01)], [torch.full((10,), -30.0)]
+    unseen = torch.linspace(0.1, 6.0, 100)
+    free = token_targets(nll, other, unseen, nll_goal=2.0, ma_max=0.0)
+    capped = token_targets(nll, other, unseen, nll_goal=2.0, ma_max=0.0, nll_cap=3.0)
+    assert free.nll[0] > 3.0  # MA alone drives the target past the cap
+    assert 2.0 - 1e-4 <= capped.nll[0] <= 3.0 + 1e-4
+
+
 def test_target_bce_is_minimal_at_the_target_in_both_directions():
     target = torch.tensor(-2.0)
     grid = torch.linspace(-8, -0.01, 400)
@@ -90,6 +100,9 @@ def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
     assert s.update(5.0, 5.0, 0.97, 0.97) == "keep"  # the rate that did damage is a ceiling now
     assert s.update(5.0, 4.0, 0.50, 0.97) == "restore"
     assert s.update(5.0, 4.0, 0.50, 0.97) == "stop"
+    worse = StepSize(lr=1e-3)
+    assert worse.update(10.0, 10.5, 0.97, 0.97) == "escalate"  # within noise: a stall
+    assert worse.update(10.0, 12.0, 0.97, 0.97) == "slow" and worse.lr == pytest.approx(1e-3)  # it overshoots
     fixed = StepSize(lr=1.0, auto=False)
     assert fixed.update(10.0, 10.0, 0.97, 0.97) == "keep" and fixed.lr == 1.0
     assert fixed.update(10.0, 9.0, 0.0, 0.97) == "stop"

@@ -34,11 +34,11 @@ def prepare_targets(ctx: PrepareContext, config):
         logger.warning("method icu without never-seen text (--unseen): targets only bring MA under its threshold; "
                        "the loss level cannot be matched, so membership inference is not calibrated")
         pooled = torch.cat([x for x in ctx.ref_nll if x.numel()]) if ctx.ref_nll else torch.zeros(1)
-        goal, unseen = 0.0, pooled
+        goal, cap, unseen = 0.0, None, pooled
     else:
-        goal, unseen = ctx.band.nll_mid, ctx.unseen_token_nll
+        goal, cap, unseen = ctx.band.nll_mid, ctx.band.inner_hi, ctx.unseen_token_nll
     weights = [w[1:] if w is not None else None for w in ctx.weights] if ctx.weights else None
-    return token_targets(ctx.ref_nll, ctx.ref_other, unseen, goal, ctx.ma_max, weights)
+    return token_targets(ctx.ref_nll, ctx.ref_other, unseen, goal, ctx.ma_max, weights, nll_cap=cap)
 
 
 def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
