@@ -118,7 +118,8 @@ def run(args) -> int:
     elif r["status"] in ("retain_damaged", "nan_restored"):
         print(f"icu-peft: stopped ({r['status']}): the retain set was being damaged (or the loss went non-finite); "
               f"the last good adapter was restored and written, {f['forgotten']} of {f['count']} forgotten. "
-              f"Try a lower --lr, or --lr auto", file=sys.stderr)
+              + ("Try more --retain text of the kind that must stay, or fewer samples per request"
+                 if r["learning_rate"]["auto"] else "Try a lower --lr, or --lr auto"), file=sys.stderr)
     return code
 
 
