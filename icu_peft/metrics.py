@@ -324,10 +324,11 @@ class Scores:
 @torch.no_grad()
 def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 10, el_start: int = 1,
                   batch_size: int = 16, with_bleu: bool = False, bleu_prefix: int = 50, bleu_suffix: int = 50,
-                  progress=None, el_max_ma: Optional[float] = None) -> Scores:
+                  progress=None, el_max_ma: Optional[float] = None, el_min_nll: Optional[float] = None) -> Scores:
     """MA and EL_n (and optionally suffix BLEU) of every sequence, in batches.
 
-    el_max_ma: compute EL_n only for sequences whose MA is at or below this value, None elsewhere.
+    el_max_ma: compute EL_n only for sequences whose MA is at or below this value, None elsewhere;
+    el_min_nll likewise skips sequences whose mean NLL is below it (still too likely to be forgotten).
     EL_n on text the model no longer reproduces costs a greedy roll-out per position (quadratic in
     the length), so IUR skips it where the cheap MA already says "not forgotten yet".
     """
@@ -335,13 +336,14 @@ def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 
     for s in range(0, len(seqs), batch_size):
         chunk = list(seqs[s:s + batch_size])
         tf = teacher_forced(model, chunk, pad_id)
-        chunk_ma = tf.ma().tolist()
+        chunk_ma, chunk_nll = tf.ma().tolist(), tf.nll().tolist()
         ma.extend(chunk_ma)
-        nll.extend(tf.nll().tolist())
-        if el_max_ma is None:
+        nll.extend(chunk_nll)
+        if el_max_ma is None and el_min_nll is None:
             el.extend(extraction_likelihood(model, chunk, el_n, pad_id, start=el_start, batch_size=batch_size, tf=tf))
         else:
-            keep = [i for i, m in enumerate(chunk_ma) if m <= el_max_ma]
+            keep = [i for i, (m, n) in enumerate(zip(chunk_ma, chunk_nll))
+                    if (el_max_ma is None or m <= el_max_ma) and (el_min_nll is None or n >= el_min_nll)]
             values: List[Optional[float]] = [None] * len(chunk)
             if keep:
                 sub = TeacherForced(tf.predictions[keep], tf.target_logprobs[keep], tf.mask[keep], tf.labels[keep])

@@ -188,12 +188,13 @@ def find_neighbours(model, tokenizer, forget_set: TokenizedSet, retain_set: Toke
 
 
 def _score(model, tset: TokenizedSet, pad_id: int, config: ICUConfig, desc: str,
-           el_max_ma: Optional[float] = None) -> Scores:
+           el_max_ma: Optional[float] = None, el_min_nll: Optional[float] = None) -> Scores:
     model.eval()
     with _bar(len(tset), desc, config.progress) as bar:
         return score_samples(model, tset.input_ids, pad_id, config.el_n, config.el_start, config.score_batch_size,
                              with_bleu=config.criterion == "bleu", bleu_prefix=config.bleu_prefix_tokens,
-                             bleu_suffix=config.bleu_suffix_tokens, progress=bar, el_max_ma=el_max_ma)
+                             bleu_suffix=config.bleu_suffix_tokens, progress=bar, el_max_ma=el_max_ma,
+                             el_min_nll=el_min_nll)
 
 
 def _parts(model):
@@ -609,11 +610,15 @@ class _Run:
         # (not without IUR, whose stop rule needs the set's mean EL).
         ma_line = band.ma_hi if band is not None else self.target.thresholds.ma
         self.lazy_ma = ma_line if cfg.lazy_el and cfg.iur and cfg.criterion == "ma_el" else None
+        # likewise a sample whose NLL is still under the band (on SmolLM2's records the roll-outs of such
+        # samples took 30-60 s of every scoring round)
+        self.lazy_nll = band.nll_lo if self.lazy_ma is not None and band is not None else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     # -- scoring
     def score(self, desc: str) -> Scores:
-        return _score(self.model, self.forget_set, self.pad_id, self.config, desc, el_max_ma=self.lazy_ma)
+        return _score(self.model, self.forget_set, self.pad_id, self.config, desc, el_max_ma=self.lazy_ma,
+                      el_min_nll=self.lazy_nll)
 
     def gap(self, scores: Scores) -> float:
         """Distance of the forget set from the band (or the thresholds), for the step-size control."""

@@ -237,3 +237,17 @@ def test_lazy_el_skips_only_samples_whose_ma_fails(tiny, tiny_corpus):
         else:
             assert e_lazy is None
     assert lazy.mean()["el"] == pytest.approx(full.el[1])
+
+
+def test_lazy_el_also_skips_samples_whose_nll_is_still_under_the_band(tiny, tiny_corpus):
+    """el_min_nll: EL is None where the mean NLL is below the cut (too likely to be forgotten), exact elsewhere."""
+    from icu_peft.metrics import score_samples
+
+    model, tok = tiny
+    seqs = [_ids(tok, tiny_corpus["forget"][0]), _ids(tok, tiny_corpus["unseen"][0])]
+    full = score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2)
+    cut = (full.nll[0] + full.nll[1]) / 2  # the memorised sample is far more likely than the unseen one
+    assert full.nll[0] < cut < full.nll[1]
+    lazy = score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2, el_min_nll=cut)
+    assert lazy.nll == full.nll and lazy.el[0] is None
+    assert lazy.el[1] == pytest.approx(full.el[1], abs=1e-12)
