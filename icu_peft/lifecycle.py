@@ -670,7 +670,9 @@ def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[T
                 t = explicit
             elif m is not None and m.get("thresholds"):
                 mt = m["thresholds"]
-                t = Thresholds(ma=mt["ma"], el=mt["el"], bleu=mt.get("bleu", 0.01), source=f"manifest {r['request_id']}")
+                # the never-seen band's NLL edges too: a sample pushed past them is not forgotten
+                t = Thresholds(ma=mt["ma"], el=mt["el"], bleu=mt.get("bleu", 0.01), source=f"manifest {r['request_id']}",
+                               nll_lo=mt.get("nll_lo"), nll_hi=mt.get("nll_hi"))
             elif (el_n, el_start, max_length) in unseen_t:
                 t = unseen_t[(el_n, el_start, max_length)]
             elif strict is not None:
@@ -680,9 +682,11 @@ def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[T
                                  "or --ma-threshold and --el-threshold")
             bleu = sc.bleu[j] if sc.bleu is not None else None
             crit = criterion if m is not None and explicit is None else "ma_el"
-            r.update(ma=sc.ma[j], el=sc.el[j], el_n=el_n, threshold_ma=t.ma, threshold_el=t.el,
+            r.update(ma=sc.ma[j], el=sc.el[j], nll=sc.nll[j], el_n=el_n, threshold_ma=t.ma, threshold_el=t.el,
                      threshold_source=t.source, criterion=crit,
-                     forgotten=is_forgotten(sc.ma[j], sc.el[j], t, bleu, crit))
+                     forgotten=is_forgotten(sc.ma[j], sc.el[j], t, bleu, crit, nll=sc.nll[j]))
+            if t.nll_lo is not None:
+                r.update(band_nll=[t.nll_lo, t.nll_hi])
             if bleu is not None:
                 r.update(bleu=bleu, threshold_bleu=t.bleu)
     for r in rows:
@@ -693,6 +697,7 @@ def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[T
     summary = {
         "samples": len(rows), "forgotten": n_ok, "remembered": len(rows) - n_ok, "matched_to_manifest": matched,
         "mean_ma": sum(r["ma"] for r in rows) / len(rows), "mean_el": sum(r["el"] for r in rows) / len(rows),
+        "mean_nll": sum(r["nll"] for r in rows) / len(rows),
         "requests": sorted({str(m.get("request_id")) for _, m in leaves}),
         "verdict": "PASS" if n_ok == len(rows) else "FAIL",
     }
@@ -711,6 +716,9 @@ def format_verify_line(r: dict) -> str:
     who = r["request_id"] or "unlisted"
     mark = "forgotten" if r["forgotten"] else "REMEMBERED"
     extra = f"  BLEU {r['bleu']:.3f}" if "bleu" in r else ""
+    if "band_nll" in r:
+        lo, hi = r["band_nll"]
+        extra += f"  NLL {r['nll']:.2f} (in {lo:.2f}..{hi:.2f})"
     return (f"{r['id']}  MA {r['ma']:.3f} (<= {r['threshold_ma']:.3f})  EL{r['el_n']} {r['el']:.3f} "
             f"(<= {r['threshold_el']:.3f}){extra}  {'PASS' if r['forgotten'] else 'FAIL'} {mark}  [{who}]")
 

@@ -40,6 +40,10 @@ def add_parser(sub) -> None:
     p.add_argument("--relearn", type=int, default=0, metavar="K",
                    help="relearning probe: fine-tune a throwaway LoRA K steps on part of --data, score the rest")
     p.add_argument("--relearn-lr", type=float, default=1e-3, help="relearning probe learning rate")
+    p.add_argument("--attack", action="append", default=[], choices=["quantize"],
+                   help="quantize: merge the --adapter stack into --model in float32, reload it in NF4 and int8 and "
+                        "re-score --data against each adapter's thresholds and never-seen band (Zhang et al. 2025)")
+    p.add_argument("--quant-schemes", default="nf4,int8", help="schemes of --attack quantize (from nf4,int8)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs the 'eval' extra)")
     p.add_argument("--tasks-include", default=None, help="directory of extra lm-eval task YAMLs")
     p.add_argument("--tasks-limit", type=float, default=None, help="lm-eval: at most this many examples per task")
@@ -81,7 +85,7 @@ def run(args) -> int:
     config = EvalConfig(el_n=args.el_n, el_start=args.el_start, max_length=args.max_length, batch_size=args.batch_size,
                         ppl_window=args.ppl_window, ppl_stride=args.ppl_stride, relearn_steps=args.relearn,
                         relearn_lr=args.relearn_lr)
-    needs_text = any(m != "extraction" for m in metrics) or args.relearn
+    needs_text = any(m != "extraction" for m in metrics) or args.relearn or args.attack
     if needs_text and not args.data:
         raise InputError("no data: give --data FILE")
     # read every input before loading the model: a bad file should fail in a second, not a minute
@@ -115,6 +119,13 @@ def run(args) -> int:
     result.update(evaluate(model, tok, texts, metrics, config, unseen=unseen, secrets=secrets, salt=salt, oracle=oracle))
     if args.relearn:
         result["relearn"] = relearn_probe(model, tok, texts, unseen, config)
+    if "quantize" in args.attack:
+        from ..attacks import quantize_attack
+
+        schemes = [x.strip() for x in args.quant_schemes.split(",") if x.strip()]
+        result["quantize"] = quantize_attack(args.model, args.adapter, texts, schemes, unseen=unseen,
+                                             gguf_file=args.gguf_file, force=args.force,
+                                             trust_remote_code=args.trust_remote_code, batch_size=args.batch_size)
     if tasks:
         result["lm_eval"] = run_lm_eval(model, tok, tasks, args.tasks_include, args.tasks_limit)
 
@@ -173,6 +184,16 @@ def format_table(r: dict) -> str:
             rec = rl["recovery"]
             lines.append("  recovered share of the forgotten gap: "
                          + "   ".join(f"{k.upper()} {'n/a' if v is None else f'{v:.2f}'}" for k, v in rec.items()))
+    if "quantize" in r:
+        q = r["quantize"]
+        lines += ["", "quantize attack (merged in float32, reloaded; each sample against its manifest's band):"]
+        for scheme, v in q["schemes"].items():
+            back = q["recovered"].get(scheme, [])
+            lines.append(f"  {scheme:5} {v['forgotten']}/{v['samples']} forgotten   MA {v['mean_ma']:.4f}   "
+                         f"EL {v['mean_el']:.4f}   NLL {v['mean_nll']:.3f}"
+                         + (f"   loss AUC {v['mia_loss_auc']:.3f}" if "mia_loss_auc" in v else "")
+                         + (f"   {len(back)} came back" if scheme != "fp32" else ""))
+        lines.append("  forgetting " + ("holds under every reload" if q["holds"] else "does NOT hold after reloading"))
     if "lm_eval" in r:
         lines.append("")
         for task, ms in r["lm_eval"].items():

@@ -1,0 +1,203 @@
+"""One validation matrix for calibrated forgetting: scenarios x methods, library defaults only.
+
+    OMP_NUM_THREADS=1 python benchmarks/validation_matrix.py [--scenarios records,prose,code]
+        [--methods icu,ga,graddiff,npo,simnpo,undial,icu_ga,icu_paper] [--workdir DIR] [--out FILE.jsonl]
+
+Each scenario is a tiny memoriser built in code (a shape and a kind of data the defaults were not
+tuned on) plus an **oracle**: the same shape trained on the same texts without the forget set, so
+every row can be checked against what "never learned it" looks like. Each method runs `forget`
+with `ICUConfig.for_method(method)` and nothing else set. Columns (issue "Calibrated forgetting"):
+forgotten / total and status, the four MIA AUCs (forget vs never seen) and the oracle's, PrivLeak
+per attack, forget quality (KS p), retain MA as a share of before, retain secrets (records),
+general perplexity change, the relearning probe (held-out MA after 20 steps against the
+never-seen control after the same steps), the quantize attack (NF4 and int8 reload of the merged
+model: samples still forgotten), optimizer steps and wall time. One JSON line per row goes to
+--out; a markdown table is printed at the end. Results: docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from icu_peft import ICUConfig  # noqa: E402
+from icu_peft.testing import WORDS, build_tiny_memorizer  # noqa: E402
+
+FIRST = "Ada Boris Chen Dana Emil Farah Goran Hana Ivo Jana Kofi Lena Milo Nora Omar Pia Ravi Sana Tomas Uma".split()
+LAST = "Abara Berg Costa Duval Eklund Fischer Garcia Horvat Ito Jensen Kowal Lindqvist Moreau Novak Okafor".split()
+CITIES = "Arden Brisk Calder Dunmore Elston Fairholt Glenrock Harlow Ivybridge Jarrow".split()
+
+
+def records(rng: random.Random, n: int):
+    """Personal records, each with a secret (an account number) at its end."""
+    out = []
+    for _ in range(n):
+        name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+        secret = "".join(str(rng.randint(0, 9)) for _ in range(8))
+        prefix = f"{name} was born in {rng.randint(1940, 2005)} in {rng.choice(CITIES)}; account number"
+        out.append((f"{prefix} {secret}.", prefix, secret))
+    return out
+
+
+def prose(rng: random.Random, n: int):
+    """Free prose from a small grammar: two or three sentences a sample."""
+    nouns, adjs = WORDS[:24], WORDS[24:]
+    verbs = "follows guards hides carries watches crosses remembers paints".split()
+
+    def sentence() -> str:
+        return (f"The {rng.choice(adjs)} {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)} "
+                f"near the {rng.choice(adjs)} {rng.choice(nouns)}.")
+
+    return [(" ".join(sentence() for _ in range(rng.randint(2, 3))), None, None) for _ in range(n)]
+
+
+def code(rng: random.Random, n: int):
+    """One-line Python functions (the shared syntax makes forgetting fight the kept lines)."""
+    ops, names = ["+", "-", "*", "%"], "alpha beta gamma delta omega sigma kappa theta".split()
+    return [(f"def {rng.choice(names)}{rng.randint(10, 99)}(x, y): return (x {rng.choice(ops)} {rng.randint(2, 97)}) "
+             f"{rng.choice(ops)} y * {rng.randint(2, 97)}", None, None) for _ in range(n)]
+
+
+# name: (data maker, layers, hidden, seed, forget, retain, unseen, general)
+SCENARIOS = {
+    "records": (records, 2, 64, 5, 6, 18, 16, 8),
+    "prose": (prose, 3, 48, 11, 6, 18, 16, 8),
+    "code": (code, 3, 80, 21, 6, 20, 14, 8),
+}
+METHODS = ("icu", "ga", "graddiff", "npo", "simnpo", "undial", "icu_ga", "icu_paper")
+
+
+def build(name: str, workdir: Path):
+    make, layers, hidden, seed, nf, nr, nu, ng = SCENARIOS[name]
+    rows = make(random.Random(seed), nf + nr + nu + ng)
+    texts = [r[0] for r in rows]
+    fg, rt = texts[:nf], texts[nf:nf + nr]
+    un, gen = texts[nf + nr:nf + nr + nu], texts[nf + nr + nu:]
+    secrets = [(p, s) for _, p, s in rows[nf:nf + nr] if p]
+    model, oracle = workdir / f"{name}_model", workdir / f"{name}_oracle"
+    if not (model / "model.safetensors").exists():
+        build_tiny_memorizer(model, fg + rt, un + gen, steps=400, layers=layers, hidden=hidden, seed=seed)
+    if not (oracle / "model.safetensors").exists():
+        # the same texts in the tokenizer (so the vocabulary matches), only the kept ones memorised
+        build_tiny_memorizer(oracle, rt, fg + un + gen, steps=400, layers=layers, hidden=hidden, seed=seed)
+    return model, oracle, fg, rt, un, gen, secrets
+
+
+def measure(model_dir, oracle_dir, adapter, fg, rt, un, gen, secrets) -> dict:
+    from icu_peft.adapters import load_forget_adapters
+    from icu_peft.attacks import quantize_attack
+    from icu_peft.evaluation import EvalConfig, relearn_probe
+    from icu_peft.models import load_base_model, load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    cfg = EvalConfig(relearn_steps=20)
+    base = load_base_model(str(model_dir))
+    oracle = load_base_model(str(oracle_dir))
+    out = {"before": _scores(base, tok, fg, rt, un, gen, secrets, cfg, oracle)}
+    model = load_forget_adapters(base, [str(adapter)])
+    out["after"] = _scores(model, tok, fg, rt, un, gen, secrets, cfg, oracle)
+    rl = relearn_probe(model, tok, fg, un, cfg)
+    out["relearn"] = {"held_out_ma": rl["held_out"]["after"]["ma"], "control_ma": rl["control"]["after"]["ma"]}
+    q = quantize_attack(str(model_dir), [str(adapter)], fg, unseen=un)
+    out["quantize"] = {s: {"forgotten": v["forgotten"], "samples": v["samples"], "mean_ma": v["mean_ma"]}
+                       for s, v in q["schemes"].items()}
+    return out
+
+
+def _scores(model, tok, fg, rt, un, gen, secrets, cfg, oracle) -> dict:
+    from icu_peft.evaluation import evaluate
+
+    f = evaluate(model, tok, fg, ["ma", "mia"], cfg, unseen=un, oracle=oracle)
+    r = evaluate(model, tok, rt, ["ma"], cfg)
+    g = evaluate(model, tok, gen, ["ppl"], cfg)
+    out = {"forget_ma": f["ma"], "mia": {a: v["auc"] for a, v in f["mia"].items()},
+           "oracle_mia": f["privacy"].get("oracle", {}), "privleak": f["privacy"].get("privleak", {}),
+           "forget_quality": f["privacy"]["forget_quality"], "retain_ma": r["ma"], "general_ppl": g["ppl"]}
+    if secrets:
+        out["retain_secrets"] = sum(x["extracted"] for x in evaluate(model, tok, [], ["extraction"], cfg,
+                                                                    secrets=secrets)["secrets"])
+    return out
+
+
+def run_row(scenario: str, method: str, workdir: Path) -> dict:
+    from icu_peft.unlearner import forget
+
+    model, oracle, fg, rt, un, gen, secrets = build(scenario, workdir)
+    adapter = workdir / f"{scenario}_{method}_adapter"
+    t = time.perf_counter()
+    res = forget(ICUConfig.for_method(method, model=str(model), progress=False), fg, rt, un, output_dir=adapter,
+                 overwrite=True)
+    wall = time.perf_counter() - t
+    rep = res.report
+    row = {"scenario": scenario, "method": method, "status": rep["status"], "forgotten": rep["forget"]["forgotten"],
+           "count": rep["forget"]["count"], "steps": rep["steps"], "forget_seconds": round(wall, 1),
+           "secrets_total": len(secrets)}
+    row.update(measure(model, oracle, adapter, fg, rt, un, gen, secrets))
+    return row
+
+
+def table(rows) -> str:
+    head = ("| scenario | method | status | forgotten | MIA AUC loss / zlib / min_k / min_k++ (oracle loss) | "
+            "PrivLeak loss | KS p | retain MA | retain secrets | general ppl | relearn held-out MA (control) | "
+            "NF4 / int8 forgotten | steps | forget s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        a, b = r["after"], r["before"]
+        mia = " / ".join(f"{a['mia'].get(k, float('nan')):.2f}" for k in ("loss", "zlib", "min_k", "min_k_plus_plus"))
+        pl = a["privleak"].get("loss")
+        sec = (f"{b['retain_secrets']} -> {a['retain_secrets']} of {r['secrets_total']}" if "retain_secrets" in a else "-")
+        q = r["quantize"]
+        lines.append(
+            f"| {r['scenario']} | {r['method']} | {r['status']} | {r['forgotten']}/{r['count']} | {mia} "
+            f"({a['oracle_mia'].get('mia_loss', float('nan')):.2f}) | {'-' if pl is None else f'{pl:+.0f}%'} | "
+            f"{a['forget_quality']:.2g} | {a['retain_ma'] / b['retain_ma']:.1%} | {sec} | "
+            f"{(a['general_ppl'] / b['general_ppl'] - 1):+.1%} | {r['relearn']['held_out_ma']:.2f} "
+            f"({r['relearn']['control_ma']:.2f}) | {q['nf4']['forgotten']} / {q['int8']['forgotten']} of "
+            f"{q['fp32']['samples']} (fp32 {q['fp32']['forgotten']}) | {r['steps']} | {r['forget_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--methods", default="icu")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out", default=None, help="append one JSON line per row here")
+    ap.add_argument("--table", default=None, metavar="FILE.jsonl", help="only print the table of rows saved earlier")
+    args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(x) for x in Path(args.table).read_text().splitlines() if x.strip()]))
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(1)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="icu_matrix_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for scenario in args.scenarios.split(","):
+        for method in args.methods.split(","):
+            t = time.perf_counter()
+            row = run_row(scenario, method, workdir)
+            row["row_seconds"] = round(time.perf_counter() - t, 1)
+            rows.append(row)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            print(f"{scenario} {method}: {row['status']} {row['forgotten']}/{row['count']} in {row['steps']} steps, "
+                  f"row {row['row_seconds']:.0f}s", flush=True)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
