@@ -124,21 +124,20 @@ def quantize_attack(model_name: str, adapters: Sequence[str | Path], texts: Sequ
         return out
 
     results: Dict[str, dict] = {"fp32": score(merged)}
+    # LLM.int8() logs one warning per matmul when activations are float32 (it casts them to float16 for
+    # the int8 product, which is what an int8 deployment does anyway): thousands of lines per scoring pass
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    bnb_level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
     tmp_parent = Path(workdir) if workdir else None
     if tmp_parent is not None:
         tmp_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="icu-peft-quantize-", dir=tmp_parent) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            merged.save_pretrained(tmp, safe_serialization=True)
-        del merged
-        gc.collect()
-        for s in schemes:
-            logger.info("quantize attack: reloading the merged model in %s", s)
-            model = load_quantized(tmp, s)
-            results[s] = score(model)
-            del model
-            gc.collect()
+    holder = [merged]
+    del merged  # the helper drops the last reference once the copy is on disk: one model in memory at a time
+    try:
+        _reload_and_score(holder, schemes, tmp_parent, score, results)
+    finally:
+        bnb_log.setLevel(bnb_level)
     back = {s: recovered(results["fp32"], results[s]) for s in schemes}
     return {
         "schemes": {k: v["summary"] for k, v in results.items()},
@@ -147,6 +146,22 @@ def quantize_attack(model_name: str, adapters: Sequence[str | Path], texts: Sequ
         "recovered": back,
         "holds": not any(back.values()),
     }
+
+
+def _reload_and_score(holder: list, schemes, tmp_parent, score, results) -> None:
+    """Save the model in `holder` to a temporary directory, reload it in each scheme, score it into `results`."""
+    with tempfile.TemporaryDirectory(prefix="icu-peft-quantize-", dir=tmp_parent) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            holder[0].save_pretrained(tmp, safe_serialization=True)
+        holder.clear()
+        gc.collect()
+        for s in schemes:
+            logger.info("quantize attack: reloading the merged model in %s", s)
+            model = load_quantized(tmp, s)
+            results[s] = score(model)
+            del model
+            gc.collect()
 
 
 __all__ = ["QUANT_SCHEMES", "quantization_config", "load_quantized", "recovered", "quantize_attack"]
