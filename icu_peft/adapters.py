@@ -21,13 +21,14 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import IntegrityError, OutputExistsError
+from .errors import InputError, IntegrityError, OutputExistsError
 
 logger = logging.getLogger("icu_peft")
 
 MANIFEST_NAME = "forget_manifest.json"
 MANIFEST_FORMAT = "icu-peft/forget-adapter/v1"
 MERGED_FORMAT = "icu-peft/merged-model/v1"
+SIGNATURE_NAME = "forget_manifest.sig"  # written by `icu-peft sign` (signing.py), beside the manifest it signs
 
 
 def utc_now() -> str:
@@ -52,19 +53,48 @@ def file_hashes(directory: str | Path) -> Dict[str, str]:
     # Only the root manifest is skipped: the manifests of embedded adapters (combined adapters,
     # merged models) are files like any other and must be covered by the outer hashes.
     for p in sorted(directory.rglob("*")):
-        if p.is_file() and p != directory / MANIFEST_NAME:
+        if p.is_file() and p not in (directory / MANIFEST_NAME, directory / SIGNATURE_NAME):
             out[p.relative_to(directory).as_posix()] = sha256_file(p)
     return out
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output directory unless overwrite; call before any heavy work."""
+def check_output_dir(out: str | Path, overwrite: bool, inputs: Sequence[Optional[str | Path]] = ()) -> Path:
+    """Everything that can make writing `out` fail, checked before any heavy work.
+
+    Refuses an existing non-empty directory unless `overwrite`; an `out` that is, holds or lies
+    inside one of `inputs` (the base model, the adapters being combined: `--overwrite` would replace
+    them); and a place this process cannot write, probed by creating (and removing) a temporary
+    directory where the output's rename will happen. Training is never spent on an output that
+    cannot be written.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path exists and is not a directory: {out}")
+    real_out = out.resolve()
+    for src in inputs:
+        if src is None or not Path(src).exists():
+            continue
+        real_src = Path(src).resolve()
+        if real_out == real_src or real_src in real_out.parents or real_out in real_src.parents:
+            raise InputError(f"output directory {out} overlaps an input ({src}): choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"output directory exists and is not empty: {out} (use --overwrite)")
+    _probe_writable(out)
     return out
+
+
+def _probe_writable(out: Path) -> None:
+    parent = out.resolve().parent
+    ancestor = parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot create output directory {out}: {ancestor} is not a directory")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".icu-peft-write-probe-", dir=ancestor))
+        probe.rmdir()
+    except OSError as e:
+        raise InputError(f"cannot write output directory {out}: {e.strerror or e} ({ancestor})") from None
 
 
 @contextlib.contextmanager
@@ -90,11 +120,37 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+def canonical_manifest_bytes(manifest: dict) -> bytes:
+    """The bytes a manifest digest and signature cover: canonical JSON without the digest itself."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode()
+
+
+def manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(canonical_manifest_bytes(manifest)).hexdigest()
+
+
+def check_manifest_digest(directory: str | Path, manifest: dict) -> None:
+    """The manifest must hash to the digest it was written with: an edited threshold or status is refused.
+
+    A digest stored beside what it covers catches edits, not a forger who recomputes it; `sign` and
+    `verify --public-key` are what prove to a recipient who wrote the manifest.
+    """
+    want = manifest.get("manifest_sha256")
+    if want is None:
+        raise IntegrityError(f"{directory}: the manifest carries no digest (written by an older icu-peft or edited); "
+                             f"refused")
+    if manifest_digest(manifest) != want:
+        raise IntegrityError(f"{directory}: the manifest was edited after it was written (its digest does not match)")
+
+
 def write_manifest(directory: str | Path, manifest: dict) -> dict:
-    """Record the sha256 of every file in `directory` into the manifest and write it."""
+    """Record the sha256 of every file in `directory` and the manifest's own digest; write it."""
     manifest = dict(manifest)
+    manifest.pop("manifest_sha256", None)
     manifest.setdefault("format", MANIFEST_FORMAT)
     manifest["files"] = file_hashes(directory)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     Path(directory, MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 
@@ -115,16 +171,66 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def inside(directory: str | Path, rel) -> Path:
+    """`directory / rel`, refusing what a manifest must never name: absolute paths, '..', symlinks out.
+
+    Every path a manifest lists goes through here before any file is opened, hashed or copied, so a
+    tampered manifest cannot make icu-peft read /etc/passwd or copy a folder from outside the adapter.
+    """
+    directory = Path(directory)
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or Path(rel).is_absolute() \
+            or ".." in Path(rel).parts or "\\" in rel or ":" in Path(rel).parts[0]:
+        raise IntegrityError(f"{directory}: the manifest names a path outside the adapter directory: {rel!r}")
+    p = directory / rel
+    root = directory.resolve()
+    real = p.resolve()
+    if real != root and root not in real.parents:
+        raise IntegrityError(f"{directory}: the manifest path {rel!r} leads outside the adapter directory")
+    return p
+
+
+# files each kind of directory cannot be used without (a manifest that drops them is refused)
+REQUIRED_FILES = {"adapter": ("adapter_config.json", "adapter_model.safetensors"),
+                  "combined": ("adapter_config.json", "adapter_model.safetensors"),
+                  "merged": ("config.json",)}
+
+
+def check_manifest_paths(directory: str | Path, manifest: dict) -> None:
+    """Every path the manifest names (files, parts) is inside `directory`; the kind's files are listed."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{directory}: manifest has no file list")
+    for rel in files:
+        inside(directory, rel)
+    kind = manifest_kind(manifest)
+    parts = manifest.get("components" if kind == "combined" else "adapters", []) if kind in ("combined", "merged") else []
+    if not isinstance(parts, list):
+        raise IntegrityError(f"{directory}: manifest part list is malformed")
+    for entry in parts:
+        if not isinstance(entry, dict):
+            raise IntegrityError(f"{directory}: manifest part entry is malformed")
+        inside(directory, entry.get("relpath"))
+    missing = [f for f in REQUIRED_FILES.get(kind, ()) if f not in files]
+    if kind == "merged" and not any(f.endswith(".safetensors") and "/" not in f for f in files):
+        missing.append("model weights (*.safetensors)")
+    if missing:
+        raise IntegrityError(f"{directory}: the manifest does not list {', '.join(missing)}: an incomplete "
+                             f"{'model' if kind == 'merged' else 'adapter'} is refused")
+
+
 def verify_files(directory: str | Path, manifest: Optional[dict] = None) -> dict:
     """Check every file listed in the manifest against its sha256; refuse unlisted weight files.
 
-    Returns the manifest. Raises IntegrityError naming the first file that does not match.
+    Paths are checked first (nothing outside `directory` is ever opened), then the manifest's own
+    digest, then each file. Returns the manifest. Raises IntegrityError naming the first problem.
     """
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
+    check_manifest_paths(directory, manifest)
+    check_manifest_digest(directory, manifest)
     listed = manifest["files"]
     for rel, digest in listed.items():
-        p = directory / rel
+        p = inside(directory, rel)
         if not p.is_file():
             raise IntegrityError(f"{directory}: file {rel} listed in the manifest is missing")
         if sha256_file(p) != digest:
@@ -169,7 +275,7 @@ def leaf_manifests(directory: str | Path, manifest: Optional[dict] = None) -> Li
         return [(directory, manifest)]
     out: List[Tuple[Path, dict]] = []
     for entry in manifest.get("components" if kind == "combined" else "adapters", []):
-        sub = directory / entry["relpath"]
+        sub = inside(directory, entry["relpath"])
         out.extend(leaf_manifests(sub, read_manifest(sub)))
     return out
 

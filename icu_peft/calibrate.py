@@ -99,6 +99,25 @@ def band_position(nll: Optional[float], ma: float, el: Optional[float], band: Ba
     return 0
 
 
+def loss_auc(forget_nll: Sequence[float], unseen_nll: Sequence[float]) -> float:
+    """ROC-AUC of a loss attack that calls the lower-NLL text a member: P(forget < unseen), ties half.
+
+    0.5: the forget set's losses are spread like never-seen text's; 1: every forgotten sample is
+    still more familiar than every never-seen one; 0: pushed past all of them (also a tell).
+    """
+    if not forget_nll or not unseen_nll:
+        raise ValueError("loss_auc needs two non-empty sets")
+    wins = sum((f < u) + 0.5 * (f == u) for f in forget_nll for u in unseen_nll)
+    return float(wins / (len(forget_nll) * len(unseen_nll)))
+
+
+def off_centre(forget_nll: Sequence[float], unseen_nll: Sequence[float], tolerance: float) -> int:
+    """+1 when a loss attack still finds the set too familiar (AUC > 0.5 + tolerance), -1 when pushed
+    past never-seen text (AUC < 0.5 - tolerance), 0 when centred."""
+    auc = loss_auc(forget_nll, unseen_nll)
+    return 1 if auc > 0.5 + tolerance else -1 if auc < 0.5 - tolerance else 0
+
+
 def band_gap(nll: Optional[float], ma: float, band: Band) -> float:
     """How far a sample is from the band's middle, in units of the band's width (0 inside the inner band).
 

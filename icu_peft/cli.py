@@ -23,6 +23,8 @@ COMMANDS = {
     "merge": "merge",
     "revoke": "revoke",
     "combine": "combine",
+    "keygen": "keygen",
+    "sign": "sign",
     "demo": "demo",
     "codebook": "codebook",
     "config": "config",

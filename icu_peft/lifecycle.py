@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .adapters import (MANIFEST_FORMAT, MANIFEST_NAME, MERGED_FORMAT, adapter_weights_sha256, atomic_output_dir,
+from .adapters import (MANIFEST_FORMAT, MANIFEST_NAME, MERGED_FORMAT, adapter_weights_sha256, atomic_output_dir, inside,
                        check_base, check_output_dir, check_stack, leaf_manifests, load_forget_adapters, manifest_kind,
                        read_manifest, sha256_file, utc_now, verify_files, write_manifest)
 from .errors import InputError, IntegrityError
@@ -153,7 +153,7 @@ def combine_adapters(directories: Sequence[str | Path], out: str | Path, request
 
     from safetensors.torch import save_file
 
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, inputs=list(directories))
     dirs = [Path(d) for d in directories]
     if len(dirs) < 1:
         raise InputError("combine needs at least one --adapter")
@@ -273,7 +273,7 @@ def merge_adapters(model: str | Path, adapters: Sequence[str | Path], out: str |
     with the new ones from its pristine base, never on top of the merged weights.
     Returns the manifest written to `out/forget_manifest.json`.
     """
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[model, *adapters])
     entries: List[Tuple[Path, dict, Optional[str]]] = []
     history: List[dict] = []
     base = str(model)
@@ -285,7 +285,7 @@ def merge_adapters(model: str | Path, adapters: Sequence[str | Path], out: str |
         if dtype in (None, "auto"):
             dtype = m["merge"]["dtype"]
         for e in m["adapters"]:
-            d = Path(model) / e["relpath"]
+            d = inside(model, e["relpath"])
             entries.append((d, read_manifest(d), e.get("source")))
         history = list(m.get("history", [])) + [{"op": "merge", "into": str(Path(model).resolve()), "at": utc_now()}]
         _check_pristine(m, base, force)
@@ -394,7 +394,7 @@ def _match(which: str, entries: List[dict], where: Path) -> int:
         if not hits:
             for i, e in enumerate(entries):
                 if e.get("kind") == "combined":
-                    inner = [a for _, a in leaf_manifests(where / e["relpath"])]
+                    inner = [a for _, a in leaf_manifests(inside(where, e["relpath"]))]
                     if any(adapter_weights_sha256(a) == sha for a in inner):
                         raise InputError(f"{label} is part of combined adapter {e['request_id']} in {where}: revoke "
                                          f"it from that combined adapter, then merge the result")
@@ -418,7 +418,7 @@ def revoke(model: str | Path, which: Sequence[str], out: str | Path, base: Optio
     (`remove_from_stack` in Python).
     """
     model = Path(model)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs=[model, base])
     m = verify_files(model)
     kind = manifest_kind(m)
     if kind == "adapter":
@@ -432,7 +432,7 @@ def revoke(model: str | Path, which: Sequence[str], out: str | Path, base: Optio
     if kind == "combined":
         if not keep:
             raise InputError(f"revoking every part of {model} leaves nothing: delete the adapter instead")
-        parts = [model / e["relpath"] for e in keep]
+        parts = [inside(model, e["relpath"]) for e in keep]
         if len(parts) == 1:
             check_output_dir(out, overwrite)
             with atomic_output_dir(out, overwrite) as tmp:
@@ -442,7 +442,7 @@ def revoke(model: str | Path, which: Sequence[str], out: str | Path, base: Optio
         return combine_adapters(parts, out, force=force, overwrite=overwrite)
     pristine = base or m["base"]["name_or_path"]
     _check_pristine(m, pristine, force)
-    kept = [(model / e["relpath"], read_manifest(model / e["relpath"]), e.get("source")) for e in keep]
+    kept = [(inside(model, e["relpath"]), read_manifest(inside(model, e["relpath"])), e.get("source")) for e in keep]
     history = list(m.get("history", [])) + [record]
     return _merge_from_pristine(pristine, m["base"].get("gguf_file"), kept, out, m["merge"]["dtype"], force,
                                 overwrite, trust_remote_code, history)
@@ -494,9 +494,8 @@ def describe(directory: str | Path) -> dict:
                          "forgotten": sum(int(p["forget"]["forgotten"] or 0) for p in parts)}
         out["parts"] = []
         for p in parts:
-            sub = directory / p["relpath"]
             try:
-                d = describe(sub)
+                d = describe(inside(directory, p.get("relpath")))
                 d.pop("samples", None)
             except IntegrityError as e:
                 d = {"integrity": f"FAILED: {e}"}
@@ -594,10 +593,12 @@ def collect_leaves(model) -> List[Tuple[Path, dict]]:
 
 def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[Tuple[Path, dict]] = (),
                       ma_threshold: Optional[float] = None, el_threshold: Optional[float] = None,
-                      unseen: Optional[Sequence[str]] = None, batch_size: int = 16) -> dict:
+                      unseen: Optional[Sequence[str]] = None, batch_size: int = 16,
+                      id_keys: Sequence[str] = ()) -> dict:
     """Re-score a forget set under `model`: per sample MA, EL_n and forgotten or not, plus a summary.
 
-    Each text is matched to the adapter whose manifest lists its salted id; that manifest gives
+    Each text is matched to the adapter whose manifest lists its keyed id (the key from this
+    machine's key directory or `id_keys`, see idkeys.py; without it no text matches); that manifest gives
     its thresholds and EL settings. Explicit thresholds override every manifest; `unseen` text
     scored by the model with every adapter switched off gives thresholds to samples no manifest
     lists (without it they get the strictest thresholds among the manifests).
@@ -612,11 +613,14 @@ def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[T
     if (ma_threshold is None) != (el_threshold is None):
         raise InputError("give both --ma-threshold and --el-threshold, or neither")
     defaults = ICUConfig()
+    from .idkeys import manifest_key
+
     index = {}
     for d, m in leaves:
+        key = manifest_key(m, id_keys)
         for s in m.get("samples", []):
-            index.setdefault((m.get("salt"), s["id"]), (d, m))
-    salts = list(dict.fromkeys(m.get("salt") for _, m in leaves if m.get("salt")))
+            index.setdefault((key, s["id"]), (d, m))
+    salts = list(dict.fromkeys(k for k in (manifest_key(m, id_keys) for _, m in leaves) if k))
     fallback_salt = salts[0] if salts else new_salt()
 
     rows = []

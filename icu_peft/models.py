@@ -36,6 +36,7 @@ def load_tokenizer(model_name: str, gguf_file: Optional[str] = None, trust_remot
     from transformers import AutoTokenizer
 
     _check_exists(model_name)
+    _refuse_adapter(model_name)
     kw = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -57,6 +58,31 @@ def _check_exists(model_name: Optional[str]) -> None:
     looks_local = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1
     if not Path(model_name).expanduser().exists() and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise ModelLoadError(f"model not found: {model_name}")
+
+
+def _check_merged_model(model_name: str) -> None:
+    """A directory with a forget manifest (an icu-peft merged model) is loaded only if its files check out.
+
+    Every command that takes --model comes through here, so a tampered merged model is refused by
+    verify, eval and generate alike, not only by inspect. A forget adapter passed as --model is refused.
+    """
+    from .adapters import verify_files
+
+    m = _refuse_adapter(model_name)
+    if m is not None:
+        verify_files(model_name, m)
+
+
+def _refuse_adapter(model_name: str) -> Optional[dict]:
+    """The manifest of a merged model directory (None for a plain model); a forget adapter is refused."""
+    from .adapters import MANIFEST_NAME, manifest_kind, read_manifest
+
+    if not Path(model_name, MANIFEST_NAME).is_file():
+        return None
+    m = read_manifest(model_name)
+    if manifest_kind(m) != "merged":
+        raise ModelLoadError(f"{model_name} is a forget adapter, not a model: pass it as --adapter")
+    return m
 
 
 def _first_line(e: Exception) -> str:
@@ -88,6 +114,7 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
         )
         kw["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
     _check_exists(model_name)
+    _check_merged_model(model_name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -26,10 +26,11 @@ from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
-from .calibrate import Band, StepSize, band_gap, band_position
+from .idkeys import key_id, store_key
+from .calibrate import Band, StepSize, band_gap, band_position, loss_auc, off_centre
 from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set
 from .methods import ForgetBatch, PrepareContext, resolve
-from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples
+from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples, teacher_forced
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
 from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
 from .evaluation import forget_mia
@@ -87,6 +88,8 @@ class Target:
     thresholds: Thresholds
     band: Optional[Band] = None
     unseen_token_nll: Optional[torch.Tensor] = None
+    unseen_nll: Optional[List[float]] = None  # per never-seen sample, under the base: the loss attack's reference
+    unseen_set: Optional[TokenizedSet] = None  # the never-seen text, tokenized (re-scored as the adapter trains)
 
 
 def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: ICUConfig, salt: str,
@@ -103,7 +106,7 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
     q = config.band_quantile
     if not unseen:
         t = _fallback_thresholds(config, explicit)
-        band, tok_nll = None, None
+        band, tok_nll, nll = None, None, None
     else:
         tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1, name="unseen")
         per_token = next_token_stats(model, tset.input_ids, tokenizer.pad_token_id, config.score_batch_size)[0]
@@ -132,7 +135,8 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
         t.nll = float(sum(nll) / len(nll))  # the unseen samples' mean NLL, as before
     elif config.nll_target != "off":
         t.nll = float(config.nll_target)
-    return Target(thresholds=t, band=band, unseen_token_nll=tok_nll)
+    return Target(thresholds=t, band=band, unseen_token_nll=tok_nll, unseen_nll=nll,
+                  unseen_set=tset if unseen else None)
 
 
 def _fallback_thresholds(config: ICUConfig, explicit: bool) -> Thresholds:
@@ -462,7 +466,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
 
     t0 = time.time()
     if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
+        check_output_dir(output_dir, overwrite, inputs=[config.model])
     if not forget_texts:
         raise InputError("the forget set is empty")
     # cpu=True on a machine without CUDA: it is what makes accelerate set up gloo under torchrun
@@ -470,6 +474,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     show = config.progress and accelerator.is_main_process
     set_seed(config.seed)
     salt = config.hash_salt or new_salt()
+    # the sample-id key stays on this machine; the manifest names it by id only (idkeys.py)
+    store_key(salt)
     request_id = config.request_id or str(uuid.uuid4())
 
     # 1. load and tokenize
@@ -593,6 +599,7 @@ class _Run:
     status: str = "partial"
     steps: int = 0
     epoch: int = 0
+    unseen_now: Optional[List[float]] = None  # never-seen samples' NLL at the last scoring (None: use the base's)
 
     def __post_init__(self) -> None:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -617,8 +624,27 @@ class _Run:
 
     # -- scoring
     def score(self, desc: str) -> Scores:
-        return _score(self.model, self.forget_set, self.pad_id, self.config, desc, el_max_ma=self.lazy_ma,
-                      el_min_nll=self.lazy_nll)
+        scores = _score(self.model, self.forget_set, self.pad_id, self.config, desc, el_max_ma=self.lazy_ma,
+                        el_min_nll=self.lazy_nll)
+        self.unseen_now = self.unseen_nll_now()
+        return scores
+
+    def unseen_nll_now(self) -> Optional[List[float]]:
+        """The never-seen samples' NLL under the model as it is now (one teacher-forced pass).
+
+        The adapter moves never-seen text of the same kind too, and an attacker compares against the
+        model they have, not the base: the centring check uses these, not the base's.
+        """
+        tset = self.target.unseen_set
+        if tset is None or not self.two_sided:
+            return None
+        self.model.eval()
+        out: List[float] = []
+        bs = self.config.score_batch_size
+        with torch.no_grad():
+            for b in range(0, len(tset), bs):
+                out.extend(teacher_forced(self.model, tset.input_ids[b:b + bs], self.pad_id).nll().tolist())
+        return out
 
     def gap(self, scores: Scores) -> float:
         """Distance of the forget set from the band (or the thresholds), for the step-size control."""
@@ -626,7 +652,14 @@ class _Run:
         nll = scores.nll or [None] * len(scores.ma)
         if band is None:
             return sum(max(0.0, m - t.ma) for m in scores.ma)
-        return sum(band_gap(n, m, band) for n, m in zip(nll, scores.ma))
+        gap = sum(band_gap(n, m, band) for n, m in zip(nll, scores.ma))
+        reference = self.unseen_now or self.target.unseen_nll
+        if self.two_sided and reference and scores.nll:
+            # a set inside the band but bunched on one side of it is still off target (a loss attack finds
+            # it): the AUC's excess over the tolerance counts as distance, so the step-size control sees it
+            auc = loss_auc(scores.nll, reference)
+            gap += len(scores.nll) * max(0.0, abs(auc - 0.5) - self.config.settle_auc)
+        return gap
 
     def retain_ma(self) -> Optional[float]:
         if not len(self.retain_eval):
@@ -637,6 +670,20 @@ class _Run:
     def update_active(self, previous: Optional[List[bool]] = None) -> None:
         self.active = _active(self.scores, self.target.thresholds, self.config, self.target.band, previous,
                               self.two_sided)
+        side = self.off_centre()
+        if side:
+            # the set is bunched on one side of the never-seen text: train the samples on that side of the
+            # band's middle (their targets are the middle) until a loss attack cannot tell the sets apart
+            mid = self.target.band.nll_mid
+            self.active = [a or (n < mid if side > 0 else n > mid) for a, n in zip(self.active, self.scores.nll)]
+
+    def off_centre(self) -> int:
+        """calibrate.off_centre of the forget set against the never-seen samples (0 where not applicable)."""
+        reference = self.unseen_now or self.target.unseen_nll
+        if not (self.two_sided and self.target.band is not None and reference and self.scores.nll
+                and self.config.iur and self.config.criterion == "ma_el"):
+            return 0
+        return off_centre(self.scores.nll, reference, self.config.settle_auc)
 
     # -- the loop
     def train(self) -> None:
@@ -707,15 +754,16 @@ class _Run:
             self.status = "forgotten"  # the budget ended with the set inside the band, if not yet centred
 
     def settled(self) -> bool:
-        """Done: nothing left to train on; with a two-sided method, also every sample inside the band and
-        the set's mean NLL in the band's inner part (then a loss attack sees a set centred on unseen text)."""
+        """Done: nothing left to train on; with a two-sided method, also every sample inside the band, the
+        set's mean NLL in the band's inner part, and a loss attack's AUC against the never-seen samples
+        within 0.5 +- settle_auc (a set inside the band but piled at one edge is still found)."""
         if not any(self.active):
             return True
         band = self.target.band
         if not self.two_sided or band is None or not self.scores.nll:
             return False
         mean_nll = sum(self.scores.nll) / len(self.scores.nll)
-        return (band.inner_lo <= mean_nll <= band.inner_hi
+        return (band.inner_lo <= mean_nll <= band.inner_hi and self.off_centre() == 0
                 and all(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion)))
 
     def round(self, bar) -> tuple:
@@ -833,7 +881,7 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
                  "gguf_file": config.gguf_file, "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)),
                  "fingerprint": fingerprint},
         "config": cfg,
-        "salt": salt,
+        "id_key": key_id(salt),
         "thresholds": thresholds.to_dict(),
         "band": band.to_dict() if band is not None else None,
         "retain": {"source": retain_source, "count": len(run.retain_set),

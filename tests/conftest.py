@@ -23,6 +23,21 @@ for _msg in ("Converting a tensor with requires_grad", "bitsandbytes::gemv_4bit"
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def id_key_dir(tmp_path_factory):
+    """Sample-id keys go to a session directory, not the developer's ~/.config (idkeys.py)."""
+    import os
+
+    d = tmp_path_factory.mktemp("id-keys")
+    old = os.environ.get("ICU_PEFT_ID_KEYS")
+    os.environ["ICU_PEFT_ID_KEYS"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("ICU_PEFT_ID_KEYS", None)
+    else:
+        os.environ["ICU_PEFT_ID_KEYS"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus():
     return {

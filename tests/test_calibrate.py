@@ -194,3 +194,20 @@ def test_cli_method_choices_are_the_registry():
     from icu_peft.methods import METHODS
 
     assert sorted(METHOD_CHOICES) == sorted(METHODS)
+
+
+# ------------------------------------------------------------------------------------ centring
+
+def test_loss_auc_is_the_loss_attacks_roc_auc():
+    from icu_peft.calibrate import loss_auc, off_centre
+    from icu_peft.mia import roc_auc
+
+    forget, unseen = [1.0, 2.0, 2.5, 4.0], [1.5, 2.5, 3.0, 3.5, 5.0]
+    # the loss attack scores a text by -NLL: members are the likelier texts
+    assert loss_auc(forget, unseen) == pytest.approx(roc_auc([-x for x in forget], [-x for x in unseen]))
+    assert loss_auc([0.1], unseen) == 1.0 and loss_auc([9.0], unseen) == 0.0
+    assert off_centre([0.1, 0.2], unseen, 0.1) == 1       # still more familiar than never-seen text
+    assert off_centre([9.0, 8.0], unseen, 0.1) == -1      # pushed past it
+    assert off_centre([3.0, 2.9, 3.1], unseen, 0.1) == 0  # spread like it
+    with pytest.raises(ValueError):
+        loss_auc([], unseen)

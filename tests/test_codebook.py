@@ -328,12 +328,20 @@ def test_tampered_or_foreign_files_refused(tmp_path, topic_mask, codebook_dir, b
     man = json.loads((mask / "forget_manifest.json").read_text())
     man["requests"][0]["codes"] = man["requests"][0]["codes"][1:]
     (mask / "forget_manifest.json").write_text(json.dumps(man))
+    with pytest.raises(IntegrityError, match="edited"):
+        read_code_mask(mask)
+    # the same edit by someone who also recomputed the manifest digest: the weights still disagree
+    from icu_peft.adapters import manifest_digest
+
+    man["manifest_sha256"] = manifest_digest(man)
+    (mask / "forget_manifest.json").write_text(json.dumps(man))
     with pytest.raises(IntegrityError, match="do not match"):
         read_code_mask(mask)
     # a mask for another codebook
     other = _mask(tmp_path, "other", [1], topic_mask)
     man = json.loads((other / "forget_manifest.json").read_text())
     man["codebook"]["sha256"] = "0" * 64
+    man["manifest_sha256"] = manifest_digest(man)
     (other / "forget_manifest.json").write_text(json.dumps(man))
     with pytest.raises(IntegrityError, match="another codebook"):
         load_codebook_model(model, codebook_dir[0], [other])
@@ -342,6 +350,7 @@ def test_tampered_or_foreign_files_refused(tmp_path, topic_mask, codebook_dir, b
     shutil.copytree(codebook_dir[0], cb2)
     man = json.loads((cb2 / "forget_manifest.json").read_text())
     man["base"]["fingerprint"]["sha256"] = "f" * 64
+    man["manifest_sha256"] = manifest_digest(man)
     (cb2 / "forget_manifest.json").write_text(json.dumps(man))
     with pytest.raises(IntegrityError, match="different base"):
         load_codebook_model(model, cb2)
@@ -717,6 +726,9 @@ def test_tampered_or_missing_recovery_adapter_refused(tmp_path, recovery_codeboo
     shutil.rmtree(gone / "recovery")
     m = read_manifest(gone)
     m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("recovery/")}
+    from icu_peft.adapters import manifest_digest
+
+    m["manifest_sha256"] = manifest_digest(m)
     (gone / "forget_manifest.json").write_text(json.dumps(m))
     with pytest.raises(IntegrityError, match="recovery"):
         read_codebook(gone)

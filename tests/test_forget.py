@@ -40,9 +40,16 @@ def test_forget_reaches_thresholds_and_keeps_retain(tiny_forget_adapter, tiny_mo
     assert after >= 0.9 * before, (before, after)
 
 
-def test_manifest_holds_no_text_and_identifies_samples_by_salted_hash(tiny_forget_adapter, tiny_corpus):
+def test_manifest_holds_no_text_and_identifies_samples_by_keyed_hash(tiny_forget_adapter, tiny_corpus, id_key_dir):
+    from icu_peft.idkeys import find_key, key_id
+
     m = read_manifest(tiny_forget_adapter)
-    ids = [sample_id(t, m["salt"]) for t in tiny_corpus["forget"][:2]]
+    # the key of the ids is not in the artifact: only its id, and the key is in the operator's key directory
+    assert "salt" not in m and m["id_key"]
+    key = find_key(m["id_key"])
+    assert key is not None and key_id(key) == m["id_key"] and (id_key_dir / f"{m['id_key']}.hex").is_file()
+    assert key not in (tiny_forget_adapter / "forget_manifest.json").read_text()
+    ids = [sample_id(t, key) for t in tiny_corpus["forget"][:2]]
     assert [s["id"] for s in m["samples"]] == ids
     for p in tiny_forget_adapter.rglob("*"):
         if p.is_file():

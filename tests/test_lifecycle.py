@@ -234,6 +234,12 @@ def test_revoke_errors(tmp_path, ab, merged_ab, tiny_model_dir):
     m = json.loads((moved / MANIFEST_NAME).read_text())
     m["base"]["name_or_path"] = str(tmp_path / "gone")
     (moved / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match="edited"):  # an edited manifest is refused as such
+        revoke(moved, [str(ab[1])], tmp_path / "z")
+    from icu_peft.adapters import manifest_digest
+
+    m["manifest_sha256"] = manifest_digest(m)  # as if the base had really moved since the merge
+    (moved / MANIFEST_NAME).write_text(json.dumps(m))
     with pytest.raises(InputError, match="pristine base"):
         revoke(moved, [str(ab[1])], tmp_path / "z")
     revoke(moved, [str(ab[1])], tmp_path / "z", base=str(tiny_model_dir))

@@ -19,6 +19,7 @@ import torch
 
 from ..adapters import check_output_dir, check_base
 from ..data import new_salt, pad_batch, sample_id
+from ..idkeys import key_id, store_key
 from ..errors import InputError
 from ..metrics import model_device
 from ..models import base_fingerprint
@@ -154,6 +155,7 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
     if not contrast_texts:
         raise InputError("the contrast set is empty")
     salt = config.hash_salt or new_salt()
+    store_key(salt)  # the ids' key stays with the operator; manifests name it by id (idkeys.py)
     request_id = config.request_id or str(uuid.uuid4())
     codebook = read_codebook(codebook_dir)
     fp = base_fingerprint(base_model)
@@ -191,9 +193,9 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
           "num_codes": codebook.config.num_codes, "layer_index": codebook.layer_index,
           "site": codebook.config.site}
     manifest = {"request_id": request_id, "mode": config.mode, "codebook": cb, "base": base, "codes": codes,
-                "requests": [request], "salt": salt}
+                "requests": [request], "id_key": key_id(salt)}
     out = None
     if output_dir is not None:
-        manifest = write_code_mask([request], config.mode, cb, base, output_dir, overwrite, extra={"salt": salt})
+        manifest = write_code_mask([request], config.mode, cb, base, output_dir, overwrite, extra={"id_key": key_id(salt)})
         out = Path(output_dir)
     return CodeForgetResult(codes, manifest, out)

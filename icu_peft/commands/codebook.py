@@ -128,7 +128,7 @@ def run_train(args) -> int:
     if args.no_progress:
         over["progress"] = False
     cfg = CodebookConfig(**over)
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=[args.model])
     texts = read_texts(args.data, args.text_field)
     eval_texts = read_texts(args.eval_data, args.text_field) if args.eval_data else None
     model, tok = _load(args)
@@ -154,7 +154,7 @@ def run_forget(args) -> int:
     if args.bonferroni:
         over["bonferroni"] = True
     cfg = CodeForgetConfig(**over)
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=[args.model, args.codebook])
     topic = read_texts(args.topic, args.text_field)
     contrast = read_texts(args.contrast, args.text_field) if args.contrast else None
     words = [w for w in args.topic_words.split(",") if w.strip()] if args.topic_words else None

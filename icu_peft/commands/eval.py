@@ -107,7 +107,9 @@ def run(args) -> int:
 
         model = load_codebook_model(model, args.codebook, args.code_mask, force=args.force)
     # With one adapter, its manifest's salt gives the samples the ids the manifest uses.
-    salt = adapters[0][2].get("salt") if len(adapters) == 1 else None
+    from ..idkeys import manifest_key
+
+    salt = manifest_key(adapters[0][2]) if len(adapters) == 1 else None
     result = {"model": args.model, "adapters": [d for _, d, _ in adapters]}
     oracle = None
     if args.oracle:

@@ -75,7 +75,7 @@ def run(args) -> int:
         raise InputError("no forget set: give --forget FILE")
     if not args.out:
         raise InputError("no output directory: give --out DIR")
-    check_output_dir(args.out, args.overwrite)  # before any heavy work
+    check_output_dir(args.out, args.overwrite, inputs=[cfg.model, *args.on_top_of])  # before any heavy work
     forget_texts = read_texts(forget_path, cfg.text_field)
     retain_path = args.retain or data.get("retain")
     unseen_path = args.unseen or data.get("unseen")
