@@ -247,8 +247,16 @@ def verify_files(directory: str | Path, manifest: Optional[dict] = None) -> dict
 
 def check_base(manifest: dict, fingerprint: dict, where: str = "", force: bool = False) -> None:
     """Refuse an adapter trained on another base unless `force` (the file hashes are never forced)."""
-    want = manifest.get("base", {}).get("fingerprint", {}).get("sha256")
-    have = fingerprint.get("sha256")
+    want_fp = manifest.get("base", {}).get("fingerprint", {})
+    want, have = want_fp.get("sha256"), fingerprint.get("sha256")
+    # every weight file too, where both sides know them (manifests from before it have the embeddings only)
+    want_w, have_w = want_fp.get("weights_sha256"), fingerprint.get("weights_sha256")
+    if want_w and have_w and want_w != have_w and not force:
+        name = manifest.get("base", {}).get("name_or_path", "?")
+        raise IntegrityError(
+            f"{where or 'adapter'} was trained on a different base model ({name}): the weights differ "
+            f"(checkpoint fingerprint {want_w[:12]}, this base {have_w[:12]}; use --force to load anyway)"
+        )
     if want and have and want != have and not force:
         name = manifest.get("base", {}).get("name_or_path", "?")
         raise IntegrityError(

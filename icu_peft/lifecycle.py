@@ -233,8 +233,10 @@ def _base_weight_hashes(base: str, gguf_file: Optional[str]) -> Optional[Dict[st
     p = Path(base)
     if not p.is_dir():
         return None
+    from .models import cached_file_sha256
+
     files = [p / gguf_file] if gguf_file else sorted(p.glob("*.safetensors"))
-    return {f.name: sha256_file(f) for f in files if f.is_file()}
+    return {f.name: cached_file_sha256(f) for f in files if f.is_file()}
 
 
 def _stored_dtype(base: str, gguf_file: Optional[str], trust_remote_code: bool) -> torch.dtype:
@@ -317,6 +319,7 @@ def _merged_fp32(base: str, gguf_file: Optional[str], dirs: Sequence[Path], forc
     fp = base_fingerprint(model)
     if dirs:
         model = load_forget_adapters(model, [str(d) for d in dirs], force=force).merge_and_unload()
+        model.icu_source = None  # the weights are no longer those of the checkpoint it was loaded from
     return model, fp
 
 

@@ -100,6 +100,7 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
         raise ModelLoadError("no base model given (--model)")
     device = device or default_device()
     dtype = resolve_compute_dtype(compute_dtype, device)
+    source = (model_name, gguf_file)  # before a GGUF file is swapped for its cached conversion
     if gguf_file and quantize:
         model_name, gguf_file = str(gguf_as_checkpoint(model_name, gguf_file)), None
     kw = {"trust_remote_code": trust_remote_code, "dtype": dtype}
@@ -126,6 +127,7 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
     else:
         keep_4bit_trainable(model)
         release_checkpoint_map(model)
+    model.icu_source = source  # where the weights came from: base_fingerprint hashes those files
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -274,25 +276,104 @@ def lora_config(model, r: int, alpha: int, dropout: float, target_modules, last_
                       task_type="CAUSAL_LM")
 
 
+def _file_hash_cache() -> Path:
+    return cache_root() / "file-sha256.json"
+
+
+def cached_file_sha256(path: str | Path) -> str:
+    """sha256 of a (large) file, remembered per path, size, inode, mtime and ctime.
+
+    A checkpoint is hashed once; any write to it changes its ctime (which no user can set back), so
+    a stale entry is never reused for changed bytes.
+    """
+    import json
+
+    from .adapters import sha256_file
+
+    p = Path(path).resolve()
+    st = p.stat()
+    stamp = [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+    cache_file = _file_hash_cache()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(str(p)) if isinstance(cache, dict) else None
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    digest = sha256_file(p)
+    cache = cache if isinstance(cache, dict) else {}
+    cache[str(p)] = {"stamp": stamp, "sha256": digest}
+    try:  # the cache is an optimisation: an unwritable cache directory costs time, never correctness
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    return digest
+
+
+def weight_files(model_name: str, gguf_file: Optional[str] = None) -> Optional[list]:
+    """The checkpoint files a model's weights come from (local directory, or the local hub cache)."""
+    p = Path(model_name).expanduser()
+    if not p.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(model_name, local_files_only=True,
+                                       allow_patterns=[gguf_file] if gguf_file else ["*.safetensors"]))
+        except Exception:  # not in the local cache (or not a hub id): no file-level fingerprint
+            return None
+    if gguf_file:
+        return [p / gguf_file] if (p / gguf_file).is_file() else None
+    files = sorted(p.glob("*.safetensors"))
+    return files or None
+
+
+def weights_fingerprint(model_name: str, gguf_file: Optional[str] = None) -> Optional[str]:
+    """sha256 over every weight file of a checkpoint (cached per file); None where the files are unknown."""
+    import hashlib as _hashlib
+
+    files = weight_files(model_name, gguf_file)
+    if not files:
+        return None
+    h = _hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{cached_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def base_fingerprint(model) -> dict:
     """Identity of a base model that survives 4-bit vs full-precision loading.
 
-    The input embeddings are never quantised by bitsandbytes, so a hash of them (rounded to bf16,
-    the coarsest dtype a user might load in) plus the architecture tells one base from another
-    without hashing gigabytes of checkpoint files.
+    Two parts. `sha256`: the input embeddings (never quantised by bitsandbytes; rounded to bf16, the
+    coarsest dtype a user might load in) plus the architecture. `weights_sha256`: every weight file of
+    the checkpoint the model was loaded from (streamed once, then cached per file), so a base with any
+    weight changed is a different base. A merged model stands for the pristine base its manifest
+    names (its own files are verified when it is loaded).
     """
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    source = getattr(causal, "icu_source", None)
+    if source is not None:
+        merged = _refuse_adapter(source[0]) if Path(source[0]).is_dir() else None
+        if merged is not None and merged.get("base", {}).get("fingerprint"):
+            return dict(merged["base"]["fingerprint"])
     cfg = causal.config
     emb = causal.get_input_embeddings().weight.detach()
     h = hashlib.sha256()
     arch = f"{cfg.model_type}|{cfg.vocab_size}|{getattr(cfg, 'hidden_size', '')}|{getattr(cfg, 'num_hidden_layers', '')}"
     h.update(arch.encode())
     h.update(emb.to(torch.bfloat16).cpu().contiguous().view(torch.int16).numpy().tobytes())
-    return {
+    out = {
         "sha256": h.hexdigest(),
         "model_type": cfg.model_type,
         "vocab_size": int(cfg.vocab_size),
     }
+    weights = weights_fingerprint(*source) if source is not None else None
+    if weights:
+        out["weights_sha256"] = weights
+    return out
 
 
 def load_model_and_tokenizer(config) -> Tuple[object, object]:

@@ -249,3 +249,46 @@ def test_absurd_learning_rates_are_one_line_errors(capsys, tiny_model_dir, tiny_
                           "--out", tmp_path / "o", "--lr", lr, "--no-progress")
         assert rc == 2 and "learning_rate" in err and "Traceback" not in err, (lr, err)
         assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------ base fingerprint
+
+def test_a_base_with_any_weight_changed_is_another_base(capsys, tmp_path, copy_of, tiny_model_dir, tiny_files,
+                                                        tiny_forget_adapter):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from icu_peft.models import base_fingerprint, load_base_model
+
+    other = copy_of(tiny_model_dir, "other_base")
+    state = load_file(str(other / "model.safetensors"))
+    key = next(k for k in state if "layers.1.mlp.down_proj" in k)  # far from the embeddings
+    state[key] = state[key] + 1e-3 * torch.ones_like(state[key])
+    save_file(state, str(other / "model.safetensors"), metadata={"format": "pt"})
+    a, b = base_fingerprint(load_base_model(str(tiny_model_dir))), base_fingerprint(load_base_model(str(other)))
+    assert a["sha256"] == b["sha256"]  # the embeddings alone cannot tell them apart
+    assert a["weights_sha256"] != b["weights_sha256"]
+    # the same checkpoint in full precision has the same fingerprint as in 4 bits
+    assert base_fingerprint(load_base_model(str(tiny_model_dir), quantize=False)) == a
+    rc, _, err = _run(capsys, "verify", "--model", other, "--adapter", tiny_forget_adapter, "--forget",
+                      tiny_files["forget"])
+    assert rc == 2 and "different base" in err and "weights differ" in err
+    rc, _, _ = _run(capsys, "verify", "--model", other, "--adapter", tiny_forget_adapter, "--forget",
+                    tiny_files["forget"], "--force")
+    assert rc in (0, 1)
+
+
+def test_the_file_hash_cache_notices_a_rewrite(tmp_path, monkeypatch):
+    import os
+
+    from icu_peft.adapters import sha256_file
+    from icu_peft.models import cached_file_sha256
+
+    monkeypatch.setenv("ICU_PEFT_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 1000)
+    first = cached_file_sha256(f)
+    st = f.stat()
+    f.write_bytes(b"b" * 1000)  # same size; mtime put back as a forger would
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cached_file_sha256(f) == sha256_file(f) != first
