@@ -17,23 +17,36 @@ from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".txt")
+SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".txt", ".parquet")
+# A token of ordinary text is a few characters, rarely more than a few dozen: cutting a text at this many
+# characters per token of the length limit changes none of the tokens kept, and bounds what tokenizing
+# one (possibly 200 MB, single-line) sample costs.
+MAX_CHARS_PER_TOKEN = 64
 
 
-def read_texts(path: str | Path, text_field: str = "text") -> List[str]:
-    """Read samples from .jsonl (field `text_field`), .csv (column `text_field`) or .txt (one per line).
+def read_texts(path, text_field: str = "text") -> List[str]:
+    """Samples from a file, a saved `datasets` directory, or an in-memory `datasets.Dataset`.
 
-    Empty lines/rows are skipped. Raises InputError (one line) for a missing, unreadable, malformed
-    or empty file, or a missing field.
+    Files: .jsonl (field `text_field`), .csv (column `text_field`, RFC 4180: quoted fields may span
+    lines and keep their newlines), .txt (one sample per line), .parquet (column `text_field`). A
+    directory written by `Dataset.save_to_disk` is read with `datasets.load_from_disk`. Empty samples
+    are skipped. Raises InputError (one line, with the line number where there is one) for a missing,
+    unreadable, malformed or empty input, a missing field, or binary data (NUL bytes) in a sample.
     """
+    if _is_dataset(path):
+        return _from_dataset(path, text_field, "the dataset")
     path = Path(path)
     if not path.exists():
         raise InputError(f"file not found: {path}")
     if path.is_dir():
-        raise InputError(f"expected a file, got a directory: {path}")
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            return _from_saved_dataset(path, text_field)
+        raise InputError(f"expected a file (or a directory saved by datasets), got a directory: {path}")
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
-        raise InputError(f"unsupported file type '{suffix}' for {path}: use .jsonl, .csv or .txt")
+        raise InputError(f"unsupported file type '{suffix}' for {path}: use .jsonl, .csv, .txt or .parquet")
+    if suffix == ".parquet":
+        return _from_parquet(path, text_field)
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -41,9 +54,9 @@ def read_texts(path: str | Path, text_field: str = "text") -> List[str]:
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror}") from None
 
-    texts: List[str] = []
+    rows: List[tuple] = []  # (line number, text)
     if suffix == ".txt":
-        texts = [line.strip() for line in raw.splitlines()]
+        rows = [(i, line.strip()) for i, line in enumerate(raw.splitlines(), 1)]
     elif suffix == ".jsonl":
         for lineno, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -56,23 +69,106 @@ def read_texts(path: str | Path, text_field: str = "text") -> List[str]:
                 raise InputError(f"{path}:{lineno}: no field '{text_field}'")
             if not isinstance(obj[text_field], str):
                 raise InputError(f"{path}:{lineno}: field '{text_field}' is not a string")
-            texts.append(obj[text_field].strip())
+            rows.append((lineno, obj[text_field].strip()))
     else:
-        csv.field_size_limit(1 << 30)
-        try:
-            reader = csv.DictReader(raw.splitlines())
-            if reader.fieldnames is None:
-                raise InputError(f"{path} is empty")
-            if text_field not in reader.fieldnames:
-                cols = ", ".join(reader.fieldnames)
-                raise InputError(f"{path}: no column '{text_field}' (columns: {cols})")
-            texts = [(row.get(text_field) or "").strip() for row in reader]
-        except csv.Error as e:
-            raise InputError(f"{path}: malformed CSV ({e})") from None
-    texts = [t for t in texts if t]
+        rows = _csv_rows(path, raw, text_field)
+    return _checked(path, rows)
+
+
+def _csv_rows(path: Path, raw: str, text_field: str) -> List[tuple]:
+    """Strict CSV: the whole file goes to the parser (quoted fields may hold newlines); an unclosed
+    quote or stray character is an error at its line, not a silent merge of every later row."""
+    import io
+
+    csv.field_size_limit(1 << 30)
+    reader = csv.DictReader(io.StringIO(raw, newline=""), strict=True)
+    rows = []
+    start = 1  # the line where the record being parsed begins: where an error is reported
+    try:
+        if reader.fieldnames is None:
+            raise InputError(f"{path} is empty")
+        if text_field not in reader.fieldnames:
+            cols = ", ".join(reader.fieldnames)
+            raise InputError(f"{path}: no column '{text_field}' (columns: {cols})")
+        start = reader.line_num + 1
+        for row in reader:
+            if None in row:  # more fields than the header names: a broken row, not data
+                raise InputError(f"{path}:{start}: more fields than the header has")
+            rows.append((start, (row.get(text_field) or "").strip()))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise InputError(f"{path}:{start}: malformed CSV ({e})") from None
+    return rows
+
+
+def _checked(where, rows: Sequence[tuple]) -> List[str]:
+    texts = []
+    for lineno, text in rows:
+        if "\x00" in text:
+            at = f"{where}:{lineno}" if lineno is not None else f"{where}"
+            raise InputError(f"{at}: the sample holds NUL bytes (binary data, not text)")
+        if text:
+            texts.append(text)
     if not texts:
-        raise InputError(f"{path} holds no samples")
+        raise InputError(f"{where} holds no samples")
     return texts
+
+
+def _is_dataset(obj) -> bool:
+    return type(obj).__module__.startswith("datasets") and hasattr(obj, "column_names")
+
+
+def _from_dataset(ds, text_field: str, where: str) -> List[str]:
+    if text_field not in ds.column_names:
+        raise InputError(f"{where}: no column '{text_field}' (columns: {', '.join(ds.column_names)})")
+    values = ds[text_field]
+    if not all(isinstance(v, str) or v is None for v in values):
+        raise InputError(f"{where}: column '{text_field}' is not text")
+    return _checked(where, [(i + 1, (v or "").strip()) for i, v in enumerate(values)])
+
+
+def _from_saved_dataset(path: Path, text_field: str) -> List[str]:
+    try:
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise InputError(f"cannot read the saved dataset {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+    if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict: one split only
+        if len(ds) != 1:
+            raise InputError(f"{path} holds several splits ({', '.join(ds.keys())}); save the one to use")
+        ds = next(iter(ds.values()))
+    return _from_dataset(ds, text_field, str(path))
+
+
+def _from_parquet(path: Path, text_field: str) -> List[str]:
+    # pyarrow (what datasets reads parquet with) straight: datasets' own loader would copy the samples
+    # into its cache directory, and a forget set must not be copied anywhere
+    try:
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(str(path))
+        if text_field not in schema.names:
+            raise InputError(f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)})")
+        values = pq.read_table(str(path), columns=[text_field]).column(0).to_pylist()
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else e})") from None
+    if not all(isinstance(v, str) or v is None for v in values):
+        raise InputError(f"{path}: column '{text_field}' is not text")
+    return _checked(path, [(i + 1, (v or "").strip()) for i, v in enumerate(values)])
+
+
+def as_texts(obj, text_field: str = "text", name: str = "input") -> Optional[List[str]]:
+    """What the Python API accepts as a text set: a list of strings, a `datasets.Dataset`, or a path."""
+    if obj is None:
+        return None
+    if _is_dataset(obj):
+        return _from_dataset(obj, text_field, f"the {name} dataset")
+    if isinstance(obj, (str, Path)) and Path(obj).exists():
+        return read_texts(obj, text_field)
+    return list(obj)
 
 
 def new_salt() -> str:
@@ -114,8 +210,9 @@ def tokenize_texts(
     """
     ids, rows, truncated = [], [], 0
     for i, text in enumerate(texts):
-        enc = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(enc) > max_length:
+        cut = len(text) > max_length * MAX_CHARS_PER_TOKEN
+        enc = tokenizer(text[:max_length * MAX_CHARS_PER_TOKEN] if cut else text, add_special_tokens=True)["input_ids"]
+        if len(enc) > max_length or cut:
             enc = enc[:max_length]
             truncated += 1
         if len(enc) < min_tokens:

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import pad_batch, sample_id
+from .data import MAX_CHARS_PER_TOKEN, pad_batch, sample_id
 from .errors import InputError
 from .metrics import (backbone_and_head, model_device, perplexity, score_samples, secret_extraction, suffix_bleu,
                       teacher_forced)
@@ -82,6 +82,8 @@ def parse_metrics(spec: Optional[str | Sequence[str]]) -> List[str]:
 def _tokenize(tokenizer, texts: Sequence[str], max_length: Optional[int], min_tokens: int, name: str) -> List[torch.Tensor]:
     out = []
     for i, t in enumerate(texts):
+        if max_length is not None:  # see data.MAX_CHARS_PER_TOKEN: never tokenize megabytes to keep 200 tokens
+            t = t[:max_length * MAX_CHARS_PER_TOKEN]
         ids = tokenizer(t, add_special_tokens=True)["input_ids"]
         if max_length is not None:
             ids = ids[:max_length]

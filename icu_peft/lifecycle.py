@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -52,7 +53,7 @@ def _entry(i: int, directory: Path, manifest: dict, subdir: str, source: Optiona
         "request_id": rid,
         "kind": manifest_kind(manifest),
         "relpath": f"{subdir}/{i:02d}_{safe}",
-        "source": source if source is not None else str(Path(directory).resolve()),
+        "source": source if source is not None else Path(directory).name,  # a name, not this machine's layout
         "adapter_sha256": adapter_weights_sha256(manifest),
         "status": manifest.get("status"),
         "created_at": manifest.get("created_at"),
@@ -283,16 +284,39 @@ def merge_adapters(model: str | Path, adapters: Sequence[str | Path], out: str |
         m = verify_files(model)
         if manifest_kind(m) != "merged":
             raise InputError(f"{model} is a forget adapter, not a model: pass it as --adapter")
-        base, gguf_file = m["base"]["name_or_path"], m["base"].get("gguf_file")
+        base, gguf_file = pristine_base(model, m), m["base"].get("gguf_file")
         if dtype in (None, "auto"):
             dtype = m["merge"]["dtype"]
         for e in m["adapters"]:
             d = inside(model, e["relpath"])
             entries.append((d, read_manifest(d), e.get("source")))
-        history = list(m.get("history", [])) + [{"op": "merge", "into": str(Path(model).resolve()), "at": utc_now()}]
+        history = list(m.get("history", [])) + [{"op": "merge", "into": Path(model).name, "at": utc_now()}]
         _check_pristine(m, base, force)
     entries += [(d, mm, None) for d, mm in _adapter_manifests(adapters)]
+    quantized = [str(mm.get("request_id")) for _, mm, _ in entries if mm.get("base", {}).get("quantized")]
+    if quantized:
+        logger.warning("%d adapter(s) were trained on a 4-bit base (%s): merged into the full-precision base they "
+                       "may forget less; check the merged model with `icu-peft eval --attack quantize` "
+                       "(docs/LIFECYCLE.md)", len(quantized), ", ".join(quantized[:3]))
     return _merge_from_pristine(base, gguf_file, entries, out, dtype, force, overwrite, trust_remote_code, history)
+
+
+def _relative_base(base: str, out: Path) -> str:
+    """A local base as a path relative to the merged model (no absolute paths of this machine in the
+    manifest; the pair still works when moved together); a hub id as it is."""
+    if not Path(base).exists():
+        return base
+    return os.path.relpath(Path(base).resolve(), out.resolve())
+
+
+def pristine_base(merged_dir: str | Path, manifest: dict) -> str:
+    """Where the pristine base of a merged model is: its recorded path, read relative to the merged model."""
+    name = manifest["base"]["name_or_path"]
+    if name and not Path(name).is_absolute():
+        candidate = Path(merged_dir) / name
+        if candidate.exists():
+            return str(candidate.resolve())
+    return name
 
 
 def _check_pristine(merged: dict, base: str, force: bool) -> None:
@@ -372,7 +396,8 @@ def _merge_from_pristine(base: str, gguf_file: Optional[str], entries: Sequence[
             "kind": "merged",
             "created_at": utc_now(),
             "method": "merge",
-            "base": {"name_or_path": base, "gguf_file": gguf_file, "fingerprint": fp, "weight_files": weight_hashes},
+            "base": {"name_or_path": _relative_base(base, Path(out)), "gguf_file": gguf_file, "fingerprint": fp,
+                     "weight_files": weight_hashes},
             "merge": {"dtype": str(target).replace("torch.", ""), "compute_dtype": "float32",
                       "device": str(next(model.parameters()).device), "order": [r["request_id"] for r in records]},
             "adapters": records,
@@ -443,7 +468,7 @@ def revoke(model: str | Path, which: Sequence[str], out: str | Path, base: Optio
                 shutil.copytree(parts[0], tmp)
             return read_manifest(out)
         return combine_adapters(parts, out, force=force, overwrite=overwrite)
-    pristine = base or m["base"]["name_or_path"]
+    pristine = base or pristine_base(model, m)
     _check_pristine(m, pristine, force)
     kept = [(inside(model, e["relpath"]), read_manifest(inside(model, e["relpath"])), e.get("source")) for e in keep]
     history = list(m.get("history", [])) + [record]

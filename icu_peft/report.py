@@ -215,6 +215,60 @@ def render_markdown(report: dict, plots: Sequence[str] = (), plot_note: Optional
 
 # ------------------------------------------------------------------------------ entry point
 
+def model_card(report: dict) -> str:
+    """The adapter's README.md, from the manifest: what it is, how to load and check it. No sample text."""
+    base = report.get("base") or {}
+    fgt = report.get("forget") or {}
+    band = report.get("band") or {}
+    ret = report.get("retain") or {}
+    lines = [
+        "---",
+        "library_name: peft",
+        "tags: [icu-peft, machine-unlearning, forget-adapter, lora]",
+        "---",
+        "",
+        f"# Forget adapter `{report.get('request_id')}`",
+        "",
+        "A LoRA adapter made by icu-peft for one forget request: attached to its base "
+        "model, the model no longer reproduces the request's samples (they score like text it never saw).",
+        "This directory holds no text of the request; samples are identified by keyed hashes only.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{base.get('name_or_path')}`{' / ' + base['gguf_file'] if base.get('gguf_file') else ''} "
+        f"({'4-bit NF4' if base.get('quantized') else 'full precision'}) |",
+        f"| status | **{report.get('status')}**: {fgt.get('forgotten')} of {fgt.get('count')} samples forgotten |",
+        f"| method | {report.get('method')}, {report.get('steps')} optimizer steps |",
+        f"| created | {report.get('created_at')} |",
+    ]
+    if band:
+        lines.append(f"| never-seen band | NLL {band.get('nll_lo', 0):.3f} .. {band.get('nll_hi', 0):.3f} "
+                     f"({band.get('count')} never-seen samples) |")
+    if ret.get("before") and ret.get("after"):
+        lines.append(f"| retain MA | {ret['before']['ma']:.3f} -> {ret['after']['ma']:.3f} |")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"model = PeftModel.from_pretrained(base_model, \"PATH/TO/THIS/DIRECTORY\")",
+        "```",
+        "",
+        "## Check",
+        "",
+        "```bash",
+        "icu-peft inspect DIR                                   # files, manifest digest, scores",
+        "icu-peft verify --model BASE --adapter DIR --forget F  # re-score a forget set (operator, or auditor with --id-key)",
+        "icu-peft verify ... --public-key KEY.pub               # if the operator signed it (icu-peft sign)",
+        "```",
+        "",
+        "Details: `report.md` and `forget_manifest.json` in this directory.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_report(report: dict, directory: str | Path) -> List[Path]:
     """Write report.json, report.md and the PNG plots into `directory`; return the paths written.
 
@@ -241,6 +295,9 @@ def write_report(report: dict, directory: str | Path) -> List[Path]:
                 p = None
             if p is not None:
                 plots.append(p)
+    card = directory / "README.md"  # replaces PEFT's unfilled model-card template
+    card.write_text(model_card(body))
+    written.append(card)
     js = directory / REPORT_JSON
     js.write_text(json.dumps(body, indent=2, default=_json_default, allow_nan=True) + "\n")
     md = directory / REPORT_MD

@@ -23,7 +23,7 @@ from . import __version__
 from .adapters import MANIFEST_FORMAT, atomic_output_dir, check_output_dir, utc_now, write_manifest
 from .caches import CachedReference, FrozenPrefixBackbone
 from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
-from .data import (TokenizedSet, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
+from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
 from .idkeys import key_id, store_key
@@ -151,7 +151,8 @@ def _fallback_thresholds(config: ICUConfig, explicit: bool) -> Thresholds:
 
 
 @torch.no_grad()
-def generate_retain_pool(model, tokenizer, config: ICUConfig, salt: str) -> TokenizedSet:
+def generate_retain_pool(model, tokenizer, config: ICUConfig, salt: str,
+                         forget_set: Optional[TokenizedSet] = None) -> TokenizedSet:
     """Texts sampled from the base model itself: a retain pool that needs no data.
 
     KL and NLL on the model's own samples hold its general behaviour in place, which is what the
@@ -166,13 +167,38 @@ def generate_retain_pool(model, tokenizer, config: ICUConfig, salt: str) -> Toke
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
                          max_new_tokens=min(config.max_length - 1, 64), pad_token_id=tokenizer.pad_token_id)
     del gen
-    rows, hashes = [], []
+    rows = []
     for row in out.cpu():
         keep = row[row != tokenizer.pad_token_id] if tokenizer.pad_token_id != start else row
         if len(keep) >= 2:
             rows.append(keep)
-            hashes.append(sample_id(tokenizer.decode(keep), salt))
-    return TokenizedSet(input_ids=rows, ids=hashes)
+    if forget_set is not None:
+        # a model that memorised the forget set samples it back: such text trained as "to keep" would
+        # hold the request in place (issue: 3 of 16 generated texts were forget samples word for word)
+        kept = drop_overlapping(rows, forget_set.input_ids)
+        if len(kept) < len(rows):
+            logger.info("generated retain pool: %d of %d samples dropped for overlapping the forget set",
+                        len(rows) - len(kept), len(rows))
+        rows = kept
+    return TokenizedSet(input_ids=rows, ids=[sample_id(tokenizer.decode(r), salt) for r in rows])
+
+
+def drop_overlapping(rows: Sequence[torch.Tensor], forget: Sequence[torch.Tensor], run: int = 12) -> List[torch.Tensor]:
+    """`rows` without those that share a run of `run` tokens (or a whole shorter sample, BOS aside)
+    with any forget sample: verbatim regurgitation, not a shared template of a few words."""
+    grams: dict = {}
+    for f in forget:
+        body = f.tolist()[1:] if len(f) > 2 else f.tolist()  # BOS is shared by every text
+        n = min(run, len(body))
+        if n:
+            grams.setdefault(n, set()).update(tuple(body[i:i + n]) for i in range(len(body) - n + 1))
+    out = []
+    for r in rows:
+        toks = r.tolist()
+        hit = any(tuple(toks[i:i + n]) in g for n, g in grams.items() for i in range(len(toks) - n + 1))
+        if not hit:
+            out.append(r)
+    return out
 
 
 def find_neighbours(model, tokenizer, forget_set: TokenizedSet, retain_set: TokenizedSet, config: ICUConfig,
@@ -467,6 +493,9 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     t0 = time.time()
     if output_dir is not None:
         check_output_dir(output_dir, overwrite, inputs=[config.model])
+    forget_texts = as_texts(forget_texts, config.text_field, "forget")
+    retain_texts = as_texts(retain_texts, config.text_field, "retain")
+    unseen_texts = as_texts(unseen_texts, config.text_field, "unseen")
     if not forget_texts:
         raise InputError("the forget set is empty")
     # cpu=True on a machine without CUDA: it is what makes accelerate set up gloo under torchrun
@@ -486,7 +515,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
                                      config.trust_remote_code, device=accelerator.device)
     pad_id = tokenizer.pad_token_id
     forget_set = tokenize_texts(forget_texts, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1)
-    retain_set, retain_source = _retain_pool(base_model, tokenizer, retain_texts, config, salt)
+    retain_set, retain_source = _retain_pool(base_model, tokenizer, retain_texts, config, salt, forget_set)
     fingerprint = base_fingerprint(base_model)
 
     # 2. the target (never-seen band) and the neighbours, both measured on the untouched base
@@ -539,7 +568,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
 STATUS_EXIT_CODES = {"forgotten": 0, "partial": 3, "retain_damaged": 4, "nan_restored": 4}
 
 
-def _retain_pool(base_model, tokenizer, retain_texts, config: ICUConfig, salt: str):
+def _retain_pool(base_model, tokenizer, retain_texts, config: ICUConfig, salt: str,
+                 forget_set: Optional[TokenizedSet] = None):
     """(retain set, 'file' | 'generated'): the user's retain text, or text sampled from the base."""
     if retain_texts:
         return tokenize_texts(retain_texts, tokenizer, config.max_length, salt, min_tokens=2, name="retain"), "file"
@@ -547,7 +577,7 @@ def _retain_pool(base_model, tokenizer, retain_texts, config: ICUConfig, salt: s
         raise InputError("no retain pool given (--retain) and no_retain='refuse'")
     logger.warning("no retain pool given: sampling %d neighbour texts from the base model itself "
                    "(weaker selectivity than real text of the same kind; pass --retain)", config.generated_retain_size)
-    return generate_retain_pool(base_model, tokenizer, config, salt), "generated"
+    return generate_retain_pool(base_model, tokenizer, config, salt, forget_set), "generated"
 
 
 def _log_setup(forget_set, retain_set, retain_source, target: Target, config: ICUConfig) -> None:
@@ -701,6 +731,8 @@ class _Run:
         logger.info("start: MA %.4f NLL %.3f, %d of %d samples outside the target", self.scores.mean()["ma"],
                     self.scores.mean()["nll"], sum(self.active), len(self.forget_set))
         good = (_lora_state(model), self.scores, list(self.active))
+        best = (self.quality(), good)  # the best state seen: handed back if the budget ends somewhere worse
+        best_step = 0
         bar = _bar(cfg.max_steps, "steps", self.show)
         while True:
             if self.settled() and self.epoch >= cfg.min_epochs:
@@ -708,6 +740,8 @@ class _Run:
                 break
             if self.steps >= cfg.max_steps or (cfg.max_epochs is not None and self.epoch >= cfg.max_epochs):
                 break  # budget spent: status stays "partial"
+            if best[0][0] == len(self.forget_set) and self.steps - best_step >= cfg.patience_steps:
+                break  # every sample was inside the band and centring has not improved since: take that state
             gap_before = self.gap(self.scores)
             terms, nan = self.round(bar)
             if nan or any(not torch.isfinite(p).all() for p in self.trainable):
@@ -736,6 +770,8 @@ class _Run:
                 safe = 1 - (1 - cfg.retain_floor) / 2
                 if retain_ma is None or retain_ma_before is None or retain_ma >= safe * retain_ma_before:
                     good = (_lora_state(model), self.scores, list(self.active))
+                    if self.quality() > best[0]:
+                        best, best_step = (self.quality(), good), self.steps
             for g in self.optimizer.param_groups:
                 g["lr"] = self.step_size.lr
             m = self.scores.mean()
@@ -750,8 +786,25 @@ class _Run:
             bar.set_postfix(active=sum(self.active), ma=f"{m['ma']:.3f}", lr=f"{self.step_size.lr:.1e}")
         bar.close()
         self.model.eval()
+        if self.status == "partial" and best[0] > self.quality():
+            # the budget ended in a worse place than one already reached (samples can wander back out
+            # of the band while the set is being centred): return to the best state
+            _restore(model, best[1][0])
+            self.scores, self.active = best[1][1], best[1][2]
+            self.unseen_now = None
+            logger.info("budget spent: restored the best state seen (%d of %d samples inside the band)",
+                        best[0][0], len(self.forget_set))
         if self.status == "partial" and all(forgotten_mask(self.scores, self.target.thresholds, cfg.criterion)):
             self.status = "forgotten"  # the budget ended with the set inside the band, if not yet centred
+
+    def quality(self) -> tuple:
+        """How good the current state is, comparable across rounds: (samples forgotten, -excess of the
+        loss attack's AUC over the centring tolerance). Used to keep the best state of a run."""
+        n = sum(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion))
+        reference = self.unseen_now or self.target.unseen_nll
+        if not (self.two_sided and reference and self.scores.nll):
+            return (n, 0.0)
+        return (n, -max(0.0, abs(loss_auc(self.scores.nll, reference) - 0.5) - self.config.settle_auc))
 
     def settled(self) -> bool:
         """Done: nothing left to train on; with a two-sided method, also every sample inside the band, the

@@ -22,7 +22,7 @@ def test_reads_all_three_formats(tmp_path):
     ("nocol.csv", "a,b\n1,2\n", "no column 'text'"),
     ("empty.csv", "", "empty"),
     ("blank.txt", "\n\n", "holds no samples"),
-    ("data.parquet", "x", "unsupported file type"),
+    ("data.xlsx", "x", "unsupported file type"),
 ])
 def test_bad_files_give_one_line_errors(tmp_path, name, content, message):
     p = tmp_path / name

@@ -111,3 +111,11 @@ def test_write_report_is_atomic_with_the_adapter(tmp_path, monkeypatch):
         unlearner.save_forget_adapter(Dummy(), synthetic_report(), out)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]
+
+
+def test_the_adapter_readme_is_a_real_card_without_text(tiny_forget_adapter, tiny_corpus):
+    card = (tiny_forget_adapter / "README.md").read_text()
+    assert "More Information Needed" not in card  # not PEFT's unfilled template
+    assert "req-a" in card and "status" in card and "PeftModel.from_pretrained" in card
+    for text in tiny_corpus["forget"]:
+        assert text[:20] not in card

@@ -292,3 +292,108 @@ def test_the_file_hash_cache_notices_a_rewrite(tmp_path, monkeypatch):
     f.write_bytes(b"b" * 1000)  # same size; mtime put back as a forger would
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert cached_file_sha256(f) == sha256_file(f) != first
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def test_strict_csv_keeps_multiline_fields_and_names_the_broken_line(tmp_path):
+    from icu_peft.data import read_texts
+    from icu_peft.errors import InputError
+
+    good = tmp_path / "good.csv"
+    good.write_text('id,text\n1,"first line\nsecond line"\n2,plain\n', newline="")
+    assert read_texts(good) == ["first line\nsecond line", "plain"]
+    unclosed = tmp_path / "unclosed.csv"
+    unclosed.write_text('text\nfine\n"never closed\nrow 4\nrow 5\n')
+    with pytest.raises(InputError, match=r"unclosed\.csv:3: malformed CSV"):
+        read_texts(unclosed)
+    stray = tmp_path / "stray.csv"
+    stray.write_text('text\nok\n"quoted"junk\n')
+    with pytest.raises(InputError, match=r"stray\.csv:3: malformed CSV"):
+        read_texts(stray)
+    extra = tmp_path / "extra.csv"
+    extra.write_text("text\nok\na,b\n")
+    with pytest.raises(InputError, match=r"extra\.csv:3: more fields"):
+        read_texts(extra)
+
+
+def test_nul_bytes_are_refused_with_their_line(tmp_path):
+    from icu_peft.data import read_texts
+    from icu_peft.errors import InputError
+
+    f = tmp_path / "nul.txt"
+    f.write_bytes(b"\0" * 4096)
+    with pytest.raises(InputError, match="NUL bytes"):
+        read_texts(f)
+    g = tmp_path / "mixed.jsonl"
+    g.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": "bad\u0000bytes"}) + "\n")
+    with pytest.raises(InputError, match=r"mixed\.jsonl:2: .*NUL"):
+        read_texts(g)
+
+
+def test_parquet_saved_datasets_and_dataset_objects(tmp_path):
+    import datasets
+
+    from icu_peft.data import as_texts, read_texts
+    from icu_peft.errors import InputError
+
+    ds = datasets.Dataset.from_dict({"text": ["alpha beta", "gamma delta"], "n": [1, 2]})
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    assert read_texts(tmp_path / "d.parquet") == ["alpha beta", "gamma delta"]
+    assert read_texts(tmp_path / "saved") == ["alpha beta", "gamma delta"]
+    assert as_texts(ds) == ["alpha beta", "gamma delta"]
+    with pytest.raises(InputError, match="no column 'body'"):
+        read_texts(tmp_path / "d.parquet", "body")
+    with pytest.raises(InputError, match="not text"):
+        as_texts(ds, "n")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="not a readable parquet"):
+        read_texts(tmp_path / "junk.parquet")
+
+
+def test_a_huge_single_line_sample_is_cut_before_tokenizing(tiny_model_dir):
+    from icu_peft.data import MAX_CHARS_PER_TOKEN, new_salt, tokenize_texts
+    from icu_peft.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    seen = []
+    real_call = type(tok).__call__
+
+    class Spy(type(tok)):
+        def __call__(self, text, *a, **kw):
+            seen.append(len(text))
+            return real_call(self, text, *a, **kw)
+
+    tok.__class__ = Spy
+    text = "amber basalt cobalt " * 500_000  # 10 MB on one line
+    ts = tokenize_texts([text], tok, 64, new_salt())
+    assert len(ts.input_ids[0]) == 64 and ts.truncated == 1
+    assert max(seen) <= 64 * MAX_CHARS_PER_TOKEN
+    # the cut keeps exactly the tokens a full tokenization keeps
+    short = "amber basalt cobalt " * 200
+    assert ts.input_ids[0].tolist() == real_call(tok, short)["input_ids"][:64]
+
+
+def test_generated_retain_text_never_repeats_the_forget_set(tiny_model_dir, tiny_corpus):
+    import torch
+
+    from icu_peft import ICUConfig
+    from icu_peft.data import new_salt, tokenize_texts
+    from icu_peft.models import load_base_model, load_tokenizer
+    from icu_peft.unlearner import drop_overlapping, generate_retain_pool
+
+    # the pure rule: a verbatim forget sample inside a generated text goes; a shared short template stays
+    f = [torch.tensor([0] + list(range(10, 30)))]
+    assert drop_overlapping([torch.tensor([0, 5] + list(range(10, 30)) + [7])], f) == []
+    keep = torch.tensor([0] + list(range(10, 15)) + [99] * 10)
+    assert len(drop_overlapping([keep], f)) == 1
+    # the tiny model memorised its forget samples: sampling from it brings some back, and the pool drops them
+    model, tok = load_base_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    salt = new_salt()
+    forget = tokenize_texts(tiny_corpus["forget"], tok, 64, salt)
+    cfg = ICUConfig(model=str(tiny_model_dir), generated_retain_size=32, seed=0)
+    raw = generate_retain_pool(model, tok, cfg, salt)
+    assert len(drop_overlapping(raw.input_ids, forget.input_ids)) < len(raw), "precondition: some text came back"
+    pool = generate_retain_pool(model, tok, cfg, salt, forget)
+    assert len(pool) > 0 and drop_overlapping(pool.input_ids, forget.input_ids) == pool.input_ids

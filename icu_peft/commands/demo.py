@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a previous demo's output")
     p.add_argument("--max-epochs", type=int, help="ICU epoch cap")
     p.add_argument("--lr", dest="learning_rate", type=float, help="ICU learning rate")
-    p.add_argument("--cache-dir", help="where planted models are cached (default: $XDG_CACHE_HOME/icu-peft)")
+    p.add_argument("--cache-dir", help="where planted models are cached (default: $ICU_PEFT_CACHE, else $XDG_CACHE_HOME/icu-peft, "
+                        "else ~/.cache/icu-peft)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
