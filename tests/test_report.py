@@ -40,7 +40,7 @@ def synthetic_report(with_history=True, with_mia=True):
 def test_write_report_files_and_contents(tmp_path):
     paths = write_report(synthetic_report(), tmp_path)
     names = sorted(p.name for p in paths)
-    assert names == sorted([REPORT_JSON, REPORT_MD, PLOT_IUR, PLOT_FORGET_RETAIN, PLOT_MIA])
+    assert names == sorted(["README.md", REPORT_JSON, REPORT_MD, PLOT_IUR, PLOT_FORGET_RETAIN, PLOT_MIA])
     for p in paths:
         assert p.exists() and p.stat().st_size > 0
         if p.suffix == ".png":
@@ -64,7 +64,7 @@ def test_report_without_optional_sections(tmp_path):
 def test_report_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     names = {p.name for p in write_report(synthetic_report(), tmp_path)}
-    assert names == {REPORT_JSON, REPORT_MD}
+    assert names == {"README.md", REPORT_JSON, REPORT_MD}
     assert not list(tmp_path.glob("*.png"))
     assert "matplotlib is not installed" in (tmp_path / REPORT_MD).read_text()
 
