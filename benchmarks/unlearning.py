@@ -50,17 +50,20 @@ METHODS: Dict[str, tuple] = {
     # on every call, so this row shows the speed the 4-bit base costs there
     "icu-fp32": ("icu", dict(learning_rate=3e-3, forget_weight=2.0, learn_weight=1.0, kl_weight=3.0,
                              forget_distinct_ngram=4, lora_layers=10, quantize=False), False),
+    # the library defaults and nothing else (issue "Calibrated forgetting": what a user gets with no flags)
+    "icu-defaults": ("icu", {}, True),
     "icu-paper": ("icu_paper", {}, True),
     "icu-full": ("icu_paper", {"use_lora": False, "quantize": False}, False),
     "ga": ("ga", {}, True),
     "graddiff": ("graddiff", {}, True),
     "npo": ("npo", {}, True),
 }
-ROW_ORDER = ["before-4bit", "before-fp32", "icu", "icu-fp32", "icu-paper", "icu-full", "ga", "graddiff", "npo", "oracle"]
+ROW_ORDER = ["before-4bit", "before-fp32", "icu", "icu-defaults", "icu-fp32", "icu-paper", "icu-full", "ga", "graddiff", "npo", "oracle"]
 LABELS = {
     "before-4bit": "planted model, 4-bit (before)",
     "before-fp32": "planted model, fp32 (before)",
     "icu": "**icu-peft** (method icu, record settings: LoRA r=8 in the last 10 layers, 4-bit base)",
+    "icu-defaults": "**icu-peft defaults** (no flags: method icu, lr auto, 400-step budget, 4-bit base)",
     "icu-fp32": "icu-peft settings on an fp32 base (no quantization)",
     "icu-paper": "ICU objective of the paper's code, LoRA r=8, 4-bit base",
     "icu-full": "ICU, full fine-tuning, fp32 (the published algorithm)",

@@ -85,14 +85,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose, args.quiet)
+    previous = _catch_sigterm()
     try:
         return int(args.func(args) or 0)
     except ICUError as e:
         print(f"icu-peft {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print(f"icu-peft {args.command}: terminated (SIGTERM); partial output removed", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"icu-peft {args.command}: interrupted", file=sys.stderr)
+        print(f"icu-peft {args.command}: interrupted; partial output removed", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every temporary output directory is removed on the way out."""
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into an exception (the default kills the process before any cleanup runs)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, raise_terminated)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,14 @@ def _check_exists(model_name: Optional[str]) -> None:
     """A path-looking name that does not exist is a typo, not a hub id: say so before transformers does."""
     if model_name is None:
         raise ModelLoadError("no base model given (--model)")
-    # hub ids are "name" or "org/name"; anything else is meant as a local path
-    looks_local = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1
+    # hub ids are "name" or "org/name" of letters, digits and -_. ; anything else is meant as a local path,
+    # and so is "dir/name" when "dir" is a local directory (a typo in the last part, not a hub id)
+    import re
+
+    first = model_name.split("/", 1)[0]
+    looks_local = (model_name.startswith((".", "/", "~")) or model_name.count("/") > 1
+                   or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?", model_name)
+                   or ("/" in model_name and Path(first).is_dir()))
     if not Path(model_name).expanduser().exists() and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise ModelLoadError(f"model not found: {model_name}")
 

@@ -118,3 +118,29 @@ def test_cli_forget_on_top_of_records_the_stack(tmp_path, tiny_model_dir, tiny_c
     with caplog.at_level(logging.WARNING, logger="icu_peft"):
         stack_adapters(load_base_model(str(tiny_model_dir)), [tiny_forget_adapter, out])
     assert "trained with request" not in caplog.text
+
+
+@pytest.mark.parametrize("sig,code,word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_says_so_and_leaves_nothing(tmp_path, tiny_model_dir, tiny_files, sig, code, word):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "outdir" / "adapter"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "icu_peft.cli", "forget", "--model", str(tiny_model_dir), "--forget",
+                          str(tiny_files["forget"]), "--retain", str(tiny_files["retain"]), "--unseen",
+                          str(tiny_files["unseen"]), "--out", str(out), "--no-progress", "--max-steps", "100000", "--lr", "1e-9"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a rate too small to ever finish: the run is in its training loop when the signal comes
+    time.sleep(10)
+    assert p.poll() is None, p.communicate()[1][-2000:]
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err[-2000:]
+    assert word in err
+    assert not out.exists()
+    leftovers = list((tmp_path / "outdir").glob(".*")) if (tmp_path / "outdir").exists() else []
+    assert leftovers == []

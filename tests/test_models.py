@@ -97,3 +97,19 @@ def test_a_4bit_load_lets_go_of_the_checkpoint_map(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(M, "release_checkpoint_map", lambda m: None)
     kept = load_base_model(str(tiny_model_dir), quantize=True)
     assert inside(kept), "expected views of the checkpoint without release_checkpoint_map"
+
+
+def test_a_path_that_looks_local_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    from icu_peft.errors import ModelLoadError
+    from icu_peft.models import load_tokenizer
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for name in ("models/smollm2-typo", "my model dir", "./models/x", "a/b/c"):
+        t = time.perf_counter()
+        with pytest.raises(ModelLoadError, match="model not found"):
+            load_tokenizer(name)
+        assert time.perf_counter() - t < 5, name  # no hub retries

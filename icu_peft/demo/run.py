@@ -138,7 +138,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 160, ba
 
 @torch.no_grad()
 def measure_group(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe], el_n: int = 10,
-                  batch_size: int = 16, el: bool = True, scores: Optional[tuple] = None, el_start: int = 1) -> dict:
+                  batch_size: int = 16, el: bool = True, scores: Optional[tuple] = None, el_start: int = 1,
+                  desc: Optional[str] = None) -> dict:
     """Mean MA and EL_n of `texts`, and how many of the probes' secrets greedy decoding extracts.
 
     el=False skips EL_n (None in the result): on text the model no longer reproduces it costs a
@@ -150,8 +151,14 @@ def measure_group(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe
     model.eval()
     if scores is None:
         seqs = [torch.tensor(tokenizer(t)["input_ids"], dtype=torch.long) for t in texts]
-        s = score_samples(model, seqs, tokenizer.pad_token_id, el_n=el_n, el_start=el_start, batch_size=batch_size,
-                          el_max_ma=None if el else -1.0)
+        # one bar per group when `desc` is given: EL_n roll-outs make this minutes long on a CPU
+        bar = _group_bar(len(seqs), desc)
+        try:
+            s = score_samples(model, seqs, tokenizer.pad_token_id, el_n=el_n, el_start=el_start, batch_size=min(
+                batch_size, 4) if bar is not None else batch_size, el_max_ma=None if el else -1.0, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
         ma, el_values = s.ma, s.el
     else:
         ma, el_values = scores
@@ -162,20 +169,30 @@ def measure_group(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe
             "secrets_total": len(hits)}
 
 
+def _group_bar(total: int, desc: Optional[str]):
+    if not desc:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="text", leave=False)
+
+
 def measure_all(model, tokenizer, corpus: DemoCorpus, general: Sequence[str], el_n: int = 10,
-                unseen: bool = True, forgotten_scores: Optional[tuple] = None) -> dict:
+                unseen: bool = True, forgotten_scores: Optional[tuple] = None, progress: bool = False) -> dict:
     """Both groups and the perplexity; `forgotten_scores` ((MA list, EL list) of the forget texts, e.g.
     from the forget report) spares re-scoring them: EL_n of forgotten text is the costliest measurement."""
     out = {"forgotten": measure_group(model, tokenizer, corpus.forget_texts, corpus.probes(corpus.forget_people), el_n,
-                                      scores=forgotten_scores),
-           "kept": measure_group(model, tokenizer, corpus.retain_texts, corpus.probes(corpus.kept_people), el_n),
+                                      scores=forgotten_scores, desc="scoring people to forget" if progress else None),
+           "kept": measure_group(model, tokenizer, corpus.retain_texts, corpus.probes(corpus.kept_people), el_n,
+                                 desc="scoring people to keep" if progress else None),
            "perplexity": perplexity(model, tokenizer, general)}
     if unseen:
-        out["unseen"] = measure_group(model, tokenizer, corpus.unseen_texts, corpus.probes(corpus.unseen), el_n)
+        out["unseen"] = measure_group(model, tokenizer, corpus.unseen_texts, corpus.probes(corpus.unseen), el_n,
+                                      desc="scoring never-planted people" if progress else None)
     return out
 
 
-def unseen_level(model, tokenizer, planted: Path, corpus: DemoCorpus, el_n: int) -> tuple:
+def unseen_level(model, tokenizer, planted: Path, corpus: DemoCorpus, el_n: int, progress: bool = False) -> tuple:
     """(the unseen people's scores on the 4-bit planted model, whether they came from the cache).
 
     EL_n of text the model never saw needs a greedy roll-out at every position, the costliest
@@ -194,7 +211,8 @@ def unseen_level(model, tokenizer, planted: Path, corpus: DemoCorpus, el_n: int)
             return json.loads(path.read_text()), True
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass  # a damaged cache entry: measure again and overwrite it
-    level = measure_group(model, tokenizer, corpus.unseen_texts, corpus.probes(corpus.unseen), el_n)
+    level = measure_group(model, tokenizer, corpus.unseen_texts, corpus.probes(corpus.unseen), el_n,
+                          desc="scoring never-planted people (once; cached)" if progress else None)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         tmp.write_text(json.dumps(level, indent=2) + "\n")
@@ -294,8 +312,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
     base = load_base_model(str(planted), quantize=True)
     general = general_texts(opts.general_texts)
     t0 = time.time()
-    before = measure_all(base, tok, corpus, general, cfg.el_n, unseen=False)
-    before["unseen"], cached = unseen_level(base, tok, planted, corpus, cfg.el_n)
+    before = measure_all(base, tok, corpus, general, cfg.el_n, unseen=False, progress=opts.progress)
+    before["unseen"], cached = unseen_level(base, tok, planted, corpus, cfg.el_n, progress=opts.progress)
     measure_s = time.time() - t0
     # The forget request's MA / EL limits are the unseen level just measured (cached); passing them spares
     # ICU the EL roll-outs on the unseen text (it still scores its NLL for the band, and the MIA report).
@@ -316,7 +334,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
         if [r["tokens"] for r in rows] != [len(tok(t)["input_ids"]) for t in corpus.forget_texts]:
             rows = None  # truncated by max_length: score them here on the whole texts
         final = ([r["after"]["ma"] for r in rows], [r["after"]["el"] for r in rows]) if rows else None
-        after = measure_all(model, tok, corpus, general, cfg.el_n, unseen=False, forgotten_scores=final)
+        after = measure_all(model, tok, corpus, general, cfg.el_n, unseen=False, forgotten_scores=final,
+                            progress=opts.progress)
         say("[4/4] lifecycle: detaching and merging the adapter ...")
         with model.disable_adapter():
             detached = extract_secrets(model, tok, corpus.probes(corpus.forget_people))
