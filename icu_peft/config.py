@@ -104,7 +104,7 @@ class ICUConfig:
     retain_el: bool = field(default=False, metadata={"help": "Also score EL_n of the retain samples in the report (slow once retain text drifts: a roll-out per departure)."})
     el_start: int = field(default=1, metadata={"help": "Shortest prefix scored by EL_n (Jang: 1; ICU's code: 150 of 200)."})
     band_quantile: float = field(default=0.1, metadata={"help": "Never-seen band: a sample is forgotten when its NLL lies between the unseen samples' q and 1-q quantiles and its MA / EL_n are no higher than any unseen sample's."})
-    patience_steps: int = field(default=100, metadata={"help": "Once every sample has been inside the band, stop after this many steps without a better state (more samples inside, or a loss attack closer to AUC 0.5) and keep the best one."})
+    patience_steps: int = field(default=0, metadata={"help": "Once every sample has been inside the band, stop after this many steps without a better state (more samples inside, or a loss attack closer to AUC 0.5) and keep the best one. 0 = auto: half the steps it took to get every sample inside, at least 5 scoring rounds."})
     settle_auc: float = field(default=0.1, metadata={"help": "A two-sided method also stops only when a loss attack tells the forget set from the never-seen text no better than ROC-AUC 0.5 +- this (from NLLs already scored; 0.5 turns the check off)."})
     settle_quantile: float = field(default=0.25, metadata={"help": "A sample leaves the batch once its NLL lies between these (tighter) quantiles, so the set ends mid-band, not at its edge."})
     ma_threshold: Optional[float] = field(default=None, metadata={"help": "MA threshold; measured from --unseen when given, else 0.5994 with a warning."})
@@ -152,7 +152,7 @@ class ICUConfig:
         need(self.max_steps >= 0 and self.round_steps >= 1, "max_steps must be >= 0 and round_steps >= 1")
         need(0 <= self.retain_floor < 1, "retain_floor must be in [0, 1)")
         need(0 < self.settle_auc <= 0.5, "settle_auc must be in (0, 0.5]")
-        need(self.patience_steps >= 1, "patience_steps must be >= 1")
+        need(self.patience_steps >= 0, "patience_steps must be >= 0 (0: auto)")
         need(0 <= self.band_quantile <= self.settle_quantile < 0.5,
              "need 0 <= band_quantile <= settle_quantile < 0.5")
         need(self.simnpo_beta > 0 and self.npo_beta > 0 and self.undial_gamma > 0,

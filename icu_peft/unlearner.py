@@ -732,7 +732,7 @@ class _Run:
                     self.scores.mean()["nll"], sum(self.active), len(self.forget_set))
         good = (_lora_state(model), self.scores, list(self.active))
         best = (self.quality(), good)  # the best state seen: handed back if the budget ends somewhere worse
-        best_step = 0
+        best_step, inside_step = 0, None  # step of the best state; first step with every sample inside
         bar = _bar(cfg.max_steps, "steps", self.show)
         while True:
             if self.settled() and self.epoch >= cfg.min_epochs:
@@ -740,7 +740,7 @@ class _Run:
                 break
             if self.steps >= cfg.max_steps or (cfg.max_epochs is not None and self.epoch >= cfg.max_epochs):
                 break  # budget spent: status stays "partial"
-            if best[0][0] == len(self.forget_set) and self.steps - best_step >= cfg.patience_steps:
+            if inside_step is not None and self.steps - best_step >= self.patience(inside_step):
                 break  # every sample was inside the band and centring has not improved since: take that state
             gap_before = self.gap(self.scores)
             terms, nan = self.round(bar)
@@ -772,6 +772,8 @@ class _Run:
                     good = (_lora_state(model), self.scores, list(self.active))
                     if self.quality() > best[0]:
                         best, best_step = (self.quality(), good), self.steps
+                        if inside_step is None and best[0][0] == len(self.forget_set):
+                            inside_step = self.steps
             for g in self.optimizer.param_groups:
                 g["lr"] = self.step_size.lr
             m = self.scores.mean()
@@ -796,6 +798,14 @@ class _Run:
                         best[0][0], len(self.forget_set))
         if self.status == "partial" and all(forgotten_mask(self.scores, self.target.thresholds, cfg.criterion)):
             self.status = "forgotten"  # the budget ended with the set inside the band, if not yet centred
+
+    def patience(self, inside_step: int) -> int:
+        """Steps without a better state after which a run that had every sample inside stops: the config's,
+        or (0 = auto) half of what it took to get there, so a hard request gets longer to centre, and
+        never under five scoring rounds."""
+        if self.config.patience_steps:
+            return self.config.patience_steps
+        return max(5 * self.config.round_steps, inside_step // 2)
 
     def quality(self) -> tuple:
         """How good the current state is, comparable across rounds: (samples forgotten, -excess of the

@@ -57,7 +57,7 @@ BUILTIN_GENERAL_TEXT = (
 
 @dataclass
 class DemoOptions:
-    """Sizes and settings of one demo run (the defaults fit the time targets on 2 CPU cores)."""
+    """Sizes and settings of one demo run (measured times: docs/BENCHMARKS.md)."""
 
     num_people: int = 20
     num_unseen: int = 8
