@@ -794,7 +794,10 @@ class _Run:
             _restore(model, best[1][0])
             self.scores, self.active = best[1][1], best[1][2]
             self.unseen_now = None
-            logger.info("budget spent: restored the best state seen (%d of %d samples inside the band)",
+            self.per_epoch.append(self.scores)  # the report's per-sample series end where the adapter is
+            self.history.append(dict(epoch=self.epoch, step=self.steps, active=sum(self.active), lr=self.step_size.lr,
+                                     action="best_restored", **{f"{k}_mean": v for k, v in self.scores.mean().items()}))
+            logger.info("restored the best state seen (%d of %d samples inside the band)",
                         best[0][0], len(self.forget_set))
         if self.status == "partial" and all(forgotten_mask(self.scores, self.target.thresholds, cfg.criterion)):
             self.status = "forgotten"  # the budget ended with the set inside the band, if not yet centred
