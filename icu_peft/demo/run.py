@@ -406,8 +406,8 @@ def format_table(r: dict) -> str:
         row("loss-attack AUC (0.5: chance)", f"{r['mia_auc']['before']:.2f}", f"{r['mia_auc']['after']:.2f}")
     icu = r["icu"]
     lines.append("")
-    lines.append(f"forget request: {r['forgotten_samples']} records below the unseen level (MA <= {th['ma']:.3f}, "
-                 f"EL10 <= {th['el']:.3f}); status {icu['status']} after {icu['epochs']} epochs")
+    lines.append(f"forget request: {r['forgotten_samples']} records look never seen (MA <= {th['ma']:.3f}, "
+                 f"EL10 <= {th['el']:.3f}); status {icu['status']} after {icu['steps']} optimizer steps")
     plant = f"planting {r['plant_wall_time_s_this_run']:.0f} s, " if r.get("plant_wall_time_s_this_run") else "planting cached, "
     lines.append(f"time: {plant}forget {icu['wall_time_s']:.0f} s, whole demo {r['total_wall_time_s']:.0f} s; "
                  f"peak memory (RSS) {icu['peak_rss_mb']:.0f} MB")
