@@ -80,7 +80,7 @@ class DemoOptions:
 
 
 def demo_plant_settings(**overrides) -> PlantSettings:
-    """Planting sized for the demo's 10-minute first run on 2 CPU cores (measured in docs/DEMO.md):
+    """Planting sized for a short first run on 2 CPU cores (its times: docs/CHANGELOG.md, docs/DEMO.md):
     the top 10 of SmolLM2's 30 layers, lr 1e-3; about 15 epochs memorise every secret."""
     base = dict(learning_rate=1e-3, train_top_layers=10, batch_size=4, min_epochs=6, check_every=3,
                 extra_epochs=2, max_epochs=40)
