@@ -80,7 +80,7 @@ def quantize_attack(model_name: str, adapters: Sequence[str | Path], texts: Sequ
     scored as `verify` scores it: each sample against the thresholds and never-seen band of the
     manifest that lists it. Returns {"schemes": {"fp32": summary, "nf4": ..., "int8": ...},
     "recovered": {scheme: [sample indices forgotten in fp32 and remembered after reloading]},
-    "holds": True when every scheme keeps every sample the fp32 merge forgot}; with `unseen`,
+    "holds": True when every sample is forgotten in fp32 and in every scheme}; with `unseen`,
     each summary also has the loss attack's AUC of the forget set against it. The merged copy is
     written to a temporary directory (under `workdir` if given) and removed afterwards.
     """
@@ -144,7 +144,8 @@ def quantize_attack(model_name: str, adapters: Sequence[str | Path], texts: Sequ
         "samples": {k: [{key: r[key] for key in ("index", "id", "ma", "el", "nll", "forgotten")} for r in v["samples"]]
                     for k, v in results.items()},
         "recovered": back,
-        "holds": not any(back.values()),
+        # forgetting holds when every sample is forgotten in every precision, the fp32 merge included
+        "holds": all(v["summary"]["forgotten"] == v["summary"]["samples"] for v in results.values()),
     }
 
 

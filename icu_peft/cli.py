@@ -72,7 +72,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     import warnings
 
     for msg in ("Converting a tensor with requires_grad", "bitsandbytes::gemv_4bit", "`is_gradient_checkpointing`",
-                "Failed to load CPU gemm_4bit"):
+                "Failed to load CPU gemm_4bit", "`past_key_values` is deprecated"):
         warnings.filterwarnings("ignore", message=f".*{msg}.*")
 
 

@@ -195,7 +195,8 @@ def format_table(r: dict) -> str:
                          f"EL {v['mean_el']:.4f}   NLL {v['mean_nll']:.3f}"
                          + (f"   loss AUC {v['mia_loss_auc']:.3f}" if "mia_loss_auc" in v else "")
                          + (f"   {len(back)} came back" if scheme != "fp32" else ""))
-        lines.append("  forgetting " + ("holds under every reload" if q["holds"] else "does NOT hold after reloading"))
+        lines.append("  forgetting " + ("holds in every precision" if q["holds"] else
+                                        "does NOT hold in every precision (see the rows above; docs/EVALUATION.md)"))
     if "lm_eval" in r:
         lines.append("")
         for task, ms in r["lm_eval"].items():
