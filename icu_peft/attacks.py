@@ -111,14 +111,17 @@ def quantize_attack(model_name: str, adapters: Sequence[str | Path], texts: Sequ
     if not leaves:
         raise InputError("no forget adapter manifest found: nothing to check the forget set against")
 
+    mem = non = None
+    if unseen:  # tokenized once: the same ids go through every precision
+        max_length = int(leaves[0][1].get("config", {}).get("max_length", 200))
+        salt = new_salt()
+        mem = tokenize_texts(list(texts), tok, max_length, salt, min_tokens=2).input_ids
+        non = tokenize_texts(list(unseen), tok, max_length, salt, min_tokens=2, name="unseen").input_ids
+
     def score(model) -> dict:
         r = verify_forget_set(model, tok, texts, leaves, unseen=unseen, batch_size=batch_size)
         out = {"summary": r["summary"], "samples": r["samples"]}
         if unseen:
-            max_length = int(leaves[0][1].get("config", {}).get("max_length", 200))
-            salt = new_salt()
-            mem = tokenize_texts(list(texts), tok, max_length, salt, min_tokens=2).input_ids
-            non = tokenize_texts(list(unseen), tok, max_length, salt, min_tokens=2, name="unseen").input_ids
             out["summary"]["mia_loss_auc"] = membership_inference(model, mem, non, tok.pad_token_id,
                                                                   batch_size=batch_size)["loss"]["auc"]
         return out

@@ -121,7 +121,11 @@ def _is_dataset(obj) -> bool:
 def _from_dataset(ds, text_field: str, where: str) -> List[str]:
     if text_field not in ds.column_names:
         raise InputError(f"{where}: no column '{text_field}' (columns: {', '.join(ds.column_names)})")
-    values = ds[text_field]
+    return _column_texts(where, ds[text_field], text_field)
+
+
+def _column_texts(where, values: Sequence, text_field: str) -> List[str]:
+    """A table column's values as samples (row numbers from 1), checked like a file's lines."""
     if not all(isinstance(v, str) or v is None for v in values):
         raise InputError(f"{where}: column '{text_field}' is not text")
     return _checked(where, [(i + 1, (v or "").strip()) for i, v in enumerate(values)])
@@ -155,9 +159,7 @@ def _from_parquet(path: Path, text_field: str) -> List[str]:
         raise
     except Exception as e:
         raise InputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else e})") from None
-    if not all(isinstance(v, str) or v is None for v in values):
-        raise InputError(f"{path}: column '{text_field}' is not text")
-    return _checked(path, [(i + 1, (v or "").strip()) for i, v in enumerate(values)])
+    return _column_texts(path, values, text_field)
 
 
 def as_texts(obj, text_field: str = "text", name: str = "input") -> Optional[List[str]]:

@@ -123,6 +123,15 @@ def _run_chunk(fn, *args, grad: bool):
     return fn(*args)
 
 
+def _chunked_sum(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int, grad: bool,
+                 total: torch.Tensor) -> torch.Tensor:
+    """`total` plus fn(*chunk) over chunks of the time axis (dim 1, sliced alike in every tensor); with
+    `grad` each chunk is checkpointed, so only one chunk's vocabulary-sized logits are alive at a time."""
+    for s in range(0, tensors[0].shape[1], chunk_size):
+        total = total + _run_chunk(fn, *(t[:, s:s + chunk_size] for t in tensors), grad=grad)
+    return total
+
+
 def chunked_token_nll(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
                       chunk_size: int = 64, only_predicted: bool = False,
                       weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +143,8 @@ def chunked_token_nll(hidden: torch.Tensor, head: Callable, labels: torch.Tensor
     weights: (B, T) per-token weights aligned with `labels` (e.g. distinct_token_mask); 0 drops a token.
     Returns (sum, count) so callers can combine several batches into one mean.
     """
-    h = hidden[:, :-1]
-    targets = labels[:, 1:]
-    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
+    h, targets, valid = _shift(hidden, labels, mask)
+    valid = valid.to(torch.float32)
     if weights is not None:
         valid = valid * weights[:, 1:].to(valid)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -157,30 +165,24 @@ def chunked_kl_to_reference(hidden: torch.Tensor, ref_hidden: torch.Tensor, head
     """Sum and count of KL(p_ref || p_model) over positions whose next token is real."""
     hidden, ref_hidden = hidden[:, :-1], ref_hidden[:, :-1]
     valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
-    total = hidden.new_zeros((), dtype=torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
-    for s in range(0, hidden.shape[1], chunk_size):
-        e = s + chunk_size
-        total = total + _run_chunk(lambda a, b, c: _kl_chunk(head, a, b, c), hidden[:, s:e], ref_hidden[:, s:e], valid[:, s:e], grad=grad)
+    total = _chunked_sum(lambda a, b, c: _kl_chunk(head, a, b, c), (hidden, ref_hidden, valid), chunk_size, grad,
+                         hidden.new_zeros((), dtype=torch.float32))
     return total, valid.sum()
 
 
 def chunked_sequence_logprob(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
                              chunk_size: int = 64) -> torch.Tensor:
     """Per-sample sum of next-token log-probabilities over real targets, shape (batch,)."""
-    h = hidden[:, :-1]
-    targets = labels[:, 1:]
-    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
+    h, targets, valid = _shift(hidden, labels, mask)
+    valid = valid.to(torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
 
     def per_sample(a, b, c):
         return -(_target_nll(head(a), b) * c).sum(1)
 
-    total = hidden.new_zeros((hidden.shape[0],), dtype=torch.float32)
-    for s in range(0, h.shape[1], chunk_size):
-        e = s + chunk_size
-        total = total + _run_chunk(per_sample, h[:, s:e], targets[:, s:e], valid[:, s:e], grad=grad)
-    return total
+    return _chunked_sum(per_sample, (h, targets, valid), chunk_size, grad,
+                        hidden.new_zeros((hidden.shape[0],), dtype=torch.float32))
 
 
 def simnpo_loss(logp: torch.Tensor, lengths: torch.Tensor, beta: float = 2.5, gamma: float = 0.0) -> torch.Tensor:
@@ -232,15 +234,11 @@ def chunked_relabelled_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: 
     Self-distillation towards a lowered target: bounded by construction (its minimum is the target
     distribution, so the forget term cannot run away as gradient ascent does).
     """
-    h, ref_h = hidden[:, :-1], ref_hidden[:, :-1]
-    targets = labels[:, 1:]
-    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    h, targets, valid = _shift(hidden, labels, mask)
+    ref_h, valid = ref_hidden[:, :-1], valid.to(torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
-    for s in range(0, h.shape[1], chunk_size):
-        e = s + chunk_size
-        total = total + _run_chunk(lambda a, b, c, d: _relabel_kl_chunk(head, a, b, c, new_logp, d), h[:, s:e],
-                                   ref_h[:, s:e], targets[:, s:e], valid[:, s:e], grad=grad)
+    total = _chunked_sum(lambda a, b, c, d: _relabel_kl_chunk(head, a, b, c, new_logp, d), (h, ref_h, targets, valid),
+                         chunk_size, grad, hidden.new_zeros((), dtype=torch.float32))
     return total, valid.sum()
 
 
@@ -275,14 +273,9 @@ def chunked_target_bce(hidden: torch.Tensor, head: Callable, labels: torch.Tenso
                        target_logp: torch.Tensor, chunk_size: int = 64,
                        log_weight: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sum and count of target_token_bce over real targets; `target_logp` (B, T) is aligned with `labels`."""
-    h = hidden[:, :-1]
-    targets = labels[:, 1:]
-    tl = target_logp[:, 1:]
-    valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    h, targets, valid = _shift(hidden, labels, mask)
+    tl, valid = target_logp[:, 1:], valid.to(torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
-    for s in range(0, h.shape[1], chunk_size):
-        e = s + chunk_size
-        total = total + _run_chunk(lambda a, b, c, d: _target_bce_chunk(head, a, b, c, d, log_weight), h[:, s:e], targets[:, s:e],
-                                   tl[:, s:e], valid[:, s:e], grad=grad)
+    total = _chunked_sum(lambda a, b, c, d: _target_bce_chunk(head, a, b, c, d, log_weight), (h, targets, tl, valid),
+                         chunk_size, grad, hidden.new_zeros((), dtype=torch.float32))
     return total, valid.sum()

@@ -683,13 +683,21 @@ class _Run:
         if band is None:
             return sum(max(0.0, m - t.ma) for m in scores.ma)
         gap = sum(band_gap(n, m, band) for n, m in zip(nll, scores.ma))
-        reference = self.unseen_now or self.target.unseen_nll
-        if self.two_sided and reference and scores.nll:
-            # a set inside the band but bunched on one side of it is still off target (a loss attack finds
-            # it): the AUC's excess over the tolerance counts as distance, so the step-size control sees it
-            auc = loss_auc(scores.nll, reference)
-            gap += len(scores.nll) * max(0.0, abs(auc - 0.5) - self.config.settle_auc)
-        return gap
+        # a set inside the band but bunched on one side of it is still off target (a loss attack finds it):
+        # the AUC's excess over the tolerance counts as distance, so the step-size control sees it
+        return gap + len(scores.ma) * self.auc_excess(scores.nll)
+
+    def attack_reference(self) -> Optional[List[float]]:
+        """The never-seen NLLs a loss attack compares the forget set with (under the model as it was at
+        the last scoring, else the base's); None for a one-sided method, which cannot centre a set."""
+        return (self.unseen_now or self.target.unseen_nll) if self.two_sided else None
+
+    def auc_excess(self, nll: Optional[List[float]]) -> float:
+        """How far a loss attack's AUC on `nll` is outside 0.5 +- settle_auc (0 where not applicable)."""
+        reference = self.attack_reference()
+        if not (reference and nll):
+            return 0.0
+        return max(0.0, abs(loss_auc(nll, reference) - 0.5) - self.config.settle_auc)
 
     def retain_ma(self) -> Optional[float]:
         if not len(self.retain_eval):
@@ -709,8 +717,8 @@ class _Run:
 
     def off_centre(self) -> int:
         """calibrate.off_centre of the forget set against the never-seen samples (0 where not applicable)."""
-        reference = self.unseen_now or self.target.unseen_nll
-        if not (self.two_sided and self.target.band is not None and reference and self.scores.nll
+        reference = self.attack_reference()
+        if not (self.target.band is not None and reference and self.scores.nll
                 and self.config.iur and self.config.criterion == "ma_el"):
             return 0
         return off_centre(self.scores.nll, reference, self.config.settle_auc)
@@ -770,8 +778,9 @@ class _Run:
                 safe = 1 - (1 - cfg.retain_floor) / 2
                 if retain_ma is None or retain_ma_before is None or retain_ma >= safe * retain_ma_before:
                     good = (_lora_state(model), self.scores, list(self.active))
-                    if self.quality() > best[0]:
-                        best, best_step = (self.quality(), good), self.steps
+                    quality = self.quality()
+                    if quality > best[0]:
+                        best, best_step = (quality, good), self.steps
                         if inside_step is None and best[0][0] == len(self.forget_set):
                             inside_step = self.steps
             for g in self.optimizer.param_groups:
@@ -814,10 +823,7 @@ class _Run:
         """How good the current state is, comparable across rounds: (samples forgotten, -excess of the
         loss attack's AUC over the centring tolerance). Used to keep the best state of a run."""
         n = sum(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion))
-        reference = self.unseen_now or self.target.unseen_nll
-        if not (self.two_sided and reference and self.scores.nll):
-            return (n, 0.0)
-        return (n, -max(0.0, abs(loss_auc(self.scores.nll, reference) - 0.5) - self.config.settle_auc))
+        return (n, -self.auc_excess(self.scores.nll))
 
     def settled(self) -> bool:
         """Done: nothing left to train on; with a two-sided method, also every sample inside the band, the
