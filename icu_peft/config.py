@@ -39,6 +39,7 @@ class ICUConfig:
     compute_dtype: str = field(default="auto", metadata={"help": "Compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% slower; worth it for 7B+."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the model repository (off unless you trust it)."})
+    precision_check: str = field(default="auto", metadata={"help": "With a 4-bit base, also train and score the adapter through a full-precision copy of the base (what a merge gives), so samples count as forgotten only when forgotten in both: 'auto' (when the copy fits in free memory), 'on' or 'off'."})
 
     # --- LoRA ---
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -170,6 +171,7 @@ class ICUConfig:
         need(self.neighbour_micro_batch >= 0, "neighbour_micro_batch must be >= 0")
         need(self.reference_cache_mb >= 0 and self.prefix_cache_mb >= 0, "reference_cache_mb and prefix_cache_mb must be >= 0")
         need(self.no_retain in ("generate", "refuse"), "no_retain must be 'generate' or 'refuse'")
+        need(self.precision_check in ("auto", "on", "off"), "precision_check must be 'auto', 'on' or 'off'")
         need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")
         need(len(tuple(self.adam_betas)) == 2, "adam_betas must have two values")
         need(self.embedder == "base" or self.embedder.startswith("sentence-transformers"),

@@ -320,6 +320,26 @@ class Scores:
             out["nll"] = float(sum(self.nll) / len(self.nll))
         return out
 
+    @classmethod
+    def concat(cls, parts: Sequence["Scores"]) -> "Scores":
+        """One Scores holding `parts` one after another (the same samples scored under several models)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def joined(name):
+            lists = [getattr(p, name) for p in parts]
+            return None if any(x is None for x in lists) else [v for x in lists for v in x]
+
+        return cls(ma=joined("ma"), el=joined("el"), bleu=joined("bleu"), nll=joined("nll"))
+
+    def split(self, n: int) -> List["Scores"]:
+        """The inverse of concat for parts of `n` samples each."""
+        def part(x, k):
+            return None if x is None else x[k:k + n]
+
+        return [Scores(ma=part(self.ma, k), el=part(self.el, k), bleu=part(self.bleu, k), nll=part(self.nll, k))
+                for k in range(0, len(self.ma), n)]
+
 
 @torch.no_grad()
 def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 10, el_start: int = 1,

@@ -13,6 +13,7 @@ import platform
 import resource
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -32,6 +33,7 @@ from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_m
 from .methods import ForgetBatch, PrepareContext, resolve
 from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples, teacher_forced
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
+from .precision import PrecisionView, build_view, wanted
 from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
 from .evaluation import forget_mia
 from .report import write_report
@@ -529,7 +531,9 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     # 3. the method's own preparation (per-sample targets), then the forget adapter
     method = resolve(config)
     method_state = _prepare_method(method, base_model, forget_set, pad_id, target, distinct, config)
+    view_skipped = wanted(config, base_model, accelerator.device)  # before the base becomes a PeftModel
     model, reference = prepare_trainable(base_model, config)
+    view = _precision_view(config, model, accelerator.device, view_skipped)
     reference = CachedReference(reference or adapter_disabled_reference(model), config.reference_cache_mb * 2**20)
     # with LoRA in the top layers only, the layers below are run once per sample instead of every step
     train_backbone = (FrozenPrefixBackbone.build(_parts(model)[0], config.prefix_cache_mb * 2**20)
@@ -538,16 +542,15 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     # 4. train until calibrated
     run = _Run(model=model, forget_set=forget_set, retain_set=retain_set, neighbours=neighbours, pad_id=pad_id,
                config=config, target=target, reference=reference, backbone=train_backbone, distinct=distinct,
-               method_state=method_state, two_sided=method.prepare is not None, accelerator=accelerator, show=show)
+               method_state=method_state, two_sided=method.prepare is not None, accelerator=accelerator, show=show,
+               view=view, view_skipped=view_skipped)
     run.train()
 
     # 5. optional post-hoc scaling towards a loss level (nll_target), DDP check, complete scores
     calibration = _scale_to_nll_target(run) if thresholds.nll is not None else None
     in_sync = _ranks_in_sync(run)
-    if any(e is None for e in run.scores.el):  # lazy scoring left gaps: the report gets complete scores
-        run.scores = _score(model, forget_set, pad_id, config, "scoring forget set")
-        run.per_epoch[-1] = run.scores
-    if run.status == "forgotten" and not all(forgotten_mask(run.scores, thresholds, config.criterion)):
+    run.complete_scores()
+    if run.status == "forgotten" and not all(run.done):
         run.status = "partial"  # complete EL (or the scaling) moved a sample out of the band
     retain_after = (_score(model, run.retain_eval, pad_id, config, "scoring retain set", el_max_ma=run.retain_el)
                     if len(run.retain_eval) else None)
@@ -608,6 +611,19 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
     return state
 
 
+def _precision_view(config: ICUConfig, model, device, skipped: Optional[str]) -> Optional[PrecisionView]:
+    """The full-precision view of the adapter being trained (precision.py), or None with the reason logged."""
+    if skipped is not None:
+        if config.precision_check == "on" or "fit" in skipped:
+            logger.warning("full-precision check not built: %s; the adapter is only known to forget on the 4-bit "
+                           "base (run `icu-peft eval --attack quantize` before merging)", skipped)
+        return None
+    view = build_view(config, model, device)
+    logger.info("full-precision check: the adapter also trains and is scored on the %s base (what a merge gives)",
+                view.name)
+    return view
+
+
 @dataclass
 class _Run:
     """One request's training state: the loop (train) and what the report needs afterwards."""
@@ -626,10 +642,13 @@ class _Run:
     two_sided: bool
     accelerator: object
     show: bool
+    view: Optional[PrecisionView] = None  # the same adapter on the full-precision base (precision.py)
+    view_skipped: Optional[str] = None  # why there is no view
     status: str = "partial"
     steps: int = 0
     epoch: int = 0
     unseen_now: Optional[List[float]] = None  # never-seen samples' NLL at the last scoring (None: use the base's)
+    el_borrowed: bool = False  # the other views' EL_n at the last scoring is the trained view's (score)
 
     def __post_init__(self) -> None:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -653,14 +672,60 @@ class _Run:
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     # -- scoring
-    def score(self, desc: str) -> Scores:
-        scores = _score(self.model, self.forget_set, self.pad_id, self.config, desc, el_max_ma=self.lazy_ma,
-                        el_min_nll=self.lazy_nll)
-        self.unseen_now = self.unseen_nll_now()
-        return scores
+    def models(self) -> list:
+        """The models holding the adapter: the one being trained, then the full-precision view's."""
+        return [self.model] + ([self.view.model] if self.view is not None else [])
 
-    def unseen_nll_now(self) -> Optional[List[float]]:
-        """The never-seen samples' NLL under the model as it is now (one teacher-forced pass).
+    def view_names(self) -> List[str]:
+        """Every precision the adapter is scored in: the one it trains on, then precision.py's views."""
+        trained = ("nf4" if getattr(self.model, "is_loaded_in_4bit", False)
+                   else str(next(self.model.parameters()).dtype).replace("torch.", ""))
+        return [trained] + (self.view.names() if self.view is not None else [])
+
+    @contextmanager
+    def run_as(self, k: int):
+        """The model computing as view k of view_names()."""
+        if k == 0:
+            yield self.model
+        else:
+            with self.view.as_view(k - 1) as m:
+                yield m
+
+    def score(self, desc: str, complete: bool = False) -> Scores:
+        """The forget set under every view, one after another (Scores.concat): the stop rule treats a
+        sample in each precision as one more sample to bring inside the band.
+
+        EL_n's greedy roll-outs are most of a scoring round's cost. Between confirmations the other
+        views are scored for MA and NLL only and borrow the trained view's EL_n of the same sample
+        (the same adapter on nearly the same weights); `complete` scores EL_n everywhere, which the
+        loop does before it stops (`confirmed`) and the report always does."""
+        lazy = {} if complete else dict(el_max_ma=self.lazy_ma, el_min_nll=self.lazy_nll)
+        if self.view is not None and self.view.merged is not None:
+            self.view.merged.refresh()  # re-quantize the merged weights from the adapter as it is now
+        parts, now = [], []
+        for k, name in enumerate(self.view_names()):
+            with self.run_as(k) as m:
+                s = _score(m, self.forget_set, self.pad_id, self.config, desc if k == 0 else f"{desc} ({name})",
+                           **(lazy if complete or k == 0 else dict(el_max_ma=-1.0)))
+                if k and not complete:
+                    s.el = list(parts[0].el)
+                parts.append(s)
+                now.append(self.unseen_nll_now(m))
+        self.unseen_now = None if any(x is None for x in now) else [v for x in now for v in x]
+        self.el_borrowed = self.view is not None and not complete
+        return Scores.concat(parts)
+
+    def confirmed(self) -> bool:
+        """Before stopping as settled: with borrowed EL_n in the other views, score every view completely
+        and say whether the set is still settled (if not, the new scores send training on)."""
+        if not self.el_borrowed:
+            return True
+        self.scores = self.score(f"confirming step {self.steps}", complete=True)
+        self.update_active(self.active)
+        return self.settled()
+
+    def unseen_nll_now(self, model) -> Optional[List[float]]:
+        """The never-seen samples' NLL under `model` as it is now (one teacher-forced pass).
 
         The adapter moves never-seen text of the same kind too, and an attacker compares against the
         model they have, not the base: the centring check uses these, not the base's.
@@ -668,13 +733,32 @@ class _Run:
         tset = self.target.unseen_set
         if tset is None or not self.two_sided:
             return None
-        self.model.eval()
+        model.eval()
         out: List[float] = []
         bs = self.config.score_batch_size
         with torch.no_grad():
             for b in range(0, len(tset), bs):
-                out.extend(teacher_forced(self.model, tset.input_ids[b:b + bs], self.pad_id).nll().tolist())
+                out.extend(teacher_forced(model, tset.input_ids[b:b + bs], self.pad_id).nll().tolist())
         return out
+
+    def forgotten(self, scores: Optional[Scores] = None) -> List[bool]:
+        """Per forget sample: forgotten under every view."""
+        flags = forgotten_mask(scores or self.scores, self.target.thresholds, self.config.criterion)
+        n = len(self.forget_set)
+        return [all(flags[i::n]) for i in range(n)]
+
+    def complete_scores(self) -> None:
+        """After training: complete scores (lazy scoring skipped EL), then split per view. `scores` and
+        `before` become the training view's (`views_after` / `views_before` hold every view's by name),
+        `done` the per-sample verdict over all of them."""
+        if self.el_borrowed or any(e is None for e in self.scores.el):
+            self.scores = self.score("scoring forget set", complete=True)
+            self.per_epoch[-1] = self.scores
+        self.done = self.forgotten()
+        n, names = len(self.forget_set), self.view_names()
+        self.views_after = dict(zip(names, self.scores.split(n)))
+        self.views_before = dict(zip(names, self.before.split(n)))
+        self.scores, self.before = self.views_after[names[0]], self.views_before[names[0]]
 
     def gap(self, scores: Scores) -> float:
         """Distance of the forget set from the band (or the thresholds), for the step-size control."""
@@ -706,14 +790,16 @@ class _Run:
                       el_max_ma=-1.0).mean()["ma"]  # MA only: no EL roll-outs
 
     def update_active(self, previous: Optional[List[bool]] = None) -> None:
-        self.active = _active(self.scores, self.target.thresholds, self.config, self.target.band, previous,
-                              self.two_sided)
+        n, views = len(self.forget_set), len(self.view_names())
+        flags = _active(self.scores, self.target.thresholds, self.config, self.target.band,
+                        None if previous is None else previous * views, self.two_sided)
         side = self.off_centre()
         if side:
             # the set is bunched on one side of the never-seen text: train the samples on that side of the
             # band's middle (their targets are the middle) until a loss attack cannot tell the sets apart
             mid = self.target.band.nll_mid
-            self.active = [a or (n < mid if side > 0 else n > mid) for a, n in zip(self.active, self.scores.nll)]
+            flags = [a or (x < mid if side > 0 else x > mid) for a, x in zip(flags, self.scores.nll)]
+        self.active = [any(flags[i::n]) for i in range(n)]  # a sample trains while any view wants it
 
     def off_centre(self) -> int:
         """calibrate.off_centre of the forget set against the never-seen samples (0 where not applicable)."""
@@ -727,7 +813,7 @@ class _Run:
     def train(self) -> None:
         cfg, model = self.config, self.model
         # complete scores before (EL of memorised text is cheap: few roll-outs), lazy ones during training
-        self.before = self.scores = _score(model, self.forget_set, self.pad_id, cfg, "scoring forget set")
+        self.before = self.scores = self.score("scoring forget set", complete=True)
         self.retain_before = (_score(model, self.retain_eval, self.pad_id, cfg, "scoring retain set",
                                      el_max_ma=self.retain_el) if len(self.retain_eval) else None)
         retain_ma_before = self.retain_before.mean()["ma"] if self.retain_before else None
@@ -743,7 +829,7 @@ class _Run:
         best_step, inside_step = 0, None  # step of the best state; first step with every sample inside
         bar = _bar(cfg.max_steps, "steps", self.show)
         while True:
-            if self.settled() and self.epoch >= cfg.min_epochs:
+            if self.settled() and self.epoch >= cfg.min_epochs and self.confirmed():
                 self.status = "forgotten"
                 break
             if self.steps >= cfg.max_steps or (cfg.max_epochs is not None and self.epoch >= cfg.max_epochs):
@@ -796,19 +882,21 @@ class _Run:
                         "-" if retain_ma is None else f"{retain_ma:.3f}", sum(self.active), self.step_size.lr, action)
             bar.set_postfix(active=sum(self.active), ma=f"{m['ma']:.3f}", lr=f"{self.step_size.lr:.1e}")
         bar.close()
-        self.model.eval()
+        for m in self.models():
+            m.eval()
         if self.status == "partial" and best[0] > self.quality():
             # the budget ended in a worse place than one already reached (samples can wander back out
             # of the band while the set is being centred): return to the best state
             _restore(model, best[1][0])
             self.scores, self.active = best[1][1], best[1][2]
             self.unseen_now = None
+            self.el_borrowed = self.view is not None  # whatever that state's scores were: score it afresh
             self.per_epoch.append(self.scores)  # the report's per-sample series end where the adapter is
             self.history.append(dict(epoch=self.epoch, step=self.steps, active=sum(self.active), lr=self.step_size.lr,
                                      action="best_restored", **{f"{k}_mean": v for k, v in self.scores.mean().items()}))
             logger.info("restored the best state seen (%d of %d samples inside the band)",
                         best[0][0], len(self.forget_set))
-        if self.status == "partial" and all(forgotten_mask(self.scores, self.target.thresholds, cfg.criterion)):
+        if self.status == "partial" and all(self.forgotten()):
             self.status = "forgotten"  # the budget ended with the set inside the band, if not yet centred
 
     def patience(self, inside_step: int) -> int:
@@ -822,8 +910,7 @@ class _Run:
     def quality(self) -> tuple:
         """How good the current state is, comparable across rounds: (samples forgotten, -excess of the
         loss attack's AUC over the centring tolerance). Used to keep the best state of a run."""
-        n = sum(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion))
-        return (n, -self.auc_excess(self.scores.nll))
+        return (sum(self.forgotten()), -self.auc_excess(self.scores.nll))
 
     def settled(self) -> bool:
         """Done: nothing left to train on; with a two-sided method, also every sample inside the band, the
@@ -842,12 +929,15 @@ class _Run:
         """Whole epochs over the active samples until round_steps steps are done (or the budget ends)."""
         cfg = self.config
         terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
+        if self.view is not None:
+            terms["l_fgt_view"] = 0.0  # the forget term through the full-precision base
         done = 0
         active_idx = [i for i, a in enumerate(self.active) if a] or list(range(len(self.forget_set)))  # min_epochs
         while done < cfg.round_steps and self.steps < cfg.max_steps and (cfg.max_epochs is None or self.epoch < cfg.max_epochs):
             self.epoch += 1
             order = [active_idx[i] for i in torch.randperm(len(active_idx), generator=self.gen).tolist()]
-            self.model.train()
+            for m in self.models():
+                m.train()
             for b in range(math.ceil(len(order) / cfg.batch_size)):
                 if self.steps >= cfg.max_steps:
                     break
@@ -881,6 +971,17 @@ class _Run:
                                 backbone=self.backbone, rows=mine, method_state=self.method_state)
         if not math.isfinite(out["loss"]):
             return out
+        if self.view is not None:
+            # the same forget term through another precision, in turn (full precision, merged NF4): the
+            # adapter must forget there too. Neighbour terms only once: the KL to the 4-bit reference
+            # already holds the retain text.
+            k = 1 + self.steps % (len(self.view_names()) - 1)
+            with self.run_as(k) as m:
+                v = icu_step_backward(m, f_seqs, [], self.pad_id, cfg, None, f_weights, scale=weight, rows=mine,
+                                      method_state=self.method_state)
+            if not math.isfinite(v["loss"]):
+                return v
+            out["l_fgt_view"] = v["l_fgt"]
         if world > 1:
             # LoRA gradients are tiny: average them explicitly rather than wrap in DDP, because
             # the loss calls the backbone directly (chunked logits), which DDP's forward hook misses.
@@ -925,7 +1026,7 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
                   retain_after, calibration, in_sync, t0) -> dict:
     config, forget_set, thresholds = run.config, run.forget_set, run.target.thresholds
     before, after = run.before, run.scores
-    done = forgotten_mask(after, thresholds, config.criterion)
+    done = run.done
     band = run.target.band
     samples = []
     for i, sid in enumerate(forget_set.ids):
@@ -977,6 +1078,7 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
         "device": str(acc.device),
         "wall_time_s": round(time.time() - t0, 2),
         "calibration": calibration.to_dict() if calibration else None,
+        "precisions": _precisions(run),
         "reference_cache": {"hits": run.reference.hits, "misses": run.reference.misses,
                             "mb": round(run.reference.bytes / 2**20, 1)},
         "prefix_cache": ({"layers": run.backbone.start, "hits": run.backbone.prefix.hits,
@@ -985,6 +1087,16 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
         **{k: round(v, 1) for k, v in peak_memory_mb().items()},
         "versions": library_versions(),
     }
+
+
+def _precisions(run: _Run) -> dict:
+    """Where forgetting was checked: per precision the samples forgotten and the means before / after."""
+    thresholds, criterion = run.target.thresholds, run.config.criterion
+    return {"trained_on": run.view_names()[0],
+            "checked": {name: {"forgotten": int(sum(forgotten_mask(after, thresholds, criterion))),
+                               "before": run.views_before[name].mean(), "after": after.mean()}
+                        for name, after in run.views_after.items()},
+            "full_precision_skipped": run.view_skipped if run.view is None else None}
 
 
 def save_forget_adapter(model, report: dict, output_dir: str | Path, overwrite: bool = False) -> Path:

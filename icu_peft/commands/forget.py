@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--unseen", help="text of the same kind the model never saw: sets the 'forgotten' thresholds")
     p.add_argument("--config", help="recipe YAML (ICUConfig fields; a `data:` section may name the files)")
     p.add_argument("--no-quantize", action="store_true", help="keep the base in full precision")
+    p.add_argument("--precision-check", choices=["auto", "on", "off"],
+                   help="with a 4-bit base, also train and score the adapter on the full-precision base and on its "
+                        "merged NF4 copy, so it stays forgotten when merged (default auto: when the copy fits in memory)")
     p.add_argument("--max-epochs", type=int, help="epoch cap")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--lr", "--learning-rate", dest="learning_rate", metavar="auto|LR",
@@ -57,7 +60,7 @@ def run(args) -> int:
     overrides = dict(method=args.method, model=args.model, gguf_file=args.gguf_file, max_epochs=args.max_epochs,
                      max_steps=args.max_steps, seed=args.seed,
                      learning_rate=args.learning_rate, criterion=args.criterion, request_id=args.request_id,
-                     nll_target=args.nll_target)
+                     nll_target=args.nll_target, precision_check=args.precision_check)
     if args.no_quantize:
         overrides["quantize"] = False
     if args.no_progress:
@@ -104,6 +107,13 @@ def run(args) -> int:
             print(f"  never-seen band ({b['count']} samples): NLL {b['nll_lo']:.3f}..{b['nll_hi']:.3f}, MA <= {b['ma_hi']:.3f}")
         else:
             print(f"  thresholds MA <= {r['thresholds']['ma']:.3f}, EL <= {r['thresholds']['el']:.3f} ({r['thresholds']['source']})")
+        prec = r.get("precisions") or {}
+        if len(prec.get("checked", {})) > 1:
+            print("  forgotten per precision: " + ", ".join(f"{k} {v['forgotten']}/{f['count']}"
+                                                          for k, v in prec["checked"].items()))
+        elif prec.get("full_precision_skipped") and prec.get("trained_on") == "nf4":
+            print(f"  checked on the 4-bit base only ({prec['full_precision_skipped']}): "
+                  f"run `icu-peft eval --attack quantize` before merging")
         if r["retain"]["before"]:
             print(f"  retain MA {r['retain']['before']['ma']:.3f} -> {r['retain']['after']['ma']:.3f}")
         if r.get("mia"):

@@ -1,0 +1,187 @@
+"""The full-precision view: a forget adapter trained on a 4-bit base must forget on the full one too.
+
+The adapter is trained against the NF4 weights Q(W). Merged, it runs on W; NF4 rounding of W moves
+a memorised sample's loss by about as much as the calibrated adapter moves it, so an adapter that
+lands a sample mid-band on Q(W) left it familiar on W (measured: SmolLM2 quick demo 2/2 forgotten
+on the 4-bit base, 0/2 merged in fp32; docs/BENCHMARKS.md). The view holds a second copy of the
+base in full precision with a LoRA adapter whose weights *are* the training adapter's (the same
+Parameter objects): every step the forget term is also taken through it, and every scoring round
+scores the forget set through it, so a sample counts as forgotten only when it is inside the band
+in both precisions.
+
+The copy costs the base's full-precision memory; `precision_check="auto"` builds it only when the
+base is 4-bit and the copy fits in the free memory of the device, and the manifest records which
+precisions were checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("icu_peft")
+
+PRECISION_CHECKS = ("auto", "on", "off")
+# the copy may take this share of the memory free when it is loaded: the rest is for activations
+FREE_SHARE = 0.6
+
+
+class MergedQuantized:
+    """The full-precision view's model as a merged-then-quantized copy would compute: every linear layer
+    that a 4-bit load quantizes runs on NF4(W + s*B@A) instead (the quantize attack's NF4 row).
+
+    Forward hooks replace each layer's output while `on`; the value is the quantized layer's, the
+    gradient the full-precision one's (straight-through: rounding has no useful gradient), so the
+    forget term can train through it. The packed weights are re-quantized from the current adapter by
+    `refresh` (every scoring round): 4 bits per weight, dequantized per forward.
+    """
+
+    def __init__(self, model):
+        from peft.tuners.lora import LoraLayer
+
+        head = model.get_output_embeddings()
+        self.lora, self.plain = [], []
+        inside = set()
+        for name, m in model.named_modules():
+            if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear):
+                self.lora.append(m)
+                inside.update(id(x) for x in m.modules())
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and id(m) not in inside and m is not head:
+                self.plain.append(m)
+        self.packed: dict = {}
+        self.on = False
+        for m in self.lora + self.plain:
+            m.register_forward_hook(self._hook)
+        with torch.no_grad():
+            for m in self.plain:  # no adapter: quantized once
+                self.packed[m] = _quantize(m.weight)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for m in self.lora:
+            w = m.base_layer.weight
+            delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+            self.packed[m] = _quantize(w + delta.to(w.dtype))
+
+    def _hook(self, module, args, output):
+        if not self.on:
+            return None
+        import bitsandbytes.functional as bnbf
+
+        x = args[0]
+        data, state = self.packed[module]
+        w = bnbf.dequantize_4bit(data, state).to(x.dtype)
+        bias = getattr(getattr(module, "base_layer", module), "bias", None)
+        y = torch.nn.functional.linear(x, w, bias)
+        return output + (y - output).detach()
+
+
+def _quantize(w: torch.Tensor):
+    """NF4 with double quantization in blocks of 64: what a 4-bit load (QLoRA settings) stores."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.quantize_4bit(w.detach().contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4")
+
+
+@dataclass
+class PrecisionView:
+    """The full-precision base with the training adapter's own LoRA weights attached, and the same
+    model computing as its merged NF4 copy would (`merged`, switched on by `as_merged_nf4`)."""
+
+    model: object  # PeftModel over the full-precision base
+    name: str  # its precision, as the manifest names it ("float32", "bfloat16", ...)
+    merged: Optional[MergedQuantized] = None
+
+    def names(self) -> list:
+        return [self.name] + (["nf4_merged"] if self.merged is not None else [])
+
+    @contextmanager
+    def as_view(self, k: int):
+        """Run the model as view k of names(): 0 the full-precision base, 1 the merged NF4 copy."""
+        if k == 0 or self.merged is None:
+            yield self.model
+            return
+        self.merged.on = True
+        try:
+            yield self.model
+        finally:
+            self.merged.on = False
+
+
+def parameter_count(model) -> int:
+    """Weights of a model as loaded, counting a packed 4-bit tensor by the weights it stands for."""
+    total = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        total += int(qs.shape.numel()) if qs is not None and getattr(qs, "shape", None) is not None else p.numel()
+    return total
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free for a new model copy on `device` (CUDA: the driver's count; CPU: the OS's available)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.virtual_memory().available)
+
+
+def wanted(config, base_model, device: torch.device) -> Optional[str]:
+    """None when the view should be built, else the reason it is not (logged, and kept in the manifest)."""
+    from .models import resolve_compute_dtype
+
+    setting = config.precision_check
+    if setting == "off":
+        return "off (precision_check)"
+    if not getattr(base_model, "is_loaded_in_4bit", False):
+        return "not needed: the base is not quantized"
+    if hasattr(base_model, "peft_config"):
+        return "not built for sequential stacking (--on-top-of)"
+    if not config.use_lora:
+        return "not needed: full fine-tuning"
+    if not config.model:
+        return "no model path to load the full-precision base from"
+    if setting == "auto":
+        need = parameter_count(base_model) * torch.finfo(resolve_compute_dtype(config.compute_dtype, device)).bits // 8
+        free = free_memory_bytes(device)
+        if need > FREE_SHARE * free:
+            return (f"the full-precision base ({need / 2**30:.1f} GiB) does not fit beside the 4-bit one "
+                    f"({free / 2**30:.1f} GiB free); use precision_check='on' to force it")
+    return None
+
+
+def tie_lora(src, dst) -> int:
+    """Make every trainable parameter of `src` (a PeftModel) the same object in `dst` (same names)."""
+    params = {n: p for n, p in src.named_parameters() if p.requires_grad}
+    tied = 0
+    for name, _ in list(dst.named_parameters()):
+        if name in params:
+            owner, _, attr = name.rpartition(".")
+            setattr(dst.get_submodule(owner), attr, params[name])
+            tied += 1
+    if tied != len(params):
+        raise RuntimeError(f"full-precision view: tied {tied} of {len(params)} adapter weights (layouts differ)")
+    return tied
+
+
+def build_view(config, trained_model, device: torch.device) -> PrecisionView:
+    """Load the base in full precision and attach the training adapter's weights to it."""
+    from .models import attach_lora, load_base_model, resolve_compute_dtype
+
+    base = load_base_model(config.model, quantize=False, compute_dtype=config.compute_dtype,
+                           gguf_file=config.gguf_file, trust_remote_code=config.trust_remote_code, device=device)
+    view = attach_lora(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules,
+                       config.gradient_checkpointing, last_layers=config.lora_layers)
+    tie_lora(trained_model, view)
+    dtype = resolve_compute_dtype(config.compute_dtype, device)
+    return PrecisionView(model=view, name=str(dtype).replace("torch.", ""), merged=MergedQuantized(view))
+
+
+__all__ = ["PRECISION_CHECKS", "PrecisionView", "MergedQuantized", "parameter_count", "free_memory_bytes", "wanted", "tie_lora",
+           "build_view"]
