@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from icu_peft import ICUConfig  # noqa: E402
-from icu_peft.testing import WORDS, build_tiny_memorizer  # noqa: E402
+from icu_peft.testing import build_tiny_memorizer, grammar_prose  # noqa: E402
 
 FIRST = "Ada Boris Chen Dana Emil Farah Goran Hana Ivo Jana Kofi Lena Milo Nora Omar Pia Ravi Sana Tomas Uma".split()
 LAST = "Abara Berg Costa Duval Eklund Fischer Garcia Horvat Ito Jensen Kowal Lindqvist Moreau Novak Okafor".split()
@@ -52,14 +52,7 @@ def records(rng: random.Random, n: int):
 
 def prose(rng: random.Random, n: int):
     """Free prose from a small grammar: two or three sentences a sample."""
-    nouns, adjs = WORDS[:24], WORDS[24:]
-    verbs = "follows guards hides carries watches crosses remembers paints".split()
-
-    def sentence() -> str:
-        return (f"The {rng.choice(adjs)} {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)} "
-                f"near the {rng.choice(adjs)} {rng.choice(nouns)}.")
-
-    return [(" ".join(sentence() for _ in range(rng.randint(2, 3))), None, None) for _ in range(n)]
+    return [(t, None, None) for t in grammar_prose(n, rng)]
 
 
 def code(rng: random.Random, n: int):

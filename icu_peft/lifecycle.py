@@ -29,6 +29,7 @@ from .adapters import (MANIFEST_FORMAT, MANIFEST_NAME, MERGED_FORMAT, adapter_we
                        check_base, check_output_dir, check_stack, leaf_manifests, load_forget_adapters, manifest_kind,
                        read_manifest, sha256_file, utc_now, verify_files, write_manifest)
 from .errors import InputError, IntegrityError
+from .report import precisions_line
 
 logger = logging.getLogger("icu_peft")
 
@@ -512,6 +513,7 @@ def describe(directory: str | Path) -> dict:
         out["thresholds"] = m.get("thresholds")
         out["forget"] = m.get("forget")
         out["retain"] = m.get("retain")
+        out["precisions"] = m.get("precisions")
         out["epochs"] = m.get("epochs")
         out["wall_time_s"] = m.get("wall_time_s")
         out["samples"] = [{"id": s["id"], "before": s.get("before"), "after": s.get("after"),
@@ -585,6 +587,7 @@ def format_description(d: dict, indent: str = "") -> str:
             add(f"{indent}  thresholds:  MA <= {t.get('ma', float('nan')):.3f}, EL <= {t.get('el', float('nan')):.3f} "
                 f"({t.get('source')})")
         add(f"{indent}  retain set:  {_fmt_scores(d.get('retain'))}")
+        add(f"{indent}  forgotten in: {precisions_line({'precisions': d.get('precisions'), 'forget': f})}")
         lora = d.get("lora") or {}
         add(f"{indent}  LoRA:        r={lora.get('r')} alpha={lora.get('alpha')}   epochs: {d.get('epochs')}   "
             f"train time: {d.get('wall_time_s')} s")

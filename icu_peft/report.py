@@ -215,6 +215,20 @@ def render_markdown(report: dict, plots: Sequence[str] = (), plot_note: Optional
 
 # ------------------------------------------------------------------------------ entry point
 
+def precisions_line(report: dict) -> str:
+    """Where forgetting was checked (the manifest's `precisions`), in one line."""
+    prec = report.get("precisions") or {}
+    checked = prec.get("checked") or {}
+    count = (report.get("forget") or {}).get("count")
+    names = {"nf4": "the 4-bit base", "nf4_merged": "merged and reloaded in NF4"}
+    if not checked:
+        return "not recorded"
+    text = ", ".join(f"{names.get(k, 'the ' + k + ' base (merged)')} {v['forgotten']}/{count}" for k, v in checked.items())
+    if len(checked) == 1 and prec.get("full_precision_skipped"):
+        text += f"; full precision not checked ({prec['full_precision_skipped']})"
+    return text
+
+
 def model_card(report: dict) -> str:
     """The adapter's README.md, from the manifest: what it is, how to load and check it. No sample text."""
     base = report.get("base") or {}
@@ -246,6 +260,7 @@ def model_card(report: dict) -> str:
                      f"({band.get('count')} never-seen samples) |")
     if ret.get("before") and ret.get("after"):
         lines.append(f"| retain MA | {ret['before']['ma']:.3f} -> {ret['after']['ma']:.3f} |")
+    lines.append(f"| forgotten in | {precisions_line(report)} |")
     lines += [
         "",
         "## Use",

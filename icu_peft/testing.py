@@ -30,6 +30,18 @@ def random_sentences(n: int, seed: int, min_words: int = 10, max_words: int = 14
     return out
 
 
+def grammar_prose(n: int, rng: random.Random) -> List[str]:
+    """Free prose from a small grammar, two or three sentences a sample (shared words and syntax)."""
+    nouns, adjs = WORDS[:24], WORDS[24:]
+    verbs = "follows guards hides carries watches crosses remembers paints".split()
+
+    def sentence() -> str:
+        return (f"The {rng.choice(adjs)} {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)} "
+                f"near the {rng.choice(adjs)} {rng.choice(nouns)}.")
+
+    return [" ".join(sentence() for _ in range(rng.randint(2, 3))) for _ in range(n)]
+
+
 def build_tokenizer(texts: Sequence[str], out_dir: Path, vocab_size: int = 320):
     """A byte-level BPE tokenizer trained on `texts`, saved as a transformers tokenizer."""
     from tokenizers import ByteLevelBPETokenizer

@@ -543,7 +543,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     run = _Run(model=model, forget_set=forget_set, retain_set=retain_set, neighbours=neighbours, pad_id=pad_id,
                config=config, target=target, reference=reference, backbone=train_backbone, distinct=distinct,
                method_state=method_state, two_sided=method.prepare is not None, accelerator=accelerator, show=show,
-               view=view, view_skipped=view_skipped)
+               view=view, view_skipped=view_skipped, view_backbones=_view_backbones(view, config))
     run.train()
 
     # 5. optional post-hoc scaling towards a loss level (nll_target), DDP check, complete scores
@@ -624,6 +624,18 @@ def _precision_view(config: ICUConfig, model, device, skipped: Optional[str]) ->
     return view
 
 
+def _view_backbones(view: Optional[PrecisionView], config: ICUConfig) -> Optional[dict]:
+    """A frozen-prefix backbone per precision view (each its own cache: the layers below the adapter
+    compute W in one view and NF4(W) in the other)."""
+    if view is None or not backbone_and_head(view.model):
+        return None
+    out = {}
+    for k in range(len(view.names())):
+        with view.as_view(k) as m:
+            out[k] = FrozenPrefixBackbone.build(_parts(m)[0], config.prefix_cache_mb * 2**20)
+    return out
+
+
 @dataclass
 class _Run:
     """One request's training state: the loop (train) and what the report needs afterwards."""
@@ -643,6 +655,7 @@ class _Run:
     accelerator: object
     show: bool
     view: Optional[PrecisionView] = None  # the same adapter on the full-precision base (precision.py)
+    view_backbones: Optional[list] = None  # per view of `view`: its frozen-prefix backbone (or None)
     view_skipped: Optional[str] = None  # why there is no view
     status: str = "partial"
     steps: int = 0
@@ -977,7 +990,8 @@ class _Run:
             # already holds the retain text.
             k = 1 + self.steps % (len(self.view_names()) - 1)
             with self.run_as(k) as m:
-                v = icu_step_backward(m, f_seqs, [], self.pad_id, cfg, None, f_weights, scale=weight, rows=mine,
+                v = icu_step_backward(m, f_seqs, [], self.pad_id, cfg, None, f_weights, scale=weight,
+                                      backbone=(self.view_backbones or {}).get(k - 1), rows=mine,
                                       method_state=self.method_state)
             if not math.isfinite(v["loss"]):
                 return v

@@ -104,7 +104,8 @@ def test_max_epochs_caps_training_and_status_says_so(tiny_model_dir, tiny_corpus
     assert r.output_dir is None
 
 
-def test_nan_loss_restores_last_good_weights(tiny_model_dir, tiny_corpus, monkeypatch):
+@pytest.mark.parametrize("precision_check,passes", [("off", 1), ("auto", 2)])
+def test_nan_loss_restores_last_good_weights(tiny_model_dir, tiny_corpus, monkeypatch, precision_check, passes):
     import icu_peft.unlearner as U
 
     real = U.icu_step_loss
@@ -113,12 +114,12 @@ def test_nan_loss_restores_last_good_weights(tiny_model_dir, tiny_corpus, monkey
     def poisoned(*a, **k):
         out = real(*a, **k)
         calls["n"] += 1
-        if calls["n"] >= 2:
+        if calls["n"] > passes:  # the first step's passes (with the precision view: 4-bit, then the view)
             out["loss"] = out["loss"] * float("nan")
         return out
 
     monkeypatch.setattr(U, "icu_step_loss", poisoned)
-    cfg = quick_config(tiny_model_dir, batch_size=8)
+    cfg = quick_config(tiny_model_dir, batch_size=8, precision_check=precision_check)
     r = forget(cfg, tiny_corpus["forget"], tiny_corpus["retain"], tiny_corpus["unseen"])
     assert r.report["status"] == "nan_restored"
     assert r.report["steps"] == 1  # step 1 was good, step 2 hit the NaN: the round's start is restored
@@ -249,7 +250,9 @@ def unbounded_run(tiny_model_dir, tiny_corpus):
 
     Without never-seen text there is no band (the published thresholds decide), which is where the
     post-hoc scaling (nll_target, a number) still applies; calibrated forgetting (the default) does not need it."""
-    r = forget(quick_config(tiny_model_dir, forget_loss="ga"), tiny_corpus["forget"][:2], tiny_corpus["retain"], None)
+    # precision_check off: the scaling matches the mean NLL over every precision view, these tests read the 4-bit one's
+    r = forget(quick_config(tiny_model_dir, forget_loss="ga", precision_check="off"), tiny_corpus["forget"][:2],
+               tiny_corpus["retain"], None)
     return r.report
 
 
@@ -271,7 +274,8 @@ def test_nll_target_scales_the_adapter_towards_the_target_and_keeps_every_sample
     assert hi > lo + 1.0  # the ascent did raise the loss
     extra = dict(min_epochs=off["epochs"] + 10) if where == "below" else {}
     target = hi if where == "below" else hi + 1.0
-    on = forget(quick_config(tiny_model_dir, forget_loss="ga", nll_target=target, nll_tolerance=0.1, **extra),
+    on = forget(quick_config(tiny_model_dir, forget_loss="ga", nll_target=target, nll_tolerance=0.1,
+                             precision_check="off", **extra),
                 tiny_corpus["forget"][:2], tiny_corpus["retain"], None)
     rep = on.report
     cal = rep["calibration"]

@@ -311,7 +311,8 @@ def test_verify_matches_samples_to_manifests(tiny_model_dir, tiny_corpus, ab):
     manifest_ids = [read_manifest(ab[0])["samples"][1]["id"], read_manifest(ab[1])["samples"][0]["id"]]
     assert [r["id"] for r in res["samples"]] == manifest_ids
     for r in res["samples"]:
-        assert r["forgotten"] == (r["ma"] <= r["threshold_ma"] and r["el"] <= r["threshold_el"])
+        lo, hi = r["band_nll"]  # the never-seen band's loss edges count too
+        assert r["forgotten"] == (r["ma"] <= r["threshold_ma"] and r["el"] <= r["threshold_el"] and lo <= r["nll"] <= hi)
     assert res["summary"]["verdict"] == ("PASS" if all(r["forgotten"] for r in res["samples"]) else "FAIL")
     # explicit thresholds override the manifests
     res = verify_forget_set(stacked, tok, tiny_corpus["forget"][:1], leaves, ma_threshold=-1.0, el_threshold=-1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_the_view_is_built_only_where_it_is_wanted(tiny_model_dir, monkeypatch):
         ICUConfig(precision_check="maybe")
 
 
-def test_forget_trains_and_reports_every_precision(tiny_forget_adapter):
+def test_forget_trains_and_reports_every_precision(tiny_forget_adapter, capsys):
     from icu_peft.adapters import read_manifest
 
     m = read_manifest(tiny_forget_adapter)
@@ -108,19 +109,27 @@ def test_forget_trains_and_reports_every_precision(tiny_forget_adapter):
     assert m["status"] != "forgotten" or all(v["forgotten"] == m["forget"]["count"] for v in p["checked"].values())
     # the loop took the forget term through the other precisions too
     assert any("l_fgt_view" in h for h in m["history"])
+    # the model card and `inspect` say where it was checked
+    card = (tiny_forget_adapter / "README.md").read_text()
+    n = m["forget"]["count"]
+    assert f"merged and reloaded in NF4 {p['checked']['nf4_merged']['forgotten']}/{n}" in card
+    from icu_peft.cli import main
+
+    assert main(["inspect", str(tiny_forget_adapter)]) == 0
+    assert f"the 4-bit base {p['checked']['nf4']['forgotten']}/{n}" in capsys.readouterr().out
 
 
 def test_a_memoriser_that_nf4_rounding_half_forgets_stays_forgotten_merged(tmp_path):
     """The failure this module exists for: on a 48-wide memoriser NF4 rounding of the base alone moves
     the forget set's loss by ~1 nat. An adapter calibrated against the 4-bit weights only left the
-    full-precision merge remembering (0 of 6 forgotten, docs/BENCHMARKS.md); with the precision views
+    full-precision merge remembering (0 of 4 here, with precision_check off); with the precision views
     the merge, its NF4 reload and its int8 reload all stay forgotten."""
     from icu_peft import ICUConfig
     from icu_peft.attacks import quantize_attack
-    from icu_peft.testing import build_tiny_memorizer, random_sentences
+    from icu_peft.testing import build_tiny_memorizer, grammar_prose
     from icu_peft.unlearner import forget
 
-    texts = random_sentences(26, seed=11, min_words=12, max_words=16)
+    texts = grammar_prose(26, random.Random(11))
     fg, rt, un = texts[:4], texts[4:16], texts[16:]
     build_tiny_memorizer(tmp_path / "m", fg + rt, un, steps=400, hidden=48, layers=3, seed=11)
     r = forget(ICUConfig(model=str(tmp_path / "m"), progress=False), fg, rt, un, output_dir=tmp_path / "a")

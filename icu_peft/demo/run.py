@@ -321,6 +321,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
     # two samples sat mid-band (NLL 2.78 in 2.47..3.08) yet "outside the target" for 60 steps.
     if cfg.ma_threshold is None and cfg.el_threshold is None:
         cfg = dataclasses.replace(cfg, ma_threshold=before["unseen"]["ma_max"], el_threshold=before["unseen"]["el_max"])
+    # the loaded base is passed in; the path lets the request load its full-precision view (precision.py)
+    cfg = dataclasses.replace(cfg, model=cfg.model or str(planted))
 
     say(f"[3/4] forgetting {nf} people with ICU into a LoRA forget adapter ...")
     with atomic_output_dir(out, overwrite=True) as tmp:
