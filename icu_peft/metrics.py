@@ -232,9 +232,20 @@ def greedy_continue(model, contexts: Sequence[torch.Tensor], num_new: Sequence[i
     return result  # type: ignore[return-value]
 
 
+class _Share:
+    """A progress bar seen through `share` of its total, spread over `count` updates of 1."""
+
+    def __init__(self, bar, share: float, count: int):
+        self.bar, self.step = bar, share / max(count, 1)
+
+    def update(self, k: int) -> None:
+        self.bar.update(k * self.step)
+
+
 @torch.no_grad()
 def extraction_likelihood(model, seqs: Sequence[torch.Tensor], n: int, pad_id: int, start: int = 1,
-                          batch_size: int = 16, tf: Optional[TeacherForced] = None, progress=None) -> List[float]:
+                          batch_size: int = 16, tf: Optional[TeacherForced] = None, progress=None,
+                          progress_share: Optional[float] = None) -> List[float]:
     """EL_n of each sequence, scoring prefix lengths t = max(start, 1) .. T-n.
 
     Greedy continuations share work: if argmax p(.|x_<t) == x_t, the continuation of prefix t is x_t
@@ -242,6 +253,8 @@ def extraction_likelihood(model, seqs: Sequence[torch.Tensor], n: int, pad_id: i
     the text (d with argmax p(.|x_<d) != x_d) need a fresh roll-out, of length T-d; every other
     continuation is spliced from the text and those roll-outs. A memorised sample thus costs a few
     roll-outs instead of T-n of them. The result equals the naive definition (see tests).
+    `progress` counts roll-outs, or with `progress_share`, moves that much in all (a share of a bar
+    that counts samples: the roll-outs of never-seen text take minutes, and the bar must move).
     """
     if tf is None:
         tf = teacher_forced(model, seqs, pad_id)
@@ -259,6 +272,12 @@ def extraction_likelihood(model, seqs: Sequence[torch.Tensor], n: int, pad_id: i
                 num_new.append(T - d)
                 keys.append((b, d))
         plans.append((t_lo, t_hi, deviations))
+    if progress is not None and progress_share is not None:
+        if not contexts:  # nothing to roll out: the share moves at once
+            progress.update(progress_share)
+            progress = None
+        else:
+            progress = _Share(progress, progress_share, len(contexts))
     rolled = greedy_continue(model, contexts, num_new, pad_id, batch_size=batch_size, progress=progress) if contexts else []
     rollouts = {k: r for k, r in zip(keys, rolled)}
     scores = []
@@ -359,8 +378,14 @@ def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 
         chunk_ma, chunk_nll = tf.ma().tolist(), tf.nll().tolist()
         ma.extend(chunk_ma)
         nll.extend(chunk_nll)
+        # the roll-outs move the bar by most of the chunk's share as they go (a chunk of never-seen text
+        # can take minutes); the rest moves when the chunk is done
+        share = 0.9 * len(chunk) if progress is not None else None
+        moved = 0.0
         if el_max_ma is None and el_min_nll is None:
-            el.extend(extraction_likelihood(model, chunk, el_n, pad_id, start=el_start, batch_size=batch_size, tf=tf))
+            el.extend(extraction_likelihood(model, chunk, el_n, pad_id, start=el_start, batch_size=batch_size, tf=tf,
+                                            progress=progress, progress_share=share))
+            moved = share or 0.0
         else:
             keep = [i for i, (m, n) in enumerate(zip(chunk_ma, chunk_nll))
                     if (el_max_ma is None or m <= el_max_ma) and (el_min_nll is None or n >= el_min_nll)]
@@ -368,13 +393,15 @@ def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 
             if keep:
                 sub = TeacherForced(tf.predictions[keep], tf.target_logprobs[keep], tf.mask[keep], tf.labels[keep])
                 for i, v in zip(keep, extraction_likelihood(model, [chunk[i] for i in keep], el_n, pad_id,
-                                                            start=el_start, batch_size=batch_size, tf=sub)):
+                                                            start=el_start, batch_size=batch_size, tf=sub,
+                                                            progress=progress, progress_share=share)):
                     values[i] = v
+                moved = share or 0.0
             el.extend(values)
         if with_bleu:
             bleu.extend(suffix_bleu(model, chunk, pad_id, bleu_prefix, bleu_suffix, batch_size))
         if progress is not None:
-            progress.update(len(chunk))
+            progress.update(len(chunk) - moved)
     return Scores(ma=ma, el=el, bleu=bleu if with_bleu else None, nll=nll)
 
 

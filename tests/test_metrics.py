@@ -251,3 +251,26 @@ def test_lazy_el_also_skips_samples_whose_nll_is_still_under_the_band(tiny, tiny
     lazy = score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2, el_min_nll=cut)
     assert lazy.nll == full.nll and lazy.el[0] is None
     assert lazy.el[1] == pytest.approx(full.el[1], abs=1e-12)
+
+
+def test_the_scoring_bar_moves_during_the_roll_outs_and_ends_at_the_sample_count(tiny, tiny_corpus):
+    """A chunk of never-seen text can take minutes of EL roll-outs: the bar must move inside the chunk,
+    and still count exactly one per sample at the end (also where lazy scoring skips the roll-outs)."""
+    from icu_peft.metrics import score_samples
+
+    class Bar:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, k):
+            self.updates.append(k)
+
+    model, tok = tiny
+    seqs = [_ids(tok, t) for t in tiny_corpus["unseen"][:3]]  # never seen: many deviations, many roll-outs
+    bar = Bar()
+    score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2, progress=bar)
+    assert sum(bar.updates) == pytest.approx(3)
+    assert len(bar.updates) > 2  # more than one move per chunk of two
+    lazy = Bar()
+    score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2, progress=lazy, el_max_ma=-1.0)
+    assert sum(lazy.updates) == pytest.approx(3)
