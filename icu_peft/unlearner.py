@@ -876,8 +876,14 @@ class _Run:
                 # floor's edge the next round slides under it again
                 safe = 1 - (1 - cfg.retain_floor) / 2
                 if retain_ma is None or retain_ma_before is None or retain_ma >= safe * retain_ma_before:
-                    good = (_lora_state(model), self.scores, list(self.active))
                     quality = self.quality()
+                    if quality > best[0] and quality[0] == len(self.forget_set) and self.el_borrowed:
+                        # a new best with every sample inside on borrowed EL_n: check it with every
+                        # view's own before the run may stop on it (patience) or return to it
+                        self.scores = self.score(f"confirming step {self.steps}", complete=True)
+                        self.update_active(self.active)
+                        quality = self.quality()
+                    good = (_lora_state(model), self.scores, list(self.active))
                     if quality > best[0]:
                         best, best_step = (quality, good), self.steps
                         if inside_step is None and best[0][0] == len(self.forget_set):
