@@ -25,6 +25,7 @@ COMMANDS = {
     "combine": "combine",
     "keygen": "keygen",
     "sign": "sign",
+    "export": "export",
     "demo": "demo",
     "codebook": "codebook",
     "config": "config",
