@@ -26,6 +26,7 @@ COMMANDS = {
     "keygen": "keygen",
     "sign": "sign",
     "export": "export",
+    "ledger": "ledger",
     "demo": "demo",
     "codebook": "codebook",
     "config": "config",

@@ -46,6 +46,7 @@ class ICUConfig:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_layers: int = field(default=0, metadata={"help": "LoRA only in the last N decoder layers (0: all); backward stops there: faster, less memory."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    init_adapter: Optional[str] = field(default=None, metadata={"help": "Start the LoRA weights from this forget adapter (same LoRA settings) instead of zero: the forget ledger warm-starts each consolidation from the last one."})
     target_modules: Any = field(default="all-linear", metadata={"help": "Modules that get LoRA: 'all-linear' or a list of module names."})
 
     # --- data ---

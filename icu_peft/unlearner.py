@@ -533,6 +533,8 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     method_state = _prepare_method(method, base_model, forget_set, pad_id, target, distinct, config)
     view_skipped = wanted(config, base_model, accelerator.device)  # before the base becomes a PeftModel
     model, reference = prepare_trainable(base_model, config)
+    if config.init_adapter:
+        warm_start(model, config.init_adapter)
     view = _precision_view(config, model, accelerator.device, view_skipped)
     reference = CachedReference(reference or adapter_disabled_reference(model), config.reference_cache_mb * 2**20)
     # with LoRA in the top layers only, the layers below are run once per sample instead of every step
@@ -609,6 +611,25 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
     if hasattr(state, "summary"):
         logger.info("forget targets: %s", ", ".join(f"{k} {v:.3f}" for k, v in state.summary().items()))
     return state
+
+
+def warm_start(model, directory: str | Path) -> None:
+    """Load a forget adapter's LoRA weights (integrity-checked) into the fresh 'default' adapter."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .adapters import verify_files
+
+    verify_files(directory)
+    state = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    own = {n for n, p in model.named_parameters() if p.requires_grad}
+    result = set_peft_model_state_dict(model, state, adapter_name="default")
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    loaded = len(state) - len(unexpected)
+    if unexpected or loaded != len(own):
+        raise InputError(f"init_adapter {directory}: its LoRA layout differs from this request's "
+                         f"({loaded} of {len(own)} weights match); use the same LoRA settings")
+    logger.info("LoRA weights warm-started from %s", directory)
 
 
 def _precision_view(config: ICUConfig, model, device, skipped: Optional[str]) -> Optional[PrecisionView]:

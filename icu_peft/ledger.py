@@ -1,0 +1,214 @@
+"""The forget ledger: every request of one served base, and one consolidated adapter that serves them all.
+
+Requests arrive one at a time for as long as a model is in service. Each keeps its own adapter and
+manifest in the ledger (the audit trail, revocable one by one); what is served is one **consolidated**
+adapter of fixed rank trained on the union of the active requests, warm-started from the last
+consolidated adapter (`ICUConfig.init_adapter`) with the calibrated target, so serving cost does not
+grow with the number of requests. The ledger records which requests (by id and adapter hash) the
+consolidated adapter covers, so `status` can say when it is stale: a request added since, or a
+revoked one it still covers.
+
+Layout of a ledger directory:
+
+    ledger.json            requests (id, adapter and manifest hashes, status), the consolidation record
+    requests/<id>/         each request's own forget adapter, copied in after its integrity check
+    consolidated/          the served adapter (an ordinary forget adapter: inspect, verify, export it)
+
+The ledger holds no text. Consolidation needs the active requests' texts again: the operator passes
+them, and the ledger checks with the keyed sample ids of each request's manifest (idkeys.py) that
+they are exactly the active requests' samples, none missing and none from a revoked request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .adapters import (adapter_weights_sha256, atomic_output_dir, check_base, manifest_kind, read_manifest, utc_now,
+                       verify_files)
+from .errors import InputError
+
+LEDGER_NAME = "ledger.json"
+LEDGER_FORMAT = "icu-peft/ledger/v1"
+CONSOLIDATED = "consolidated"
+
+
+def _safe(request_id: str) -> str:
+    """A directory name for a request id (ids are UUIDs or operator strings)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(request_id))[:100]
+    if name in ("", ".", ".."):
+        raise InputError(f"request id '{request_id}' cannot name a directory")
+    return name
+
+
+def read_ledger(directory: str | Path, create: bool = False) -> dict:
+    path = Path(directory) / LEDGER_NAME
+    if not path.is_file():
+        if create:
+            return {"format": LEDGER_FORMAT, "base": None, "requests": [], "consolidated": None, "history": []}
+        raise InputError(f"{directory}: not a forget ledger (no {LEDGER_NAME}); `icu-peft ledger add` starts one")
+    try:
+        ledger = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable ledger ({e})") from None
+    if not isinstance(ledger, dict) or ledger.get("format") != LEDGER_FORMAT:
+        raise InputError(f"{path}: not an icu-peft ledger of format {LEDGER_FORMAT}")
+    return ledger
+
+
+def _write_ledger(directory: Path, ledger: dict) -> None:
+    """Replace ledger.json atomically (a temporary file in the same directory, then rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=".ledger-", suffix=".json", dir=directory)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(ledger, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, directory / LEDGER_NAME)
+
+
+def active(ledger: dict) -> List[dict]:
+    return [r for r in ledger["requests"] if r["status"] == "active"]
+
+
+def add_request(directory: str | Path, adapter: str | Path) -> dict:
+    """Check `adapter` (files, base) and copy it into the ledger as an active request."""
+    directory, adapter = Path(directory), Path(adapter)
+    manifest = verify_files(adapter)
+    if manifest_kind(manifest) != "adapter":
+        raise InputError(f"{adapter}: only single-request forget adapters go into a ledger")
+    directory.mkdir(parents=True, exist_ok=True)
+    ledger = read_ledger(directory, create=True)
+    fingerprint = manifest.get("base", {}).get("fingerprint", {})
+    if ledger["base"] is None:
+        ledger["base"] = {"name_or_path": manifest.get("base", {}).get("name_or_path"), "fingerprint": fingerprint}
+    else:
+        check_base(manifest, ledger["base"]["fingerprint"], where=f"{adapter}")
+    rid = manifest.get("request_id")
+    if any(r["request_id"] == rid for r in ledger["requests"]):
+        raise InputError(f"request {rid} is already in the ledger")
+    rel = f"requests/{_safe(rid)}"
+    with atomic_output_dir(directory / rel) as tmp:
+        for p in adapter.iterdir():
+            if p.is_file():
+                shutil.copy2(p, tmp / p.name)
+    entry = {"request_id": rid, "path": rel, "adapter_sha256": adapter_weights_sha256(manifest),
+             "manifest_sha256": manifest.get("manifest_sha256"), "samples": len(manifest.get("samples", [])),
+             "status": "active", "added_at": utc_now()}
+    ledger["requests"].append(entry)
+    ledger["history"].append({"op": "add", "request_id": rid, "at": entry["added_at"]})
+    _write_ledger(directory, ledger)
+    return entry
+
+
+def revoke_request(directory: str | Path, request_id: str) -> dict:
+    """Mark a request revoked and delete its adapter; the consolidated adapter covers it until re-consolidated."""
+    directory = Path(directory)
+    ledger = read_ledger(directory)
+    hits = [r for r in active(ledger) if r["request_id"] == request_id]
+    if not hits:
+        raise InputError(f"no active request {request_id} in the ledger")
+    entry = hits[0]
+    shutil.rmtree(directory / entry["path"], ignore_errors=True)
+    entry.update(status="revoked", revoked_at=utc_now())
+    ledger["history"].append({"op": "revoke", "request_id": request_id, "at": entry["revoked_at"]})
+    _write_ledger(directory, ledger)
+    return entry
+
+
+def status(directory: str | Path) -> dict:
+    """Active requests, what the served (consolidated) adapter covers, and whether it is stale."""
+    ledger = read_ledger(directory)
+    cons = ledger.get("consolidated") or {}
+    covered = {(c["request_id"], c["adapter_sha256"]) for c in cons.get("covers", [])}
+    act = active(ledger)
+    missing = [r["request_id"] for r in act if (r["request_id"], r["adapter_sha256"]) not in covered]
+    active_keys = {(r["request_id"], r["adapter_sha256"]) for r in act}
+    revoked_still = [rid for rid, h in covered if (rid, h) not in active_keys]
+    return {"active": [r["request_id"] for r in act], "revoked": [r["request_id"] for r in ledger["requests"]
+                                                                  if r["status"] == "revoked"],
+            "consolidated": cons or None, "not_covered": missing, "revoked_but_served": sorted(revoked_still),
+            "up_to_date": bool(cons) and not missing and not revoked_still}
+
+
+def match_texts(directory: str | Path, texts: Sequence[str], id_keys: Sequence[str] = ()) -> Dict[str, int]:
+    """Check that `texts` are exactly the active requests' samples (by their manifests' keyed ids);
+    returns samples per request. Raises InputError naming what is missing or foreign."""
+    from .data import sample_id
+    from .idkeys import manifest_key
+
+    directory = Path(directory)
+    ledger = read_ledger(directory)
+    want: Dict[tuple, str] = {}
+    keys: List[str] = []
+    for r in active(ledger):
+        m = read_manifest(directory / r["path"])
+        key = manifest_key(m, id_keys)
+        if key is None:
+            raise InputError(f"request {r['request_id']}: its sample-id key is not on this machine "
+                             f"($ICU_PEFT_ID_KEYS): the texts cannot be matched to it")
+        keys.append(key)
+        for s in m.get("samples", []):
+            want[(key, s["id"])] = r["request_id"]
+    keys = list(dict.fromkeys(keys))
+    found: Dict[tuple, int] = {}
+    for i, t in enumerate(texts):
+        hit = next(((k, sample_id(t, k)) for k in keys if (k, sample_id(t, k)) in want), None)
+        if hit is None:
+            raise InputError(f"text {i + 1} is not a sample of any active request (a revoked request's, or "
+                             f"none): consolidation trains on the active requests only")
+        found[hit] = i
+    per: Dict[str, int] = {}
+    for k, rid in want.items():
+        if k not in found:
+            raise InputError(f"request {rid}: some of its samples are missing from the texts given")
+        per[rid] = per.get(rid, 0) + 1
+    return per
+
+
+def consolidate(directory: str | Path, config, texts: Sequence[str], retain: Optional[Sequence[str]] = None,
+                unseen: Optional[Sequence[str]] = None, id_keys: Sequence[str] = ()):
+    """Train the served adapter on the union of the active requests, warm-started from the last one.
+
+    Returns the ForgetResult. The new adapter replaces `consolidated/` only once it is written; the
+    ledger then records the requests it covers (id and adapter hash) and its status."""
+    import dataclasses
+
+    from .unlearner import forget
+
+    directory = Path(directory)
+    ledger = read_ledger(directory)
+    if not active(ledger):
+        raise InputError("the ledger has no active request to consolidate")
+    per = match_texts(directory, texts, id_keys)
+    previous = directory / CONSOLIDATED
+    if previous.is_dir() and config.init_adapter is None:
+        config = dataclasses.replace(config, init_adapter=str(previous))
+    config = dataclasses.replace(config, request_id=config.request_id or f"consolidated-{len(ledger['history'])}")
+    staging = directory / f".{CONSOLIDATED}-new"
+    shutil.rmtree(staging, ignore_errors=True)
+    result = forget(config, texts, retain, unseen, output_dir=staging, overwrite=True)
+    old = directory / f".{CONSOLIDATED}-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if previous.is_dir():
+        os.replace(previous, old)
+    os.replace(staging, previous)
+    shutil.rmtree(old, ignore_errors=True)
+    covers = [{"request_id": r["request_id"], "adapter_sha256": r["adapter_sha256"], "samples": per[r["request_id"]]}
+              for r in active(ledger)]
+    rep = result.report
+    ledger["consolidated"] = {"path": CONSOLIDATED, "request_id": rep["request_id"], "status": rep["status"],
+                              "forgotten": rep["forget"]["forgotten"], "samples": rep["forget"]["count"],
+                              "steps": rep["steps"], "warm_start": config.init_adapter is not None,
+                              "rank": config.lora_r, "covers": covers, "at": utc_now()}
+    ledger["history"].append({"op": "consolidate", "request_ids": [c["request_id"] for c in covers],
+                              "status": rep["status"], "at": ledger["consolidated"]["at"]})
+    _write_ledger(directory, ledger)
+    result.output_dir = previous
+    return result
+
+
+__all__ = ["LEDGER_NAME", "read_ledger", "add_request", "revoke_request", "status", "match_texts", "consolidate"]

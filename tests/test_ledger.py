@@ -1,0 +1,92 @@
+"""The forget ledger: requests kept one by one, served as one consolidated adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from icu_peft.cli import main
+from icu_peft.errors import InputError
+
+
+def _jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def test_ledger_adds_consolidates_revokes_and_says_when_it_is_stale(tiny_model_dir, tiny_corpus, tiny_forget_adapter,
+                                                                   tiny_forget_adapter_b, tmp_path, capsys):
+    from icu_peft import ledger as L
+    from icu_peft.adapters import read_manifest, verify_files
+
+    led = tmp_path / "ledger"
+    a, b = read_manifest(tiny_forget_adapter)["request_id"], read_manifest(tiny_forget_adapter_b)["request_id"]
+    assert main(["ledger", "add", str(led), str(tiny_forget_adapter)]) == 0
+    assert main(["ledger", "add", str(led), str(tiny_forget_adapter_b)]) == 0
+    assert main(["ledger", "add", str(led), str(tiny_forget_adapter)]) == 2  # the same request twice
+    assert "already in the ledger" in capsys.readouterr().err
+    verify_files(led / "requests" / a)  # each request's own adapter, intact: the audit trail
+    st = L.status(led)
+    assert st["active"] == [a, b] and st["not_covered"] == [a, b] and not st["up_to_date"]
+    assert main(["ledger", "status", str(led)]) == 3  # stale: nothing served yet
+    capsys.readouterr()
+
+    fg = tiny_corpus["forget"]
+    data = tmp_path / "d"
+    data.mkdir()
+    recipe = data / "tiny.yaml"  # the tests' settings for the tiny model (conftest.quick_config)
+    recipe.write_text("batch_size: 4\nretain_kl_samples: 12\nseed: 0\n")
+    # the texts must be exactly the active requests' samples
+    with pytest.raises(InputError, match=f"request {b}: some of its samples are missing"):
+        L.match_texts(led, fg[:3])
+    with pytest.raises(InputError, match="not a sample of any active request"):
+        L.match_texts(led, fg + tiny_corpus["unseen"][:1])
+    rc = main(["ledger", "consolidate", str(led), "--model", str(tiny_model_dir), "--forget", _jsonl(data / "f.jsonl", fg),
+               "--retain", _jsonl(data / "r.jsonl", tiny_corpus["retain"]),
+               "--unseen", _jsonl(data / "u.jsonl", tiny_corpus["unseen"]), "--no-progress", "--config", str(recipe)])
+    cons = json.loads((led / "ledger.json").read_text())["consolidated"]
+    from icu_peft.unlearner import STATUS_EXIT_CODES
+
+    assert rc == STATUS_EXIT_CODES[cons["status"]]  # the exit status follows the consolidation's result
+    assert [c["request_id"] for c in cons["covers"]] == [a, b] and cons["warm_start"] is False and cons["rank"] == 8
+    verify_files(led / "consolidated")  # an ordinary forget adapter
+    assert L.status(led)["up_to_date"] and main(["ledger", "status", str(led)]) == 0
+    capsys.readouterr()
+
+    assert main(["ledger", "revoke", str(led), a]) == 0
+    assert not (led / "requests" / a).exists()
+    st = L.status(led)
+    assert st["revoked_but_served"] == [a] and not st["up_to_date"]
+    assert main(["ledger", "status", str(led)]) == 3 and f"revoked but still served: {a}" in capsys.readouterr().out
+    # a revoked request's texts can no longer be trained into the served adapter
+    with pytest.raises(InputError, match="not a sample of any active request"):
+        L.match_texts(led, fg)
+    from icu_peft import ICUConfig
+
+    res = L.consolidate(led, ICUConfig(model=str(tiny_model_dir), progress=False, max_steps=8), fg[2:],
+                        tiny_corpus["retain"], tiny_corpus["unseen"])
+    cons = json.loads((led / "ledger.json").read_text())["consolidated"]
+    assert [c["request_id"] for c in cons["covers"]] == [b] and cons["warm_start"] is True
+    assert res.report["config"]["init_adapter"].endswith("consolidated")
+    assert L.status(led)["up_to_date"]
+    assert [h["op"] for h in json.loads((led / "ledger.json").read_text())["history"]] == [
+        "add", "add", "consolidate", "revoke", "consolidate"]
+
+
+def test_warm_start_loads_the_adapter_and_refuses_another_layout(tiny_model_dir, tiny_forget_adapter):
+    import torch
+    from safetensors.torch import load_file
+
+    from icu_peft.models import attach_lora, load_base_model
+    from icu_peft.unlearner import warm_start
+
+    model = attach_lora(load_base_model(str(tiny_model_dir), quantize=False))
+    warm_start(model, tiny_forget_adapter)
+    saved = load_file(str(tiny_forget_adapter / "adapter_model.safetensors"))
+    key = next(k for k in saved if "lora_B" in k)
+    own = dict(model.named_parameters())[key.replace(".weight", ".default.weight")]
+    assert torch.equal(own.detach(), saved[key]) and saved[key].abs().sum() > 0
+    other = attach_lora(load_base_model(str(tiny_model_dir), quantize=False), r=4)
+    with pytest.raises(Exception):
+        warm_start(other, tiny_forget_adapter)
