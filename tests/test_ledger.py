@@ -36,7 +36,7 @@ def test_ledger_adds_consolidates_revokes_and_says_when_it_is_stale(tiny_model_d
     data = tmp_path / "d"
     data.mkdir()
     recipe = data / "tiny.yaml"  # the tests' settings for the tiny model (conftest.quick_config)
-    recipe.write_text("batch_size: 4\nretain_kl_samples: 12\nseed: 0\n")
+    recipe.write_text("batch_size: 4\nretain_kl_samples: 12\nseed: 0\nmax_steps: 24\n")
     # the texts must be exactly the active requests' samples
     with pytest.raises(InputError, match=f"request {b}: some of its samples are missing"):
         L.match_texts(led, fg[:3])
