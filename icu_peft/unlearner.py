@@ -676,7 +676,7 @@ class _Run:
     accelerator: object
     show: bool
     view: Optional[PrecisionView] = None  # the same adapter on the full-precision base (precision.py)
-    view_backbones: Optional[list] = None  # per view of `view`: its frozen-prefix backbone (or None)
+    view_backbones: Optional[dict] = None  # per view index of `view`: its frozen-prefix backbone (or None)
     view_skipped: Optional[str] = None  # why there is no view
     status: str = "partial"
     steps: int = 0
@@ -970,7 +970,7 @@ class _Run:
         cfg = self.config
         terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
         if self.view is not None:
-            terms["l_fgt_view"] = 0.0  # the forget term through the full-precision base
+            terms["l_fgt_view"] = 0.0  # the forget term through the other precision of each step
         done = 0
         active_idx = [i for i, a in enumerate(self.active) if a] or list(range(len(self.forget_set)))  # min_epochs
         while done < cfg.round_steps and self.steps < cfg.max_steps and (cfg.max_epochs is None or self.epoch < cfg.max_epochs):
