@@ -1,6 +1,6 @@
 """Stacking quality and 4-bit merge drift on the tiny in-code memoriser (CPU, offline).
 
-    python benchmarks/stacking.py --work /tmp/stacking [--no-quantize] [--sequential] [--joint] [--json out.json]
+    python benchmarks/stacking.py --work /tmp/stacking [--no-quantize] [--sequential] [--joint] [--ledger] [--json out.json]
     python benchmarks/stacking.py --work /tmp/drift --drift-model M --drift-adapter A --drift-adapter B --drift-forget F
 
 1. Builds a tiny Llama that has memorised R x K random records (R requests of K samples) plus a
@@ -11,7 +11,9 @@
    N requests' samples still forgotten (each against its own manifest's thresholds), their mean
    MA, the retain set's MA (memorised data that must stay) and perplexity on unseen text.
    Then revokes request 0 from the full stack: its MA should come back, the others should stay
-   forgotten.
+   forgotten. With --ledger, the forget ledger instead (icu_peft/ledger.py): requests added one at a
+   time, the served adapter re-consolidated after each (warm-started from the last), measured at the
+   same N, then request 0 revoked and the rest re-consolidated.
 3. --drift-*: given adapters merged three ways (PEFT merge into the 4-bit layers; merge in fp32
    then quantize once; no merge) compared by logits and forget-set MA, plus merge-then-unmerge
    error on one bnb NF4 layer.
@@ -131,6 +133,48 @@ def evaluate(model, tok, c: dict, k: int, requests_in: list) -> dict:
     return res
 
 
+def ledger_table(work: Path, model_dir: Path, c: dict, k: int, dirs: list, ns=(1, 2, 4, 8)) -> dict:
+    """Requests added to a forget ledger one at a time; the served adapter consolidated after each."""
+    from icu_peft import ledger as L
+
+    tok = load_tokenizer(str(model_dir))
+    led = work / "ledger"
+    out = {}
+    for i, d in enumerate(dirs):
+        done = led / f".measured-{i}"
+        if not done.exists():
+            L.add_request(led, d)
+            texts = [t for j in range(i + 1) for t in request_texts(c, j, k)]
+            t0 = time.time()
+            cfg = dataclasses.replace(config(model_dir, 200 + i), request_id=f"consolidated-{i}")
+            L.consolidate(led, cfg, texts, c["retain"], c["unseen"])
+            took = time.time() - t0
+            if i + 1 in ns:
+                row = evaluate(stack_adapters(load(model_dir), [led / "consolidated"]), tok, c, k, list(range(i + 1)))
+                row["consolidate_s"] = round(took, 1)
+                row["steps"] = read_manifest(led / "consolidated")["steps"]
+                out[f"N={i + 1}"] = row
+                log.info("ledger N=%d: %s", i + 1, json.dumps(row))
+            done.write_text(json.dumps(out.get(f"N={i + 1}")))
+        elif i + 1 in ns:
+            out[f"N={i + 1}"] = json.loads(done.read_text())
+    # revoke request 0 and re-consolidate the rest: it must come back, the others stay forgotten
+    if (led / "requests" / "req-0").exists():
+        L.revoke_request(led, "req-0")
+        texts = [t for j in range(1, len(dirs)) for t in request_texts(c, j, k)]
+        t0 = time.time()
+        cfg = dataclasses.replace(config(model_dir, 300), request_id="consolidated-revoke")
+        L.consolidate(led, cfg, texts, c["retain"], c["unseen"])
+        took = time.time() - t0
+        model = stack_adapters(load(model_dir), [led / "consolidated"])
+        rest = evaluate(model, tok, c, k, list(range(1, len(dirs))))
+        revoked = tokenize_texts(request_texts(c, 0, k), tok, 200, "00")
+        rest["revoked_ma"] = sum(score_samples(model, revoked.input_ids, tok.pad_token_id).ma) / len(revoked)
+        rest["consolidate_s"] = round(took, 1)
+        out[f"N={len(dirs)} minus req-0"] = rest
+    return out
+
+
 def stacking_table(model_dir: Path, c: dict, k: int, dirs: list, ns=(1, 2, 4, 8)) -> dict:
     tok = load_tokenizer(str(model_dir))
     out = {"base": evaluate(load(model_dir), tok, c, k, [])}
@@ -213,6 +257,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-quantize", action="store_true", help="full-precision base for the stacking runs")
     p.add_argument("--sequential", action="store_true", help="also train and measure the sequential series")
     p.add_argument("--joint", action="store_true", help="also train one adapter on the union of N requests (N=2,4,8)")
+    p.add_argument("--ledger", action="store_true", help="also run the forget ledger: add one at a time, consolidate after each")
     p.add_argument("--drift-model", type=Path, help="only measure 4-bit merge drift: base model directory")
     p.add_argument("--drift-adapter", type=Path, action="append", default=[], help="adapter (trained on the 4-bit base)")
     p.add_argument("--drift-forget", type=Path, help="their forget samples (.jsonl/.csv/.txt)")
@@ -255,6 +300,9 @@ def stacking(a) -> dict:
         seq = train_series(a.work, model_dir, c, a.requests, a.per_request, sequential=True)
         results["sequential"] = stacking_table(model_dir, c, a.per_request, seq)
         log.info("sequential: %s", json.dumps(results["sequential"]))
+    if a.ledger:
+        results["ledger"] = ledger_table(a.work, model_dir, c, a.per_request, ind)
+        log.info("ledger: %s", json.dumps(results["ledger"]))
     if a.joint:
         results["joint"] = joint_table(a.work, model_dir, c, a.per_request,
                                        tuple(n for n in (2, 4, 8) if n <= a.requests))
