@@ -1,6 +1,6 @@
 """Stacking quality and 4-bit merge drift on the tiny in-code memoriser (CPU, offline).
 
-    python benchmarks/stacking.py --work /tmp/stacking [--no-quantize] [--sequential] [--joint] [--ledger] [--json out.json]
+    python benchmarks/stacking.py --work /tmp/stacking [--no-quantize] [--sequential] [--joint] [--ledger] [--defaults] [--json out.json]
     python benchmarks/stacking.py --work /tmp/drift --drift-model M --drift-adapter A --drift-adapter B --drift-forget F
 
 1. Builds a tiny Llama that has memorised R x K random records (R requests of K samples) plus a
@@ -59,8 +59,14 @@ def corpus(requests: int, per_request: int):
 QUANTIZE = True  # --no-quantize: a full-precision base throughout (about 3x faster on CPU)
 
 
+DEFAULTS = False  # --defaults: the library's defaults sized for the tiny model (tests/conftest.quick_config)
+
+
 def config(model_dir: Path, i: int) -> ICUConfig:
-    # the test suite's quick settings for the tiny model
+    if DEFAULTS:  # calibrated method, learning rate auto, 400-step budget
+        return ICUConfig(model=str(model_dir), batch_size=4, retain_kl_samples=12, progress=False, seed=i,
+                         request_id=f"req-{i}", quantize=QUANTIZE)
+    # the earlier quick settings for the tiny model (fixed rate, 40 epochs): the figures measured before
     return ICUConfig(model=str(model_dir), learning_rate=2e-3, max_epochs=40, batch_size=4, progress=False,
                      score_batch_size=16, seed=i, request_id=f"req-{i}", quantize=QUANTIZE)
 
@@ -249,7 +255,7 @@ def drift(work: Path, model_dir: Path, texts: list, dirs: list) -> dict:
 
 
 def main(argv=None) -> int:
-    global QUANTIZE
+    global QUANTIZE, DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="cache directory (model, adapters, merged models)")
     p.add_argument("--requests", type=int, default=8, help="number of forget requests (max N)")
@@ -257,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-quantize", action="store_true", help="full-precision base for the stacking runs")
     p.add_argument("--sequential", action="store_true", help="also train and measure the sequential series")
     p.add_argument("--joint", action="store_true", help="also train one adapter on the union of N requests (N=2,4,8)")
+    p.add_argument("--defaults", action="store_true", help="train every adapter with the library defaults (sized for "
+                   "the tiny model) instead of the earlier fixed-rate settings")
     p.add_argument("--ledger", action="store_true", help="also run the forget ledger: add one at a time, consolidate after each")
     p.add_argument("--drift-model", type=Path, help="only measure 4-bit merge drift: base model directory")
     p.add_argument("--drift-adapter", type=Path, action="append", default=[], help="adapter (trained on the 4-bit base)")
@@ -268,6 +276,7 @@ def main(argv=None) -> int:
     logging.getLogger("icu_peft").setLevel(logging.WARNING)
     a.work.mkdir(parents=True, exist_ok=True)
     QUANTIZE = not a.no_quantize
+    DEFAULTS = a.defaults
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.drift_model:

@@ -15,8 +15,22 @@ def _jsonl(path, texts):
     return str(path)
 
 
+@pytest.fixture
+def tiny_forget_adapter_c(tmp_path, tiny_model_dir, tiny_corpus):
+    """A third request: two never-seen texts (a cheap 4-step adapter; only its bookkeeping matters here)."""
+    from icu_peft import ICUConfig
+    from icu_peft.unlearner import forget
+
+    out = tmp_path / "forget_c"
+    forget(ICUConfig(model=str(tiny_model_dir), progress=False, max_steps=4, request_id="req-c",
+                     precision_check="off"), tiny_corpus["unseen"][:2], tiny_corpus["retain"],
+           tiny_corpus["unseen"][2:], output_dir=out)
+    return out
+
+
 def test_ledger_adds_consolidates_revokes_and_says_when_it_is_stale(tiny_model_dir, tiny_corpus, tiny_forget_adapter,
-                                                                   tiny_forget_adapter_b, tmp_path, capsys):
+                                                                   tiny_forget_adapter_b, tiny_forget_adapter_c,
+                                                                   tmp_path, capsys):
     from icu_peft import ledger as L
     from icu_peft.adapters import read_manifest, verify_files
 
@@ -67,11 +81,18 @@ def test_ledger_adds_consolidates_revokes_and_says_when_it_is_stale(tiny_model_d
     res = L.consolidate(led, ICUConfig(model=str(tiny_model_dir), progress=False, max_steps=8), fg[2:],
                         tiny_corpus["retain"], tiny_corpus["unseen"])
     cons = json.loads((led / "ledger.json").read_text())["consolidated"]
-    assert [c["request_id"] for c in cons["covers"]] == [b] and cons["warm_start"] is True
+    # after a revocation the served weights still hold the revoked request: consolidation starts from zero
+    assert [c["request_id"] for c in cons["covers"]] == [b] and cons["warm_start"] is False
+    assert res.report["config"]["init_adapter"] is None
+    # with requests only added since, it warm-starts from the served adapter
+    assert main(["ledger", "add", str(led), str(tiny_forget_adapter_c)]) == 0
+    res = L.consolidate(led, ICUConfig(model=str(tiny_model_dir), progress=False, max_steps=4),
+                        fg[2:] + tiny_corpus["unseen"][:2], tiny_corpus["retain"], tiny_corpus["unseen"][2:])
+    assert json.loads((led / "ledger.json").read_text())["consolidated"]["warm_start"] is True
     assert res.report["config"]["init_adapter"].endswith("consolidated")
     assert L.status(led)["up_to_date"]
     assert [h["op"] for h in json.loads((led / "ledger.json").read_text())["history"]] == [
-        "add", "add", "consolidate", "revoke", "consolidate"]
+        "add", "add", "consolidate", "revoke", "consolidate", "add", "consolidate"]
 
 
 def test_warm_start_loads_the_adapter_and_refuses_another_layout(tiny_model_dir, tiny_forget_adapter):
