@@ -120,6 +120,15 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+def copy_directory(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Copy a whole adapter directory (subdirectories too: a combined adapter keeps its parts there) to
+    `out`, atomically."""
+    with atomic_output_dir(out, overwrite) as tmp:
+        shutil.rmtree(tmp)
+        shutil.copytree(src, tmp)
+    return Path(out)
+
+
 def canonical_manifest_bytes(manifest: dict) -> bytes:
     """The bytes a manifest digest and signature cover: canonical JSON without the digest itself."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}

@@ -13,13 +13,13 @@ rows permuted as llama.cpp permutes the base's), for Llama-architecture bases.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from .adapters import MANIFEST_NAME, atomic_output_dir, check_output_dir, manifest_kind, sha256_file, verify_files
+from .adapters import (MANIFEST_NAME, atomic_output_dir, check_output_dir, copy_directory, manifest_kind, sha256_file,
+                       verify_files)
 from .errors import InputError
 
 TARGETS = ("peft", "vllm", "llama.cpp")
@@ -155,13 +155,10 @@ def export_adapter(src: str | Path, out: str | Path, target: str, model: Optiona
             raise InputError(f"cannot read the base model's config from '{model}': {str(e).splitlines()[0]}") from None
         converted = gguf_tensors(cfg, tensors, mc)
     check_output_dir(out, overwrite, inputs=[src])
-    with atomic_output_dir(out, overwrite) as tmp:
-        if target in ("peft", "vllm"):
-            for p in src.iterdir():
-                if p.is_file():
-                    shutil.copy2(p, tmp / p.name)
-            written = sorted(p.name for p in tmp.iterdir())
-        else:
+    if target in ("peft", "vllm"):
+        written = sorted(p.name for p in copy_directory(src, out, overwrite).iterdir())
+    else:
+        with atomic_output_dir(out, overwrite) as tmp:
             write_gguf(tmp / GGUF_NAME, cfg, converted)
             record = {"format": "icu-peft/export/v1", "target": target, "request_id": manifest.get("request_id"),
                       "source_manifest_sha256": manifest.get("manifest_sha256"),

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .adapters import (adapter_weights_sha256, atomic_output_dir, check_base, manifest_kind, read_manifest, utc_now,
+from .adapters import (adapter_weights_sha256, check_base, copy_directory, manifest_kind, read_manifest, utc_now,
                        verify_files)
 from .errors import InputError
 
@@ -95,10 +95,7 @@ def add_request(directory: str | Path, adapter: str | Path) -> dict:
     if any(r["request_id"] == rid for r in ledger["requests"]):
         raise InputError(f"request {rid} is already in the ledger")
     rel = f"requests/{_safe(rid)}"
-    with atomic_output_dir(directory / rel) as tmp:
-        for p in adapter.iterdir():
-            if p.is_file():
-                shutil.copy2(p, tmp / p.name)
+    copy_directory(adapter, directory / rel)
     entry = {"request_id": rid, "path": rel, "adapter_sha256": adapter_weights_sha256(manifest),
              "manifest_sha256": manifest.get("manifest_sha256"), "samples": len(manifest.get("samples", [])),
              "status": "active", "added_at": utc_now()}

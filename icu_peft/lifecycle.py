@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .adapters import (MANIFEST_FORMAT, MANIFEST_NAME, MERGED_FORMAT, adapter_weights_sha256, atomic_output_dir, inside,
-                       check_base, check_output_dir, check_stack, leaf_manifests, load_forget_adapters, manifest_kind,
-                       read_manifest, sha256_file, utc_now, verify_files, write_manifest)
+                       check_base, check_output_dir, check_stack, copy_directory, leaf_manifests, load_forget_adapters,
+                       manifest_kind, read_manifest, utc_now, verify_files, write_manifest)
 from .errors import InputError, IntegrityError
 from .report import precisions_line
 
@@ -463,11 +463,7 @@ def revoke(model: str | Path, which: Sequence[str], out: str | Path, base: Optio
             raise InputError(f"revoking every part of {model} leaves nothing: delete the adapter instead")
         parts = [inside(model, e["relpath"]) for e in keep]
         if len(parts) == 1:
-            check_output_dir(out, overwrite)
-            with atomic_output_dir(out, overwrite) as tmp:
-                shutil.rmtree(tmp)
-                shutil.copytree(parts[0], tmp)
-            return read_manifest(out)
+            return read_manifest(copy_directory(parts[0], out, overwrite))
         return combine_adapters(parts, out, force=force, overwrite=overwrite)
     pristine = base or pristine_base(model, m)
     _check_pristine(m, pristine, force)

@@ -85,3 +85,14 @@ def test_llama_cpp_export_refuses_other_architectures():
 
     with pytest.raises(InputError, match="Llama-architecture"):
         gguf_tensors({}, {}, SimpleNamespace(model_type="gpt2"))
+
+
+def test_a_combined_adapter_exports_with_its_parts(tiny_forget_adapter, tiny_forget_adapter_b, tmp_path):
+    """A combined adapter keeps its parts in subdirectories: the copy must hold them and still verify."""
+    from icu_peft.adapters import verify_files
+    from icu_peft.lifecycle import combine_adapters
+
+    combine_adapters([tiny_forget_adapter, tiny_forget_adapter_b], tmp_path / "ab")
+    assert any(p.is_dir() for p in (tmp_path / "ab").iterdir())
+    assert main(["export", str(tmp_path / "ab"), "--for", "vllm", "--out", str(tmp_path / "out")]) == 0
+    verify_files(tmp_path / "out")
