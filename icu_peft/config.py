@@ -22,6 +22,7 @@ DEFAULT_EL_THRESHOLD = 0.0499
 
 
 FORGET_LOSSES = ("target", "ga", "npo", "simnpo", "undial")
+PRECISION_CHECKS = ("auto", "on", "off")
 
 
 def _is_number(x: Any) -> bool:
@@ -172,7 +173,7 @@ class ICUConfig:
         need(self.neighbour_micro_batch >= 0, "neighbour_micro_batch must be >= 0")
         need(self.reference_cache_mb >= 0 and self.prefix_cache_mb >= 0, "reference_cache_mb and prefix_cache_mb must be >= 0")
         need(self.no_retain in ("generate", "refuse"), "no_retain must be 'generate' or 'refuse'")
-        need(self.precision_check in ("auto", "on", "off"), "precision_check must be 'auto', 'on' or 'off'")
+        need(self.precision_check in PRECISION_CHECKS, f"precision_check must be one of {', '.join(PRECISION_CHECKS)}")
         need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")
         need(len(tuple(self.adam_betas)) == 2, "adam_betas must have two values")
         need(self.embedder == "base" or self.embedder.startswith("sentence-transformers"),

@@ -22,6 +22,7 @@ they are exactly the active requests' samples, none missing and none from a revo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -120,53 +121,52 @@ def revoke_request(directory: str | Path, request_id: str) -> dict:
     return entry
 
 
+def _coverage(ledger: dict) -> tuple:
+    """(active requests the served adapter does not cover, revoked requests it still covers), by id and
+    adapter hash."""
+    cons = ledger.get("consolidated") or {}
+    covered = {(c["request_id"], c["adapter_sha256"]) for c in cons.get("covers", [])}
+    serving = [(r["request_id"], r["adapter_sha256"]) for r in active(ledger)]
+    return ([rid for rid, h in serving if (rid, h) not in covered],
+            sorted(rid for rid, h in covered if (rid, h) not in set(serving)))
+
+
 def status(directory: str | Path) -> dict:
     """Active requests, what the served (consolidated) adapter covers, and whether it is stale."""
     ledger = read_ledger(directory)
     cons = ledger.get("consolidated") or {}
-    covered = {(c["request_id"], c["adapter_sha256"]) for c in cons.get("covers", [])}
-    act = active(ledger)
-    missing = [r["request_id"] for r in act if (r["request_id"], r["adapter_sha256"]) not in covered]
-    active_keys = {(r["request_id"], r["adapter_sha256"]) for r in act}
-    revoked_still = [rid for rid, h in covered if (rid, h) not in active_keys]
-    return {"active": [r["request_id"] for r in act], "revoked": [r["request_id"] for r in ledger["requests"]
-                                                                  if r["status"] == "revoked"],
-            "consolidated": cons or None, "not_covered": missing, "revoked_but_served": sorted(revoked_still),
+    missing, revoked_still = _coverage(ledger)
+    return {"active": [r["request_id"] for r in active(ledger)],
+            "revoked": [r["request_id"] for r in ledger["requests"] if r["status"] == "revoked"],
+            "consolidated": cons or None, "not_covered": missing, "revoked_but_served": revoked_still,
             "up_to_date": bool(cons) and not missing and not revoked_still}
 
 
 def match_texts(directory: str | Path, texts: Sequence[str], id_keys: Sequence[str] = ()) -> Dict[str, int]:
     """Check that `texts` are exactly the active requests' samples (by their manifests' keyed ids);
     returns samples per request. Raises InputError naming what is missing or foreign."""
-    from .data import sample_id
     from .idkeys import manifest_key
+    from .lifecycle import match_samples
 
     directory = Path(directory)
-    ledger = read_ledger(directory)
-    want: Dict[tuple, str] = {}
-    keys: List[str] = []
-    for r in active(ledger):
-        m = read_manifest(directory / r["path"])
-        key = manifest_key(m, id_keys)
-        if key is None:
-            raise InputError(f"request {r['request_id']}: its sample-id key is not on this machine "
+    leaves = [(directory / r["path"], read_manifest(directory / r["path"])) for r in active(read_ledger(directory))]
+    for _, m in leaves:
+        if manifest_key(m, id_keys) is None:
+            raise InputError(f"request {m.get('request_id')}: its sample-id key is not on this machine "
                              f"($ICU_PEFT_ID_KEYS): the texts cannot be matched to it")
-        keys.append(key)
-        for s in m.get("samples", []):
-            want[(key, s["id"])] = r["request_id"]
-    keys = list(dict.fromkeys(keys))
-    found: Dict[tuple, int] = {}
-    for i, t in enumerate(texts):
-        hit = next(((k, sample_id(t, k)) for k in keys if (k, sample_id(t, k)) in want), None)
+    hits, _ = match_samples(texts, leaves, id_keys)
+    found = set()
+    for i, hit in enumerate(hits):
         if hit is None:
             raise InputError(f"text {i + 1} is not a sample of any active request (a revoked request's, or "
                              f"none): consolidation trains on the active requests only")
-        found[hit] = i
+        found.add((hit[1][1].get("request_id"), hit[0]))
     per: Dict[str, int] = {}
-    for k, rid in want.items():
-        if k not in found:
+    for _, m in leaves:
+        rid = m.get("request_id")
+        if any((rid, smp["id"]) not in found for smp in m.get("samples", [])):
             raise InputError(f"request {rid}: some of its samples are missing from the texts given")
-        per[rid] = per.get(rid, 0) + 1
+        per[rid] = len(m.get("samples", []))
     return per
 
 
@@ -176,8 +176,6 @@ def consolidate(directory: str | Path, config, texts: Sequence[str], retain: Opt
 
     Returns the ForgetResult. The new adapter replaces `consolidated/` only once it is written; the
     ledger then records the requests it covers (id and adapter hash) and its status."""
-    import dataclasses
-
     from .unlearner import forget
 
     directory = Path(directory)
@@ -192,23 +190,14 @@ def consolidate(directory: str | Path, config, texts: Sequence[str], retain: Opt
         # warm start only while requests have only been added: the served adapter's weights hold every
         # request it covers, so starting from them after a revocation keeps the revoked request forgotten
         # (measured: its MA stayed at 0.51 against 0.97 before; benchmarks/stacking.py --ledger)
-        active_keys = {(r["request_id"], r["adapter_sha256"]) for r in active(ledger)}
-        covered = {(c["request_id"], c["adapter_sha256"]) for c in (ledger.get("consolidated") or {}).get("covers", [])}
-        if same and covered <= active_keys:
+        if same and not _coverage(ledger)[1]:
             config = dataclasses.replace(config, init_adapter=str(previous))
         else:
             logger.info("ledger: consolidating from zero (%s)", "a request was revoked since the last consolidation"
                         if same else "the LoRA settings differ from the served adapter's")
     config = dataclasses.replace(config, request_id=config.request_id or f"consolidated-{len(ledger['history'])}")
-    staging = directory / f".{CONSOLIDATED}-new"
-    shutil.rmtree(staging, ignore_errors=True)
-    result = forget(config, texts, retain, unseen, output_dir=staging, overwrite=True)
-    old = directory / f".{CONSOLIDATED}-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if previous.is_dir():
-        os.replace(previous, old)
-    os.replace(staging, previous)
-    shutil.rmtree(old, ignore_errors=True)
+    # forget writes its adapter atomically: `consolidated/` is replaced only once the new one is complete
+    result = forget(config, texts, retain, unseen, output_dir=previous, overwrite=True)
     covers = [{"request_id": r["request_id"], "adapter_sha256": r["adapter_sha256"], "samples": per[r["request_id"]]}
               for r in active(ledger)]
     rep = result.report
@@ -219,7 +208,6 @@ def consolidate(directory: str | Path, config, texts: Sequence[str], retain: Opt
     ledger["history"].append({"op": "consolidate", "request_ids": [c["request_id"] for c in covers],
                               "status": rep["status"], "at": ledger["consolidated"]["at"]})
     _write_ledger(directory, ledger)
-    result.output_dir = previous
     return result
 
 

@@ -618,6 +618,28 @@ def collect_leaves(model) -> List[Tuple[Path, dict]]:
     return leaves
 
 
+def match_samples(texts: Sequence[str], leaves: Sequence[Tuple[Path, dict]], id_keys: Sequence[str] = ()):
+    """(per text: (its keyed id, the (directory, manifest) that lists it) or None, the keys tried).
+
+    A manifest names its sample-id key by id only; the key comes from this machine's key directory or
+    `id_keys` (idkeys.py). Without it none of that manifest's samples can be matched."""
+    from .data import sample_id
+    from .idkeys import manifest_key
+
+    index = {}
+    for d, m in leaves:
+        key = manifest_key(m, id_keys)
+        for s in m.get("samples", []):
+            index.setdefault((key, s["id"]), (d, m))
+    salts = list(dict.fromkeys(k for k in (manifest_key(m, id_keys) for _, m in leaves) if k))
+    hits = []
+    for t in texts:
+        ids = ((salt, sample_id(t, salt)) for salt in salts)
+        hit = next(((sid, index[(salt, sid)]) for salt, sid in ids if (salt, sid) in index), None)
+        hits.append(hit)
+    return hits, salts
+
+
 def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[Tuple[Path, dict]] = (),
                       ma_threshold: Optional[float] = None, el_threshold: Optional[float] = None,
                       unseen: Optional[Sequence[str]] = None, batch_size: int = 16,
@@ -640,24 +662,11 @@ def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[T
     if (ma_threshold is None) != (el_threshold is None):
         raise InputError("give both --ma-threshold and --el-threshold, or neither")
     defaults = ICUConfig()
-    from .idkeys import manifest_key
-
-    index = {}
-    for d, m in leaves:
-        key = manifest_key(m, id_keys)
-        for s in m.get("samples", []):
-            index.setdefault((key, s["id"]), (d, m))
-    salts = list(dict.fromkeys(k for k in (manifest_key(m, id_keys) for _, m in leaves) if k))
+    hits, salts = match_samples(texts, leaves, id_keys)
     fallback_salt = salts[0] if salts else new_salt()
 
     rows = []
-    for i, t in enumerate(texts):
-        hit = None
-        for salt in salts:
-            sid = sample_id(t, salt)
-            if (salt, sid) in index:
-                hit = (sid, index[(salt, sid)])
-                break
+    for i, (t, hit) in enumerate(zip(texts, hits)):
         if hit is None:
             rows.append({"index": i, "id": sample_id(t, fallback_salt), "request_id": None, "manifest": None})
         else:

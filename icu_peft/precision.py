@@ -25,7 +25,6 @@ import torch
 
 logger = logging.getLogger("icu_peft")
 
-PRECISION_CHECKS = ("auto", "on", "off")
 # the copy may take this share of the memory free when it is loaded: the rest is for activations
 FREE_SHARE = 0.6
 
@@ -46,7 +45,7 @@ class MergedQuantized:
         head = model.get_output_embeddings()
         self.lora, self.plain = [], []
         inside = set()
-        for name, m in model.named_modules():
+        for m in model.modules():
             if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear):
                 self.lora.append(m)
                 inside.update(id(x) for x in m.modules())
@@ -92,7 +91,7 @@ def _quantize(w: torch.Tensor):
 @dataclass
 class PrecisionView:
     """The full-precision base with the training adapter's own LoRA weights attached, and the same
-    model computing as its merged NF4 copy would (`merged`, switched on by `as_merged_nf4`)."""
+    model computing as its merged NF4 copy would (`merged`, switched on by `as_view(1)`)."""
 
     model: object  # PeftModel over the full-precision base
     name: str  # its precision, as the manifest names it ("float32", "bfloat16", ...)
@@ -183,5 +182,5 @@ def build_view(config, trained_model, device: torch.device) -> PrecisionView:
     return PrecisionView(model=view, name=str(dtype).replace("torch.", ""), merged=MergedQuantized(view))
 
 
-__all__ = ["PRECISION_CHECKS", "PrecisionView", "MergedQuantized", "parameter_count", "free_memory_bytes", "wanted", "tie_lora",
+__all__ = ["PrecisionView", "MergedQuantized", "parameter_count", "free_memory_bytes", "wanted", "tie_lora",
            "build_view"]

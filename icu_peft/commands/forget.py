@@ -17,6 +17,8 @@ EXIT_CODES_HELP = ("exit status: 0 every sample forgotten (inside the never-seen
 
 
 def add_parser(sub) -> None:
+    from ..config import PRECISION_CHECKS  # no torch: parsing stays light
+
     p = sub.add_parser("forget", help="train a forget adapter for a forget request (ICU)", epilog=EXIT_CODES_HELP)
     p.add_argument("--model", help="base model: local directory or hub id (or `model:` in --config)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
@@ -26,7 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--unseen", help="text of the same kind the model never saw: sets the 'forgotten' thresholds")
     p.add_argument("--config", help="recipe YAML (ICUConfig fields; a `data:` section may name the files)")
     p.add_argument("--no-quantize", action="store_true", help="keep the base in full precision")
-    p.add_argument("--precision-check", choices=["auto", "on", "off"],
+    p.add_argument("--precision-check", choices=PRECISION_CHECKS,
                    help="with a 4-bit base, also train and score the adapter on the full-precision base and on its "
                         "merged NF4 copy, so it stays forgotten when merged (default auto: when the copy fits in memory)")
     p.add_argument("--max-epochs", type=int, help="epoch cap")
