@@ -83,12 +83,13 @@ class ICUConfig:
     # --- optimisation ---
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or fine-tune every weight (False; needs quantize=False; a baseline)."})
     iur: bool = field(default=True, metadata={"help": "Per-sample refinement: forgotten samples leave the batch. False: train on all until the means pass (Jang et al.)."})
-    learning_rate: Any = field(default="auto", metadata={"help": "Adam learning rate, or 'auto': start at lr_start, double while the forget set's distance to the never-seen band stalls, halve (last good adapter restored) when the retain set is damaged."})
+    learning_rate: Any = field(default="auto", metadata={"help": "Adam learning rate, or 'auto': start at lr_start, double while the forget set's distance to the never-seen band stalls, halve when a round overshoots; when the retain set is damaged, restore the last good adapter, make the retain terms heavier (retain_pressure) and halve the rate if it had just been raised."})
     lr_start: float = field(default=2e-4, metadata={"help": "learning_rate auto: the first rate tried."})
     lr_max: float = field(default=5e-2, metadata={"help": "learning_rate auto: the rate is never raised past this."})
     max_steps: int = field(default=400, metadata={"help": "Budget in optimizer steps (the work a request may do, whatever its size)."})
     round_steps: int = field(default=4, metadata={"help": "Optimizer steps (whole epochs, at least this many steps) between two scorings of the forget set."})
-    retain_floor: float = field(default=0.9, metadata={"help": "Retain guard: if the retain set's MA falls below this fraction of its value before, the last good adapter is restored (and with lr auto, the rate halved)."})
+    retain_floor: float = field(default=0.9, metadata={"help": "Retain guard: if the retain set's MA falls below this fraction of its value before, the last good adapter is restored (with lr auto, training goes on with heavier retain terms; else it stops)."})
+    retain_pressure: float = field(default=4.0, metadata={"help": "learning_rate auto: after each restore forced by retain damage, the neighbour NLL and KL weights are multiplied by this (1 = never)."})
     adam_betas: Any = field(default=(0.9, 0.98), metadata={"help": "Adam betas (ICU: 0.9, 0.98)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     batch_size: int = field(default=8, metadata={"help": "Forget samples per optimisation step (ICU: 8)."})
@@ -154,6 +155,7 @@ class ICUConfig:
         need(self.max_epochs is None or self.max_epochs >= 0, "max_epochs must be >= 0")
         need(self.max_steps >= 0 and self.round_steps >= 1, "max_steps must be >= 0 and round_steps >= 1")
         need(0 <= self.retain_floor < 1, "retain_floor must be in [0, 1)")
+        need(1 <= self.retain_pressure <= 100, "retain_pressure must be in [1, 100]")
         need(0 < self.settle_auc <= 0.5, "settle_auc must be in (0, 0.5]")
         need(self.patience_steps >= 0, "patience_steps must be >= 0 (0: auto)")
         need(0 <= self.band_quantile <= self.settle_quantile < 0.5,

@@ -14,7 +14,7 @@ import resource
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -683,13 +683,14 @@ class _Run:
     epoch: int = 0
     unseen_now: Optional[List[float]] = None  # never-seen samples' NLL at the last scoring (None: use the base's)
     el_borrowed: bool = False  # the other views' EL_n at the last scoring is the trained view's (score)
+    retargeted: int = 0  # target moves made in the finishing phase (retarget)
 
     def __post_init__(self) -> None:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         cfg = self.config
         auto = cfg.learning_rate == "auto"
         self.step_size = StepSize(lr=cfg.lr_start if auto else float(cfg.learning_rate), auto=auto, lr_max=cfg.lr_max,
-                                  retain_floor=cfg.retain_floor)
+                                  retain_floor=cfg.retain_floor, pressure_factor=cfg.retain_pressure)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=self.step_size.lr, betas=tuple(cfg.adam_betas),
                                            weight_decay=cfg.weight_decay)
         self.retain_eval = TokenizedSet(self.retain_set.input_ids[:32], self.retain_set.ids[:32])
@@ -887,11 +888,13 @@ class _Run:
                 self.optimizer.state.clear()  # Adam's moments point the way that did the damage
                 logger.warning("retain MA %.3f fell below %.0f%% of its %.3f before: restored the last good adapter%s",
                                retain_ma, 100 * cfg.retain_floor, retain_ma_before,
-                               f", learning rate now {self.step_size.lr:.2e}" if action == "restore" else " and stopped")
+                               f", learning rate now {self.step_size.lr:.2e}, retain terms x{self.step_size.retain_pressure:g}"
+                               if action == "restore" else " and stopped")
                 if action == "stop":
                     self.status = "retain_damaged"
                     break
             else:
+                self.retarget()
                 self.update_active(self.active)
                 # a restore point must be clearly good, not just above the floor: from a state at the
                 # floor's edge the next round slides under it again
@@ -938,6 +941,42 @@ class _Run:
                         best[0][0], len(self.forget_set))
         if self.status == "partial" and all(self.forgotten()):
             self.status = "forgotten"  # the budget ended with the set inside the band, if not yet centred
+
+    def retarget(self) -> None:
+        """The integral term of the finishing phase: move the target of a sample that sits outside the band
+        in some view towards the band's inner part, by half the distance, within one band width in all.
+
+        Only near the target (the step-size control's finishing phase: far from it every sample is
+        still on its way) and only for methods with per-sample targets. A memoriser whose last samples
+        sat 0.1-0.4 nats under the band for 300 steps with a flat forget loss (their targets reached
+        where reachable, the rest held by the retain terms) is what this is for."""
+        method, band = resolve(self.config), self.target.band
+        if (method.retarget is None or band is None or not self.two_sided or not self.scores.nll
+                or not self.step_size.near(self.gap(self.scores))):
+            return
+        n, limit = len(self.forget_set), band.nll_hi - band.nll_lo
+        for i in range(n):
+            nll = self.scores.nll[i::n]
+            lo, hi = min(nll), max(nll)
+            delta = 0.0
+            if lo < band.nll_lo and hi < band.inner_hi:
+                delta = 0.5 * (band.inner_lo - lo)
+            elif hi > band.nll_hi and lo > band.inner_lo:
+                delta = -0.5 * (hi - band.inner_hi)
+            if delta:
+                method.retarget(self.method_state, i, delta, limit)
+                self.retargeted += 1
+
+    def loss_config(self) -> ICUConfig:
+        """The config the step's loss reads: the retain terms' weights times the step-size control's
+        retain pressure (raised after each restore that retain damage forced)."""
+        p = self.step_size.retain_pressure
+        if p == 1.0:
+            return self.config
+        if getattr(self, "_loss_config", (None,))[0] != p:
+            self._loss_config = (p, replace(self.config, learn_weight=self.config.learn_weight * p,
+                                            kl_weight=self.config.kl_weight * p))
+        return self._loss_config[1]
 
     def patience(self, inside_step: int) -> int:
         """Steps without a better state after which a run that had every sample inside stops: the config's,
@@ -1007,7 +1046,8 @@ class _Run:
             n_seqs += [self.retain_set.input_ids[j] for j in extra]
         f_weights = [self.distinct[i] for i in mine] if self.distinct else None
         self.optimizer.zero_grad(set_to_none=True)
-        out = icu_step_backward(self.model, f_seqs, n_seqs, self.pad_id, cfg, self.reference, f_weights, scale=weight,
+        out = icu_step_backward(self.model, f_seqs, n_seqs, self.pad_id, self.loss_config(), self.reference, f_weights,
+                                scale=weight,
                                 backbone=self.backbone, rows=mine, method_state=self.method_state)
         if not math.isfinite(out["loss"]):
             return out
@@ -1105,7 +1145,8 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
                    "before": before.mean(), "after": after.mean()},
         "samples": samples,
         "history": run.history,
-        "learning_rate": {"auto": run.step_size.auto, "final": run.step_size.lr, "backoffs": run.step_size.backoffs},
+        "learning_rate": {"auto": run.step_size.auto, "final": run.step_size.lr, "backoffs": run.step_size.backoffs,
+                          "retain_pressure": run.step_size.retain_pressure},
         "targets": run.method_state.summary() if hasattr(run.method_state, "summary") else None,
         "per_sample_history": {sid: {"ma": [s.ma[i] for s in run.per_epoch], "el": [s.el[i] for s in run.per_epoch]}
                                for i, sid in enumerate(forget_set.ids)},

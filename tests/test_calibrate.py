@@ -96,16 +96,23 @@ def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
     s = StepSize(lr=1e-4, retain_floor=0.9, max_backoffs=2)
     assert s.update(10.0, 9.9, 0.97, 0.97) == "escalate" and s.lr == pytest.approx(2e-4)
     assert s.update(10.0, 5.0, 0.97, 0.97) == "keep" and s.lr == pytest.approx(2e-4)
+    # damage: the direction is at fault, the retain terms get heavier at the same rate
+    assert s.update(5.0, 4.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(2e-4)
+    assert s.retain_pressure == pytest.approx(4.0)
+    # damage again in the next round: the rate is halved too and becomes a ceiling
     assert s.update(5.0, 4.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(1e-4)
-    assert s.update(5.0, 5.0, 0.97, 0.97) == "keep"  # the rate that did damage is a ceiling now
-    assert s.update(5.0, 4.0, 0.50, 0.97) == "restore"
+    assert s.retain_pressure == pytest.approx(16.0)
+    assert s.update(5.0, 5.0, 0.97, 0.97) == "keep" and s.lr == pytest.approx(1e-4)  # the ceiling holds
     assert s.update(5.0, 4.0, 0.50, 0.97) == "stop"
+    off = StepSize(lr=1e-4, pressure_factor=1.0)  # no pressure to raise: every restore halves the rate
+    assert off.update(5.0, 4.0, 0.50, 0.97) == "restore" and off.lr == pytest.approx(5e-5) and off.retain_pressure == 1
     worse = StepSize(lr=1e-3)
     assert worse.update(10.0, 10.5, 0.97, 0.97) == "escalate"  # within noise: a stall
     assert worse.update(10.0, 12.0, 0.97, 0.97) == "slow" and worse.lr == pytest.approx(1e-3)  # it overshoots
     fixed = StepSize(lr=1.0, auto=False)
     assert fixed.update(10.0, 10.0, 0.97, 0.97) == "keep" and fixed.lr == 1.0
     assert fixed.update(10.0, 9.0, 0.0, 0.97) == "stop"
+    assert fixed.retain_pressure == 1.0
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -172,6 +179,31 @@ def test_retain_guard_restores_and_exits_non_zero(tmp_path, tiny_files, tiny_mod
     assert "restored" in err
     # what was written is the last good adapter: the retain set is as it was
     assert m["retain"]["after"]["ma"] >= 0.9 * m["retain"]["before"]["ma"]
+
+
+def test_after_retain_damage_the_loop_trains_with_heavier_retain_terms(tiny_model_dir, tiny_corpus, monkeypatch):
+    """A restore forced by retain damage raises the weight of the neighbour NLL and KL the steps use."""
+    import icu_peft.unlearner as U
+    from icu_peft.calibrate import StepSize
+
+    seen, real_step, real_update = [], U.icu_step_backward, StepSize.update
+
+    def spy(model, f, n, pad, config, *a, **kw):
+        if n:  # the neighbour-carrying pass (the precision view's pass has none)
+            seen.append((config.learn_weight, config.kl_weight))
+        return real_step(model, f, n, pad, config, *a, **kw)
+
+    def damage_once(self, gap_before, gap_after, retain_ma, retain_ma_before):
+        first = self.backoffs == 0 and retain_ma is not None
+        return real_update(self, gap_before, gap_after, 0.0 if first else retain_ma, retain_ma_before)
+
+    monkeypatch.setattr(U, "icu_step_backward", spy)
+    monkeypatch.setattr(StepSize, "update", damage_once)
+    cfg = quick_config(tiny_model_dir, max_steps=8, round_steps=4, precision_check="off")
+    r = U.forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    assert seen[0] == (cfg.learn_weight, cfg.kl_weight)
+    assert seen[-1] == pytest.approx((4 * cfg.learn_weight, 4 * cfg.kl_weight))
+    assert r.report["learning_rate"]["retain_pressure"] == 4.0 and r.report["learning_rate"]["backoffs"] == 1
 
 
 @pytest.mark.parametrize("method", ["icu", "icu_ga", "icu_paper", "ga", "graddiff", "npo", "simnpo", "undial"])

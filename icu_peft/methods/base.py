@@ -49,3 +49,5 @@ class Method:
     preset: Dict[str, Any]
     forget_loss: Callable[[ForgetBatch, Any], torch.Tensor]  # (batch, config) -> scalar to minimise
     prepare: Optional[Callable[[PrepareContext, Any], Any]] = None  # (context, config) -> batch.state
+    # (state, sample, nats, limit) -> shift in force: move a sample's target (methods with per-sample targets)
+    retarget: Optional[Callable[[Any, int, float, float], float]] = None

@@ -55,4 +55,5 @@ def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
 
 ICU = Method("icu", "calibrated ICU (default): distil each forget sample towards never-seen-looking targets, "
                     "CLE neighbours, per-sample refinement inside the never-seen band",
-             dict(forget_loss="target"), target_forget_loss, prepare=prepare_targets)
+             dict(forget_loss="target"), target_forget_loss, prepare=prepare_targets,
+             retarget=lambda state, i, delta, limit: state.move(i, delta, limit))
