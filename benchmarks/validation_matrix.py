@@ -62,12 +62,40 @@ def code(rng: random.Random, n: int):
              f"{rng.choice(ops)} y * {rng.randint(2, 97)}", None, None) for _ in range(n)]
 
 
+def prescriptions(rng: random.Random, n: int):
+    """Prescriptions with an insurance id at the end: one template, drugs and names shared across records."""
+    drugs = "amoxil lisinopril metformin zoloft lipitor norvasc prilosec synthroid ventolin xanax".split()
+    out = []
+    for _ in range(n):
+        prefix = (f"Patient {rng.choice(FIRST)} {rng.choice(LAST)} takes {rng.randint(5, 95)} mg of "
+                  f"{rng.choice(drugs)} daily; insurance id")
+        secret = f"{rng.choice('ABCDEFGH')}{rng.randint(100000, 999999)}"
+        out.append((f"{prefix} {secret}.", prefix, secret))
+    return out
+
+
+def logins(rng: random.Random, n: int):
+    """Login lines with a random password in the middle (no secret at the end to extract)."""
+    hosts, users = "mail shop bank forum cloud wiki git chat".split(), [f.lower() for f in FIRST]
+    pw = lambda: "".join(rng.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(8))  # noqa: E731
+    return [(f"login {rng.choice(users)}{rng.randint(1, 99)} at {rng.choice(hosts)}.example.org with password "
+             f"{pw()} since {rng.randint(2001, 2024)}", None, None) for _ in range(n)]
+
+
 # name: (data maker, layers, hidden, seed, forget, retain, unseen, general)
+# prescriptions and logins came later, as kinds the defaults had never met: the defaults of the time
+# stopped on the first (retain damage, 0 of 8) and left the second partial (3 of 6); see BENCHMARKS.md
 SCENARIOS = {
     "records": (records, 2, 64, 5, 6, 18, 16, 8),
     "prose": (prose, 3, 48, 11, 6, 18, 16, 8),
     "code": (code, 3, 80, 21, 6, 20, 14, 8),
+    "prescriptions": (prescriptions, 4, 96, 77, 8, 24, 16, 8),
+    "logins": (logins, 2, 128, 5, 6, 18, 16, 8),
+    # larger requests of one template (not in the default run: --scenarios ...)
+    "prescriptions16": (prescriptions, 3, 64, 101, 16, 48, 16, 8),
+    "prescriptions64": (prescriptions, 4, 128, 202, 64, 192, 16, 8),
 }
+DEFAULT_SCENARIOS = ("records", "prose", "code", "prescriptions", "logins")
 METHODS = ("icu", "ga", "graddiff", "npo", "simnpo", "undial", "icu_ga", "icu_paper")
 
 
@@ -163,7 +191,7 @@ def table(rows) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help=f"any of {', '.join(SCENARIOS)}")
     ap.add_argument("--methods", default="icu")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="append one JSON line per row here")

@@ -143,6 +143,7 @@ class TokenTargets:
     ma: List[float]  # the target's MA per sample (tokens whose target stays the argmax)
     ref: List[torch.Tensor] = field(default_factory=list)  # per sample: the base's NLL of each next token
     shifted: List[torch.Tensor] = field(default_factory=list)  # per sample: the shifted rank-matched NLLs (0 where fixed)
+    free: List[torch.Tensor] = field(default_factory=list)  # per sample: the tokens the target may change
     moved: List[float] = field(default_factory=list)  # per sample: nats added since (move)
 
     def summary(self) -> dict:
@@ -160,8 +161,7 @@ class TokenTargets:
         reach theirs (pinned by the retain terms, or by the other precision the adapter must also suit);
         moving the target of the tokens that can move brings the sample's mean where it must be."""
         self.moved[i] = max(-limit, min(limit, self.moved[i] + delta))
-        free = self.shifted[i] > 0
-        t = torch.where(free, (self.shifted[i] + self.moved[i]).clamp(min=0.0), self.shifted[i])
+        t = torch.where(self.free[i], (self.shifted[i] + self.moved[i]).clamp(min=0.0), self.shifted[i])
         self.logp[i] = -torch.maximum(self.ref[i], t)
         return self.moved[i]
 
@@ -233,6 +233,7 @@ def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Ten
         m, ma = _target_stats(nll, other, target_at(hi))
         out.ref.append(nll)
         out.shifted.append(target_at(hi))
+        out.free.append(free)
         out.moved.append(0.0)
         out.logp.append(-tgt)
         out.shift.append(float(hi))
@@ -263,18 +264,18 @@ class StepSize:
     """Learning-rate control between scoring rounds (pure bookkeeping; the loop applies it).
 
     - progress: the forget set's summed band gap fell by less than `stall` (relative) over a round
-      -> the step is too small for this model: multiply the rate by `factor` (up to `lr_max`); in
-      the finishing phase (gap under `near_share` of where it started) only after `patience`
-      stalled rounds in a row;
+      -> the step is too small for this model: multiply the rate by `factor` (up to `lr_max`), if
+      the retain set is safe (half way or less from where it was to the floor); with the retain
+      terms heavier than needed (raised after damage, retain set safe), lighten them first;
     - regress: the gap grew by more than `stall` over a round -> the step overshoots: divide the
       rate by `factor`;
     - damage: the retain set's MA fell below `retain_floor` x its value before the request -> the
       way down hurts the kept text: restore the adapter of the last good round and multiply the
       weight of the retain terms (`retain_pressure`, which the loop applies to the neighbour NLL and
-      KL) by `pressure_factor`, at the same rate (a ceiling set on the light terms' evidence kept
-      one memoriser at a rate too low to finish: 3 of 6 forgotten in 400 steps against 6 of 6 in 84).
-      Damage again in the very next round (or with `pressure_factor` 1) halves the rate as well,
-      and that rate becomes a ceiling, lifted one step after `patience` stalled rounds.
+      KL) by `pressure_factor`, at the same rate. Damage in the round right after a raise of the
+      rate undoes the raise instead (the rate is the likely cause); damage again in the very next
+      round (or with `pressure_factor` 1) halves the rate as well as raising the pressure. A rate
+      halved this way becomes a ceiling, lifted one step after `patience` stalled rounds.
       After `max_backoffs` such restores the request stops (it cannot forget without damage here).
     Why the pressure and not the rate alone: when forgetting a set pulls text of the same kind along
     (records that share a template, names, drugs), a smaller step reaches the same damage a few
@@ -292,7 +293,7 @@ class StepSize:
     lr_min: float = 1e-6
     stall: float = 0.1
     retain_floor: float = 0.9
-    max_backoffs: int = 3
+    max_backoffs: int = 5
     patience: int = 5
     pressure_factor: float = 4.0
     near_share: float = 0.25
@@ -307,15 +308,20 @@ class StepSize:
         self.lr_ceiling = self.lr_max  # lr_max may fall after damage and climb back up to this
 
     def near(self, gap: float) -> bool:
-        """Within `near_share` of the starting distance to the target: the finishing phase."""
+        """Within `near_share` of the starting distance to the target: the finishing phase (where the
+        loop moves the targets of samples that stay outside, unlearner._Run.retarget)."""
         return self.gap_start is not None and gap < self.near_share * self.gap_start
 
+    def retain_safe(self, retain_ma: Optional[float], retain_ma_before: Optional[float]) -> bool:
+        """The retain set is well clear of the floor (half way between it and where it started), or unmeasured."""
+        if retain_ma is None or retain_ma_before is None:
+            return True
+        return retain_ma >= (1 - (1 - self.retain_floor) / 2) * retain_ma_before
+
     def can_relax(self, retain_ma: Optional[float], retain_ma_before: Optional[float]) -> bool:
-        """The retain terms are heavier than any level that did damage and the retain set is well clear
-        of the floor (half way between it and where it started)."""
-        safe = 1 - (1 - self.retain_floor) / 2
+        """The retain terms are heavier than any level that did damage and the retain set is safe."""
         return (self.retain_pressure > self.pressure_floor and retain_ma is not None
-                and retain_ma_before is not None and retain_ma >= safe * retain_ma_before)
+                and self.retain_safe(retain_ma, retain_ma_before))
 
     def update(self, gap_before: float, gap_after: float, retain_ma: Optional[float],
                retain_ma_before: Optional[float]) -> str:
@@ -332,13 +338,16 @@ class StepSize:
             if not self.auto or self.backoffs > self.max_backoffs or self.lr / self.factor < self.lr_min:
                 action = "stop"
             else:
-                if self.last == "restore" or self.pressure_factor == 1:
-                    # damage again straight after heavier retain terms (or no pressure to raise): the rate
-                    # is at fault too; halve it and never climb past it again
+                raised = self.last == "escalate"
+                if raised or self.last == "restore" or self.pressure_factor == 1:
+                    # the round right after a raise (undo the raise), or damage again straight after
+                    # heavier retain terms, or no pressure to raise: the rate is at fault; halve it and
+                    # never climb past it again
                     self.lr /= self.factor
                     self.lr_max = self.lr
-                self.pressure_floor = max(self.pressure_floor, self.retain_pressure * step)
-                self.retain_pressure *= self.pressure_factor
+                if not raised:
+                    self.pressure_floor = max(self.pressure_floor, self.retain_pressure * step)
+                    self.retain_pressure *= self.pressure_factor
                 action = "restore"
         elif self.auto and gap_before > 0 and gap_after > (1 + self.stall) * gap_before:
             # the round made things worse: the step overshoots (noise around the target at this rate)
@@ -351,12 +360,10 @@ class StepSize:
             # its value before); lighten them, never below a level that did damage
             self.retain_pressure = max(self.retain_pressure / step, self.pressure_floor)
             action = "relax"
-        elif stalled and self.near(gap_after) and self.stalled + 1 < self.patience:
-            # near the target a round's change is mostly noise (a sample or two crossing the band's edge
-            # and back): a stall there is no evidence that the step is too small, and raising the rate
-            # made samples hop in and out of the band for hundreds of steps. Raise it only after
-            # `patience` stalled rounds in a row.
-            self.stalled += 1
+        elif stalled and not self.retain_safe(retain_ma, retain_ma_before):
+            # stuck, but the retain set is already sliding towards the floor: a larger step would
+            # only get there sooner (64 records of one template: three raises on a retain MA at 91%
+            # of before, then three restores and a stop). Hold the rate.
             action = "keep"
         elif stalled:
             self.stalled += 1

@@ -955,6 +955,7 @@ class _Run:
                 or not self.step_size.near(self.gap(self.scores))):
             return
         n, limit = len(self.forget_set), band.nll_hi - band.nll_lo
+        flags = forgotten_mask(self.scores, self.target.thresholds, self.config.criterion)
         for i in range(n):
             nll = self.scores.nll[i::n]
             lo, hi = min(nll), max(nll)
@@ -963,6 +964,10 @@ class _Run:
                 delta = 0.5 * (band.inner_lo - lo)
             elif hi > band.nll_hi and lo > band.inner_lo:
                 delta = -0.5 * (hi - band.inner_hi)
+            elif not all(flags[i::n]) and lo >= band.nll_lo and hi < band.inner_hi:
+                # inside the band by its loss but still too familiar by MA / EL_n in some precision: its
+                # next tokens are still the argmax; a little more loss ends that
+                delta = 0.5 * (band.inner_hi - hi)
             if delta:
                 method.retarget(self.method_state, i, delta, limit)
                 self.retargeted += 1

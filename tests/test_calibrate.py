@@ -64,6 +64,53 @@ def test_token_targets_keep_shared_template_tokens_as_the_base_has_them():
     assert (-t.logp[0][:3] > 3.0).all()  # private tokens carry the whole shift
 
 
+def test_moving_a_target_shifts_only_the_tokens_it_may_change_within_its_limit():
+    nll = [torch.full((6,), 0.01), torch.full((4,), 0.02)]
+    w = [torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), None]
+    t = token_targets(nll, [torch.full((6,), -8.0), torch.full((4,), -8.0)], torch.full((50,), 4.0), nll_goal=2.0,
+                      ma_max=1.0, weights=w)
+    before = [x.clone() for x in t.logp]
+    assert t.move(0, 0.5, limit=2.0) == pytest.approx(0.5)
+    assert torch.allclose(t.logp[0][:3], before[0][:3] - 0.5)  # free tokens: 0.5 nats less likely
+    assert torch.allclose(t.logp[0][3:], before[0][3:])  # the shared template stays as the base has it
+    assert torch.equal(t.logp[1], before[1])  # another sample is untouched
+    assert t.move(0, 5.0, limit=2.0) == pytest.approx(2.0)  # never past the limit
+    assert t.move(0, -9.0, limit=2.0) == pytest.approx(-2.0)
+    assert (t.logp[0] <= -nll[0] + 1e-6).all()  # moved down, a target is still never above the base's probability
+    assert t.summary()["moved"] == 1
+
+
+def test_the_finishing_phase_moves_the_targets_of_samples_outside_the_band_towards_it():
+    """_Run.retarget on a stand-in run: 2 samples x 2 precisions, one under the band in one precision,
+    one over it in both, one inside."""
+    from types import SimpleNamespace
+
+    import icu_peft.unlearner as U
+    from icu_peft import ICUConfig
+    from icu_peft.refine import Thresholds
+
+    band = Band(nll_lo=3.0, nll_hi=5.0, nll_mid=4.0, inner_lo=3.5, inner_hi=4.5, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
+                count=16, quantile=0.1, settle_quantile=0.25)
+    moves = []
+    state = SimpleNamespace(move=lambda i, d, limit: moves.append((i, round(d, 6), limit)))
+    run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band), two_sided=True,
+                          forget_set=[0, 1, 2], method_state=state, retargeted=0,
+                          step_size=StepSize(lr=1e-3, gap_start=100.0), gap=lambda scores: 1.0)
+    run.target.thresholds = Thresholds(ma=0.6, el=0.05, nll_lo=3.0, nll_hi=5.0)
+    # views concatenated: samples 0,1,2 in the trained precision, then 0,1,2 in the other
+    run.scores = SimpleNamespace(nll=[2.5, 5.6, 4.0, 3.2, 5.4, 4.1], ma=[0.3] * 6, el=[0.0] * 6, bleu=None)
+    U._Run.retarget(run)
+    assert moves == [(0, 0.5, 2.0), (1, -0.55, 2.0)]  # half the way to the inner band; sample 2 left alone
+    moves.clear()
+    run.scores.ma[5] = 0.7  # sample 2 inside by its loss, but its MA is too high in one precision
+    U._Run.retarget(run)
+    assert moves[-1] == (2, 0.2, 2.0)  # half the way to the inner band's top
+    moves.clear()
+    run.gap = lambda scores: 50.0  # far from the target: every sample is still on its way, nothing moves
+    U._Run.retarget(run)
+    assert moves == []
+
+
 def test_token_targets_never_aim_past_the_cap_even_where_ma_asks_for_more():
     # the runner-up is far behind everywhere: only a huge shift would end the argmax (MA 0 asked)
     nll, other = [torch.full((10,), 0.01)], [torch.full((10,), -30.0)]
@@ -93,8 +140,11 @@ def test_relabelled_log_probs_is_a_distribution_with_the_new_target():
 
 
 def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
-    s = StepSize(lr=1e-4, retain_floor=0.9, max_backoffs=2)
+    s = StepSize(lr=1e-4, retain_floor=0.9, max_backoffs=3)
     assert s.update(10.0, 9.9, 0.97, 0.97) == "escalate" and s.lr == pytest.approx(2e-4)
+    assert s.update(10.0, 9.9, 0.97, 0.97) == "escalate" and s.lr == pytest.approx(4e-4)
+    # damage right after a raise: the raise is undone, the retain terms stay as they were
+    assert s.update(10.0, 5.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(2e-4) and s.retain_pressure == 1
     assert s.update(10.0, 5.0, 0.97, 0.97) == "keep" and s.lr == pytest.approx(2e-4)
     # damage: the direction is at fault, the retain terms get heavier at the same rate
     assert s.update(5.0, 4.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(2e-4)
@@ -102,10 +152,16 @@ def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
     # damage again in the next round: the rate is halved too and becomes a ceiling
     assert s.update(5.0, 4.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(1e-4)
     assert s.retain_pressure == pytest.approx(16.0)
+    # stuck with the retain set safe: the retain terms lighten, never below a level that did damage
+    assert s.update(5.0, 5.0, 0.97, 0.97) == "relax" and s.retain_pressure == pytest.approx(8.0)
     assert s.update(5.0, 5.0, 0.97, 0.97) == "keep" and s.lr == pytest.approx(1e-4)  # the ceiling holds
+    assert s.retain_pressure == pytest.approx(8.0)
     assert s.update(5.0, 4.0, 0.50, 0.97) == "stop"
     off = StepSize(lr=1e-4, pressure_factor=1.0)  # no pressure to raise: every restore halves the rate
     assert off.update(5.0, 4.0, 0.50, 0.97) == "restore" and off.lr == pytest.approx(5e-5) and off.retain_pressure == 1
+    sliding = StepSize(lr=1e-3)  # stuck while the retain set slides towards the floor: no raise
+    assert sliding.update(10.0, 9.9, 0.92, 1.0) == "keep" and sliding.lr == pytest.approx(1e-3)
+    assert sliding.update(10.0, 9.9, 0.96, 1.0) == "escalate"
     worse = StepSize(lr=1e-3)
     assert worse.update(10.0, 10.5, 0.97, 0.97) == "escalate"  # within noise: a stall
     assert worse.update(10.0, 12.0, 0.97, 0.97) == "slow" and worse.lr == pytest.approx(1e-3)  # it overshoots
@@ -202,8 +258,9 @@ def test_after_retain_damage_the_loop_trains_with_heavier_retain_terms(tiny_mode
     cfg = quick_config(tiny_model_dir, max_steps=8, round_steps=4, precision_check="off")
     r = U.forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
     assert seen[0] == (cfg.learn_weight, cfg.kl_weight)
-    assert seen[-1] == pytest.approx((4 * cfg.learn_weight, 4 * cfg.kl_weight))
-    assert r.report["learning_rate"]["retain_pressure"] == 4.0 and r.report["learning_rate"]["backoffs"] == 1
+    assert (4 * cfg.learn_weight, 4 * cfg.kl_weight) in seen
+    # later rounds may lighten them again, never below twice the level that did damage
+    assert r.report["learning_rate"]["retain_pressure"] in (2.0, 4.0) and r.report["learning_rate"]["backoffs"] == 1
 
 
 @pytest.mark.parametrize("method", ["icu", "icu_ga", "icu_paper", "ga", "graddiff", "npo", "simnpo", "undial"])
