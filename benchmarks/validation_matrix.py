@@ -32,7 +32,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from icu_peft import ICUConfig  # noqa: E402
-from icu_peft.testing import build_tiny_memorizer, grammar_prose  # noqa: E402
+from icu_peft.testing import ARCHITECTURES, build_tiny_memorizer, grammar_prose  # noqa: E402
 
 FIRST = "Ada Boris Chen Dana Emil Farah Goran Hana Ivo Jana Kofi Lena Milo Nora Omar Pia Ravi Sana Tomas Uma".split()
 LAST = "Abara Berg Costa Duval Eklund Fischer Garcia Horvat Ito Jensen Kowal Lindqvist Moreau Novak Okafor".split()
@@ -94,13 +94,19 @@ SCENARIOS = {
     # larger requests of one template (not in the default run: --scenarios ...)
     "prescriptions16": (prescriptions, 3, 64, 101, 16, 48, 16, 8),
     "prescriptions64": (prescriptions, 4, 128, 202, 64, 192, 16, 8),
+    # the records on other architectures (testing.ARCHITECTURES)
+    "records_gpt2": (records, 2, 64, 31, 8, 24, 16, 8),
+    "records_gpt_neox": (records, 2, 64, 31, 8, 24, 16, 8),
+    "records_llama_tied": (records, 2, 64, 31, 8, 24, 16, 8),
 }
-DEFAULT_SCENARIOS = ("records", "prose", "code", "prescriptions", "logins")
+DEFAULT_SCENARIOS = ("records", "prose", "code", "prescriptions", "logins", "records_gpt2", "records_gpt_neox",
+                     "records_llama_tied")
 METHODS = ("icu", "ga", "graddiff", "npo", "simnpo", "undial", "icu_ga", "icu_paper")
 
 
 def build(name: str, workdir: Path):
     make, layers, hidden, seed, nf, nr, nu, ng = SCENARIOS[name]
+    arch = next((a for a in ARCHITECTURES if name.endswith("_" + a)), "llama")
     rows = make(random.Random(seed), nf + nr + nu + ng)
     texts = [r[0] for r in rows]
     fg, rt = texts[:nf], texts[nf:nf + nr]
@@ -108,10 +114,10 @@ def build(name: str, workdir: Path):
     secrets = [(p, s) for _, p, s in rows[nf:nf + nr] if p]
     model, oracle = workdir / f"{name}_model", workdir / f"{name}_oracle"
     if not (model / "model.safetensors").exists():
-        build_tiny_memorizer(model, fg + rt, un + gen, steps=400, layers=layers, hidden=hidden, seed=seed)
+        build_tiny_memorizer(model, fg + rt, un + gen, steps=400, layers=layers, hidden=hidden, seed=seed, arch=arch)
     if not (oracle / "model.safetensors").exists():
         # the same texts in the tokenizer (so the vocabulary matches), only the kept ones memorised
-        build_tiny_memorizer(oracle, rt, fg + un + gen, steps=400, layers=layers, hidden=hidden, seed=seed)
+        build_tiny_memorizer(oracle, rt, fg + un + gen, steps=400, layers=layers, hidden=hidden, seed=seed, arch=arch)
     return model, oracle, fg, rt, un, gen, secrets
 
 

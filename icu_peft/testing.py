@@ -60,25 +60,38 @@ def build_tokenizer(texts: Sequence[str], out_dir: Path, vocab_size: int = 320):
     return tok
 
 
+ARCHITECTURES = ("llama", "llama_tied", "gpt2", "gpt_neox")
+
+
 def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_texts: Sequence[str] = (),
                          steps: int = 300, lr: float = 3e-3, seed: int = 0, hidden: int = 64,
-                         layers: int = 2) -> Dict[str, float]:
-    """Train a tiny Llama from scratch on `memorize` until it reproduces them; save it to out_dir.
+                         layers: int = 2, arch: str = "llama") -> Dict[str, float]:
+    """Train a tiny causal LM from scratch on `memorize` until it reproduces them; save it to out_dir.
 
-    Returns the final training loss. The model is saved in safetensors with its tokenizer, so
-    `--model out_dir` works like any local model.
+    `arch`: llama (default), llama_tied (tied input/output embeddings), gpt2 (Conv1D projections,
+    learned positions), gpt_neox (fused QKV, parallel residual). Returns the final training loss. The
+    model is saved in safetensors with its tokenizer, so `--model out_dir` works like any local model.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers as T
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tok = build_tokenizer(list(memorize) + list(vocab_texts), out_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    if arch in ("llama", "llama_tied"):
+        cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                            tie_word_embeddings=arch == "llama_tied", **ids)
+        model = T.LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **ids))
+    elif arch == "gpt_neox":
+        model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                                     intermediate_size=hidden * 2, max_position_embeddings=256, **ids))
+    else:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}")
     enc = tok(list(memorize), padding=True, return_tensors="pt")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)

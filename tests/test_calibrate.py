@@ -305,3 +305,26 @@ def test_loss_auc_is_the_loss_attacks_roc_auc():
     assert off_centre([3.0, 2.9, 3.1], unseen, 0.1) == 0  # spread like it
     with pytest.raises(ValueError):
         loss_auc([], unseen)
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_samples_inside_the_band_stay_in_the_batch_held_at_their_target(hold, tiny_model_dir, tiny_corpus, monkeypatch):
+    """hold_forgotten (default): a sample already inside keeps training (its target holds it there);
+    off, it leaves the batch as ICU's IUR has it."""
+    import icu_peft.unlearner as U
+
+    trained, real_step = set(), U._Run.step
+
+    def only_first_active(self, previous=None):
+        self.active = [True] + [False] * (len(self.forget_set) - 1)
+
+    def spy(self, batch):
+        trained.update(batch)
+        return real_step(self, batch)
+
+    monkeypatch.setattr(U._Run, "update_active", only_first_active)
+    monkeypatch.setattr(U._Run, "step", spy)
+    monkeypatch.setattr(U._Run, "settled", lambda self: False)
+    cfg = quick_config(tiny_model_dir, max_steps=2, round_steps=1, precision_check="off", hold_forgotten=hold)
+    U.forget(cfg, tiny_corpus["forget"][:3], tiny_corpus["retain"], tiny_corpus["unseen"])
+    assert trained == ({0, 1, 2} if hold else {0})
