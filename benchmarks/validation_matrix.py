@@ -26,6 +26,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 warnings.filterwarnings("ignore")
 
@@ -157,14 +158,14 @@ def _scores(model, tok, fg, rt, un, gen, secrets, cfg, oracle) -> dict:
     return out
 
 
-def run_row(scenario: str, method: str, workdir: Path) -> dict:
+def run_row(scenario: str, method: str, workdir: Path, overrides: Optional[dict] = None) -> dict:
     from icu_peft.unlearner import forget
 
     model, oracle, fg, rt, un, gen, secrets = build(scenario, workdir)
     adapter = workdir / f"{scenario}_{method}_adapter"
     t = time.perf_counter()
-    res = forget(ICUConfig.for_method(method, model=str(model), progress=False), fg, rt, un, output_dir=adapter,
-                 overwrite=True)
+    cfg = ICUConfig.for_method(method, model=str(model), progress=False, **(overrides or {}))
+    res = forget(cfg, fg, rt, un, output_dir=adapter, overwrite=True)
     wall = time.perf_counter() - t
     rep = res.report
     row = {"scenario": scenario, "method": method, "status": rep["status"], "forgotten": rep["forget"]["forgotten"],
@@ -201,6 +202,8 @@ def main() -> int:
     ap.add_argument("--methods", default="icu")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="append one JSON line per row here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one config field from its default (YAML value), e.g. hold_forgotten=false")
     ap.add_argument("--table", default=None, metavar="FILE.jsonl", help="only print the table of rows saved earlier")
     args = ap.parse_args()
     if args.table:
@@ -208,13 +211,17 @@ def main() -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(1)
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in args.set)}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="icu_matrix_"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for scenario in args.scenarios.split(","):
         for method in args.methods.split(","):
             t = time.perf_counter()
-            row = run_row(scenario, method, workdir)
+            row = run_row(scenario, method, workdir, overrides)
+            row["overrides"] = overrides
             row["row_seconds"] = round(time.perf_counter() - t, 1)
             rows.append(row)
             if args.out:

@@ -46,11 +46,11 @@ class MergedQuantized:
         self.lora, self.plain = [], []
         inside = set()
         for m in model.modules():
-            if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear):
+            if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), _LINEAR):
                 self.lora.append(m)
                 inside.update(id(x) for x in m.modules())
         for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and id(m) not in inside and m is not head:
+            if isinstance(m, _LINEAR) and id(m) not in inside and m is not head:
                 self.plain.append(m)
         self.packed: dict = {}
         self.on = False
@@ -58,15 +58,16 @@ class MergedQuantized:
             m.register_forward_hook(self._hook)
         with torch.no_grad():
             for m in self.plain:  # no adapter: quantized once
-                self.packed[m] = _quantize(m.weight)
+                self.packed[m] = _quantize(_out_in(m, m.weight))
         self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
         for m in self.lora:
             w = m.base_layer.weight
+            # PEFT's delta is laid out like the base weight (transposed for Conv1D: fan_in_fan_out)
             delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
-            self.packed[m] = _quantize(w + delta.to(w.dtype))
+            self.packed[m] = _quantize(_out_in(m.base_layer, w + delta.to(w.dtype)))
 
     def _hook(self, module, args, output):
         if not self.on:
@@ -79,6 +80,25 @@ class MergedQuantized:
         bias = getattr(getattr(module, "base_layer", module), "bias", None)
         y = torch.nn.functional.linear(x, w, bias)
         return output + (y - output).detach()
+
+
+def _linear_types() -> tuple:
+    """nn.Linear and transformers' Conv1D (GPT-2 and its kin: y = x @ W + b, W stored (in, out)), the
+    layers a 4-bit load quantizes. Conv1D was missed at first: on a GPT-2 the merged view then ran
+    the plain base without the adapter, and no request could ever finish."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return (torch.nn.Linear,)
+    return (torch.nn.Linear, Conv1D)
+
+
+_LINEAR = _linear_types()
+
+
+def _out_in(layer, w: torch.Tensor) -> torch.Tensor:
+    """`w` in nn.Linear's (out, in) layout, which is how a 4-bit load stores (and blocks) it."""
+    return w if isinstance(layer, torch.nn.Linear) else w.t()
 
 
 def _quantize(w: torch.Tensor):

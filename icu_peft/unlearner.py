@@ -684,6 +684,7 @@ class _Run:
     unseen_now: Optional[List[float]] = None  # never-seen samples' NLL at the last scoring (None: use the base's)
     el_borrowed: bool = False  # the other views' EL_n at the last scoring is the trained view's (score)
     retargeted: int = 0  # target moves made in the finishing phase (retarget)
+    pressured: Optional[tuple] = None  # (retain pressure, the config with its retain weights) for loss_config
 
     def __post_init__(self) -> None:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -978,10 +979,10 @@ class _Run:
         p = self.step_size.retain_pressure
         if p == 1.0:
             return self.config
-        if getattr(self, "_loss_config", (None,))[0] != p:
-            self._loss_config = (p, replace(self.config, learn_weight=self.config.learn_weight * p,
-                                            kl_weight=self.config.kl_weight * p))
-        return self._loss_config[1]
+        if self.pressured is None or self.pressured[0] != p:
+            self.pressured = (p, replace(self.config, learn_weight=self.config.learn_weight * p,
+                                         kl_weight=self.config.kl_weight * p))
+        return self.pressured[1]
 
     def patience(self, inside_step: int) -> int:
         """Steps without a better state after which a run that had every sample inside stops: the config's,
@@ -1156,7 +1157,7 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
         "samples": samples,
         "history": run.history,
         "learning_rate": {"auto": run.step_size.auto, "final": run.step_size.lr, "backoffs": run.step_size.backoffs,
-                          "retain_pressure": run.step_size.retain_pressure},
+                          "retain_pressure": run.step_size.retain_pressure, "target_moves": run.retargeted},
         "targets": run.method_state.summary() if hasattr(run.method_state, "summary") else None,
         "per_sample_history": {sid: {"ma": [s.ma[i] for s in run.per_epoch], "el": [s.el[i] for s in run.per_epoch]}
                                for i, sid in enumerate(forget_set.ids)},

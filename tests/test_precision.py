@@ -76,6 +76,34 @@ def test_view_shares_the_adapter_and_its_merged_nf4_is_a_saved_merge_reloaded(vi
         tie_lora(view.model, torch.nn.Linear(2, 2))
 
 
+def test_on_a_gpt2_conv1d_model_the_merged_view_is_a_saved_merge_reloaded(tmp_path):
+    """GPT-2's projections are transformers' Conv1D (weights stored (in, out)): the merged view must
+    quantize them too, adapter included (it once skipped them and ran the plain base)."""
+    from icu_peft import ICUConfig
+    from icu_peft.attacks import load_quantized
+    from icu_peft.models import attach_lora, load_base_model
+    from icu_peft.precision import build_view
+    from icu_peft.testing import build_tiny_memorizer
+
+    texts = [f"member {i} lives at {i * 7} elm street" for i in range(6)]
+    build_tiny_memorizer(tmp_path / "gpt2", texts, steps=2, arch="gpt2")
+    trained = attach_lora(load_base_model(str(tmp_path / "gpt2"), quantize=True, compute_dtype="float32"))
+    view = build_view(ICUConfig(model=str(tmp_path / "gpt2"), compute_dtype="float32"), trained, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if p.requires_grad and "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(1))
+    view.merged.refresh()
+    with view.as_view(1) as m:
+        ours = _logits(m, ids)
+    assert not torch.allclose(ours, _logits(view.model, ids), atol=1e-3)  # quantized, not the fp32 view
+    merged = copy.deepcopy(view.model).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged", safe_serialization=True)
+    assert torch.allclose(ours, _logits(load_quantized(tmp_path / "merged", "nf4"), ids), atol=1e-4)
+
+
 def test_the_view_is_built_only_where_it_is_wanted(tiny_model_dir, monkeypatch):
     from icu_peft import ICUConfig
     from icu_peft import precision
