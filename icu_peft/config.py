@@ -83,7 +83,7 @@ class ICUConfig:
     # --- optimisation ---
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or fine-tune every weight (False; needs quantize=False; a baseline)."})
     iur: bool = field(default=True, metadata={"help": "Per-sample refinement: forgotten samples leave the batch. False: train on all until the means pass (Jang et al.)."})
-    hold_forgotten: bool = field(default=True, metadata={"help": "With a two-sided method (icu): samples inside the band stay in the batch, held at their target, instead of leaving it (IUR) and drifting out while the others train. The stop rule still reads every sample."})
+    hold_forgotten: bool = field(default=False, metadata={"help": "With a two-sided method (icu): samples inside the band stay in the batch, held at their target, instead of leaving it (IUR). Off by default: on the validation matrix it cost steps and centring (prose PrivLeak -45% vs -13%, code 5/6 vs 6/6) though it finished two other memorisers (docs/BENCHMARKS.md)."})
     learning_rate: Any = field(default="auto", metadata={"help": "Adam learning rate, or 'auto': start at lr_start, double while the forget set's distance to the never-seen band stalls, halve when a round overshoots; when the retain set is damaged, restore the last good adapter and undo the last raise, or make the retain terms heavier (retain_pressure). docs/METHOD.md, 'Finding its own settings'."})
     lr_start: float = field(default=2e-4, metadata={"help": "learning_rate auto: the first rate tried."})
     lr_max: float = field(default=5e-2, metadata={"help": "learning_rate auto: the rate is never raised past this."})

@@ -1020,8 +1020,7 @@ class _Run:
         active_idx = [i for i, a in enumerate(self.active) if a] or list(range(len(self.forget_set)))  # min_epochs
         if cfg.hold_forgotten and self.two_sided and cfg.iur:
             # samples already inside stay in the batch: the two-sided target holds them where they are
-            # (its minimum is the target), where leaving the batch let them drift out again while the
-            # others trained (runs ending 7 of 8 after hundreds of steps of samples hopping in and out)
+            # (its minimum is the target) instead of letting them drift while the others train
             active_idx = list(range(len(self.forget_set)))
         while done < cfg.round_steps and self.steps < cfg.max_steps and (cfg.max_epochs is None or self.epoch < cfg.max_epochs):
             self.epoch += 1
