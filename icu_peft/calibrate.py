@@ -268,10 +268,7 @@ class StepSize:
       the retain set is safe (half way or less from where it was to the floor); with the retain
       terms heavier than needed (raised after damage, retain set safe), lighten them first;
     - regress: the gap grew by more than `stall` over a round -> the step overshoots: divide the
-      rate by `factor`; not in the finishing phase (gap under `near_share` of where it started),
-      where a sample or two crossing the band's edge and back makes the gap jump by chance: halving
-      on that noise took the rate to 1e-5 and left a logins memoriser's last sample outside for 250
-      steps (5/6; without it 6/6 in 136 steps, code 6/6 in 92 instead of 180);
+      rate by `factor`;
     - damage: the retain set's MA fell below `retain_floor` x its value before the request -> the
       way down hurts the kept text: restore the adapter of the last good round and multiply the
       weight of the retain terms (`retain_pressure`, which the loop applies to the neighbour NLL and
@@ -352,8 +349,8 @@ class StepSize:
                     self.pressure_floor = max(self.pressure_floor, self.retain_pressure * step)
                     self.retain_pressure *= self.pressure_factor
                 action = "restore"
-        elif self.auto and gap_before > 0 and gap_after > (1 + self.stall) * gap_before and not self.near(gap_after):
-            # the round made things worse: the step overshoots
+        elif self.auto and gap_before > 0 and gap_after > (1 + self.stall) * gap_before:
+            # the round made things worse: the step overshoots (noise around the target at this rate)
             self.stalled = 0
             self.lr = max(self.lr / self.factor, self.lr_min)
             action = "slow"

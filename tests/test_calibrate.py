@@ -165,8 +165,6 @@ def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
     worse = StepSize(lr=1e-3)
     assert worse.update(10.0, 10.5, 0.97, 0.97) == "escalate"  # within noise: a stall
     assert worse.update(10.0, 12.0, 0.97, 0.97) == "slow" and worse.lr == pytest.approx(1e-3)  # it overshoots
-    # in the finishing phase (under a quarter of the starting gap) a growing gap is noise: no slowing
-    assert worse.update(1.0, 1.5, 0.97, 0.97) != "slow" and worse.lr >= 1e-3
     fixed = StepSize(lr=1.0, auto=False)
     assert fixed.update(10.0, 10.0, 0.97, 0.97) == "keep" and fixed.lr == 1.0
     assert fixed.update(10.0, 9.0, 0.0, 0.97) == "stop"
