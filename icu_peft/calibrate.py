@@ -282,7 +282,7 @@ class StepSize:
     rounds later; only a heavier retain term changes the direction. A prescriptions memoriser that
     the defaults stopped on (0 of 8 forgotten, three restores at any rate) forgot 8 of 8 after one
     restore with the retain terms 4x heavier, retain MA 0.87 -> 0.90, in 104 steps (256 when every
-    restore also halved the rate, as before the pressure).
+    restore also halved the rate, as before the pressure; 76 with the whole control as it is now).
     With `auto=False` neither the rate nor the pressure changes and the first damage stops the request.
     """
 
