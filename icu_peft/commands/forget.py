@@ -100,8 +100,10 @@ def run(args) -> int:
     f = r["forget"]
     if result.output_dir is not None:
         print(f"forget adapter written to {result.output_dir}")
+        lr = r["learning_rate"]
+        pressure = f", retain terms x{lr['retain_pressure']:g}" if lr.get("retain_pressure", 1.0) != 1.0 else ""
         print(f"  status: {r['status']}; {f['forgotten']} of {f['count']} samples forgotten after {r['steps']} steps "
-              f"({r['wall_time_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, final lr {r['learning_rate']['final']:.2e})")
+              f"({r['wall_time_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, final lr {lr['final']:.2e}{pressure})")
         print(f"  forget MA {f['before']['ma']:.3f} -> {f['after']['ma']:.3f}, NLL {f['before'].get('nll', 0):.3f} -> "
               f"{f['after'].get('nll', 0):.3f}, EL{cfg.el_n} {_num(f['before']['el'])} -> {_num(f['after']['el'])}")
         b = r.get("band")
