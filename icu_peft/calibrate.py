@@ -331,7 +331,7 @@ class StepSize:
             self.gap_start = gap_before
         damaged = (retain_ma is not None and retain_ma_before is not None
                    and retain_ma < self.retain_floor * retain_ma_before)
-        stalled = self.auto and gap_before > 0 and (gap_before - gap_after) < self.stall * gap_before
+        stuck = self.auto and gap_before > 0 and (gap_before - gap_after) < self.stall * gap_before  # a stall
         step = math.sqrt(self.pressure_factor)
         if damaged:
             self.backoffs += 1
@@ -354,18 +354,18 @@ class StepSize:
             self.stalled = 0
             self.lr = max(self.lr / self.factor, self.lr_min)
             action = "slow"
-        elif stalled and self.can_relax(retain_ma, retain_ma_before):
+        elif stuck and self.can_relax(retain_ma, retain_ma_before):
             # stuck with the retain set safe: the heavy retain terms are what holds the forget set back
             # (a memoriser's last two samples sat under the band for 300 steps at 4x, retain MA above
             # its value before); lighten them, never below a level that did damage
             self.retain_pressure = max(self.retain_pressure / step, self.pressure_floor)
             action = "relax"
-        elif stalled and not self.retain_safe(retain_ma, retain_ma_before):
+        elif stuck and not self.retain_safe(retain_ma, retain_ma_before):
             # stuck, but the retain set is already sliding towards the floor: a larger step would
             # only get there sooner (64 records of one template: three raises on a retain MA at 91%
             # of before, then three restores and a stop). Hold the rate.
             action = "keep"
-        elif stalled:
+        elif stuck:
             self.stalled += 1
             if self.lr >= self.lr_max and self.stalled >= self.patience and self.lr_max < self.lr_ceiling:
                 # a ceiling set by one damaging round is not forever: after `patience` stalled rounds

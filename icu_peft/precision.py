@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 logger = logging.getLogger("icu_peft")
 
@@ -82,18 +83,10 @@ class MergedQuantized:
         return output + (y - output).detach()
 
 
-def _linear_types() -> tuple:
-    """nn.Linear and transformers' Conv1D (GPT-2 and its kin: y = x @ W + b, W stored (in, out)), the
-    layers a 4-bit load quantizes. Conv1D was missed at first: on a GPT-2 the merged view then ran
-    the plain base without the adapter, and no request could ever finish."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - every supported transformers has it
-        return (torch.nn.Linear,)
-    return (torch.nn.Linear, Conv1D)
-
-
-_LINEAR = _linear_types()
+# nn.Linear and transformers' Conv1D (GPT-2 and its kin: y = x @ W + b, W stored (in, out)): the layers a
+# 4-bit load quantizes. Conv1D was missed at first: on a GPT-2 the merged view then ran the plain base
+# without the adapter, and no request could ever finish.
+_LINEAR = (torch.nn.Linear, Conv1D)
 
 
 def _out_in(layer, w: torch.Tensor) -> torch.Tensor:

@@ -882,7 +882,8 @@ class _Run:
                 break
             self.scores = self.score(f"scoring step {self.steps}")
             retain_ma = self.retain_ma() if self.step_size.retain_floor > 0 else None
-            action = self.step_size.update(gap_before, self.gap(self.scores), retain_ma, retain_ma_before)
+            gap_after = self.gap(self.scores)
+            action = self.step_size.update(gap_before, gap_after, retain_ma, retain_ma_before)
             if action in ("restore", "stop"):
                 _restore(model, good[0])
                 self.scores, self.active = good[1], good[2]
@@ -895,7 +896,7 @@ class _Run:
                     self.status = "retain_damaged"
                     break
             else:
-                self.retarget()
+                self.retarget(gap_after)
                 self.update_active(self.active)
                 # a restore point must be clearly good, not just above the floor: from a state at the
                 # floor's edge the next round slides under it again
@@ -943,9 +944,10 @@ class _Run:
         if self.status == "partial" and all(self.forgotten()):
             self.status = "forgotten"  # the budget ended with the set inside the band, if not yet centred
 
-    def retarget(self) -> None:
+    def retarget(self, gap: float) -> None:
         """The integral term of the finishing phase: move the target of a sample that sits outside the band
         in some view towards the band's inner part, by half the distance, within one band width in all.
+        `gap`: the forget set's distance to the target at the scores just taken (the loop's own).
 
         Only near the target (the step-size control's finishing phase: far from it every sample is
         still on its way) and only for methods with per-sample targets. A memoriser whose last samples
@@ -953,7 +955,7 @@ class _Run:
         where reachable, the rest held by the retain terms) is what this is for."""
         method, band = resolve(self.config), self.target.band
         if (method.retarget is None or band is None or not self.two_sided or not self.scores.nll
-                or not self.step_size.near(self.gap(self.scores))):
+                or not self.step_size.near(gap)):
             return
         n, limit = len(self.forget_set), band.nll_hi - band.nll_lo
         flags = forgotten_mask(self.scores, self.target.thresholds, self.config.criterion)

@@ -99,15 +99,15 @@ def test_the_finishing_phase_moves_the_targets_of_samples_outside_the_band_towar
     run.target.thresholds = Thresholds(ma=0.6, el=0.05, nll_lo=3.0, nll_hi=5.0)
     # views concatenated: samples 0,1,2 in the trained precision, then 0,1,2 in the other
     run.scores = SimpleNamespace(nll=[2.5, 5.6, 4.0, 3.2, 5.4, 4.1], ma=[0.3] * 6, el=[0.0] * 6, bleu=None)
-    U._Run.retarget(run)
+    U._Run.retarget(run, run.gap(run.scores))
     assert moves == [(0, 0.5, 2.0), (1, -0.55, 2.0)]  # half the way to the inner band; sample 2 left alone
     moves.clear()
     run.scores.ma[5] = 0.7  # sample 2 inside by its loss, but its MA is too high in one precision
-    U._Run.retarget(run)
+    U._Run.retarget(run, run.gap(run.scores))
     assert moves[-1] == (2, 0.2, 2.0)  # half the way to the inner band's top
     moves.clear()
     run.gap = lambda scores: 50.0  # far from the target: every sample is still on its way, nothing moves
-    U._Run.retarget(run)
+    U._Run.retarget(run, run.gap(run.scores))
     assert moves == []
 
 
