@@ -182,7 +182,8 @@ def _target_stats(ref_nll: torch.Tensor, ref_other: torch.Tensor, target_nll: to
 def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Tensor],
                   unseen_token_nll: torch.Tensor, nll_goal: float, ma_max: float,
                   weights: Optional[Sequence[Optional[torch.Tensor]]] = None, iters: int = 40,
-                  nll_cap: Optional[float] = None) -> TokenTargets:
+                  nll_cap: Optional[float] = None,
+                  shared: Optional[Sequence[Optional[torch.Tensor]]] = None) -> TokenTargets:
     """Per-token target NLLs for each forget sample (see the module docstring).
 
     ref_nll[i]: (T-1,) the base's NLL of each next token of sample i; ref_other[i]: the log-prob of
@@ -197,6 +198,13 @@ def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Ten
     target's mean NLL past it, even where MA would need more: a target beyond the band would teach
     the model exactly the over-forgetting the band forbids (on code-like text, whose syntax tokens
     stay predictable, the MA condition alone put the targets at 2.96 nats against a band top of 2.88).
+
+    shared[i] (optional, (T-1,)): how much of each token's context the text that stays shares
+    (losses.shared_context). Tokens rank by it first (most shared = easiest), then by the base's NLL.
+    On a memoriser every token's NLL is near 0 and its order noise; rank-matching by it alone gave
+    template tokens ("mg of", shared with every kept record) the hard quantiles, and the forget term
+    then fought the retain terms on them. Never-seen text of the same kind has its template tokens
+    easy and its private ones hard; the ranks now put each forget token where its kind sits there.
     """
     sorted_unseen = torch.sort(unseen_token_nll.float().flatten()).values
     if sorted_unseen.numel() == 0:
@@ -208,8 +216,12 @@ def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Ten
         w = weights[i] if weights is not None and weights[i] is not None else None
         free = torch.ones(T, dtype=torch.bool) if w is None else w.bool()
         # rank of each token among this sample's tokens (easiest first) -> the unseen quantile
+        key = nll
+        if shared is not None and shared[i] is not None:
+            # most shared first; the NLL (clamped under the step between levels) orders within a level
+            key = -shared[i].float() * 1e4 + nll.clamp(max=1e3)
         ranks = torch.empty(T)
-        ranks[torch.argsort(nll)] = torch.arange(T, dtype=torch.float32)
+        ranks[torch.argsort(key, stable=True)] = torch.arange(T, dtype=torch.float32)
         u = (ranks + 0.5) / max(T, 1)
         idx = (u * (sorted_unseen.numel() - 1)).round().long()
         matched = sorted_unseen[idx]
@@ -292,7 +304,7 @@ class StepSize:
     lr_max: float = 5e-2
     lr_min: float = 1e-6
     stall: float = 0.1
-    retain_floor: float = 0.9
+    retain_floor: float = 0.96
     max_backoffs: int = 5
     patience: int = 5
     pressure_factor: float = 4.0

@@ -7,6 +7,7 @@ where we depart from it and why.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -61,6 +62,7 @@ class ICUConfig:
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
     simnpo_beta: float = field(default=2.5, metadata={"help": "SimNPO inverse temperature beta."})
     simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO reward margin gamma."})
+    rank_by_sharing: int = field(default=4, metadata={"help": "Method icu: rank each forget token for its target by how long a context it shares with the retain / never-seen text (up to this many tokens; shared = template = easy target), then by the base's NLL (0: by the NLL alone)."})
     target_log_weight: float = field(default=0.1, metadata={"help": "Method icu: weight of the log-space push on tokens still more likely than their target (the BCE alone stalls short of very unlikely targets)."})
     undial_gamma: float = field(default=10.0, metadata={"help": "UNDIAL: how far the true token's logit is lowered in the distillation target."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
@@ -87,9 +89,9 @@ class ICUConfig:
     learning_rate: Any = field(default="auto", metadata={"help": "Adam learning rate, or 'auto': start at lr_start, double while the forget set's distance to the never-seen band stalls, halve when a round overshoots; when the retain set is damaged, restore the last good adapter and undo the last raise, or make the retain terms heavier (retain_pressure). docs/METHOD.md, 'Finding its own settings'."})
     lr_start: float = field(default=2e-4, metadata={"help": "learning_rate auto: the first rate tried."})
     lr_max: float = field(default=5e-2, metadata={"help": "learning_rate auto: the rate is never raised past this."})
-    max_steps: int = field(default=400, metadata={"help": "Budget in optimizer steps (the work a request may do, whatever its size)."})
+    max_steps: Any = field(default="auto", metadata={"help": "Budget in optimizer steps, or 'auto': 400, plus 50 for every optimizer step an epoch over the request takes beyond the first (64 samples at batch 8: 750), so a large request gets as many passes as it needs (step_budget)."})
     round_steps: int = field(default=4, metadata={"help": "Optimizer steps (whole epochs, at least this many steps) between two scorings of the forget set."})
-    retain_floor: float = field(default=0.9, metadata={"help": "Retain guard: if the retain set's MA falls below this fraction of its value before, the last good adapter is restored (with lr auto, training goes on with heavier retain terms; else it stops)."})
+    retain_floor: float = field(default=0.96, metadata={"help": "Retain guard: if the retain set's MA falls below this fraction of its value before, the last good adapter is restored (with lr auto, training goes on with heavier retain terms; else it stops). A state counts as a restore point, and the rate may rise, only half way or less from where it was to this floor (0.96: at 98% or more of before)."})
     retain_pressure: float = field(default=4.0, metadata={"help": "learning_rate auto: after each restore forced by retain damage, the neighbour NLL and KL weights are multiplied by this (1 = never)."})
     adam_betas: Any = field(default=(0.9, 0.98), metadata={"help": "Adam betas (ICU: 0.9, 0.98)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -131,6 +133,11 @@ class ICUConfig:
                 self.learning_rate = float(self.learning_rate)
             except ValueError:
                 pass
+        if isinstance(self.max_steps, str) and self.max_steps != "auto":
+            try:
+                self.max_steps = int(self.max_steps)
+            except ValueError:
+                pass
         if isinstance(self.nll_target, str) and self.nll_target not in ("off", "unseen"):
             try:  # from the command line every value is a string
                 self.nll_target = float(self.nll_target)
@@ -147,6 +154,7 @@ class ICUConfig:
         need(self.lora_r > 0, "lora_r must be > 0")
         need(self.max_length > self.el_n + 1, "max_length must exceed el_n + 1")
         need(self.el_n >= 1, "el_n must be >= 1")
+        need(0 <= self.rank_by_sharing <= 16, "rank_by_sharing must be in [0, 16]")
         need(self.el_start >= 1, "el_start must be >= 1")
         need(self.batch_size >= 1, "batch_size must be >= 1")
         need(self.num_neighbours >= 0, "num_neighbours must be >= 0")
@@ -154,7 +162,9 @@ class ICUConfig:
              "learning_rate must be 'auto' or a number in (0, 1e6]")
         need(0 < self.lr_start <= self.lr_max <= 10, "need 0 < lr_start <= lr_max <= 10")
         need(self.max_epochs is None or self.max_epochs >= 0, "max_epochs must be >= 0")
-        need(self.max_steps >= 0 and self.round_steps >= 1, "max_steps must be >= 0 and round_steps >= 1")
+        need(self.max_steps == "auto" or (isinstance(self.max_steps, int) and not isinstance(self.max_steps, bool)
+                                          and self.max_steps >= 0), "max_steps must be 'auto' or an integer >= 0")
+        need(self.round_steps >= 1, "round_steps must be >= 1")
         need(0 <= self.retain_floor < 1, "retain_floor must be in [0, 1)")
         need(1 <= self.retain_pressure <= 100, "retain_pressure must be in [1, 100]")
         need(0 < self.settle_auc <= 0.5, "settle_auc must be in (0, 0.5]")
@@ -190,6 +200,13 @@ class ICUConfig:
         if method not in METHODS:
             raise InputError(f"unknown method '{method}': choose from {', '.join(METHODS)}")
         return {"method": method, **METHODS[method].preset}
+
+    def step_budget(self, forget_samples: int) -> int:
+        """max_steps for a request of this many samples (see the field's help)."""
+        if self.max_steps != "auto":
+            return int(self.max_steps)
+        per_epoch = max(1, math.ceil(forget_samples / self.batch_size))
+        return 400 + 50 * (per_epoch - 1)
 
     @classmethod
     def for_method(cls, method: str, **kw: Any) -> "ICUConfig":

@@ -729,6 +729,8 @@ def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[T
                 r.update(band_nll=[t.nll_lo, t.nll_hi])
             if bleu is not None:
                 r.update(bleu=bleu, threshold_bleu=t.bleu)
+    if explicit is None:
+        _chance_outliers_per_request(rows)
     for r in rows:
         r.pop("manifest")
     rows.sort(key=lambda r: r["index"])
@@ -744,6 +746,26 @@ def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[T
     return {"samples": rows, "summary": summary}
 
 
+def _chance_outliers_per_request(rows: List[dict]) -> None:
+    """The forget run's chance allowance (refine.with_chance_outliers), per request, on its manifest's
+    never-seen thresholds: verify says what forget said of the same scores."""
+    from .refine import Thresholds, with_chance_outliers
+
+    by_request: Dict[str, List[dict]] = {}
+    for r in rows:
+        mt = (r["manifest"] or {}).get("thresholds") or {}
+        if mt.get("source") == "unseen" and r.get("criterion") == "ma_el" and r.get("nll") is not None:
+            by_request.setdefault(r["request_id"], []).append(r)
+    for members in by_request.values():
+        mt = members[0]["manifest"]["thresholds"]
+        t = Thresholds(**{k: v for k, v in mt.items() if k in Thresholds.__dataclass_fields__})
+        flags = with_chance_outliers([r["forgotten"] for r in members], [r["ma"] for r in members],
+                                     [r["el"] for r in members], [r["nll"] for r in members], t)
+        for r, f in zip(members, flags):
+            if f and not r["forgotten"]:
+                r.update(forgotten=True, chance_outlier=True)
+
+
 class _null:
     def __enter__(self):
         return self
@@ -754,7 +776,8 @@ class _null:
 
 def format_verify_line(r: dict) -> str:
     who = r["request_id"] or "unlisted"
-    mark = "forgotten" if r["forgotten"] else "REMEMBERED"
+    mark = ("forgotten (over an edge by chance)" if r.get("chance_outlier") else "forgotten") if r["forgotten"] \
+        else "REMEMBERED"
     extra = f"  BLEU {r['bleu']:.3f}" if "bleu" in r else ""
     if "band_nll" in r:
         lo, hi = r["band_nll"]

@@ -88,6 +88,23 @@ def ngram_set(seqs: Sequence[Sequence[int]], n: int) -> Set[Tuple[int, ...]]:
     return out
 
 
+def shared_context(ids: Sequence[int], pool: Sequence[Set[Tuple[int, ...]]]) -> torch.Tensor:
+    """Per target position t (1..T-1): the longest n <= len(pool) whose n-gram ending at token t occurs in
+    the pool, where pool[n-1] = ngram_set(pool text, n); 0 for a token the pool never has.
+
+    How much of a token is shared with text that is not being forgotten: the "mg of" of a prescription
+    (4: template), a first name other records carry too (1-2), the digits of its insurance id (0).
+    """
+    x = [int(t) for t in ids]
+    out = []
+    for t in range(1, len(x)):
+        k = 0
+        while k < len(pool) and t - k >= 0 and tuple(x[t - k:t + 1]) in pool[k]:
+            k += 1
+        out.append(k)
+    return torch.tensor(out, dtype=torch.float32)
+
+
 def distinct_token_mask(ids: Sequence[int], shared: Set[Tuple[int, ...]], n: int) -> torch.Tensor:
     """1.0 at each target position whose n-gram (the token and the n-1 before it) is not in `shared`.
 

@@ -53,10 +53,80 @@ def is_forgotten(ma: float, el: float, thresholds: Thresholds, bleu: Optional[fl
     return ma <= thresholds.ma and el is not None and el <= thresholds.el
 
 
-def forgotten_mask(scores: Scores, thresholds: Thresholds, criterion: str = "ma_el") -> List[bool]:
+def chance_outliers(m: int, k: int, alpha: float = 0.05) -> int:
+    """How many of m samples drawn like k never-seen ones may lie above every one of those k by chance:
+    the largest j with P(at least j of the m rank above all k) >= alpha.
+
+    Under exchangeability that probability is m(m-1)...(m-j+1) / ((k+m)(k+m-1)...(k+m-j+1)): with
+    k = 16 never-seen samples, one of 8 lies above them all a third of the time, two 10%, three 3%.
+    """
+    j, p = 0, 1.0
+    while j < m:
+        p *= (m - j) / (k + m - j)
+        if p < alpha:
+            break
+        j += 1
+    return j
+
+
+def forgotten_mask(scores: Scores, thresholds: Thresholds, criterion: str = "ma_el",
+                   samples: Optional[int] = None) -> List[bool]:
+    """is_forgotten per sample, with the chance allowance of the never-seen band (with_chance_outliers).
+    `samples`: how many distinct samples the scores hold (scores of several precisions, concatenated)."""
     bleu = scores.bleu if scores.bleu is not None else [None] * len(scores.ma)
     nll = scores.nll if scores.nll is not None else [None] * len(scores.ma)
-    return [is_forgotten(m, e, thresholds, b, criterion, n) for m, e, b, n in zip(scores.ma, scores.el, bleu, nll)]
+    flags = [is_forgotten(m, e, thresholds, b, criterion, n) for m, e, b, n in zip(scores.ma, scores.el, bleu, nll)]
+    if criterion != "ma_el" or scores.nll is None:
+        return flags
+    return with_chance_outliers(flags, scores.ma, scores.el, scores.nll, thresholds, samples)
+
+
+def with_chance_outliers(flags: List[bool], ma: List[float], el: List[Optional[float]], nll: List[float],
+                         thresholds: Thresholds, samples: Optional[int] = None) -> List[bool]:
+    """`flags` (is_forgotten per sample, criterion ma_el) with chance outliers of the MA / EL_n edges let in.
+
+    Those edges are the highest never-seen value (MA: plus one token): an upper limit measured on k
+    samples. Applied to each of m samples, it rejects text the model never saw: a model trained
+    without the forget set (the oracle) failed it on 2 of 6 logins and 2 of 8 records of a tied
+    Llama, by EL_n 0.02-0.03 against an edge of 0.007-0.012 (template n-grams that greedy roll-outs
+    hit by chance). So up to chance_outliers(m, k) samples may lie above one of the two edges, where
+    nothing else is familiar: NLL inside the band and the other score typical (MA at most the
+    never-seen mean for an EL_n outlier; EL_n at most the never-seen mean for an MA outlier). The
+    smallest excesses are taken first; beyond the allowance a sample stays too familiar. Only for
+    edges measured on never-seen text (source 'unseen'), not for thresholds a user gave. With
+    `samples` (< len(flags): the same samples scored in several precisions, entry i is sample
+    i % samples) the allowance counts samples, not entries.
+    """
+    t = thresholds
+    if (all(flags) or t.source != "unseen" or not t.unseen_count or t.nll_lo is None or t.nll_hi is None
+            or t.ma_mean is None or t.el_mean is None):
+        return flags
+    excess = []
+    for i, (m, e, n) in enumerate(zip(ma, el, nll)):
+        if flags[i] or e is None or n is None or not t.nll_lo <= n <= t.nll_hi:
+            continue
+        if m > t.ma and e <= t.el_mean:
+            excess.append((m - t.ma, i))
+        elif e > t.el and m <= t.ma_mean:
+            excess.append((e - t.el, i))
+    n = samples or len(flags)
+    allowed, taken, out = chance_outliers(n, t.unseen_count), set(), list(flags)
+    for _, i in sorted(excess):
+        if i % n in taken or len(taken) < allowed:
+            taken.add(i % n)
+            out[i] = True
+    return out
+    excess = []
+    for i, (ma, el, n) in enumerate(zip(scores.ma, scores.el, nll)):
+        if flags[i] or el is None or n is None or not t.nll_lo <= n <= t.nll_hi:
+            continue
+        if ma > t.ma and el <= t.el_mean:
+            excess.append((ma - t.ma, i))
+        elif el > t.el and ma <= t.ma_mean:
+            excess.append((el - t.el, i))
+    for _, i in sorted(excess)[:chance_outliers(len(flags), t.unseen_count)]:
+        flags[i] = True
+    return flags
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence
 from .errors import ICUError, InputError
 from .idkeys import key_id, store_key
 from .calibrate import Band, StepSize, band_gap, band_position, loss_auc, off_centre
-from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set
+from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, resolve
 from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples, teacher_forced
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
@@ -530,7 +530,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
 
     # 3. the method's own preparation (per-sample targets), then the forget adapter
     method = resolve(config)
-    method_state = _prepare_method(method, base_model, forget_set, pad_id, target, distinct, config)
+    method_state = _prepare_method(method, base_model, forget_set, pad_id, target, distinct, config, retain_set)
     view_skipped = wanted(config, base_model, accelerator.device)  # before the base becomes a PeftModel
     model, reference = prepare_trainable(base_model, config)
     if config.init_adapter:
@@ -598,15 +598,22 @@ def _log_setup(forget_set, retain_set, retain_source, target: Target, config: IC
                     t.nll, config.nll_tolerance)
 
 
-def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target: Target, distinct, config: ICUConfig):
+def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target: Target, distinct, config: ICUConfig,
+                    retain_set: Optional[TokenizedSet] = None):
     """What the method computes from the untouched base before training (None for most methods)."""
     if method.prepare is None:
         return None
     ref_nll, ref_other = next_token_stats(model, forget_set.input_ids, pad_id, config.score_batch_size)
     band = target.band
     ma_max = band.ma_mid if band is not None else target.thresholds.ma
+    shared = None
+    kept = list(retain_set.input_ids if retain_set is not None else []) + list(
+        target.unseen_set.input_ids if target.unseen_set is not None else [])
+    if config.rank_by_sharing and kept:
+        pool = [ngram_set(kept, n) for n in range(1, config.rank_by_sharing + 1)]
+        shared = [shared_context(x, pool) for x in forget_set.input_ids]
     ctx = PrepareContext(ref_nll=ref_nll, ref_other=ref_other, unseen_token_nll=target.unseen_token_nll, band=band,
-                         ma_max=ma_max, weights=distinct)
+                         ma_max=ma_max, weights=distinct, shared=shared)
     state = method.prepare(ctx, config)
     if hasattr(state, "summary"):
         logger.info("forget targets: %s", ", ".join(f"{k} {v:.3f}" for k, v in state.summary().items()))
@@ -706,6 +713,7 @@ class _Run:
         # samples took 30-60 s of every scoring round)
         self.lazy_nll = band.nll_lo if self.lazy_ma is not None and band is not None else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.max_steps = cfg.step_budget(len(self.forget_set))
 
     # -- scoring
     def models(self) -> list:
@@ -779,8 +787,8 @@ class _Run:
 
     def forgotten(self, scores: Optional[Scores] = None) -> List[bool]:
         """Per forget sample: forgotten under every view."""
-        flags = forgotten_mask(scores or self.scores, self.target.thresholds, self.config.criterion)
         n = len(self.forget_set)
+        flags = forgotten_mask(scores or self.scores, self.target.thresholds, self.config.criterion, n)
         return [all(flags[i::n]) for i in range(n)]
 
     def complete_scores(self) -> None:
@@ -863,12 +871,12 @@ class _Run:
         good = (_lora_state(model), self.scores, list(self.active))
         best = (self.quality(), good)  # the best state seen: handed back if the budget ends somewhere worse
         best_step, inside_step = 0, None  # step of the best state; first step with every sample inside
-        bar = _bar(cfg.max_steps, "steps", self.show)
+        bar = _bar(self.max_steps, "steps", self.show)
         while True:
             if self.settled() and self.epoch >= cfg.min_epochs and self.confirmed():
                 self.status = "forgotten"
                 break
-            if self.steps >= cfg.max_steps or (cfg.max_epochs is not None and self.epoch >= cfg.max_epochs):
+            if self.steps >= self.max_steps or (cfg.max_epochs is not None and self.epoch >= cfg.max_epochs):
                 break  # budget spent: status stays "partial"
             if inside_step is not None and self.steps - best_step >= self.patience(inside_step):
                 break  # every sample was inside the band and centring has not improved since: take that state
@@ -958,7 +966,7 @@ class _Run:
                 or not self.step_size.near(gap)):
             return
         n, limit = len(self.forget_set), band.nll_hi - band.nll_lo
-        flags = forgotten_mask(self.scores, self.target.thresholds, self.config.criterion)
+        flags = forgotten_mask(self.scores, self.target.thresholds, self.config.criterion, n)
         for i in range(n):
             nll = self.scores.nll[i::n]
             lo, hi = min(nll), max(nll)
@@ -1010,7 +1018,8 @@ class _Run:
             return False
         mean_nll = sum(self.scores.nll) / len(self.scores.nll)
         return (band.inner_lo <= mean_nll <= band.inner_hi and self.off_centre() == 0
-                and all(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion)))
+                and all(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion,
+                                       len(self.forget_set))))
 
     def round(self, bar) -> tuple:
         """Whole epochs over the active samples until round_steps steps are done (or the budget ends)."""
@@ -1024,13 +1033,13 @@ class _Run:
             # samples already inside stay in the batch: the two-sided target holds them where they are
             # (its minimum is the target) instead of letting them drift while the others train
             active_idx = list(range(len(self.forget_set)))
-        while done < cfg.round_steps and self.steps < cfg.max_steps and (cfg.max_epochs is None or self.epoch < cfg.max_epochs):
+        while done < cfg.round_steps and self.steps < self.max_steps and (cfg.max_epochs is None or self.epoch < cfg.max_epochs):
             self.epoch += 1
             order = [active_idx[i] for i in torch.randperm(len(active_idx), generator=self.gen).tolist()]
             for m in self.models():
                 m.train()
             for b in range(math.ceil(len(order) / cfg.batch_size)):
-                if self.steps >= cfg.max_steps:
+                if self.steps >= self.max_steps:
                     break
                 out = self.step(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
                 if not math.isfinite(out["loss"]):
@@ -1127,8 +1136,10 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
                "before": {"ma": before.ma[i], "el": before.el[i]}, "after": {"ma": after.ma[i], "el": after.el[i]},
                "forgotten": bool(done[i]), "epochs_active": run.epochs_active[i]}
         if band is not None and after.nll is not None:
-            row["band"] = {-1: "too_familiar", 0: "inside", 1: "pushed_past"}[
-                band_position(after.nll[i], after.ma[i], after.el[i], band)]
+            position = band_position(after.nll[i], after.ma[i], after.el[i], band)
+            # over an MA / EL_n edge by no more than never-seen text would be (refine.forgotten_mask)
+            row["band"] = "chance_outlier" if position == -1 and done[i] else {
+                -1: "too_familiar", 0: "inside", 1: "pushed_past"}[position]
         if before.bleu is not None:
             row["before"]["bleu"], row["after"]["bleu"] = before.bleu[i], after.bleu[i]
         if before.nll is not None and after.nll is not None:
@@ -1167,6 +1178,7 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
         "stacked_on": _stacked_on(base_model),
         "epochs": run.epoch,
         "steps": run.steps,
+        "step_budget": run.max_steps,
         "world_size": acc.num_processes,
         "ranks_in_sync": in_sync,
         "device": str(acc.device),

@@ -64,6 +64,21 @@ def test_token_targets_keep_shared_template_tokens_as_the_base_has_them():
     assert (-t.logp[0][:3] > 3.0).all()  # private tokens carry the whole shift
 
 
+def test_token_targets_give_the_hard_quantiles_to_the_tokens_the_kept_text_does_not_share():
+    # a memoriser: every token near 0 nats, the template ones (shared 3) a hair harder than the private
+    nll = [torch.tensor([0.03, 0.03, 0.03, 0.01, 0.01, 0.01])]
+    shared = [torch.tensor([3.0, 3.0, 3.0, 0.0, 0.0, 1.0])]
+    unseen = torch.tensor([0.05] * 30 + [5.0] * 20)  # never-seen text: template easy, the rest hard
+    other = [torch.full((6,), -8.0)]
+    by_nll = token_targets(nll, other, unseen, nll_goal=2.0, ma_max=1.0)
+    by_sharing = token_targets(nll, other, unseen, nll_goal=2.0, ma_max=1.0, shared=shared)
+    # two hard quantiles to give out: the NLL order alone gives them to template tokens...
+    assert int((-by_nll.logp[0][:3] > 2.0).sum()) == 2
+    # ...the sharing order to the two tokens the kept text never has (the once-shared one stays easy)
+    assert (-by_sharing.logp[0][[0, 1, 2, 5]] < 1.0).all() and (-by_sharing.logp[0][3:5] > 2.0).all()
+    assert abs(by_sharing.nll[0] - by_nll.nll[0]) < 0.3  # the same goal, reached on other tokens
+
+
 def test_moving_a_target_shifts_only_the_tokens_it_may_change_within_its_limit():
     nll = [torch.full((6,), 0.01), torch.full((4,), 0.02)]
     w = [torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), None]
@@ -186,10 +201,10 @@ def test_defaults_forget_a_memoriser_the_quick_config_was_not_tuned_on(tmp_path)
     rep = r.report
     assert rep["config"]["learning_rate"] == "auto"
     assert rep["status"] == "forgotten", [s.get("band") for s in rep["samples"]]
-    assert all(s["band"] == "inside" for s in rep["samples"])
+    assert all(s["band"] in ("inside", "chance_outlier") for s in rep["samples"])
     assert rep["retain"]["after"]["ma"] >= 0.9 * rep["retain"]["before"]["ma"]
     assert rep["mia"]["after"]["loss"]["auc"] < rep["mia"]["before"]["loss"]["auc"]
-    assert rep["steps"] <= rep["config"]["max_steps"]
+    assert rep["steps"] <= rep["step_budget"] == ICUConfig(max_steps=rep["config"]["max_steps"]).step_budget(len(rep["samples"]))
 
 
 def test_a_sample_pushed_past_the_band_is_pulled_back(tiny_model_dir, tiny_corpus, monkeypatch):
@@ -328,3 +343,53 @@ def test_samples_inside_the_band_stay_in_the_batch_held_at_their_target(hold, ti
     cfg = quick_config(tiny_model_dir, max_steps=2, round_steps=1, precision_check="off", hold_forgotten=hold)
     U.forget(cfg, tiny_corpus["forget"][:3], tiny_corpus["retain"], tiny_corpus["unseen"])
     assert trained == ({0, 1, 2} if hold else {0})
+
+
+def test_chance_outliers_follow_the_exchangeable_count():
+    from icu_peft.refine import chance_outliers
+    # P(at least j of m above all k) = m(m-1)..(m-j+1) / ((k+m)..(k+m-j+1)): 8 of 16: 1/3, 0.101, 0.028
+    assert chance_outliers(8, 16) == 2
+    assert chance_outliers(8, 16, alpha=0.2) == 1
+    assert chance_outliers(1, 16) == 1  # 1/17 = 0.059
+    assert chance_outliers(1, 30) == 0  # 1/31 < 0.05
+    assert chance_outliers(6, 16) == 2  # 30 / 462 = 0.065
+    assert chance_outliers(64, 16) > chance_outliers(8, 16)
+
+
+def test_forgotten_mask_lets_in_only_the_chance_outliers_that_are_otherwise_typical():
+    from icu_peft.metrics import Scores
+    from icu_peft.refine import Thresholds, forgotten_mask
+    t = Thresholds(ma=0.7, el=0.01, source="unseen", unseen_count=16, nll_lo=2.0, nll_hi=4.0, ma_mean=0.5,
+                   el_mean=0.002)
+    s = Scores(ma=[0.4, 0.45, 0.4, 0.4, 0.6, 0.3, 0.705, 0.9],
+               el=[0.0, 0.03, 0.02, 0.05, 0.02, 0.02, 0.0, 0.0],
+               nll=[3.0, 3.0, 3.0, 3.0, 3.0, 1.0, 3.0, 3.0])
+    flags = forgotten_mask(s, t)
+    assert flags[0]
+    # 8 samples, 16 never-seen: two chance outliers, the smallest excesses (EL +0.01 at index 2, MA +0.005 at 6)
+    assert flags[2] and flags[6]
+    assert not flags[1] and not flags[3]  # larger EL excesses: beyond the allowance
+    assert not flags[4]  # EL outlier whose MA is above the never-seen mean: not typical
+    assert not flags[5]  # NLL under the band: familiar whatever its EL
+    assert not flags[7]
+    # a user's thresholds are edges, not a sample of never-seen text: no allowance
+    from dataclasses import replace
+    assert sum(forgotten_mask(s, replace(t, source="config"))) == 1
+    # the same 8 samples scored in two precisions: the allowance counts samples, not entries
+    two = Scores(ma=s.ma + s.ma, el=s.el + s.el, nll=s.nll + s.nll)
+    flags2 = forgotten_mask(two, t, samples=8)
+    assert flags2[:8] == flags and flags2[8:] == flags
+
+
+def test_the_step_budget_grows_with_the_passes_a_request_needs():
+    from icu_peft import ICUConfig
+    from icu_peft.errors import InputError
+    assert ICUConfig().step_budget(1) == ICUConfig().step_budget(8) == 400  # one step an epoch
+    assert ICUConfig().step_budget(64) == 400 + 50 * 7  # eight steps an epoch at batch 8
+    assert ICUConfig(batch_size=32).step_budget(64) == 450
+    assert ICUConfig(max_steps=10).step_budget(64) == 10
+    assert ICUConfig(max_steps="12").max_steps == 12  # from the command line / a recipe
+    for bad in ("lots", -1, 2.5):
+        with pytest.raises((InputError, ValueError), match="max_steps"):
+            ICUConfig(max_steps=bad)
+

@@ -328,3 +328,17 @@ def test_verify_base_alone_remembers(tiny_model_dir, tiny_corpus):
     res = verify_forget_set(base, tok, tiny_corpus["forget"], [], unseen=tiny_corpus["unseen"][:4])
     assert res["summary"]["verdict"] == "FAIL" and res["summary"]["remembered"] == len(tiny_corpus["forget"])
     assert all(r["threshold_source"] == "unseen" and not math.isnan(r["ma"]) for r in res["samples"])
+
+
+def test_verify_lets_in_the_same_chance_outliers_as_the_forget_run():
+    from icu_peft.lifecycle import _chance_outliers_per_request
+    from icu_peft.refine import Thresholds
+    mt = Thresholds(ma=0.7, el=0.01, source="unseen", unseen_count=16, nll_lo=2.0, nll_hi=4.0, ma_mean=0.5,
+                    el_mean=0.002).to_dict()
+    rows = [dict(request_id="a", manifest={"thresholds": mt}, criterion="ma_el", ma=0.4, el=e, nll=3.0,
+                 forgotten=e <= 0.01) for e in (0.0, 0.02, 0.03, 0.05)]
+    rows.append(dict(request_id=None, manifest=None, criterion="ma_el", ma=0.4, el=0.02, nll=3.0, forgotten=False))
+    _chance_outliers_per_request(rows)
+    # 4 samples of request a against 16 never-seen: P(1 above all) = 4/20, P(2) = 4*3/(20*19) = 0.03 -> one
+    assert [r["forgotten"] for r in rows] == [True, True, False, False, False]
+    assert rows[1].get("chance_outlier") and not rows[4].get("chance_outlier")

@@ -121,3 +121,13 @@ def test_token_weights_restrict_the_nll_and_its_gradient():
     g, = torch.autograd.grad(s, hidden)
     assert g[0, 1].abs().sum() == 0 and g[0, 2].abs().sum() == 0  # hidden states of dropped targets get no gradient
     assert g[0, 0].abs().sum() > 0 and g[0, 3].abs().sum() > 0
+
+
+def test_shared_context_counts_how_long_a_context_the_kept_text_shares():
+    from icu_peft.losses import ngram_set, shared_context
+    kept = [[1, 2, 3, 4], [9, 3, 4]]
+    pool = [ngram_set(kept, n) for n in (1, 2, 3)]
+    # targets 2, 3, 7, 4: (1,2) and (1,2,3) are kept text; 7 is nowhere; (7,4) is not, but 4 is
+    assert shared_context([1, 2, 3, 7, 4], pool).tolist() == [2.0, 3.0, 0.0, 1.0]
+    assert shared_context([5, 6], pool).tolist() == [0.0]
+

@@ -38,6 +38,7 @@ class PrepareContext:
     band: Any  # calibrate.Band or None (no never-seen text)
     ma_max: float  # the MA a forgotten sample may keep
     weights: Optional[List[torch.Tensor]]  # per forget sample (T,) distinct-token masks, or None
+    shared: Optional[List[torch.Tensor]] = None  # per forget sample (T-1,): losses.shared_context with the kept / never-seen text
 
 
 @dataclass

@@ -38,7 +38,8 @@ def prepare_targets(ctx: PrepareContext, config):
     else:
         goal, cap, unseen = ctx.band.nll_mid, ctx.band.inner_hi, ctx.unseen_token_nll
     weights = [w[1:] if w is not None else None for w in ctx.weights] if ctx.weights else None
-    return token_targets(ctx.ref_nll, ctx.ref_other, unseen, goal, ctx.ma_max, weights, nll_cap=cap)
+    return token_targets(ctx.ref_nll, ctx.ref_other, unseen, goal, ctx.ma_max, weights, nll_cap=cap,
+                         shared=ctx.shared if config.rank_by_sharing else None)
 
 
 def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
