@@ -872,8 +872,13 @@ class _Run:
         best = (self.quality(), good)  # the best state seen: handed back if the budget ends somewhere worse
         best_step, inside_step = 0, None  # step of the best state; first step with every sample inside
         bar = _bar(self.max_steps, "steps", self.show)
+        retain_ma = retain_ma_before
         while True:
-            if self.settled() and self.epoch >= cfg.min_epochs and self.confirmed():
+            # settled with the retain set between its floor and safe: not yet. The next rounds hold the
+            # forget set at its targets while the retain terms pull the kept text back (a one-record
+            # request ended at 95-97% of its retain MA, above the floor, with the target at 98%)
+            if (self.settled() and self.epoch >= cfg.min_epochs
+                    and self.step_size.retain_safe(retain_ma, retain_ma_before) and self.confirmed()):
                 self.status = "forgotten"
                 break
             if self.steps >= self.max_steps or (cfg.max_epochs is not None and self.epoch >= cfg.max_epochs):

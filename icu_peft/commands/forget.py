@@ -108,7 +108,12 @@ def run(args) -> int:
               f"{f['after'].get('nll', 0):.3f}, EL{cfg.el_n} {_num(f['before']['el'])} -> {_num(f['after']['el'])}")
         b = r.get("band")
         if b:
-            print(f"  never-seen band ({b['count']} samples): NLL {b['nll_lo']:.3f}..{b['nll_hi']:.3f}, MA <= {b['ma_hi']:.3f}")
+            el_edge = f", EL{cfg.el_n} <= {b['el_hi']:.3f}" if b.get("el_hi") is not None else ""
+            chance = sum(s.get("band") == "chance_outlier" for s in r["samples"])
+            chance = (f"; {chance} over the MA / EL edge by no more than never-seen text would be by chance"
+                      if chance else "")
+            print(f"  never-seen band ({b['count']} samples): NLL {b['nll_lo']:.3f}..{b['nll_hi']:.3f}, "
+                  f"MA <= {b['ma_hi']:.3f}{el_edge}{chance}")
         else:
             print(f"  thresholds MA <= {r['thresholds']['ma']:.3f}, EL <= {r['thresholds']['el']:.3f} ({r['thresholds']['source']})")
         prec = r.get("precisions") or {}
