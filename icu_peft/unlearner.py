@@ -692,6 +692,7 @@ class _Run:
     el_borrowed: bool = False  # the other views' EL_n at the last scoring is the trained view's (score)
     retargeted: int = 0  # target moves made in the finishing phase (retarget)
     pressured: Optional[tuple] = None  # (retain pressure, the config with its retain weights) for loss_config
+    centring: bool = False  # the set was found off centre and trains until within half the tolerance
 
     def __post_init__(self) -> None:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -851,7 +852,13 @@ class _Run:
         if not (self.target.band is not None and reference and self.scores.nll
                 and self.config.iur and self.config.criterion == "ma_el"):
             return 0
-        return off_centre(self.scores.nll, reference, self.config.settle_auc)
+        # hysteresis, as with the band's inner part: once found off centre, the set trains until the
+        # attack's AUC is within half the tolerance. Samples come from below the band and stopped at the
+        # first acceptable point, the tolerance's edge: the matrix's rows ended at AUC 0.60-0.64.
+        tolerance = self.config.settle_auc / 2 if self.centring else self.config.settle_auc
+        side = off_centre(self.scores.nll, reference, tolerance)
+        self.centring = side != 0
+        return side
 
     # -- the loop
     def train(self) -> None:

@@ -174,9 +174,10 @@ def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
     assert s.update(5.0, 4.0, 0.50, 0.97) == "stop"
     off = StepSize(lr=1e-4, pressure_factor=1.0)  # no pressure to raise: every restore halves the rate
     assert off.update(5.0, 4.0, 0.50, 0.97) == "restore" and off.lr == pytest.approx(5e-5) and off.retain_pressure == 1
-    sliding = StepSize(lr=1e-3)  # stuck while the retain set slides towards the floor: no raise
-    assert sliding.update(10.0, 9.9, 0.92, 1.0) == "keep" and sliding.lr == pytest.approx(1e-3)
-    assert sliding.update(10.0, 9.9, 0.96, 1.0) == "escalate"
+    sliding = StepSize(lr=1e-3)  # stuck while the retain set slides towards the floor (0.96): no raise
+    assert sliding.update(10.0, 9.9, 0.97, 1.0) == "keep" and sliding.lr == pytest.approx(1e-3)
+    assert sliding.update(10.0, 9.9, 0.985, 1.0) == "escalate"  # safe again: 98% of before or more
+    assert StepSize(lr=1e-3).update(10.0, 9.9, 0.95, 1.0) == "restore"  # under the floor
     worse = StepSize(lr=1e-3)
     assert worse.update(10.0, 10.5, 0.97, 0.97) == "escalate"  # within noise: a stall
     assert worse.update(10.0, 12.0, 0.97, 0.97) == "slow" and worse.lr == pytest.approx(1e-3)  # it overshoots
