@@ -116,17 +116,6 @@ def with_chance_outliers(flags: List[bool], ma: List[float], el: List[Optional[f
             taken.add(i % n)
             out[i] = True
     return out
-    excess = []
-    for i, (ma, el, n) in enumerate(zip(scores.ma, scores.el, nll)):
-        if flags[i] or el is None or n is None or not t.nll_lo <= n <= t.nll_hi:
-            continue
-        if ma > t.ma and el <= t.el_mean:
-            excess.append((ma - t.ma, i))
-        elif el > t.el and ma <= t.ma_mean:
-            excess.append((el - t.el, i))
-    for _, i in sorted(excess)[:chance_outliers(len(flags), t.unseen_count)]:
-        flags[i] = True
-    return flags
 
 
 @dataclass
