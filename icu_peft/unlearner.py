@@ -855,7 +855,12 @@ class _Run:
         # hysteresis, as with the band's inner part: once found off centre, the set trains until the
         # attack's AUC is within half the tolerance. Samples come from below the band and stopped at the
         # first acceptable point, the tolerance's edge: the matrix's rows ended at AUC 0.60-0.64.
-        tolerance = self.config.settle_auc / 2 if self.centring else self.config.settle_auc
+        # Never finer than the AUC's own step, 1 / (forget x never-seen samples): 2 records against 5
+        # never-seen (the demo) move it in steps of 0.1, so half of 0.1 asked for exactly 0.5; the demo
+        # then trained 100+ steps with both samples outside, its NLL drifting past the band's top
+        tolerance = self.config.settle_auc
+        if self.centring:
+            tolerance = max(tolerance / 2, 1.0 / (len(self.forget_set) * self.target.band.count))
         side = off_centre(self.scores.nll, reference, tolerance)
         self.centring = side != 0
         return side

@@ -394,3 +394,33 @@ def test_the_step_budget_grows_with_the_passes_a_request_needs():
         with pytest.raises((InputError, ValueError), match="max_steps"):
             ICUConfig(max_steps=bad)
 
+
+
+def test_centring_hysteresis_never_asks_for_less_than_the_aucs_own_step():
+    """Once off centre, the set trains until the loss attack's AUC is within half of settle_auc, but never
+    within less than one step of that AUC (1 / (forget x never-seen samples))."""
+    from types import SimpleNamespace
+
+    import icu_peft.unlearner as U
+    from icu_peft import ICUConfig
+
+    def run_with(forget_nll, unseen_nll):
+        band = Band(nll_lo=1.0, nll_hi=9.0, nll_mid=5.0, inner_lo=2.0, inner_hi=8.0, ma_hi=0.6, ma_mid=0.5,
+                    el_hi=0.05, count=len(unseen_nll), quantile=0.1, settle_quantile=0.25)
+        run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band), forget_set=list(forget_nll),
+                              scores=SimpleNamespace(nll=list(forget_nll)), centring=False)
+        run.attack_reference = lambda: list(unseen_nll)
+        return run
+
+    # 8 forget vs 16 never-seen (AUC steps of 1/128)
+    unseen = [float(x) for x in range(1, 17)]
+    r = run_with([8.5] * 8, unseen)  # each below 8 of 16: P(f < u) = 0.5
+    assert U._Run.off_centre(r) == 0
+    r = run_with([7.5] * 8, unseen)  # P(f < u) = 9/16 = 0.5625
+    assert U._Run.off_centre(r) == 0 and not r.centring  # within 0.1: not off centre
+    r.centring = True  # found off centre earlier: now it must reach 0.5 +- 0.05
+    assert U._Run.off_centre(r) == 1 and r.centring
+    # 2 forget vs 5 never-seen: the AUC moves in steps of 0.1; half the tolerance would ask for exactly 0.5
+    r = run_with([1.5, 3.5], [1.0, 2.0, 3.0, 4.0, 5.0])  # P(f < u) = (4 + 2) / 10 = 0.6, one step off
+    r.centring = True
+    assert U._Run.off_centre(r) == 0 and not r.centring
