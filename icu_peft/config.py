@@ -62,7 +62,7 @@ class ICUConfig:
     npo_beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature beta."})
     simnpo_beta: float = field(default=2.5, metadata={"help": "SimNPO inverse temperature beta."})
     simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO reward margin gamma."})
-    rank_by_sharing: int = field(default=4, metadata={"help": "Method icu: rank each forget token for its target by how long a context it shares with the retain / never-seen text (up to this many tokens; shared = template = easy target), then by the base's NLL (0: by the NLL alone)."})
+    rank_by_sharing: int = field(default=0, metadata={"help": "Method icu: rank each forget token for its target by how long a context it shares with the retain / never-seen text (up to this many tokens; shared = template = easy target), then by the base's NLL (0, the default: by the NLL alone). 4 lets a large request of one template forget without taking the kept records along (64 of 256 prescriptions: 18/64 and kept secrets 191/192 against a stop at 0/64), but raises never-seen same-kind perplexity and kept the demo's MA at its edge (docs/BENCHMARKS.md)."})
     target_log_weight: float = field(default=0.1, metadata={"help": "Method icu: weight of the log-space push on tokens still more likely than their target (the BCE alone stalls short of very unlikely targets)."})
     undial_gamma: float = field(default=10.0, metadata={"help": "UNDIAL: how far the true token's logit is lowered in the distillation target."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
