@@ -607,11 +607,12 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
     band = target.band
     ma_max = band.ma_mid if band is not None else target.thresholds.ma
     shared = None
-    kept = list(retain_set.input_ids if retain_set is not None else []) + list(
-        target.unseen_set.input_ids if target.unseen_set is not None else [])
-    if config.rank_by_sharing and kept:
-        pool = [ngram_set(kept, n) for n in range(1, config.rank_by_sharing + 1)]
-        shared = [shared_context(x, pool) for x in forget_set.input_ids]
+    if config.rank_by_sharing:
+        kept = list(retain_set.input_ids if retain_set is not None else []) + list(
+            target.unseen_set.input_ids if target.unseen_set is not None else [])
+        if kept:
+            pool = [ngram_set(kept, n) for n in range(1, config.rank_by_sharing + 1)]
+            shared = [shared_context(x, pool) for x in forget_set.input_ids]
     ctx = PrepareContext(ref_nll=ref_nll, ref_other=ref_other, unseen_token_nll=target.unseen_token_nll, band=band,
                          ma_max=ma_max, weights=distinct, shared=shared)
     state = method.prepare(ctx, config)
@@ -925,8 +926,7 @@ class _Run:
                 self.update_active(self.active)
                 # a restore point must be clearly good, not just above the floor: from a state at the
                 # floor's edge the next round slides under it again
-                safe = 1 - (1 - cfg.retain_floor) / 2
-                if retain_ma is None or retain_ma_before is None or retain_ma >= safe * retain_ma_before:
+                if self.step_size.retain_safe(retain_ma, retain_ma_before):
                     quality = self.quality()
                     if quality > best[0] and quality[0] == len(self.forget_set) and self.el_borrowed:
                         # a new best with every sample inside on borrowed EL_n: check it with every
