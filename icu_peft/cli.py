@@ -30,6 +30,7 @@ COMMANDS = {
     "demo": "demo",
     "codebook": "codebook",
     "config": "config",
+    "plan": "plan",
 }
 
 

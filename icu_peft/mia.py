@@ -201,10 +201,13 @@ def token_distribution_stats(model, seqs: Sequence[torch.Tensor], pad_id: int, b
         for s in range(0, ids.shape[1] - 1, chunk_size):
             e = min(s + chunk_size, ids.shape[1] - 1)
             lp = torch.log_softmax(head(hidden[:, s:e]).float(), dim=-1)
-            p = lp.exp()
-            mu = (p * lp).sum(-1)
-            var = (p * lp.clamp(min=-1e4) ** 2).sum(-1) - mu ** 2
             tl.append(lp.gather(-1, ids[:, s + 1:e + 1].unsqueeze(-1)).squeeze(-1))
+            # expectations over the vocabulary as dot products, squares in place: two (rows, chunk, vocab)
+            # tensors at a time instead of six (1 GB per chunk at a 128k vocabulary and 16 rows)
+            p = lp.exp().unsqueeze(-2)
+            lp = lp.clamp_(min=-1e4).unsqueeze(-1)
+            mu = (p @ lp).squeeze(-1).squeeze(-1)
+            var = (p @ lp.square_()).squeeze(-1).squeeze(-1) - mu ** 2
             mus.append(mu)
             sds.append(var.clamp(min=0).sqrt())
         tl_t, mu_t, sd_t = (torch.cat(x, 1).double().cpu() for x in (tl, mus, sds))

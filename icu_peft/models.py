@@ -257,14 +257,12 @@ def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
     last_layers: LoRA only in the last N decoder layers (0: all); the backward pass then stops
     there, so steps are faster and hold fewer activations.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
+    # Not peft's prepare_model_for_kbit_training: it casts every weight that is not 4-bit (embeddings,
+    # output head, norms) to fp32, which on a bf16 8B base adds 2 GiB for weights that never train. The
+    # loss computes log-softmax in fp32 anyway (losses.py), and the LoRA weights are fp32 (peft upcasts).
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(model, r, alpha, dropout, target_modules, last_layers), adapter_name=adapter_name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -65,11 +65,14 @@ ARCHITECTURES = ("llama", "llama_tied", "gpt2", "gpt_neox")
 
 def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_texts: Sequence[str] = (),
                          steps: int = 300, lr: float = 3e-3, seed: int = 0, hidden: int = 64,
-                         layers: int = 2, arch: str = "llama") -> Dict[str, float]:
+                         layers: int = 2, arch: str = "llama", llama_shape: Optional[dict] = None,
+                         device: str = "cpu") -> Dict[str, float]:
     """Train a tiny causal LM from scratch on `memorize` until it reproduces them; save it to out_dir.
 
     `arch`: llama (default), llama_tied (tied input/output embeddings), gpt2 (Conv1D projections,
-    learned positions), gpt_neox (fused QKV, parallel residual). Returns the final training loss. The
+    learned positions), gpt_neox (fused QKV, parallel residual). `llama_shape`: LlamaConfig fields that
+    replace the tiny ones (e.g. a real model's widths, `vocab_size` larger than the tokenizer's); `device`:
+    where it trains (the saved weights are on the CPU). Returns the final training loss. The
     model is saved in safetensors with its tokenizer, so `--model out_dir` works like any local model.
     """
     import transformers as T
@@ -81,9 +84,13 @@ def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_tex
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
     if arch in ("llama", "llama_tied"):
-        cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                            tie_word_embeddings=arch == "llama_tied", **ids)
+        fields = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      tie_word_embeddings=arch == "llama_tied", **ids)
+        fields.update(llama_shape or {})
+        if fields["vocab_size"] < len(tok):
+            raise ValueError(f"vocab_size {fields['vocab_size']} is smaller than the tokenizer's {len(tok)}")
+        cfg = T.LlamaConfig(**fields)
         model = T.LlamaForCausalLM(cfg)
     elif arch == "gpt2":
         model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **ids))
@@ -92,7 +99,8 @@ def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_tex
                                                      intermediate_size=hidden * 2, max_position_embeddings=256, **ids))
     else:
         raise ValueError(f"arch must be one of {ARCHITECTURES}")
-    enc = tok(list(memorize), padding=True, return_tensors="pt")
+    model.to(device)
+    enc = tok(list(memorize), padding=True, return_tensors="pt").to(device)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -103,5 +111,5 @@ def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_tex
         opt.step()
         opt.zero_grad()
     model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
     return {"final_loss": float(loss.detach())}
