@@ -145,3 +145,39 @@ class FrozenPrefixBackbone:
         logger.info("frozen-prefix cache: decoder layers 0-%d run once per sample; steps run layers %d-%d",
                     start - 1, start, len(backbone.layers) - 1)
         return me
+
+
+def stored_scores(key: Optional[dict], compute):
+    """`compute()` (a metrics.Scores), remembered on disk under `key` (None: not remembered).
+
+    For the never-seen text's scores under an untouched base: the EL_n roll-outs behind them are the
+    costliest measurement of a request (minutes on a CPU), and the same base and never-seen set come
+    back request after request. The key names the base by its weight files' hashes, the precision it
+    was loaded in, the token ids scored and every setting the scores depend on; the file holds only
+    numbers (never text), in the icu-peft cache directory. A file that does not parse is recomputed.
+    """
+    import hashlib
+    import json
+    import os
+
+    from .metrics import Scores
+    from .models import cache_root
+
+    if key is None:
+        return compute()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_root() / "scores" / f"{digest}.json"
+    try:
+        data = json.loads(path.read_text())
+        return Scores(ma=data["ma"], el=data["el"], bleu=data.get("bleu"), nll=data.get("nll"))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    scores = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"ma": scores.ma, "el": scores.el, "bleu": scores.bleu, "nll": scores.nll}))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache costs time, not correctness
+        logger.debug("score cache not written: %s", e)
+    return scores

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .adapters import MANIFEST_FORMAT, atomic_output_dir, check_output_dir, utc_now, write_manifest
-from .caches import CachedReference, FrozenPrefixBackbone
+from .caches import CachedReference, FrozenPrefixBackbone, stored_scores
 from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
                    new_salt, pad_batch, sample_id, tokenize_texts)
@@ -95,12 +95,14 @@ class Target:
 
 
 def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: ICUConfig, salt: str,
-                   progress: bool = False) -> Target:
+                   progress: bool = False, fingerprint: Optional[dict] = None) -> Target:
     """The never-seen band and thresholds, from (in order): explicit config values, unseen text scored
     by the base model, published defaults.
 
     Explicit MA / EL thresholds skip EL_n on the unseen text (the costliest measurement there is);
-    its per-sample and per-token NLL (one forward pass) still give the band's loss edges.
+    its per-sample and per-token NLL (one forward pass) still give the band's loss edges. With the
+    base's `fingerprint` (weight-file hashes), the unseen scores are remembered on disk per base,
+    precision and never-seen set (caches.stored_scores): the next request on them skips the roll-outs.
     """
     if config.nll_target == "unseen" and not unseen:
         raise InputError("nll_target='unseen' needs unseen text (--unseen); give a number or 'off' instead")
@@ -118,11 +120,14 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
             band = Band.from_scores(nll, [config.ma_threshold], [config.el_threshold], q, config.settle_quantile)
             ma_mean, el_mean, source = config.ma_threshold, config.el_threshold, "config"
         else:
-            with _bar(len(tset), "scoring unseen", progress) as bar:
-                s = score_samples(model, tset.input_ids, tokenizer.pad_token_id, config.el_n, config.el_start,
-                                  config.score_batch_size, with_bleu=config.criterion == "bleu",
-                                  bleu_prefix=config.bleu_prefix_tokens, bleu_suffix=config.bleu_suffix_tokens,
-                                  progress=bar)
+            def compute():
+                with _bar(len(tset), "scoring unseen", progress) as bar:
+                    return score_samples(model, tset.input_ids, tokenizer.pad_token_id, config.el_n, config.el_start,
+                                         config.score_batch_size, with_bleu=config.criterion == "bleu",
+                                         bleu_prefix=config.bleu_prefix_tokens, bleu_suffix=config.bleu_suffix_tokens,
+                                         progress=bar)
+
+            s = stored_scores(_unseen_key(model, tset, config, fingerprint), compute)
             band = Band.from_scores(s.nll, s.ma, s.el, q, config.settle_quantile, tset.lengths)
             m = s.mean()
             ma_mean, el_mean, source = m["ma"], m["el"], "unseen"
@@ -139,6 +144,20 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
         t.nll = float(config.nll_target)
     return Target(thresholds=t, band=band, unseen_token_nll=tok_nll, unseen_nll=nll,
                   unseen_set=tset if unseen else None)
+
+
+def _unseen_key(model, tset: TokenizedSet, config: ICUConfig, fingerprint: Optional[dict]) -> Optional[dict]:
+    """What the never-seen scores depend on; None (not remembered) for a base not loaded from files."""
+    if not fingerprint or not fingerprint.get("weights_sha256"):
+        return None
+    import hashlib
+
+    ids = hashlib.sha256(b"".join(x.numpy().astype("int64").tobytes() + b"|" for x in tset.input_ids)).hexdigest()
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    return {"what": "unseen-scores-v1", "base": fingerprint, "quantized": bool(getattr(model, "is_loaded_in_4bit", False)),
+            "dtypes": dtypes, "ids": ids, "el_n": config.el_n, "el_start": config.el_start,
+            "criterion": config.criterion, "bleu": [config.bleu_prefix_tokens, config.bleu_suffix_tokens],
+            "device": model_device(model).type}
 
 
 def _fallback_thresholds(config: ICUConfig, explicit: bool) -> Thresholds:
@@ -521,7 +540,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     fingerprint = base_fingerprint(base_model)
 
     # 2. the target (never-seen band) and the neighbours, both measured on the untouched base
-    target = measure_target(base_model, tokenizer, unseen_texts, config, salt, progress=show)
+    target = measure_target(base_model, tokenizer, unseen_texts, config, salt, progress=show, fingerprint=fingerprint)
     thresholds = target.thresholds
     neighbours = find_neighbours(base_model, tokenizer, forget_set, retain_set, config, forget_texts,
                                  retain_texts if retain_source == "file" else None)

@@ -89,3 +89,48 @@ def test_forget_with_and_without_the_prefix_cache_trains_the_same_adapter(tiny_m
     assert runs[0].keys() == runs[1].keys() and runs[0]
     for n in runs[0]:
         assert torch.allclose(runs[0][n], runs[1][n], atol=1e-4), n
+
+
+def test_never_seen_scores_are_measured_once_per_base_precision_and_set(tiny_model_dir, tiny_corpus, tmp_path,
+                                                                        monkeypatch):
+    import json
+
+    import icu_peft.unlearner as U
+    from icu_peft.models import base_fingerprint, load_base_model, load_tokenizer
+
+    from conftest import quick_config
+
+    monkeypatch.setenv("ICU_PEFT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = U.score_samples
+    monkeypatch.setattr(U, "score_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok = load_tokenizer(str(tiny_model_dir))
+    unseen = tiny_corpus["unseen"]
+
+    def measure(quantize, texts=unseen):
+        cfg = quick_config(tiny_model_dir, quantize=quantize)
+        model = load_base_model(str(tiny_model_dir), quantize=quantize)
+        return U.measure_target(model, tok, texts, cfg, "00", fingerprint=base_fingerprint(model))
+
+    first = measure(True)
+    again = measure(True)
+    assert len(calls) == 1  # the second request on the same base and set skipped the roll-outs
+    assert again.band.to_dict() == first.band.to_dict() and again.thresholds.el == first.thresholds.el
+    measure(False)  # full precision scores differently: measured anew
+    measure(True, unseen[:-1])  # another never-seen set: measured anew
+    assert len(calls) == 3
+    # the files hold numbers only, never the text
+    stored = " ".join(p.read_text() for p in (tmp_path / "cache" / "scores").glob("*.json"))
+    assert stored and not any(t.split(": ")[1][:20] in stored for t in unseen)
+    # a damaged file is measured again, not trusted
+    for p in (tmp_path / "cache" / "scores").glob("*.json"):
+        p.write_text("{not json")
+    measure(True)
+    assert len(calls) == 4
+    def parses(p):
+        try:
+            return bool(json.loads(p.read_text()))
+        except ValueError:
+            return False
+
+    assert sum(parses(p) for p in (tmp_path / "cache" / "scores").glob("*.json")) == 1  # rewritten whole
