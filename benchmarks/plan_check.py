@@ -9,10 +9,10 @@ keep, 16 never seen; a fixed number of optimizer steps) and samples its own resi
   into --workdir), SmolLM2's tokenizer.
 
 The records are forgotten by force (min_epochs): memory does not depend on whether the weights
-memorised them, and the random shapes memorised nothing. What is compared is the peak of the
-process's anonymous memory (heap: tensors, allocator, libraries' data), plus the file-backed memory
-after the imports (the libraries' code): a 4-bit load reads the checkpoint through a memory map whose
-pages count as resident while they are read; they are reported apart (`peak_rss_mb`).
+memorised them, and the random shapes memorised nothing. Measured: the peak resident set (VmRSS,
+sampled every 10 ms), what the operating system sees, memory-mapped weights included; the job fixes
+glibc's mmap threshold as the CLI does (icu_peft/allocator.py). `peak_anon_mb` leaves mapped files
+out (heap only, plus the libraries' code).
 
     OMP_NUM_THREADS=2 python benchmarks/plan_check.py --workdir /tmp/plan --out rows.jsonl
 """
@@ -116,7 +116,10 @@ def measure(job: dict) -> dict:
     from icu_peft import ICUConfig, forget
     from icu_peft.data import tokenize_texts
     from icu_peft.models import load_tokenizer
-    from icu_peft.planner import load_model_config, plan_memory
+    from icu_peft.allocator import return_freed_memory_to_os
+    from icu_peft.planner import checkpoint_size, load_model_config, plan_memory
+
+    return_freed_memory_to_os()  # as the CLI does
 
     import accelerate  # noqa: F401  (what a request imports, before the runtime is measured)
     import bitsandbytes  # noqa: F401
@@ -128,7 +131,7 @@ def measure(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     after_import = {"rss": _status_kb("VmRSS") * 1024, "anon": _status_kb("RssAnon") * 1024}
     n_forget, n_retain = job.get("forget", 8), job.get("retain", 32)
-    forget_t, retain_t, unseen_t = records(n_forget, 1), records(n_retain, 2), records(16, 3)
+    forget_t, retain_t, unseen_t = records(n_forget, 1), records(n_retain, 2), records(job.get("unseen", 16), 3)
     full = job["mode"] == "full"
     tok = load_tokenizer(job["model"])
     seq_len = max(len(x) for x in tokenize_texts(forget_t + retain_t, tok, 200, "00").input_ids)
@@ -141,16 +144,16 @@ def measure(job: dict) -> dict:
                     **({"use_lora": False, "quantize": False, "method": "icu_paper", "forget_loss": "ga",
                         "learning_rate": 5e-5} if full else {}))
     plan = plan_memory(load_model_config(job["model"]), cfg, "cpu", seq_len=seq_len, forget_samples=n_forget,
-                       retain_samples=n_retain, runtime=after_import["rss"])
+                       retain_samples=n_retain, runtime=after_import["rss"], checkpoint_bytes=checkpoint_size(job["model"]))
     t0 = time.time()
     with Sampler() as s:
         result = forget(cfg, forget_t, retain_t, unseen_t)
     wall = time.time() - t0
-    measured = s.peak_anon * 1024 + (after_import["rss"] - after_import["anon"])
+    measured = s.peak_rss * 1024
     return {"size": job["size"], "mode": job["mode"], "params": plan.setting["parameters"], "seq_len": seq_len,
             "steps": result.report.get("steps"), "precision_view": plan.setting["precision_view"],
             "predicted_mb": round(plan.peak_bytes / 2**20), "measured_mb": round(measured / 2**20),
-            "ratio": round(plan.peak_bytes / measured, 3), "peak_rss_mb": round(s.peak_rss / 1024),
+            "ratio": round(plan.peak_bytes / measured, 3), "peak_anon_mb": round((s.peak_anon * 1024 + after_import["rss"] - after_import["anon"]) / 2**20),
             "parts_mb": {k: round(v / 2**20) for k, v in plan.parts.items()}, "wall_s": round(wall, 1),
             "status": result.report.get("status")}
 
@@ -163,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="lora,full", help="lora (NF4 + LoRA, the default request) and/or full (full FT)")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per request")
     p.add_argument("--precision-check", default="auto")
+    p.add_argument("--forget", type=int, default=8, help="records to forget")
+    p.add_argument("--retain", type=int, default=32, help="records to keep (the retain set)")
+    p.add_argument("--unseen", type=int, default=16, help="never-seen records")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -182,7 +188,8 @@ def main(argv=None) -> int:
                     print(f"{size} full: skipped ({n / 1e9:.1f}B weights do not fit full fine-tuning here)")
                     continue
             job = dict(size=size, mode=mode, model=model, steps=args.steps, threads=args.threads,
-                       precision_check=args.precision_check)
+                       precision_check=args.precision_check, forget=args.forget, retain=args.retain,
+                       unseen=args.unseen)
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             proc = subprocess.run([sys.executable, __file__, "--workdir", str(args.workdir), "--job", json.dumps(job)],
                                   capture_output=True, text=True, env=env)

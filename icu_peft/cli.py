@@ -88,6 +88,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose, args.quiet)
+    from .allocator import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # before any tensor: see allocator.py
     previous = _catch_sigterm()
     try:
         return int(args.func(args) or 0)

@@ -16,6 +16,10 @@
   batch, whichever is larger) through every layer the gradient crosses, one layer's backward
   temporaries, the largest dequantized weight, and one chunk of logits in the loss.
 - **scoring**: one scoring batch's chunk of logits (log-softmax and its gather), no autograd.
+- **load** (CPU, 4-bit, when the weight files' size is known): the checkpoint's mapped pages while
+  bitsandbytes packs them, beside the packed base.
+
+peak = base + precision_view + trainable + caches + runtime + max(step, scoring), or load if larger.
 
 The step's activations are not guessed: `activation_probe` builds one decoder layer of the model's
 real shape (uninitialised memory, tiny vocabulary), runs it forward with autograd at two lengths and
@@ -227,12 +231,14 @@ def runtime_bytes(device_type: str) -> float:
 
 def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optional[int] = None,
                 forget_samples: int = 8, retain_samples: int = 32, device_memory: Optional[float] = None,
-                runtime: Optional[float] = None, probe: Optional[LayerActivations] = None) -> MemoryPlan:
+                runtime: Optional[float] = None, probe: Optional[LayerActivations] = None,
+                checkpoint_bytes: Optional[float] = None) -> MemoryPlan:
     """Predict the peak memory of one forget request (bytes); `config` is an ICUConfig.
 
     seq_len: tokens per sample (default config.max_length, the worst case). device_memory: bytes
     available to the request; with it, `fits` is answered and precision_check 'auto' decided as
-    the loop decides it.
+    the loop decides it. checkpoint_bytes: size of the weight files (see `checkpoint_size`); a 4-bit load
+    on CPU holds them mapped while it quantizes, which can be the peak when no full-precision view is built.
     """
     from .models import resolve_compute_dtype
 
@@ -299,12 +305,13 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     parts["runtime"] = runtime_bytes(device_type) if runtime is None else runtime
 
     static = parts["base"] + parts["precision_view"] + parts["trainable"] + parts["caches"] + parts["runtime"]
-    # CUDA's caching allocator hands the step's freed activations to the scoring that follows; on CPU, glibc
-    # keeps most of them (its mmap threshold rises to the size of the largest block freed, so later blocks come
-    # from a heap that fragments): measured on SmolLM2, the resident set after the first step stays ~0.5 GB up
-    # and the scoring passes add on top (docs/BENCHMARKS.md, "Memory planner").
-    dynamic = max(parts["step"], parts["scoring"]) if device_type == "cuda" else parts["step"] + parts["scoring"]
-    peak = static + dynamic
+    # a step's activations are freed before scoring runs (on CPU with glibc's mmap threshold fixed, as the
+    # CLI does: allocator.py; without it the heap keeps them and the two add up)
+    peak = static + max(parts["step"], parts["scoring"])
+    if checkpoint_bytes and quantize and device_type == "cpu":
+        # a 4-bit load reads the checkpoint through a memory map: its pages are resident while it is packed
+        parts["load"] = parts["runtime"] + checkpoint_bytes + parts["base"]
+        peak = max(peak, parts["load"])
     setting = {"model_type": getattr(model_config, "model_type", None), "parameters": all_params,
                "layers": n_layers, "dtype": str(dtype).replace("torch.", ""), "quantize": quantize,
                "use_lora": config.use_lora, "lora_r": config.lora_r, "lora_layers": config.lora_layers,
@@ -317,6 +324,17 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
                "activation_bytes_per_token_per_layer": round(probe.per_token + probe.per_token_per_length * length)}
     fits = None if device_memory is None else peak <= device_memory
     return MemoryPlan(parts=parts, peak_bytes=peak, setting=setting, fits=fits)
+
+
+def checkpoint_size(source: str) -> Optional[float]:
+    """Bytes of a local model directory's weight files (stat only; None for anything else)."""
+    from pathlib import Path
+
+    d = Path(source).expanduser()
+    if not d.is_dir():
+        return None
+    files = list(d.glob("*.safetensors")) or list(d.glob("*.bin"))
+    return float(sum(f.stat().st_size for f in files)) or None
 
 
 def load_model_config(source: str, trust_remote_code: bool = False):

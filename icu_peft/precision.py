@@ -77,10 +77,14 @@ class MergedQuantized:
 
         x = args[0]
         data, state = self.packed[module]
-        w = bnbf.dequantize_4bit(data, state).to(x.dtype)
-        bias = getattr(getattr(module, "base_layer", module), "bias", None)
-        y = torch.nn.functional.linear(x, w, bias)
-        return output + (y - output).detach()
+        # no grad: only the value is replaced (the gradient is the full-precision layer's), and with grad
+        # autograd would keep every layer's dequantized weight for the backward pass: a second
+        # full-precision copy of the model per training pass through this view
+        with torch.no_grad():
+            w = bnbf.dequantize_4bit(data, state).to(x.dtype)
+            bias = getattr(getattr(module, "base_layer", module), "bias", None)
+            y = torch.nn.functional.linear(x, w, bias)
+        return output + (y - output.detach())
 
 
 # nn.Linear and transformers' Conv1D (GPT-2 and its kin: y = x @ W + b, W stored (in, out)): the layers a

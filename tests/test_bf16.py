@@ -8,15 +8,17 @@ import torch
 from conftest import quick_config
 
 
-@pytest.mark.parametrize("quantize", [True, False], ids=["nf4-bf16", "bf16"])
-def test_a_bf16_request_trains_scores_and_forgets(tiny_model_dir, tiny_corpus, tmp_path, quantize):
+@pytest.mark.parametrize("quantize,extra", [(True, {}), (False, {}),
+                                            (True, {"lora_layers": 1, "gradient_checkpointing": True})],
+                         ids=["nf4-bf16", "bf16", "nf4-bf16-prefix-cache-checkpointing"])
+def test_a_bf16_request_trains_scores_and_forgets(tiny_model_dir, tiny_corpus, tmp_path, quantize, extra):
     from icu_peft.adapters import load_forget_adapters
     from icu_peft.data import tokenize_texts
     from icu_peft.metrics import score_samples
     from icu_peft.models import load_base_model
     from icu_peft.unlearner import forget
 
-    cfg = quick_config(tiny_model_dir, compute_dtype="bfloat16", quantize=quantize)
+    cfg = quick_config(tiny_model_dir, compute_dtype="bfloat16", quantize=quantize, **extra)
     r = forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"], output_dir=tmp_path / "a")
     rep = r.report
     assert rep["status"] == "forgotten", rep["status"]
@@ -29,6 +31,8 @@ def test_a_bf16_request_trains_scores_and_forgets(tiny_model_dir, tiny_corpus, t
     if quantize:  # the full-precision view is the bf16 base, and the merged copy NF4
         assert {"nf4", "bfloat16", "nf4_merged"} <= set(checked)
     assert all(math.isfinite(s["after"]["nll"]) for s in rep["samples"])
+    if extra.get("lora_layers"):  # the frozen layers below ran once per sample, in bf16
+        assert rep["prefix_cache"] and rep["prefix_cache"]["hits"] > 0
 
     # loaded again in bf16 from its files, the adapter still forgets: scores are finite and past the edge
     base = load_base_model(str(tiny_model_dir), quantize=quantize, compute_dtype="bfloat16")

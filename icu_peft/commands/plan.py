@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..config import ICUConfig
     from ..errors import InputError
-    from ..planner import load_model_config, plan_memory, predicted_seconds
+    from ..planner import checkpoint_size, load_model_config, plan_memory, predicted_seconds
     from ._common import print_json
 
     over = dict(lora_r=args.lora_r, lora_layers=args.lora_layers, max_length=args.max_length,
@@ -65,7 +65,8 @@ def run(args) -> int:
     model_config = load_model_config(args.model, cfg.trust_remote_code)
     plan = plan_memory(model_config, cfg, args.device, seq_len=args.seq_len, forget_samples=args.forget_samples,
                        retain_samples=args.retain_samples,
-                       device_memory=args.device_memory * GIB if args.device_memory else None)
+                       device_memory=args.device_memory * GIB if args.device_memory else None,
+                       checkpoint_bytes=checkpoint_size(args.model))
     out = plan.as_dict()
     if args.tokens_per_second:
         out["predicted_seconds"] = predicted_seconds(plan, args.tokens_per_second)
