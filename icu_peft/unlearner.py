@@ -22,6 +22,7 @@ import torch
 
 from . import __version__
 from .adapters import MANIFEST_FORMAT, atomic_output_dir, check_output_dir, utc_now, write_manifest
+from .allocator import return_freed_memory_to_os
 from .caches import CachedReference, FrozenPrefixBackbone, stored_scores
 from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
@@ -512,6 +513,7 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     from accelerate.utils import set_seed
 
     t0 = time.time()
+    return_freed_memory_to_os()  # CPU: glibc otherwise keeps every phase's freed tensors (allocator.py)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite, inputs=[config.model])
     forget_texts = as_texts(forget_texts, config.text_field, "forget")
