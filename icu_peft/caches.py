@@ -158,8 +158,8 @@ def stored_scores(key: Optional[dict], compute):
     """
     import hashlib
     import json
-    import os
 
+    from .atomicfile import atomic_write
     from .metrics import Scores
     from .models import cache_root
 
@@ -175,9 +175,7 @@ def stored_scores(key: Optional[dict], compute):
     scores = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"ma": scores.ma, "el": scores.el, "bleu": scores.bleu, "nll": scores.nll}))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"ma": scores.ma, "el": scores.el, "bleu": scores.bleu, "nll": scores.nll}))
     except OSError as e:  # a read-only cache costs time, not correctness
         logger.debug("score cache not written: %s", e)
     return scores

@@ -107,6 +107,7 @@ class ICUConfig:
     lazy_el: bool = field(default=True, metadata={"help": "During IUR compute EL_n only for samples whose MA passes (one failing MA is not forgotten anyway); final scores are complete."})
     neighbour_micro_batch: int = field(default=4, metadata={"help": "Neighbour sequences per forward/backward pass (0: all at once, as ICU's code); same gradient, less activation memory."})
     reference_cache_mb: int = field(default=512, metadata={"help": "Memory (MB, CPU) for keeping the frozen reference's hidden states of samples already seen (0: recompute every step)."})
+    dequant_cache_mb: Any = field(default="auto", metadata={"help": "Memory (MB) for dequantized copies of the 4-bit base's weights (and of the merged-NF4 view's), made once per request instead of at every forward: bitsandbytes has no 4-bit kernel on the CPU. 'auto': a quarter of the memory available on the CPU, none on CUDA; 0: off."})
     prefix_cache_mb: int = field(default=512, metadata={"help": "Memory (MB, CPU) for the hidden states below the lowest trained layer, so steps run only the layers with LoRA (0: run every layer every step)."})
     retain_el: bool = field(default=False, metadata={"help": "Also score EL_n of the retain samples in the report (slow once retain text drifts: a roll-out per departure)."})
     el_start: int = field(default=1, metadata={"help": "Shortest prefix scored by EL_n (Jang: 1; ICU's code: 150 of 200)."})
@@ -185,6 +186,8 @@ class ICUConfig:
         need(self.retain_kl_samples >= 0, "retain_kl_samples must be >= 0")
         need(self.neighbour_micro_batch >= 0, "neighbour_micro_batch must be >= 0")
         need(self.reference_cache_mb >= 0 and self.prefix_cache_mb >= 0, "reference_cache_mb and prefix_cache_mb must be >= 0")
+        need(self.dequant_cache_mb in ("auto", 0) or _is_number(self.dequant_cache_mb),
+             "dequant_cache_mb must be 'auto' or a number >= 0")
         need(self.no_retain in ("generate", "refuse"), "no_retain must be 'generate' or 'refuse'")
         need(self.precision_check in PRECISION_CHECKS, f"precision_check must be one of {', '.join(PRECISION_CHECKS)}")
         need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")

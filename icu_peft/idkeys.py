@@ -15,11 +15,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
 from .errors import InputError
+from .atomicfile import atomic_write
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
 
@@ -46,11 +46,7 @@ def store_key(key: str) -> str:
         return kid
     try:
         d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{kid}.tmp-", dir=d)
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, key + "\n", 0o600)
     except OSError as e:
         raise InputError(f"cannot store the sample-id key in {d}: {e.strerror or e} (set ICU_PEFT_ID_KEYS to a "
                          f"writable directory)") from None

@@ -25,16 +25,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .adapters import (adapter_weights_sha256, check_base, copy_directory, manifest_kind, read_manifest, utc_now,
                        verify_files)
 from .errors import InputError
+from .atomicfile import atomic_write
 
 logger = logging.getLogger("icu_peft")
 
@@ -68,11 +67,7 @@ def read_ledger(directory: str | Path, create: bool = False) -> dict:
 
 def _write_ledger(directory: Path, ledger: dict) -> None:
     """Replace ledger.json atomically (a temporary file in the same directory, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".ledger-", suffix=".json", dir=directory)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(ledger, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, directory / LEDGER_NAME)
+    atomic_write(directory / LEDGER_NAME, json.dumps(ledger, indent=2) + "\n")
 
 
 def active(ledger: dict) -> List[dict]:

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .errors import InputError, ModelLoadError
+from .atomicfile import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -310,9 +311,7 @@ def cached_file_sha256(path: str | Path) -> str:
     cache[str(p)] = {"stamp": stamp, "sha256": digest}
     try:  # the cache is an optimisation: an unwritable cache directory costs time, never correctness
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, json.dumps(cache))
     except OSError:
         pass
     return digest

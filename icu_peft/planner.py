@@ -8,6 +8,9 @@
 - **precision_view**: with a 4-bit base and `precision_check`, a second full-precision copy of the
   base plus the NF4 packing of its merged linears (precision.py). `auto` builds it only when it fits
   in 60% of the free memory: pass the device's memory to decide the same way.
+- **dense_weights** (CPU, 4-bit): the dequantized copies `dequant_cache_mb` keeps (dequant.py), the
+  base's linears and then the merged view's, within the setting ('auto': a quarter of what is left of
+  `device_memory`, when given).
 - **trainable**: LoRA weights with their gradient and Adam's two moments (fp32: 16 bytes each); for
   full fine-tuning every weight's gradient and moments, plus the frozen reference copy of the base.
 - **caches**: the reference hidden states (`reference_cache_mb`) and, with `lora_layers`, the
@@ -19,7 +22,8 @@
 - **load** (CPU, 4-bit, when the weight files' size is known): the checkpoint's mapped pages while
   bitsandbytes packs them, beside the packed base.
 
-peak = base + precision_view + trainable + caches + runtime + max(step, scoring), or load if larger.
+peak = base + precision_view + dense_weights + trainable + caches + runtime + max(step, scoring), or load
+if larger.
 
 The step's activations are not guessed: `activation_probe` builds one decoder layer of the model's
 real shape (uninitialised memory, tiny vocabulary), runs it forward with autograd at two lengths and
@@ -269,6 +273,17 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
             view = full + linear_params * NF4_BYTES_PER_WEIGHT
     parts["precision_view"] = view
 
+    # dequant.py: dense copies of the 4-bit weights on the CPU (the base's first, then the merged view's)
+    dense = 0.0
+    if quantize and device_type == "cpu":
+        wanted = linear_params * db * (2 if view else 1)
+        if config.dequant_cache_mb == "auto":
+            room = None if device_memory is None else 0.25 * max(0.0, device_memory - parts["base"] - view)
+            dense = wanted if room is None else min(wanted, room)
+        else:
+            dense = min(wanted, float(config.dequant_cache_mb) * 2**20)
+    parts["dense_weights"] = dense
+
     first = n_layers - config.lora_layers if config.use_lora and config.lora_layers else 0
     if config.use_lora:
         targets = _lora_targets(model, config.target_modules, set(range(first, n_layers)) if first else None)
@@ -304,7 +319,8 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     parts["scoring"] = score_rows * min(64, length) * vocab * 4 * LOGIT_COPIES + dequant
     parts["runtime"] = runtime_bytes(device_type) if runtime is None else runtime
 
-    static = parts["base"] + parts["precision_view"] + parts["trainable"] + parts["caches"] + parts["runtime"]
+    static = (parts["base"] + parts["precision_view"] + parts["dense_weights"] + parts["trainable"] + parts["caches"]
+              + parts["runtime"])
     # a step's activations are freed before scoring runs (on CPU with glibc's mmap threshold fixed, as the
     # CLI does: allocator.py; without it the heap keeps them and the two add up)
     peak = static + max(parts["step"], parts["scoring"])

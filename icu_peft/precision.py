@@ -34,10 +34,11 @@ class MergedQuantized:
     """The full-precision view's model as a merged-then-quantized copy would compute: every linear layer
     that a 4-bit load quantizes runs on NF4(W + s*B@A) instead (the quantize attack's NF4 row).
 
-    Forward hooks replace each layer's output while `on`; the value is the quantized layer's, the
-    gradient the full-precision one's (straight-through: rounding has no useful gradient), so the
+    Each layer's forward is wrapped (`_MergedForward`): while `on`, the value is the quantized layer's,
+    the gradient the full-precision one's (straight-through: rounding has no useful gradient), so the
     forget term can train through it. The packed weights are re-quantized from the current adapter by
-    `refresh` (every scoring round): 4 bits per weight, dequantized per forward.
+    `refresh` (every scoring round): 4 bits per weight, dequantized per forward unless `densify` keeps
+    them dequantized.
     """
 
     def __init__(self, model):
@@ -54,12 +55,13 @@ class MergedQuantized:
             if isinstance(m, _LINEAR) and id(m) not in inside and m is not head:
                 self.plain.append(m)
         self.packed: dict = {}
+        self.dense: set = set()  # layers whose merged weight is kept dequantized (densify)
         self.on = False
         for m in self.lora + self.plain:
-            m.register_forward_hook(self._hook)
+            m.forward = _MergedForward(self, m)
         with torch.no_grad():
             for m in self.plain:  # no adapter: quantized once
-                self.packed[m] = _quantize(_out_in(m, m.weight))
+                self.packed[m] = self._store(m, _quantize(_out_in(m, m.weight)))
         self.refresh()
 
     @torch.no_grad()
@@ -68,23 +70,65 @@ class MergedQuantized:
             w = m.base_layer.weight
             # PEFT's delta is laid out like the base weight (transposed for Conv1D: fan_in_fan_out)
             delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
-            self.packed[m] = _quantize(_out_in(m.base_layer, w + delta.to(w.dtype)))
+            self.packed[m] = self._store(m, _quantize(_out_in(m.base_layer, w + delta.to(w.dtype))))
 
-    def _hook(self, module, args, output):
-        if not self.on:
-            return None
+    def densify(self, budget: int) -> int:
+        """Keep up to `budget` bytes of the packed weights dequantized (top layers first), so the forward
+        passes between two refreshes do not each dequantize them again (dequant.py says why that
+        matters on the CPU). Returns the bytes used."""
+        used = 0
+        for m in reversed(self.lora + self.plain):
+            packed = self.packed[m]
+            if isinstance(packed, torch.Tensor):
+                continue
+            state = packed[1]
+            size = int(state.shape.numel()) * torch.finfo(state.dtype).bits // 8
+            if used + size > budget:
+                break
+            self.dense.add(m)
+            used += size
+        with torch.no_grad():
+            for m in self.dense:
+                self.packed[m] = self._store(m, self.packed[m])
+        return used
+
+    def _store(self, module, packed):
+        """`packed` as kept for `module`: dequantized (fp32) when the module is in `dense`."""
+        if module not in self.dense or isinstance(packed, torch.Tensor):
+            return packed
         import bitsandbytes.functional as bnbf
 
-        x = args[0]
-        data, state = self.packed[module]
-        # no grad: only the value is replaced (the gradient is the full-precision layer's), and with grad
-        # autograd would keep every layer's dequantized weight for the backward pass: a second
-        # full-precision copy of the model per training pass through this view
+        return bnbf.dequantize_4bit(*packed)
+
+    def quantized(self, module, x: torch.Tensor) -> torch.Tensor:
+        """`module`'s output as its merged NF4 copy computes it, without autograd: with it, autograd would
+        keep every layer's dequantized weight for the backward pass (a second full-precision copy of the
+        model per training pass through this view); the gradient is the full-precision layer's anyway."""
+        import bitsandbytes.functional as bnbf
+
+        packed = self.packed[module]
         with torch.no_grad():
-            w = bnbf.dequantize_4bit(data, state).to(x.dtype)
+            w = (packed if isinstance(packed, torch.Tensor) else bnbf.dequantize_4bit(*packed)).to(x.dtype)
             bias = getattr(getattr(module, "base_layer", module), "bias", None)
-            y = torch.nn.functional.linear(x, w, bias)
-        return output + (y - output.detach())
+            return torch.nn.functional.linear(x, w, bias)
+
+
+class _MergedForward:
+    """A layer's forward while the merged NF4 view is on: the quantized value, with the full-precision
+    layer's gradient (straight-through) when autograd records; without autograd (scoring, roll-outs)
+    the full-precision pass is skipped, since only its gradient was used."""
+
+    def __init__(self, owner: MergedQuantized, module):
+        self.owner, self.module, self.own = owner, module, module.forward
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.owner.on:
+            return self.own(x, *args, **kwargs)
+        y = self.owner.quantized(self.module, x)
+        if not torch.is_grad_enabled():
+            return y
+        out = self.own(x, *args, **kwargs)
+        return out + (y - out.detach())
 
 
 # nn.Linear and transformers' Conv1D (GPT-2 and its kin: y = x @ W + b, W stored (in, out)): the layers a
@@ -148,10 +192,15 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def wanted(config, base_model, device: torch.device) -> Optional[str]:
-    """None when the view should be built, else the reason it is not (logged, and kept in the manifest)."""
+def view_bytes(config, base_model, device: torch.device) -> int:
+    """Memory of the full-precision copy of `base_model` the view loads."""
     from .models import resolve_compute_dtype
 
+    return parameter_count(base_model) * torch.finfo(resolve_compute_dtype(config.compute_dtype, device)).bits // 8
+
+
+def wanted(config, base_model, device: torch.device) -> Optional[str]:
+    """None when the view should be built, else the reason it is not (logged, and kept in the manifest)."""
     setting = config.precision_check
     if setting == "off":
         return "off (precision_check)"
@@ -164,7 +213,7 @@ def wanted(config, base_model, device: torch.device) -> Optional[str]:
     if not config.model:
         return "no model path to load the full-precision base from"
     if setting == "auto":
-        need = parameter_count(base_model) * torch.finfo(resolve_compute_dtype(config.compute_dtype, device)).bits // 8
+        need = view_bytes(config, base_model, device)
         free = free_memory_bytes(device)
         if need > FREE_SHARE * free:
             return (f"the full-precision base ({need / 2**30:.1f} GiB) does not fit beside the 4-bit one "
@@ -199,5 +248,5 @@ def build_view(config, trained_model, device: torch.device) -> PrecisionView:
     return PrecisionView(model=view, name=str(dtype).replace("torch.", ""), merged=MergedQuantized(view))
 
 
-__all__ = ["PrecisionView", "MergedQuantized", "parameter_count", "free_memory_bytes", "wanted", "tie_lora",
+__all__ = ["PrecisionView", "MergedQuantized", "parameter_count", "free_memory_bytes", "view_bytes", "wanted", "tie_lora",
            "build_view"]

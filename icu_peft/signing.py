@@ -17,11 +17,11 @@ import base64
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from .adapters import SIGNATURE_NAME
 from .errors import InputError, IntegrityError
+from .atomicfile import atomic_write
 
 ALGORITHM = "ed25519"
 
@@ -38,15 +38,7 @@ def _serialization():
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Write a file that must not exist yet, with `mode`, atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, mode)
 
 
 def generate_keypair(private_path: str | Path, public_path: str | Path) -> str:

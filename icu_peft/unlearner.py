@@ -34,7 +34,8 @@ from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_m
 from .methods import ForgetBatch, PrepareContext, resolve
 from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples, teacher_forced
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
-from .precision import PrecisionView, build_view, wanted
+from .dequant import dense_weights
+from .precision import PrecisionView, build_view, view_bytes, wanted
 from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
 from .evaluation import forget_mia
 from .report import write_report
@@ -537,6 +538,20 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
         base_model = load_base_model(config.model, config.quantize, config.compute_dtype, config.gguf_file,
                                      config.trust_remote_code, device=accelerator.device)
     pad_id = tokenizer.pad_token_id
+    # whether the full-precision view is built is decided first (it needs the memory the dense copies
+    # would otherwise take), and before the base becomes a PeftModel
+    view_skipped = wanted(config, base_model, accelerator.device)
+    reserve = view_bytes(config, base_model, accelerator.device) if view_skipped is None else 0
+    # dequant.py; detached on return: the caller gets the base back as loaded (its memory too)
+    with dense_weights(base_model, config.dequant_cache_mb, accelerator.device, reserve) as dense:
+        return _forget(config, forget_texts, retain_texts, unseen_texts, output_dir, overwrite, base_model, tokenizer,
+                       accelerator, show, salt, request_id, pad_id, view_skipped, dense, t0)
+
+
+def _forget(config: ICUConfig, forget_texts, retain_texts, unseen_texts, output_dir, overwrite, base_model, tokenizer,
+            accelerator, show: bool, salt: str, request_id: str, pad_id: int, view_skipped: Optional[str], dense,
+            t0: float) -> ForgetResult:
+    """forget() after loading: the phases that run on the loaded base (its dense copies, if any, attached)."""
     forget_set = tokenize_texts(forget_texts, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1)
     retain_set, retain_source = _retain_pool(base_model, tokenizer, retain_texts, config, salt, forget_set)
     fingerprint = base_fingerprint(base_model)
@@ -552,11 +567,13 @@ def forget(config: ICUConfig, forget_texts: Sequence[str], retain_texts: Optiona
     # 3. the method's own preparation (per-sample targets), then the forget adapter
     method = resolve(config)
     method_state = _prepare_method(method, base_model, forget_set, pad_id, target, distinct, config, retain_set)
-    view_skipped = wanted(config, base_model, accelerator.device)  # before the base becomes a PeftModel
     model, reference = prepare_trainable(base_model, config)
     if config.init_adapter:
         warm_start(model, config.init_adapter)
     view = _precision_view(config, model, accelerator.device, view_skipped)
+    if view is not None and view.merged is not None and dense is not None:
+        # what the base's copies left of the budget: the merged-NF4 view's weights, also fixed between refreshes
+        view.merged.densify(max(0, dense.budget - dense.bytes))
     reference = CachedReference(reference or adapter_disabled_reference(model), config.reference_cache_mb * 2**20)
     # with LoRA in the top layers only, the layers below are run once per sample instead of every step
     train_backbone = (FrozenPrefixBackbone.build(_parts(model)[0], config.prefix_cache_mb * 2**20)

@@ -25,6 +25,7 @@ from ..config import ICUConfig
 from ..errors import ICUError, OutputExistsError
 from .plant import PlantSettings, extract_secrets, planted_dir, read_plant_info
 from .records import DemoCorpus, Probe, make_corpus
+from ..atomicfile import atomic_write
 
 logger = logging.getLogger("icu_peft")
 
@@ -200,7 +201,6 @@ def unseen_level(model, tokenizer, planted: Path, corpus: DemoCorpus, el_n: int,
     kept beside the planted model (counts and means, no text) and later runs skip it.
     """
     import hashlib
-    import os
 
     h = hashlib.sha256(json.dumps({"el_n": el_n, "quantized": True}).encode())
     for t in corpus.unseen_texts:
@@ -213,10 +213,8 @@ def unseen_level(model, tokenizer, planted: Path, corpus: DemoCorpus, el_n: int,
             pass  # a damaged cache entry: measure again and overwrite it
     level = measure_group(model, tokenizer, corpus.unseen_texts, corpus.probes(corpus.unseen), el_n,
                           desc="scoring never-planted people (once; cached)" if progress else None)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(level, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(level, indent=2) + "\n")
     except OSError as e:  # a read-only cache still lets the demo run
         logger.warning("could not cache the unseen level in %s: %s", planted, e)
     return level, False
@@ -286,9 +284,9 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 
 def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
     """Run the whole demo and return its report (also written to OUT/demo_report.json)."""
-    from ..adapters import atomic_output_dir
+    from ..dequant import dense_weights
     from ..models import load_base_model, load_tokenizer
-    from ..unlearner import forget
+    from ..precision import view_bytes
 
     t_start = time.time()
     out = Path(opts.output_dir)
@@ -310,6 +308,20 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
     say("[2/4] loading it on a 4-bit NF4 base and measuring what leaks ...")
     tok = load_tokenizer(str(planted))
     base = load_base_model(str(planted), quantize=True)
+    # every phase below runs this frozen base: dequantize its 4-bit weights once (dequant.py), leaving
+    # room for the request's full-precision view
+    device = next(base.parameters()).device
+    with dense_weights(base, cfg.dequant_cache_mb, device, reserve=view_bytes(cfg, base, device)):
+        return _run_on_base(opts, say, t_start, out, corpus, cfg, planted, plant_s, info, tok, base)
+
+
+def _run_on_base(opts: DemoOptions, say, t_start: float, out: Path, corpus, cfg, planted: Path, plant_s, info: dict,
+                 tok, base) -> dict:
+    """run_demo's steps 2-4 on the loaded 4-bit base."""
+    from ..adapters import atomic_output_dir
+    from ..unlearner import forget
+
+    nf = len(corpus.forget_index)
     general = general_texts(opts.general_texts)
     t0 = time.time()
     before = measure_all(base, tok, corpus, general, cfg.el_n, unseen=False, progress=opts.progress)
