@@ -304,7 +304,9 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
                                       target_modules=config.target_modules, use_lora=config.use_lora)
     neighbours = forget_samples and min(config.batch_size, forget_samples) * config.num_neighbours + config.retain_kl_samples
     micro = config.neighbour_micro_batch
-    pass_rows = max(min(config.batch_size, forget_samples), micro if micro and neighbours > micro else neighbours)
+    # the never-seen anchor (unseen_kl_samples) runs as a pass of its own
+    pass_rows = max(min(config.batch_size, forget_samples), micro if micro and neighbours > micro else neighbours,
+                    config.unseen_kl_samples)
     tokens = pass_rows * length
     grad_layers = n_layers - first
     per_layer = probe.bytes(tokens, length)
@@ -335,8 +337,9 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
                "retain_samples": retain_samples, "precision_view": bool(view),
                "gradient_checkpointing": config.gradient_checkpointing, "device": device_type,
                "step_budget": config.step_budget(forget_samples),
-               # forget batch, its neighbours and retain samples, and the forget batch again per precision view
-               "tokens_per_step": (min(config.batch_size, forget_samples) * (2 if view else 1) + neighbours) * length,
+               # forget batch, neighbours and retain samples, never-seen anchor, forget batch again per view
+               "tokens_per_step": (min(config.batch_size, forget_samples) * (2 if view else 1) + neighbours
+                                   + config.unseen_kl_samples) * length,
                "activation_bytes_per_token_per_layer": round(probe.per_token + probe.per_token_per_length * length)}
     fits = None if device_memory is None else peak <= device_memory
     return MemoryPlan(parts=parts, peak_bytes=peak, setting=setting, fits=fits)

@@ -1082,6 +1082,8 @@ class _Run:
         terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
         if self.view is not None:
             terms["l_fgt_view"] = 0.0  # the forget term through the other precision of each step
+        if cfg.unseen_kl_samples and self.target.unseen_set is not None and len(self.target.unseen_set):
+            terms["l_kl_unseen"] = 0.0  # the never-seen anchor's KL (step)
         done = 0
         active_idx = [i for i, a in enumerate(self.active) if a] or list(range(len(self.forget_set)))  # min_epochs
         if cfg.hold_forgotten and self.two_sided and cfg.iur:
@@ -1139,6 +1141,21 @@ class _Run:
             if not math.isfinite(v["loss"]):
                 return v
             out["l_fgt_view"] = v["l_fgt"]
+        anchor = self.target.unseen_set
+        if cfg.unseen_kl_samples and anchor is not None and len(anchor):
+            # never-seen text of the request's kind, KL to the reference only (no NLL: learning it would
+            # make it familiar): what the adapter does to text like the request's but not in it is what a
+            # membership attacker and a user of that kind of text see
+            pick = torch.randint(len(anchor), (cfg.unseen_kl_samples,), generator=self.gen).tolist()
+            a_seqs = [anchor.input_ids[j] for j in pick]
+            lc = self.loss_config()
+            _, s_kl = _neighbour_sums(self.model, a_seqs, self.pad_id, replace(lc, learn_weight=0.0), self.reference,
+                                      self.backbone)
+            l_anchor = s_kl / _target_count(a_seqs)
+            if not torch.isfinite(l_anchor):
+                return {**out, "loss": float("nan")}
+            (lc.kl_weight * l_anchor * weight).backward()
+            out["l_kl_unseen"] = float(l_anchor.detach())
         if world > 1:
             # LoRA gradients are tiny: average them explicitly rather than wrap in DDP, because
             # the loss calls the backbone directly (chunked logits), which DDP's forward hook misses.

@@ -330,3 +330,33 @@ def test_without_iur_the_whole_set_trains_until_its_means_pass():
     assert _active(one_left, thr, jang) == [False] * 3
     assert _active(two_left, thr, jang) == [True] * 3
     assert _active(one_left, thr, iur) == [False, False, True]
+
+
+def test_unseen_anchor_holds_never_seen_text_to_the_reference(tiny_model_dir, tiny_corpus):
+    """unseen_kl_samples: never-seen samples join each step with a KL-only term; without the term the
+    same steps move never-seen text further from the untouched base."""
+    import torch.nn.functional as F
+
+    from icu_peft.models import load_base_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids = [torch.tensor(tok(t)["input_ids"]) for t in tiny_corpus["unseen"]]
+    base = load_base_model(str(tiny_model_dir), quantize=False)
+
+    def drift(model):  # mean KL(base || model) over the never-seen texts' next tokens
+        total = 0.0
+        with torch.no_grad():
+            for x in ids:
+                p = F.log_softmax(base(input_ids=x[None]).logits.float(), -1)
+                q = F.log_softmax(model(input_ids=x[None]).logits.float(), -1)
+                total += float((p.exp() * (p - q)).sum(-1).mean())
+        return total / len(ids)
+
+    kw = dict(quantize=False, learning_rate=3e-3, min_epochs=12, max_epochs=12, iur=False, precision_check="off")
+    runs = {}
+    for n in (0, 4):
+        r = forget(quick_config(tiny_model_dir, unseen_kl_samples=n, **kw), tiny_corpus["forget"][:2],
+                   tiny_corpus["retain"], tiny_corpus["unseen"])
+        runs[n] = (drift(r.model), r.report["history"])
+    assert all("l_kl_unseen" in h for h in runs[4][1][1:]) and not any("l_kl_unseen" in h for h in runs[0][1])
+    assert runs[4][0] < 0.75 * runs[0][0]
