@@ -18,8 +18,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import InputError
 from .atomicfile import atomic_write
+from .errors import InputError
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
 

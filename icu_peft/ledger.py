@@ -32,8 +32,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .adapters import (adapter_weights_sha256, check_base, copy_directory, manifest_kind, read_manifest, utc_now,
                        verify_files)
-from .errors import InputError
 from .atomicfile import atomic_write
+from .errors import InputError
 
 logger = logging.getLogger("icu_peft")
 

@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .errors import InputError, ModelLoadError
 from .atomicfile import atomic_write
+from .errors import InputError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 
 from .adapters import SIGNATURE_NAME
-from .errors import InputError, IntegrityError
 from .atomicfile import atomic_write
+from .errors import InputError, IntegrityError
 
 ALGORITHM = "ed25519"
 

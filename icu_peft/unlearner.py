@@ -573,7 +573,10 @@ def _forget(config: ICUConfig, forget_texts, retain_texts, unseen_texts, output_
     view = _precision_view(config, model, accelerator.device, view_skipped)
     if view is not None and view.merged is not None and dense is not None:
         # what the base's copies left of the budget: the merged-NF4 view's weights, also fixed between refreshes
-        view.merged.densify(max(0, dense.budget - dense.bytes))
+        used = view.merged.densify(max(0, dense.budget - dense.bytes))
+        if used:
+            logger.info("merged-NF4 view: %d layers kept dequantized between refreshes (%.0f MB)",
+                        len(view.merged.dense), used / 2**20)
     reference = CachedReference(reference or adapter_disabled_reference(model), config.reference_cache_mb * 2**20)
     # with LoRA in the top layers only, the layers below are run once per sample instead of every step
     train_backbone = (FrozenPrefixBackbone.build(_parts(model)[0], config.prefix_cache_mb * 2**20)

@@ -118,9 +118,14 @@ def run(args) -> int:
         from ..models import load_base_model
 
         oracle = load_base_model(args.oracle, quantize=not args.no_quantize, trust_remote_code=args.trust_remote_code)
-    result.update(evaluate(model, tok, texts, metrics, config, unseen=unseen, secrets=secrets, salt=salt, oracle=oracle))
-    if args.relearn:
-        result["relearn"] = relearn_probe(model, tok, texts, unseen, config)
+    from ..dequant import dense_weights
+
+    # a 4-bit base on the CPU: dequantize its frozen weights once, not at every forward (dequant.py)
+    with dense_weights(model, "auto", next(model.parameters()).device):
+        result.update(evaluate(model, tok, texts, metrics, config, unseen=unseen, secrets=secrets, salt=salt,
+                               oracle=oracle))
+        if args.relearn:
+            result["relearn"] = relearn_probe(model, tok, texts, unseen, config)
     if "quantize" in args.attack:
         from ..attacks import quantize_attack
 

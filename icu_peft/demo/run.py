@@ -21,11 +21,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..atomicfile import atomic_write
 from ..config import ICUConfig
 from ..errors import ICUError, OutputExistsError
 from .plant import PlantSettings, extract_secrets, planted_dir, read_plant_info
 from .records import DemoCorpus, Probe, make_corpus
-from ..atomicfile import atomic_write
 
 logger = logging.getLogger("icu_peft")
 
