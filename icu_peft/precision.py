@@ -93,7 +93,7 @@ class MergedQuantized:
         return used
 
     def _store(self, module, packed):
-        """`packed` as kept for `module`: dequantized (fp32) when the module is in `dense`."""
+        """`packed` as kept for `module`: dequantized (in the view's dtype) when the module is in `dense`."""
         if module not in self.dense or isinstance(packed, torch.Tensor):
             return packed
         import bitsandbytes.functional as bnbf
