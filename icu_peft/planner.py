@@ -278,7 +278,9 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     if quantize and device_type == "cpu":
         wanted = linear_params * db * (2 if view else 1)
         if config.dequant_cache_mb == "auto":
-            room = None if device_memory is None else 0.25 * max(0.0, device_memory - parts["base"] - view)
+            from .dequant import AUTO_SHARE
+
+            room = None if device_memory is None else AUTO_SHARE * max(0.0, device_memory - parts["base"] - view)
             dense = wanted if room is None else min(wanted, room)
         else:
             dense = min(wanted, float(config.dequant_cache_mb) * 2**20)
