@@ -75,6 +75,7 @@ class ICUConfig:
     forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
     learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})
     kl_weight: float = field(default=1.0, metadata={"help": "b: weight of KL(p_ref || p_model) on the neighbours (CLE); p_ref = adapter disabled."})
+    entropy_weight: float = field(default=0.0, metadata={"help": "Method icu: weight of a penalty on each forget position's next-token entropy above the never-seen text's mean (a forgotten sample's distribution should be as sharp as on text never seen; Min-K%++ reads the difference). 0: off."})
     unseen_kl_samples: int = field(default=0, metadata={"help": "Never-seen (--unseen) samples per step held to the reference by a KL term only (no NLL), so text of the request's kind that the model never saw keeps its distribution."})
     num_neighbours: int = field(default=1, metadata={"help": "Neighbours drawn from the retain pool per forget sample (ICU: 1)."})
     embedder: str = field(default="base", metadata={"help": "Neighbour embeddings: 'base' (the base model's mean-pooled hidden states) or 'sentence-transformers[:PATH]'."})
@@ -184,6 +185,7 @@ class ICUConfig:
              "nll_target must be 'off', 'unseen' or a positive number")
         need(self.nll_tolerance >= 0 and self.nll_max_scale >= 1 and self.nll_probes >= 0,
              "nll_tolerance and nll_probes must be >= 0, nll_max_scale >= 1")
+        need(self.entropy_weight >= 0, "entropy_weight must be >= 0")
         need(self.retain_kl_samples >= 0 and self.unseen_kl_samples >= 0, "retain_kl_samples and unseen_kl_samples must be >= 0")
         need(self.neighbour_micro_batch >= 0, "neighbour_micro_batch must be >= 0")
         need(self.reference_cache_mb >= 0 and self.prefix_cache_mb >= 0, "reference_cache_mb and prefix_cache_mb must be >= 0")

@@ -152,6 +152,26 @@ def teacher_forced(model, seqs: Sequence[torch.Tensor], pad_id: int, chunk_size:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def mean_next_token_entropy(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,
+                            chunk_size: int = 64) -> float:
+    """Mean next-token entropy (nats) of `model` over every real position of `seqs` that has a next token."""
+    device = model_device(model)
+    total, count = 0.0, 0
+    for b in range(0, len(seqs), batch_size):
+        ids, mask = pad_batch(list(seqs[b:b + batch_size]), pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        valid = (mask[:, 1:] * mask[:, :-1]).bool()
+        for s in range(0, ids.shape[1] - 1, chunk_size):
+            lp = F.log_softmax(logits[:, s:min(s + chunk_size, ids.shape[1] - 1)].float(), dim=-1)
+            ent = -(lp.exp() * lp).sum(-1)
+            v = valid[:, s:s + ent.shape[1]]
+            total += float(ent[v].sum())
+            count += int(v.sum())
+    return total / max(count, 1)
+
+
 def next_token_stats(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,
                      chunk_size: int = 64) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Per sequence, (T-1,) tensors: the NLL of each next token, and the log-prob of the best other token.

@@ -32,7 +32,8 @@ from .idkeys import key_id, store_key
 from .calibrate import Band, StepSize, band_gap, band_position, loss_auc, off_centre
 from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, resolve
-from .metrics import Scores, backbone_and_head, model_device, next_token_stats, score_samples, teacher_forced
+from .metrics import (Scores, backbone_and_head, mean_next_token_entropy, model_device, next_token_stats,
+                      score_samples, teacher_forced)
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
 from .dequant import dense_weights
 from .precision import PrecisionView, build_view, view_bytes, wanted
@@ -654,8 +655,12 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
         if kept:
             pool = [ngram_set(kept, n) for n in range(1, config.rank_by_sharing + 1)]
             shared = [shared_context(x, pool) for x in forget_set.input_ids]
+    unseen_entropy = None
+    if config.entropy_weight and target.unseen_set is not None and len(target.unseen_set):
+        unseen_entropy = mean_next_token_entropy(model, target.unseen_set.input_ids, pad_id, config.score_batch_size)
+        logger.info("entropy cap: never-seen text's mean next-token entropy %.3f nats", unseen_entropy)
     ctx = PrepareContext(ref_nll=ref_nll, ref_other=ref_other, unseen_token_nll=target.unseen_token_nll, band=band,
-                         ma_max=ma_max, weights=distinct, shared=shared)
+                         ma_max=ma_max, weights=distinct, shared=shared, unseen_entropy=unseen_entropy)
     state = method.prepare(ctx, config)
     if hasattr(state, "summary"):
         logger.info("forget targets: %s", ", ".join(f"{k} {v:.3f}" for k, v in state.summary().items()))

@@ -39,6 +39,7 @@ class PrepareContext:
     ma_max: float  # the MA a forgotten sample may keep
     weights: Optional[List[torch.Tensor]]  # per forget sample (T,) distinct-token masks, or None
     shared: Optional[List[torch.Tensor]] = None  # per forget sample (T-1,): losses.shared_context with the kept / never-seen text
+    unseen_entropy: Optional[float] = None  # mean next-token entropy of the never-seen text (entropy_weight), or None
 
 
 @dataclass
