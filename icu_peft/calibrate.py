@@ -145,6 +145,7 @@ class TokenTargets:
     shifted: List[torch.Tensor] = field(default_factory=list)  # per sample: the shifted rank-matched NLLs (0 where fixed)
     free: List[torch.Tensor] = field(default_factory=list)  # per sample: the tokens the target may change
     moved: List[float] = field(default_factory=list)  # per sample: nats added since (move)
+    entropy_cap: Optional[float] = None  # the never-seen text's mean next-token entropy (entropy_weight), or None
 
     def summary(self) -> dict:
         n = max(len(self.nll), 1)

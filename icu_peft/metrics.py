@@ -151,20 +151,33 @@ def teacher_forced(model, seqs: Sequence[torch.Tensor], pad_id: int, chunk_size:
     return TeacherForced(torch.cat(preds, 1).cpu(), torch.cat(tlp, 1).cpu(), mask.cpu(), ids.cpu())
 
 
-@torch.no_grad()
+def _chunked_log_probs(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int, chunk_size: int):
+    """Per batch of `seqs`: (the batch, its padded ids on the model's device, its mask, and an iterator of
+    (s, log-probs of the next token at positions s..e-1) over position chunks). The head runs chunk by
+    chunk (backbone_and_head), so the whole (batch, length, vocab) logits never exist."""
+    device = model_device(model)
+    parts = backbone_and_head(model)
+    for b in range(0, len(seqs), batch_size):
+        chunk = list(seqs[b:b + batch_size])
+        ids, mask = pad_batch(chunk, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        if parts is None:
+            hidden, head = model(input_ids=ids, attention_mask=mask).logits, (lambda x: x)
+        else:
+            hidden, head = parts[0](input_ids=ids, attention_mask=mask).last_hidden_state, parts[1]
+        last = ids.shape[1] - 1
+        yield chunk, ids, mask, ((s, F.log_softmax(head(hidden[:, s:min(s + chunk_size, last)]).float(), dim=-1))
+                                 for s in range(0, last, chunk_size))
+
+
 @torch.no_grad()
 def mean_next_token_entropy(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,
                             chunk_size: int = 64) -> float:
     """Mean next-token entropy (nats) of `model` over every real position of `seqs` that has a next token."""
-    device = model_device(model)
     total, count = 0.0, 0
-    for b in range(0, len(seqs), batch_size):
-        ids, mask = pad_batch(list(seqs[b:b + batch_size]), pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+    for _, _, mask, chunks in _chunked_log_probs(model, seqs, pad_id, batch_size, chunk_size):
         valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        for s in range(0, ids.shape[1] - 1, chunk_size):
-            lp = F.log_softmax(logits[:, s:min(s + chunk_size, ids.shape[1] - 1)].float(), dim=-1)
+        for s, lp in chunks:
             ent = -(lp.exp() * lp).sum(-1)
             v = valid[:, s:s + ent.shape[1]]
             total += float(ent[v].sum())
@@ -179,23 +192,12 @@ def next_token_stats(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_siz
     What calibrated forgetting needs to know about the base before training (calibrate.token_targets):
     how likely each true token is, and by how much it beats the runner-up.
     """
-    device = model_device(model)
-    parts = backbone_and_head(model)
     nlls: List[torch.Tensor] = []
     others: List[torch.Tensor] = []
-    for b in range(0, len(seqs), batch_size):
-        chunk = list(seqs[b:b + batch_size])
-        ids, mask = pad_batch(chunk, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        if parts is None:
-            hidden, head = model(input_ids=ids, attention_mask=mask).logits, (lambda x: x)
-        else:
-            hidden, head = parts[0](input_ids=ids, attention_mask=mask).last_hidden_state, parts[1]
+    for chunk, ids, _, chunks in _chunked_log_probs(model, seqs, pad_id, batch_size, chunk_size):
         ty, oth = [], []
-        for s in range(0, ids.shape[1] - 1, chunk_size):
-            e = min(s + chunk_size, ids.shape[1] - 1)
-            lp = F.log_softmax(head(hidden[:, s:e]).float(), dim=-1)
-            nxt = ids[:, s + 1:e + 1]
+        for s, lp in chunks:
+            nxt = ids[:, s + 1:s + 1 + lp.shape[1]]
             y = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
             ty.append(-y)
             oth.append(lp.scatter(-1, nxt.unsqueeze(-1), float("-inf")).max(-1).values)

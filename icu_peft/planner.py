@@ -42,6 +42,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .dequant import AUTO_SHARE
+
 # bitsandbytes' 4-bit storage (QLoRA settings): 4 bits per weight, one 8-bit absmax per block of 64,
 # and with double quantization one fp32 scale per 256 of those absmax values.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -278,8 +280,6 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     if quantize and device_type == "cpu":
         wanted = linear_params * db * (2 if view else 1)
         if config.dequant_cache_mb == "auto":
-            from .dequant import AUTO_SHARE
-
             room = None if device_memory is None else AUTO_SHARE * max(0.0, device_memory - parts["base"] - view)
             dense = wanted if room is None else min(wanted, room)
         else:

@@ -313,15 +313,16 @@ def _target_count(seqs: Sequence[torch.Tensor]) -> int:
 
 
 def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: ICUConfig, reference,
-                    backbone=None) -> tuple:
-    """(sum of NLL, sum of KL to the reference) over the neighbours' targets, with grad."""
+                    backbone=None, nll: bool = True) -> tuple:
+    """(sum of NLL, sum of KL to the reference) over the neighbours' targets, with grad; `nll=False`:
+    the KL only (the NLL sum is 0)."""
     device = model_device(model)
     own, head = _parts(model)
     backbone = backbone or own
     nids, nmask = (t.to(device) for t in pad_batch(seqs, pad_id))
     nh = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
     s_lrn = s_kl = nh.new_zeros((), dtype=torch.float32)
-    if config.learn_weight:
+    if nll and config.learn_weight:
         s_lrn = chunked_token_nll(nh, head, nids, nmask, config.loss_chunk_size)[0]
     if config.kl_weight:
         with torch.no_grad():
@@ -1157,8 +1158,7 @@ class _Run:
             pick = torch.randint(len(anchor), (cfg.unseen_kl_samples,), generator=self.gen).tolist()
             a_seqs = [anchor.input_ids[j] for j in pick]
             lc = self.loss_config()
-            _, s_kl = _neighbour_sums(self.model, a_seqs, self.pad_id, replace(lc, learn_weight=0.0), self.reference,
-                                      self.backbone)
+            _, s_kl = _neighbour_sums(self.model, a_seqs, self.pad_id, lc, self.reference, self.backbone, nll=False)
             l_anchor = s_kl / _target_count(a_seqs)
             if not torch.isfinite(l_anchor):
                 return {**out, "loss": float("nan")}

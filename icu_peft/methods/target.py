@@ -40,7 +40,7 @@ def prepare_targets(ctx: PrepareContext, config):
     weights = [w[1:] if w is not None else None for w in ctx.weights] if ctx.weights else None
     state = token_targets(ctx.ref_nll, ctx.ref_other, unseen, goal, ctx.ma_max, weights, nll_cap=cap,
                           shared=ctx.shared if config.rank_by_sharing else None)
-    state.entropy_cap = ctx.unseen_entropy  # the never-seen text's mean next-token entropy (entropy_weight)
+    state.entropy_cap = ctx.unseen_entropy
     return state
 
 
@@ -53,7 +53,7 @@ def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
         t[r, 1:1 + lp.numel()] = lp  # aligned with labels: position t holds the target of token t
     t = t.to(batch.hidden.device)
     s, c = chunked_target_bce(batch.hidden, batch.head, batch.ids, batch.mask, t, batch.chunk_size, config.target_log_weight,
-                              getattr(batch.state, "entropy_cap", None), config.entropy_weight)
+                              batch.state.entropy_cap, config.entropy_weight)
     return s / c.clamp(min=1)
 
 
