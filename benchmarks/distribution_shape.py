@@ -6,7 +6,7 @@ with the adapter and print, per set, the mean of: the true token's log-probabili
 entropy, the Min-K%++ score of the lowest 20% of tokens (Zhang et al. 2024: (log p(x_t) - mu_t) / sigma_t,
 mu and sigma of log p under the model's own distribution), and that z-score's mean over all tokens.
 
-    OMP_NUM_THREADS=1 python benchmarks/distribution_shape.py --workdir W --scenario code [--method icu]
+    OMP_NUM_THREADS=1 python benchmarks/distribution_shape.py --workdir W --scenario code [--method icu] [--with-base]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--scenario", required=True)
     ap.add_argument("--method", default="icu")
+    ap.add_argument("--with-base", action="store_true", help="also print each set's figures under the base alone")
     args = ap.parse_args()
     torch.set_num_threads(1)
     wd = Path(args.workdir)
@@ -61,6 +62,10 @@ def main() -> int:
     model = PeftModel.from_pretrained(load_base_model(str(model_dir), quantize=True), str(adapter)).eval()
     for name, texts in (("forget", fg), ("never-seen (--unseen)", un), ("never-seen, held out", gen)):
         print(f"{name:24s}", shape_stats(model, tok, texts))
+    if args.with_base:  # the same sets under the base alone: what the adapter changed on text it never trained on
+        with model.disable_adapter():
+            for name, texts in (("base: forget", fg), ("base: never-seen", un), ("base: held out", gen)):
+                print(f"{name:24s}", shape_stats(model, tok, texts))
     return 0
 
 

@@ -145,13 +145,20 @@ class TokenTargets:
     shifted: List[torch.Tensor] = field(default_factory=list)  # per sample: the shifted rank-matched NLLs (0 where fixed)
     free: List[torch.Tensor] = field(default_factory=list)  # per sample: the tokens the target may change
     moved: List[float] = field(default_factory=list)  # per sample: nats added since (move)
-    entropy_cap: Optional[float] = None  # the never-seen text's mean next-token entropy (entropy_weight), or None
+    # entropy_weight: per sample (T-1,), the next-token entropy each position aims at (entropy_targets)
+    entropy: List[torch.Tensor] = field(default_factory=list)
+    rank: List[torch.Tensor] = field(default_factory=list)  # per sample: each token's index into the sorted never-seen NLLs
+    ref_entropy: List[torch.Tensor] = field(default_factory=list)  # per sample: the base's next-token entropies
+    unseen_order: Optional[torch.Tensor] = None  # the never-seen tokens in the order of their base NLL (rank's order)
 
     def summary(self) -> dict:
         n = max(len(self.nll), 1)
         out = {"mean_nll": sum(self.nll) / n, "mean_ma": sum(self.ma) / n, "mean_shift": sum(self.shift) / n}
         if any(self.moved):
             out["moved"] = sum(1 for m in self.moved if m)
+        if self.entropy:
+            ent = torch.cat(self.entropy)
+            out["mean_entropy"] = float(ent.mean()) if ent.numel() else 0.0
         return out
 
     def move(self, i: int, delta: float, limit: float) -> float:
@@ -165,6 +172,57 @@ class TokenTargets:
         t = torch.where(self.free[i], (self.shifted[i] + self.moved[i]).clamp(min=0.0), self.shifted[i])
         self.logp[i] = -torch.maximum(self.ref[i], t)
         return self.moved[i]
+
+    def with_entropy(self, ref_entropy: Sequence[torch.Tensor], unseen_nll: torch.Tensor,
+                     unseen_entropy: torch.Tensor) -> "TokenTargets":
+        """Add per-position entropy targets (entropy_targets) from the base's entropies of the forget
+        samples and the never-seen text's per-token NLLs and entropies (the ones token_targets ranked)."""
+        self.ref_entropy = [e.float() for e in ref_entropy]
+        self.unseen_order = sorted_order(unseen_nll, unseen_entropy)
+        self.follow_unseen(unseen_entropy)
+        return self
+
+    def follow_unseen(self, unseen_entropy: torch.Tensor) -> None:
+        """Re-aim the entropy targets at the never-seen text's entropies as the model now has them (every
+        never-seen token, in the order its NLL was given to with_entropy).
+
+        The adapter moves never-seen text of the request's kind too (on a records memoriser its mean
+        entropy doubled), and an attacker compares the forget set with never-seen text under the model
+        they have: targets fixed from the base left the forgotten records sharper than never-seen ones."""
+        if self.unseen_order is None:
+            return
+        paired = unseen_entropy.float().flatten()[self.unseen_order]
+        self.entropy = entropy_targets(self.shifted, self.ref, self.ref_entropy, self.rank, paired)
+
+
+def sorted_order(nll: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    """The order that sorts the never-seen tokens by NLL (as token_targets ranks them); `entropy` must pair
+    with `nll` one to one."""
+    nll, entropy = nll.float().flatten(), entropy.float().flatten()
+    if nll.numel() != entropy.numel() or nll.numel() == 0:
+        raise ValueError("need one entropy per never-seen token NLL, and at least one")
+    return torch.argsort(nll, stable=True)
+
+
+def entropy_targets(target_nll: Sequence[torch.Tensor], ref_nll: Sequence[torch.Tensor],
+                    ref_entropy: Sequence[torch.Tensor], rank: Sequence[torch.Tensor],
+                    paired_entropy: torch.Tensor) -> List[torch.Tensor]:
+    """Per forget sample, (T-1,): the next-token entropy each position should have once forgotten.
+
+    The true token's target alone leaves the rest of the distribution to the model; on a memoriser the
+    mass a forgotten token gives up spreads over the whole vocabulary, so forgotten text ended twice as
+    uncertain as never-seen text at the same loss (docs/BENCHMARKS.md, "Holding never-seen text to the
+    base"), which Min-K%++ reads as membership. token_targets gave each token the loss of the never-seen
+    token of the same rank (`rank[i]`: its index in the sorted never-seen NLLs); the position now also
+    takes that never-seen token's entropy (`paired_entropy`, in the same order): the pair, not a mean, so
+    the forget set inherits the never-seen text's joint spread of loss and uncertainty, confidently wrong
+    positions included. A position whose target leaves the base's loss alone (target_nll <= ref_nll)
+    keeps the base's own entropy. A target, not a cap: its loss is two-sided (losses.entropy_error).
+    """
+    out = []
+    for t, r, e, k in zip(target_nll, ref_nll, ref_entropy, rank):
+        out.append(torch.where(t > r + 1e-6, paired_entropy[k], e.float()))
+    return out
 
 
 def _target_stats(ref_nll: torch.Tensor, ref_other: torch.Tensor, target_nll: torch.Tensor) -> Tuple[float, float]:
@@ -245,6 +303,7 @@ def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Ten
         tgt = torch.maximum(nll, target_at(hi))
         m, ma = _target_stats(nll, other, target_at(hi))
         out.ref.append(nll)
+        out.rank.append(idx)
         out.shifted.append(target_at(hi))
         out.free.append(free)
         out.moved.append(0.0)

@@ -75,7 +75,7 @@ class ICUConfig:
     forget_weight: float = field(default=1.0, metadata={"help": "u: weight of the gradient-ascent term on the forget samples (KUI)."})
     learn_weight: float = field(default=0.5, metadata={"help": "a: weight of the NLL on each forget sample's neighbours (CLE)."})
     kl_weight: float = field(default=1.0, metadata={"help": "b: weight of KL(p_ref || p_model) on the neighbours (CLE); p_ref = adapter disabled."})
-    entropy_weight: float = field(default=0.0, metadata={"help": "Method icu: weight of a penalty on each forget position's next-token entropy above the never-seen text's mean (a forgotten sample's distribution should be as sharp as on text never seen; Min-K%++ reads the difference). 0: off."})
+    entropy_weight: float = field(default=1.0, metadata={"help": "Method icu: weight of a two-sided term holding each forget position's next-token entropy at that of the never-seen token whose loss its target took, as the trained model has the never-seen text now (calibrate.entropy_targets; without it forgotten text ends flatter than never-seen text, which Min-K%++ reads). Divided by the retain pressure after retain damage. 0: off."})
     unseen_kl_samples: int = field(default=0, metadata={"help": "Never-seen (--unseen) samples per step held to the reference by a KL term only (no NLL), so text of the request's kind that the model never saw keeps its distribution."})
     num_neighbours: int = field(default=1, metadata={"help": "Neighbours drawn from the retain pool per forget sample (ICU: 1)."})
     embedder: str = field(default="base", metadata={"help": "Neighbour embeddings: 'base' (the base model's mean-pooled hidden states) or 'sentence-transformers[:PATH]'."})

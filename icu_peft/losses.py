@@ -280,31 +280,40 @@ def target_token_bce(logp: torch.Tensor, target_logp: torch.Tensor, log_weight: 
     return bce + log_weight * torch.where(excess < 1, 0.5 * excess ** 2, excess - 0.5)
 
 
-def entropy_excess(logp: torch.Tensor, cap: float) -> torch.Tensor:
-    """Per position, how far the next-token entropy of log-probs `logp` (..., V) is above `cap` (nats)."""
-    return torch.relu(-(logp.exp() * logp).sum(-1) - cap)
+def entropy_error(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per position, the squared gap (nats^2) between the next-token entropy of log-probs `logp` (..., V)
+    and its `target` (...). Two-sided: minimal at the target, so a heavier weight converges faster
+    rather than pushing past it (a one-sided cap at the never-seen mean did: docs/BENCHMARKS.md)."""
+    return (-(logp.exp() * logp).sum(-1) - target) ** 2
 
 
 def _target_bce_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, target_logp: torch.Tensor,
-                      valid: torch.Tensor, log_weight: float, entropy_cap: Optional[float] = None,
+                      valid: torch.Tensor, log_weight: float, target_entropy: Optional[torch.Tensor] = None,
                       entropy_weight: float = 0.0) -> torch.Tensor:
     full = F.log_softmax(head(h).float(), dim=-1)
     lp = full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     loss = target_token_bce(lp, target_logp, log_weight)
-    if entropy_weight and entropy_cap is not None:
-        loss = loss + entropy_weight * entropy_excess(full, entropy_cap)
+    if entropy_weight and target_entropy is not None:
+        loss = loss + entropy_weight * entropy_error(full, target_entropy)
     return (loss * valid).sum()
 
 
 def chunked_target_bce(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
                        target_logp: torch.Tensor, chunk_size: int = 64, log_weight: float = 0.0,
-                       entropy_cap: Optional[float] = None, entropy_weight: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                       target_entropy: Optional[torch.Tensor] = None,
+                       entropy_weight: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sum and count of target_token_bce over real targets; `target_logp` (B, T) is aligned with `labels`.
-    With `entropy_weight`, each position also pays that much per nat its next-token entropy exceeds
-    `entropy_cap` (the never-seen text's level)."""
+    With `entropy_weight` and `target_entropy` (B, T, aligned the same way), each position also pays
+    that weight times entropy_error against its target entropy."""
     h, targets, valid = _shift(hidden, labels, mask)
     tl, valid = target_logp[:, 1:], valid.to(torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
-    total = _chunked_sum(lambda a, b, c, d: _target_bce_chunk(head, a, b, c, d, log_weight, entropy_cap, entropy_weight),
-                         (h, targets, tl, valid), chunk_size, grad, hidden.new_zeros((), dtype=torch.float32))
+    if entropy_weight and target_entropy is not None:
+        te = target_entropy[:, 1:]
+        fn = lambda a, b, c, e, d: _target_bce_chunk(head, a, b, c, d, log_weight, e, entropy_weight)  # noqa: E731
+        tensors = (h, targets, tl, te, valid)
+    else:
+        fn = lambda a, b, c, d: _target_bce_chunk(head, a, b, c, d, log_weight)  # noqa: E731
+        tensors = (h, targets, tl, valid)
+    total = _chunked_sum(fn, tensors, chunk_size, grad, hidden.new_zeros((), dtype=torch.float32))
     return total, valid.sum()

@@ -171,18 +171,18 @@ def _chunked_log_probs(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_s
 
 
 @torch.no_grad()
-def mean_next_token_entropy(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,
-                            chunk_size: int = 64) -> float:
-    """Mean next-token entropy (nats) of `model` over every real position of `seqs` that has a next token."""
-    total, count = 0.0, 0
-    for _, _, mask, chunks in _chunked_log_probs(model, seqs, pad_id, batch_size, chunk_size):
-        valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        for s, lp in chunks:
-            ent = -(lp.exp() * lp).sum(-1)
-            v = valid[:, s:s + ent.shape[1]]
-            total += float(ent[v].sum())
-            count += int(v.sum())
-    return total / max(count, 1)
+def next_token_entropies(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,
+                         chunk_size: int = 64) -> List[torch.Tensor]:
+    """Per sequence, (T-1,): the entropy (nats) of `model`'s next-token distribution at each position.
+
+    Min-K%++ reads the true token's log-prob against this distribution's mean and spread, so calibrated
+    forgetting (calibrate.entropy_targets) gives each forget position an entropy as well as a loss.
+    """
+    out: List[torch.Tensor] = []
+    for chunk, _, _, chunks in _chunked_log_probs(model, seqs, pad_id, batch_size, chunk_size):
+        ent = torch.cat([-(lp.exp() * lp).sum(-1) for _, lp in chunks], 1).cpu()
+        out.extend(ent[row, : len(x) - 1].clone() for row, x in enumerate(chunk))
+    return out
 
 
 def next_token_stats(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,

@@ -317,7 +317,9 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     else:
         kept = grad_layers * per_layer
     dequant = largest_linear * act_bytes if quantize else 0.0
-    logits_chunk = pass_rows * min(config.loss_chunk_size, length) * vocab * 4 * LOGIT_COPIES
+    # the entropy targets (entropy_weight) hold two more vocabulary-sized tensors: p and p log p
+    copies = LOGIT_COPIES + (2 if config.entropy_weight and config.forget_loss == "target" else 0)
+    logits_chunk = pass_rows * min(config.loss_chunk_size, length) * vocab * 4 * copies
     parts["step"] = kept + per_layer + dequant + logits_chunk
     score_rows = min(config.score_batch_size, max(forget_samples, retain_samples))
     parts["scoring"] = score_rows * min(64, length) * vocab * 4 * LOGIT_COPIES + dequant

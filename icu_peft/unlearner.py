@@ -32,7 +32,7 @@ from .idkeys import key_id, store_key
 from .calibrate import Band, StepSize, band_gap, band_position, loss_auc, off_centre
 from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, resolve
-from .metrics import (Scores, backbone_and_head, mean_next_token_entropy, model_device, next_token_stats,
+from .metrics import (Scores, backbone_and_head, model_device, next_token_entropies, next_token_stats,
                       score_samples, teacher_forced)
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
 from .dequant import dense_weights
@@ -656,12 +656,15 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
         if kept:
             pool = [ngram_set(kept, n) for n in range(1, config.rank_by_sharing + 1)]
             shared = [shared_context(x, pool) for x in forget_set.input_ids]
-    unseen_entropy = None
+    ref_ent = unseen_ent = None
     if config.entropy_weight and target.unseen_set is not None and len(target.unseen_set):
-        unseen_entropy = mean_next_token_entropy(model, target.unseen_set.input_ids, pad_id, config.score_batch_size)
-        logger.info("entropy cap: never-seen text's mean next-token entropy %.3f nats", unseen_entropy)
+        ref_ent = next_token_entropies(model, forget_set.input_ids, pad_id, config.score_batch_size)
+        unseen_ent = torch.cat(next_token_entropies(model, target.unseen_set.input_ids, pad_id, config.score_batch_size))
+        logger.info("entropy targets: never-seen text's mean next-token entropy %.3f nats, the forget set's %.3f",
+                    float(unseen_ent.mean()), float(torch.cat(ref_ent).mean()))
     ctx = PrepareContext(ref_nll=ref_nll, ref_other=ref_other, unseen_token_nll=target.unseen_token_nll, band=band,
-                         ma_max=ma_max, weights=distinct, shared=shared, unseen_entropy=unseen_entropy)
+                         ma_max=ma_max, weights=distinct, shared=shared, ref_entropy=ref_ent,
+                         unseen_token_entropy=unseen_ent)
     state = method.prepare(ctx, config)
     if hasattr(state, "summary"):
         logger.info("forget targets: %s", ", ".join(f"{k} {v:.3f}" for k, v in state.summary().items()))
@@ -804,6 +807,8 @@ class _Run:
                     s.el = list(parts[0].el)
                 parts.append(s)
                 now.append(self.unseen_nll_now(m))
+                if k == 0:
+                    self.follow_unseen(m)
         self.unseen_now = None if any(x is None for x in now) else [v for x in now for v in x]
         self.el_borrowed = self.view is not None and not complete
         return Scores.concat(parts)
@@ -833,6 +838,17 @@ class _Run:
             for b in range(0, len(tset), bs):
                 out.extend(teacher_forced(model, tset.input_ids[b:b + bs], self.pad_id).nll().tolist())
         return out
+
+    def follow_unseen(self, model) -> None:
+        """Methods aiming at the never-seen text's next-token distributions (entropy targets) re-aim at
+        them as `model`, the trained view, has them now: one more pass over the never-seen samples."""
+        method, tset = resolve(self.config), self.target.unseen_set
+        if (method.follow_unseen is None or not self.config.entropy_weight or tset is None
+                or not getattr(self.method_state, "entropy", None)):
+            return
+        model.eval()
+        ent = next_token_entropies(model, tset.input_ids, self.pad_id, self.config.score_batch_size)
+        method.follow_unseen(self.method_state, torch.cat(ent))
 
     def forgotten(self, scores: Optional[Scores] = None) -> List[bool]:
         """Per forget sample: forgotten under every view."""
@@ -1049,13 +1065,17 @@ class _Run:
 
     def loss_config(self) -> ICUConfig:
         """The config the step's loss reads: the retain terms' weights times the step-size control's
-        retain pressure (raised after each restore that retain damage forced)."""
+        retain pressure (raised after each restore that retain damage forced), the entropy term's
+        divided by it: shaping the forgotten positions' distributions is secondary to keeping the kept
+        text, and making them confidently wrong can pull kept text of the same kind along (the code
+        memoriser stopped with nothing forgotten while the entropy term kept its full weight)."""
         p = self.step_size.retain_pressure
         if p == 1.0:
             return self.config
         if self.pressured is None or self.pressured[0] != p:
             self.pressured = (p, replace(self.config, learn_weight=self.config.learn_weight * p,
-                                         kl_weight=self.config.kl_weight * p))
+                                         kl_weight=self.config.kl_weight * p,
+                                         entropy_weight=self.config.entropy_weight / p))
         return self.pressured[1]
 
     def patience(self, inside_step: int) -> int:

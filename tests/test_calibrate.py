@@ -424,3 +424,39 @@ def test_centring_hysteresis_never_asks_for_less_than_the_aucs_own_step():
     r = run_with([1.5, 3.5], [1.0, 2.0, 3.0, 4.0, 5.0])  # P(f < u) = (4 + 2) / 10 = 0.6, one step off
     r.centring = True
     assert U._Run.off_centre(r) == 0 and not r.centring
+
+
+def test_entropy_targets_pair_each_token_with_the_never_seen_token_of_its_rank():
+    import pytest
+    import torch
+
+    from icu_peft.calibrate import entropy_targets, sorted_order, token_targets
+
+    # never-seen tokens: (NLL, entropy) pairs, deliberately not sorted
+    order = sorted_order(torch.tensor([3.0, 0.5, 1.5]), torch.tensor([0.9, 0.2, 1.4]))
+    se = torch.tensor([0.9, 0.2, 1.4])[order]
+    assert order.tolist() == [1, 2, 0] and torch.allclose(se, torch.tensor([0.2, 1.4, 0.9]))
+    with pytest.raises(ValueError):
+        sorted_order(torch.tensor([1.0]), torch.tensor([1.0, 2.0]))
+    # a forget sample whose tokens took never-seen ranks 1, 2, 0; the target raises tokens 0 and 1 above
+    # the base and leaves token 2 (the base already finds it harder) with the base's own entropy
+    out = entropy_targets([torch.tensor([1.6, 3.2, 0.6])], [torch.tensor([0.01, 0.02, 4.0])],
+                          [torch.tensor([0.05, 0.06, 2.5])], [torch.tensor([1, 2, 0])], se)[0]
+    assert torch.allclose(out, torch.tensor([1.4, 0.9, 2.5]))
+
+    # through token_targets: a memoriser's tokens (all easy) get never-seen ranks; entropies follow them
+    unseen = torch.tensor([0.1, 0.5, 1.0, 2.0, 3.0, 4.0])
+    ref = torch.tensor([0.01, 0.03, 0.02, 0.04])
+    state = token_targets([ref], [torch.full((4,), -6.0)], unseen, nll_goal=1.5, ma_max=1.0)
+    ent = unseen * 0.1 + 0.3  # entropy rises with NLL here
+    state.with_entropy([torch.full((4,), 0.05)], unseen, ent)
+    expect = torch.where(state.shifted[0] > ref, ent[state.rank[0]], torch.tensor(0.05))
+    assert torch.allclose(state.entropy[0], expect)
+    # the easiest base token has the lowest rank, so the lowest entropy target of the tokens it raised
+    order = torch.argsort(ref)
+    assert state.rank[0][order].tolist() == sorted(state.rank[0].tolist())
+    assert "mean_entropy" in state.summary()
+    # the never-seen text as the model has it now: twice as uncertain -> the raised positions' targets follow
+    state.follow_unseen(ent * 2)
+    assert torch.allclose(state.entropy[0], torch.where(state.shifted[0] > ref, 2 * ent[state.rank[0]],
+                                                        torch.tensor(0.05)))

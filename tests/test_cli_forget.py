@@ -133,7 +133,10 @@ def test_a_signal_says_so_and_leaves_nothing(tmp_path, tiny_model_dir, tiny_file
     p = subprocess.Popen([sys.executable, "-m", "icu_peft.cli", "forget", "--model", str(tiny_model_dir), "--forget",
                           str(tiny_files["forget"]), "--retain", str(tiny_files["retain"]), "--unseen",
                           str(tiny_files["unseen"]), "--out", str(out), "--no-progress", "--max-steps", "100000", "--lr", "1e-9"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         # a suite started in the background by a shell without job control ignores SIGINT,
+                         # and a child inherits that (Python then installs no Ctrl-C handler): start clean
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # a rate too small to ever finish: the run is in its training loop when the signal comes
     time.sleep(10)
     assert p.poll() is None, p.communicate()[1][-2000:]

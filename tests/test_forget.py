@@ -360,3 +360,44 @@ def test_unseen_anchor_holds_never_seen_text_to_the_reference(tiny_model_dir, ti
         runs[n] = (drift(r.model), r.report["history"])
     assert all("l_kl_unseen" in h for h in runs[4][1][1:]) and not any("l_kl_unseen" in h for h in runs[0][1])
     assert runs[4][0] < 0.75 * runs[0][0]
+
+
+def test_entropy_targets_follow_the_never_seen_text_and_pull_forget_positions_towards_them(
+        tiny_model_dir, tiny_corpus, monkeypatch):
+    """entropy_weight: every scoring round re-aims the entropy targets at the never-seen text as the
+    trained model has it (TokenTargets.follow_unseen, with every never-seen token), and the same steps
+    with the term leave the forget positions' entropies nearer their targets than without it."""
+    from icu_peft.calibrate import TokenTargets
+    from icu_peft.metrics import next_token_entropies
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    unseen_tokens = sum(len(tok(t)["input_ids"]) - 1 for t in tiny_corpus["unseen"])
+    calls, states = [], []
+    real = TokenTargets.follow_unseen
+
+    def spy(self, entropy):
+        calls.append(entropy.numel())
+        states.append(self)
+        return real(self, entropy)
+
+    monkeypatch.setattr(TokenTargets, "follow_unseen", spy)
+    kw = dict(quantize=False, learning_rate=3e-3, min_epochs=10, max_epochs=10, iur=False, precision_check="off")
+    texts = tiny_corpus["forget"][:2]
+    runs = {}
+    for w in (1.0, 0.0):
+        calls.clear()
+        runs[w] = forget(quick_config(tiny_model_dir, entropy_weight=w, **kw), texts, tiny_corpus["retain"],
+                         tiny_corpus["unseen"])
+        if w:
+            assert len(calls) >= len(runs[w].report["history"]) - 1 and set(calls) == {unseen_tokens}
+        else:
+            assert not calls  # off: no extra pass over the never-seen text
+    targets = states[-1].entropy
+    ids = [torch.tensor(tok(t)["input_ids"]) for t in texts]
+    assert [t.numel() for t in targets] == [x.numel() - 1 for x in ids]
+
+    def gap(model):  # mean |entropy - target| over the forget positions
+        ent = next_token_entropies(model, ids, tok.pad_token_id)
+        return float(torch.cat([(e - t).abs() for e, t in zip(ent, targets)]).mean())
+
+    assert gap(runs[1.0].model) < gap(runs[0.0].model)

@@ -133,25 +133,29 @@ def test_shared_context_counts_how_long_a_context_the_kept_text_shares():
 
 
 
-def test_entropy_excess_is_the_entropy_above_the_cap_and_adds_to_the_target_loss():
+def test_entropy_error_is_two_sided_and_adds_to_the_target_loss():
     import math
 
     import torch
 
-    from icu_peft.losses import chunked_target_bce, entropy_excess
+    from icu_peft.losses import chunked_target_bce, entropy_error
 
     uniform = torch.log(torch.full((1, 4), 0.25))
-    assert math.isclose(float(entropy_excess(uniform, 1.0)), math.log(4) - 1.0, rel_tol=1e-6)
-    assert float(entropy_excess(uniform, 2.0)) == 0.0
+    assert math.isclose(float(entropy_error(uniform, torch.tensor([1.0]))), (math.log(4) - 1.0) ** 2, rel_tol=1e-6)
+    assert math.isclose(float(entropy_error(uniform, torch.tensor([2.0]))), (2.0 - math.log(4)) ** 2, rel_tol=1e-6)
+    assert float(entropy_error(uniform, torch.tensor([math.log(4)]))) < 1e-10
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, 8)
     head = torch.nn.Linear(8, 11, bias=False)
     ids = torch.randint(0, 11, (2, 5))
     mask = torch.ones(2, 5)
+    mask[1, 4] = 0  # a padded position pays nothing
     target = torch.full((2, 5), -2.0)
+    ent = torch.rand(2, 5) * 2  # aligned with the labels: position t holds token t's target
     plain, n = chunked_target_bce(hidden, head, ids, mask, target, chunk_size=2)
-    capped, _ = chunked_target_bce(hidden, head, ids, mask, target, chunk_size=2, entropy_cap=1.0, entropy_weight=0.5)
+    held, _ = chunked_target_bce(hidden, head, ids, mask, target, chunk_size=2, target_entropy=ent, entropy_weight=0.5)
     with torch.no_grad():
         lp = torch.log_softmax(head(hidden[:, :-1]), -1)
-    assert torch.isclose(capped - plain, 0.5 * entropy_excess(lp, 1.0).sum(), atol=1e-5)
-    assert n == 8
+    err = entropy_error(lp, ent[:, 1:]) * mask[:, 1:]
+    assert torch.isclose(held - plain, 0.5 * err.sum(), atol=1e-5)
+    assert n == 7

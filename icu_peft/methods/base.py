@@ -39,7 +39,9 @@ class PrepareContext:
     ma_max: float  # the MA a forgotten sample may keep
     weights: Optional[List[torch.Tensor]]  # per forget sample (T,) distinct-token masks, or None
     shared: Optional[List[torch.Tensor]] = None  # per forget sample (T-1,): losses.shared_context with the kept / never-seen text
-    unseen_entropy: Optional[float] = None  # mean next-token entropy of the never-seen text (entropy_weight), or None
+    # entropy_weight: next-token entropies under the base, per forget sample (T-1,) and of every never-seen token
+    ref_entropy: Optional[List[torch.Tensor]] = None
+    unseen_token_entropy: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -53,3 +55,6 @@ class Method:
     prepare: Optional[Callable[[PrepareContext, Any], Any]] = None  # (context, config) -> batch.state
     # (state, sample, nats, limit) -> shift in force: move a sample's target (methods with per-sample targets)
     retarget: Optional[Callable[[Any, int, float, float], float]] = None
+    # (state, every never-seen token's next-token entropy under the model as it is now) -> None: methods
+    # that aim at the never-seen text's distribution shape follow it as the adapter moves it
+    follow_unseen: Optional[Callable[[Any, torch.Tensor], None]] = None

@@ -40,7 +40,8 @@ def prepare_targets(ctx: PrepareContext, config):
     weights = [w[1:] if w is not None else None for w in ctx.weights] if ctx.weights else None
     state = token_targets(ctx.ref_nll, ctx.ref_other, unseen, goal, ctx.ma_max, weights, nll_cap=cap,
                           shared=ctx.shared if config.rank_by_sharing else None)
-    state.entropy_cap = ctx.unseen_entropy
+    if ctx.ref_entropy is not None and ctx.unseen_token_entropy is not None and ctx.unseen_token_nll is not None:
+        state.with_entropy(ctx.ref_entropy, ctx.unseen_token_nll, ctx.unseen_token_entropy)
     return state
 
 
@@ -52,12 +53,20 @@ def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
         lp = batch.state.logp[i]
         t[r, 1:1 + lp.numel()] = lp  # aligned with labels: position t holds the target of token t
     t = t.to(batch.hidden.device)
+    ent = None
+    if config.entropy_weight and batch.state.entropy:
+        ent = torch.zeros((len(batch.rows), width), dtype=torch.float32)
+        for r, i in enumerate(batch.rows):
+            e = batch.state.entropy[i]
+            ent[r, 1:1 + e.numel()] = e
+        ent = ent.to(batch.hidden.device)
     s, c = chunked_target_bce(batch.hidden, batch.head, batch.ids, batch.mask, t, batch.chunk_size, config.target_log_weight,
-                              batch.state.entropy_cap, config.entropy_weight)
+                              ent, config.entropy_weight)
     return s / c.clamp(min=1)
 
 
 ICU = Method("icu", "calibrated ICU (default): distil each forget sample towards never-seen-looking targets, "
                     "CLE neighbours, per-sample refinement inside the never-seen band",
              dict(forget_loss="target"), target_forget_loss, prepare=prepare_targets,
-             retarget=lambda state, i, delta, limit: state.move(i, delta, limit))
+             retarget=lambda state, i, delta, limit: state.move(i, delta, limit),
+             follow_unseen=lambda state, entropy: state.follow_unseen(entropy))
