@@ -452,7 +452,7 @@ def test_entropy_targets_pair_each_token_with_the_never_seen_token_of_its_rank()
     state.with_entropy([torch.full((4,), 0.05)], unseen, ent)
     expect = torch.where(state.shifted[0] > ref, ent[state.rank[0]], torch.tensor(0.05))
     assert torch.allclose(state.entropy[0], expect)
-    # the easiest base token has the lowest rank, so the lowest entropy target of the tokens it raised
+    # ranks follow the base's NLL order (easiest token first), as token_targets matched the losses
     order = torch.argsort(ref)
     assert state.rank[0][order].tolist() == sorted(state.rank[0].tolist())
     assert "mean_entropy" in state.summary()
