@@ -185,6 +185,7 @@ def next_token_entropies(model, seqs: Sequence[torch.Tensor], pad_id: int, batch
     return out
 
 
+@torch.no_grad()
 def next_token_stats(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,
                      chunk_size: int = 64) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Per sequence, (T-1,) tensors: the NLL of each next token, and the log-prob of the best other token.
