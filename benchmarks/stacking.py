@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -164,20 +165,26 @@ def ledger_table(work: Path, model_dir: Path, c: dict, k: int, dirs: list, ns=(1
             done.write_text(json.dumps(out.get(f"N={i + 1}")))
         elif i + 1 in ns:
             out[f"N={i + 1}"] = json.loads(done.read_text())
-    # revoke request 0 and re-consolidate the rest: it must come back, the others stay forgotten
+    # revoke request 0 and re-consolidate the rest: it must come back, the others stay forgotten. Twice,
+    # from the same ledger: as is, and with request 0's texts passed to restore (held as retain anchors)
     if (led / "requests" / "req-0").exists():
-        L.revoke_request(led, "req-0")
+        shutil.copytree(led, work / "ledger-restore", dirs_exist_ok=True)
+    for name, where, restore in (("", led, None), (" (restore)", work / "ledger-restore", request_texts(c, 0, k))):
+        if not (where / "requests" / "req-0").exists():
+            continue
+        L.revoke_request(where, "req-0")
         texts = [t for j in range(1, len(dirs)) for t in request_texts(c, j, k)]
         t0 = time.time()
         cfg = dataclasses.replace(config(model_dir, 300), request_id="consolidated-revoke")
-        L.consolidate(led, cfg, texts, c["retain"], c["unseen"])
+        L.consolidate(where, cfg, texts, c["retain"], c["unseen"], restore=restore)
         took = time.time() - t0
-        model = stack_adapters(load(model_dir), [led / "consolidated"])
+        model = stack_adapters(load(model_dir), [where / "consolidated"])
         rest = evaluate(model, tok, c, k, list(range(1, len(dirs))))
         revoked = tokenize_texts(request_texts(c, 0, k), tok, 200, "00")
         rest["revoked_ma"] = sum(score_samples(model, revoked.input_ids, tok.pad_token_id).ma) / len(revoked)
         rest["consolidate_s"] = round(took, 1)
-        out[f"N={len(dirs)} minus req-0"] = rest
+        out[f"N={len(dirs)} minus req-0{name}"] = rest
+        log.info("ledger N=%d minus req-0%s: %s", len(dirs), name, json.dumps(rest))
     return out
 
 

@@ -165,9 +165,27 @@ def match_texts(directory: str | Path, texts: Sequence[str], id_keys: Sequence[s
     return per
 
 
+def _check_restore(directory: Path, ledger: dict, restore: Sequence[str], id_keys: Sequence[str]) -> None:
+    """Refuse texts to restore that are samples of an active request (forgotten and kept at once)."""
+    from .lifecycle import match_samples
+
+    leaves = [(directory / r["path"], read_manifest(directory / r["path"])) for r in active(ledger)]
+    hits, _ = match_samples(restore, leaves, id_keys)
+    for i, hit in enumerate(hits):
+        if hit is not None:
+            raise InputError(f"text {i + 1} to restore is a sample of active request {hit[1][1].get('request_id')}: "
+                             f"revoke that request first")
+
+
 def consolidate(directory: str | Path, config, texts: Sequence[str], retain: Optional[Sequence[str]] = None,
-                unseen: Optional[Sequence[str]] = None, id_keys: Sequence[str] = ()):
+                unseen: Optional[Sequence[str]] = None, id_keys: Sequence[str] = (),
+                restore: Optional[Sequence[str]] = None):
     """Train the served adapter on the union of the active requests, warm-started from the last one.
+
+    `restore`: texts that must come back, a revoked request's: they join the retain anchors, so the new
+    adapter is held to the base on them. Without them an adapter trained on the other requests of the
+    same kind still lowered the revoked one (MA 0.75 against 0.97 before; docs/BENCHMARKS.md). Refused
+    where one is a sample of an active request.
 
     Returns the ForgetResult. The new adapter replaces `consolidated/` only once it is written; the
     ledger then records the requests it covers (id and adapter hash) and its status."""
@@ -178,6 +196,9 @@ def consolidate(directory: str | Path, config, texts: Sequence[str], retain: Opt
     if not active(ledger):
         raise InputError("the ledger has no active request to consolidate")
     per = match_texts(directory, texts, id_keys)
+    if restore:
+        _check_restore(directory, ledger, restore, id_keys)
+        retain = list(restore) + list(retain or [])
     previous = directory / CONSOLIDATED
     if previous.is_dir() and config.init_adapter is None:
         was = read_manifest(previous).get("config", {})

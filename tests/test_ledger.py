@@ -111,3 +111,36 @@ def test_warm_start_loads_the_adapter_and_refuses_another_layout(tiny_model_dir,
     other = attach_lora(load_base_model(str(tiny_model_dir), quantize=False), r=4)
     with pytest.raises(Exception):
         warm_start(other, tiny_forget_adapter)
+
+
+def test_consolidation_holds_a_revoked_requests_texts_when_asked_and_refuses_an_active_ones(
+        tiny_model_dir, tiny_corpus, tiny_forget_adapter, tiny_forget_adapter_b, tmp_path, monkeypatch):
+    """`restore`: the texts that must come back join the retain anchors, ahead of the retain pool; a text
+    of a request still active cannot be forgotten and restored at once."""
+    import icu_peft.unlearner as U
+    from icu_peft import ICUConfig
+    from icu_peft import ledger as L
+    from icu_peft.adapters import read_manifest
+
+    led = tmp_path / "ledger"
+    L.add_request(led, tiny_forget_adapter)
+    L.add_request(led, tiny_forget_adapter_b)
+    L.revoke_request(led, read_manifest(tiny_forget_adapter)["request_id"])
+    fg, retain = tiny_corpus["forget"], tiny_corpus["retain"]
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_forget(config, texts, retain_texts, unseen_texts, **kw):
+        seen.update(texts=list(texts), retain=list(retain_texts))
+        raise Stop
+
+    monkeypatch.setattr(U, "forget", fake_forget)
+    cfg = ICUConfig(model=str(tiny_model_dir), progress=False)
+    with pytest.raises(InputError, match="to restore is a sample of active request"):
+        L.consolidate(led, cfg, fg[2:], retain, tiny_corpus["unseen"], restore=[fg[0], fg[3]])
+    assert not seen  # refused before any training
+    with pytest.raises(Stop):
+        L.consolidate(led, cfg, fg[2:], retain, tiny_corpus["unseen"], restore=fg[:2])
+    assert seen["texts"] == fg[2:] and seen["retain"] == fg[:2] + list(retain)

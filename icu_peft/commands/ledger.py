@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     c.add_argument("--forget", required=True, help="every active request's texts (checked against their manifests)")
     c.add_argument("--retain", help="retain pool")
     c.add_argument("--unseen", help="never-seen text of the same kind")
+    c.add_argument("--restore", help="texts that must come back (a revoked request's): held to the base as retain "
+                                     "anchors in this consolidation")
     c.add_argument("--config", help="recipe YAML (ICUConfig fields) for the consolidation")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -66,7 +68,8 @@ def run(args) -> int:
     texts = read_texts(args.forget, cfg.text_field)
     retain = read_texts(args.retain, cfg.text_field) if args.retain else None
     unseen = read_texts(args.unseen, cfg.text_field) if args.unseen else None
-    res = L.consolidate(args.ledger, cfg, texts, retain, unseen)
+    restore = read_texts(args.restore, cfg.text_field) if args.restore else None
+    res = L.consolidate(args.ledger, cfg, texts, retain, unseen, restore=restore)
     r = res.report
     print(f"consolidated {len(L.status(args.ledger)['active'])} requests into {res.output_dir}: {r['status']}, "
           f"{r['forget']['forgotten']} of {r['forget']['count']} samples forgotten after {r['steps']} steps")
