@@ -220,7 +220,8 @@ def consolidate(directory: str | Path, config, texts: Sequence[str], retain: Opt
     ledger["consolidated"] = {"path": CONSOLIDATED, "request_id": rep["request_id"], "status": rep["status"],
                               "forgotten": rep["forget"]["forgotten"], "samples": rep["forget"]["count"],
                               "steps": rep["steps"], "warm_start": config.init_adapter is not None,
-                              "rank": config.lora_r, "covers": covers, "at": utc_now()}
+                              "rank": config.lora_r, "covers": covers, "restored_texts": len(restore or ()),
+                              "at": utc_now()}
     ledger["history"].append({"op": "consolidate", "request_ids": [c["request_id"] for c in covers],
                               "status": rep["status"], "at": ledger["consolidated"]["at"]})
     _write_ledger(directory, ledger)

@@ -83,6 +83,7 @@ def test_ledger_adds_consolidates_revokes_and_says_when_it_is_stale(tiny_model_d
     cons = json.loads((led / "ledger.json").read_text())["consolidated"]
     # after a revocation the served weights still hold the revoked request: consolidation starts from zero
     assert [c["request_id"] for c in cons["covers"]] == [b] and cons["warm_start"] is False
+    assert cons["restored_texts"] == 0  # a count for the audit trail, never the texts
     assert res.report["config"]["init_adapter"] is None
     # with requests only added since, it warm-starts from the served adapter
     assert main(["ledger", "add", str(led), str(tiny_forget_adapter_c)]) == 0
