@@ -178,35 +178,32 @@ def next_token_entropies(model, seqs: Sequence[torch.Tensor], pad_id: int, batch
     Min-K%++ reads the true token's log-prob against this distribution's mean and spread, so calibrated
     forgetting (calibrate.entropy_targets) gives each forget position an entropy as well as a loss.
     """
-    out: List[torch.Tensor] = []
-    for chunk, _, _, chunks in _chunked_log_probs(model, seqs, pad_id, batch_size, chunk_size):
-        ent = torch.cat([-(lp.exp() * lp).sum(-1) for _, lp in chunks], 1).cpu()
-        out.extend(ent[row, : len(x) - 1].clone() for row, x in enumerate(chunk))
-    return out
+    return next_token_stats(model, seqs, pad_id, batch_size, chunk_size, entropy=True)[2]
 
 
 @torch.no_grad()
 def next_token_stats(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 16,
-                     chunk_size: int = 64) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Per sequence, (T-1,) tensors: the NLL of each next token, and the log-prob of the best other token.
+                     chunk_size: int = 64, entropy: bool = False) -> tuple:
+    """Per sequence, (T-1,) tensors: the NLL of each next token, and the log-prob of the best other token;
+    with `entropy`, a third list: the next-token entropy at each position (next_token_entropies), from
+    the same pass.
 
     What calibrated forgetting needs to know about the base before training (calibrate.token_targets):
     how likely each true token is, and by how much it beats the runner-up.
     """
-    nlls: List[torch.Tensor] = []
-    others: List[torch.Tensor] = []
+    lists: Tuple[List[torch.Tensor], ...] = ([], [], []) if entropy else ([], [])
     for chunk, ids, _, chunks in _chunked_log_probs(model, seqs, pad_id, batch_size, chunk_size):
-        ty, oth = [], []
+        parts: Tuple[list, ...] = tuple([] for _ in lists)
         for s, lp in chunks:
             nxt = ids[:, s + 1:s + 1 + lp.shape[1]]
-            y = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            ty.append(-y)
-            oth.append(lp.scatter(-1, nxt.unsqueeze(-1), float("-inf")).max(-1).values)
-        ty_t, oth_t = torch.cat(ty, 1).cpu(), torch.cat(oth, 1).cpu()
-        for row, x in enumerate(chunk):
-            nlls.append(ty_t[row, : len(x) - 1].clone())
-            others.append(oth_t[row, : len(x) - 1].clone())
-    return nlls, others
+            parts[0].append(-lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+            parts[1].append(lp.scatter(-1, nxt.unsqueeze(-1), float("-inf")).max(-1).values)
+            if entropy:
+                parts[2].append(-(lp.exp() * lp).sum(-1))
+        for out, part in zip(lists, parts):
+            whole = torch.cat(part, 1).cpu()
+            out.extend(whole[row, : len(x) - 1].clone() for row, x in enumerate(chunk))
+    return lists
 
 
 def _forward_last(model, **kw):

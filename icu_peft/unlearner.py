@@ -33,7 +33,7 @@ from .calibrate import Band, StepSize, band_gap, band_position, loss_auc, off_ce
 from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, resolve
 from .metrics import (Scores, backbone_and_head, model_device, next_token_entropies, next_token_stats,
-                      score_samples, teacher_forced)
+                      score_samples)
 from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
 from .dequant import dense_weights
 from .precision import PrecisionView, build_view, view_bytes, wanted
@@ -646,7 +646,9 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
     """What the method computes from the untouched base before training (None for most methods)."""
     if method.prepare is None:
         return None
-    ref_nll, ref_other = next_token_stats(model, forget_set.input_ids, pad_id, config.score_batch_size)
+    entropy = bool(config.entropy_weight and target.unseen_set is not None and len(target.unseen_set))
+    stats = next_token_stats(model, forget_set.input_ids, pad_id, config.score_batch_size, entropy=entropy)
+    ref_nll, ref_other = stats[0], stats[1]
     band = target.band
     ma_max = band.ma_mid if band is not None else target.thresholds.ma
     shared = None
@@ -657,8 +659,8 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
             pool = [ngram_set(kept, n) for n in range(1, config.rank_by_sharing + 1)]
             shared = [shared_context(x, pool) for x in forget_set.input_ids]
     ref_ent = unseen_ent = None
-    if config.entropy_weight and target.unseen_set is not None and len(target.unseen_set):
-        ref_ent = next_token_entropies(model, forget_set.input_ids, pad_id, config.score_batch_size)
+    if entropy:
+        ref_ent = stats[2]
         unseen_ent = torch.cat(next_token_entropies(model, target.unseen_set.input_ids, pad_id, config.score_batch_size))
         logger.info("entropy targets: never-seen text's mean next-token entropy %.3f nats, the forget set's %.3f",
                     float(unseen_ent.mean()), float(torch.cat(ref_ent).mean()))
@@ -806,9 +808,7 @@ class _Run:
                 if k and not complete:
                     s.el = list(parts[0].el)
                 parts.append(s)
-                now.append(self.unseen_nll_now(m))
-                if k == 0:
-                    self.follow_unseen(m)
+                now.append(self.unseen_now_pass(m, follow=k == 0))
         self.unseen_now = None if any(x is None for x in now) else [v for x in now for v in x]
         self.el_borrowed = self.view is not None and not complete
         return Scores.concat(parts)
@@ -822,33 +822,22 @@ class _Run:
         self.update_active(self.active)
         return self.settled()
 
-    def unseen_nll_now(self, model) -> Optional[List[float]]:
-        """The never-seen samples' NLL under `model` as it is now (one teacher-forced pass).
-
-        The adapter moves never-seen text of the same kind too, and an attacker compares against the
-        model they have, not the base: the centring check uses these, not the base's.
-        """
-        tset = self.target.unseen_set
-        if tset is None or not self.two_sided:
+    def unseen_now_pass(self, model, follow: bool) -> Optional[List[float]]:
+        """One teacher-forced pass over the never-seen samples under `model` as it is now. Returns their
+        NLLs (None for a one-sided method): the adapter moves never-seen text of the same kind too, and
+        an attacker compares against the model they have, not the base, so the centring check uses
+        these. With `follow` (the trained view), methods aiming at the never-seen text's next-token
+        distributions (entropy targets) re-aim at the entropies of the same pass (Method.follow_unseen)."""
+        method, tset = resolve(self.config), self.target.unseen_set
+        follow = bool(follow and method.follow_unseen is not None and self.config.entropy_weight
+                      and getattr(self.method_state, "entropy", None))
+        if tset is None or not (self.two_sided or follow):
             return None
         model.eval()
-        out: List[float] = []
-        bs = self.config.score_batch_size
-        with torch.no_grad():
-            for b in range(0, len(tset), bs):
-                out.extend(teacher_forced(model, tset.input_ids[b:b + bs], self.pad_id).nll().tolist())
-        return out
-
-    def follow_unseen(self, model) -> None:
-        """Methods aiming at the never-seen text's next-token distributions (entropy targets) re-aim at
-        them as `model`, the trained view, has them now: one more pass over the never-seen samples."""
-        method, tset = resolve(self.config), self.target.unseen_set
-        if (method.follow_unseen is None or not self.config.entropy_weight or tset is None
-                or not getattr(self.method_state, "entropy", None)):
-            return
-        model.eval()
-        ent = next_token_entropies(model, tset.input_ids, self.pad_id, self.config.score_batch_size)
-        method.follow_unseen(self.method_state, torch.cat(ent))
+        stats = next_token_stats(model, tset.input_ids, self.pad_id, self.config.score_batch_size, entropy=follow)
+        if follow:
+            method.follow_unseen(self.method_state, torch.cat(stats[2]))
+        return [float(x.mean()) for x in stats[0]] if self.two_sided else None
 
     def forgotten(self, scores: Optional[Scores] = None) -> List[bool]:
         """Per forget sample: forgotten under every view."""
