@@ -144,7 +144,7 @@ def match_texts(directory: str | Path, texts: Sequence[str], id_keys: Sequence[s
     from .lifecycle import match_samples
 
     directory = Path(directory)
-    leaves = [(directory / r["path"], read_manifest(directory / r["path"])) for r in active(read_ledger(directory))]
+    leaves = _active_leaves(directory, read_ledger(directory))
     for _, m in leaves:
         if manifest_key(m, id_keys) is None:
             raise InputError(f"request {m.get('request_id')}: its sample-id key is not on this machine "
@@ -165,12 +165,16 @@ def match_texts(directory: str | Path, texts: Sequence[str], id_keys: Sequence[s
     return per
 
 
+def _active_leaves(directory: Path, ledger: dict) -> List[tuple]:
+    """(directory, manifest) of each active request, as lifecycle.match_samples takes them."""
+    return [(directory / r["path"], read_manifest(directory / r["path"])) for r in active(ledger)]
+
+
 def _check_restore(directory: Path, ledger: dict, restore: Sequence[str], id_keys: Sequence[str]) -> None:
     """Refuse texts to restore that are samples of an active request (forgotten and kept at once)."""
     from .lifecycle import match_samples
 
-    leaves = [(directory / r["path"], read_manifest(directory / r["path"])) for r in active(ledger)]
-    hits, _ = match_samples(restore, leaves, id_keys)
+    hits, _ = match_samples(restore, _active_leaves(directory, ledger), id_keys)
     for i, hit in enumerate(hits):
         if hit is not None:
             raise InputError(f"text {i + 1} to restore is a sample of active request {hit[1][1].get('request_id')}: "

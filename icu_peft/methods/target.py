@@ -45,21 +45,19 @@ def prepare_targets(ctx: PrepareContext, config):
     return state
 
 
+def _aligned(batch: ForgetBatch, per_sample) -> torch.Tensor:
+    """(B, T) on the batch's device: each row's per-next-token values (T-1,) aligned with the labels, so
+    position t holds the value for token t (position 0, which no token predicts, and padding hold 0)."""
+    out = torch.zeros((len(batch.rows), batch.ids.shape[1]), dtype=torch.float32)
+    for r, i in enumerate(batch.rows):
+        out[r, 1:1 + per_sample[i].numel()] = per_sample[i]
+    return out.to(batch.hidden.device)
+
+
 def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
     """Mean per-token binary cross-entropy of the true token's probability against its target."""
-    width = batch.ids.shape[1]
-    t = torch.zeros((len(batch.rows), width), dtype=torch.float32)
-    for r, i in enumerate(batch.rows):
-        lp = batch.state.logp[i]
-        t[r, 1:1 + lp.numel()] = lp  # aligned with labels: position t holds the target of token t
-    t = t.to(batch.hidden.device)
-    ent = None
-    if config.entropy_weight and batch.state.entropy:
-        ent = torch.zeros((len(batch.rows), width), dtype=torch.float32)
-        for r, i in enumerate(batch.rows):
-            e = batch.state.entropy[i]
-            ent[r, 1:1 + e.numel()] = e
-        ent = ent.to(batch.hidden.device)
+    t = _aligned(batch, batch.state.logp)
+    ent = _aligned(batch, batch.state.entropy) if config.entropy_weight and batch.state.entropy else None
     s, c = chunked_target_bce(batch.hidden, batch.head, batch.ids, batch.mask, t, batch.chunk_size, config.target_log_weight,
                               ent, config.entropy_weight)
     return s / c.clamp(min=1)
