@@ -39,6 +39,7 @@ class ICUConfig:
     gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file name inside `model` (transformers dequantizes it)."})
     quantize: bool = field(default=True, metadata={"help": "Load the frozen base in 4-bit NF4 (bitsandbytes); False keeps full precision."})
     compute_dtype: str = field(default="auto", metadata={"help": "Compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."})
+    train_dtype: str = field(default="auto", metadata={"help": "Dtype of the frozen weights' matrix products in training steps (lowp.py): auto (bfloat16 on a CPU with AVX512-BF16/AMX for a float32 model of hidden size >= 256, about 1.5x faster steps; else the compute dtype), float32 or bfloat16. Scoring and the stop rule always run in the compute dtype."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% slower; worth it for 7B+."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the model repository (off unless you trust it)."})
     precision_check: str = field(default="auto", metadata={"help": "With a 4-bit base, also train and score the adapter through a full-precision copy of the base (what a merge gives), so samples count as forgotten only when forgotten in both: 'auto' (when the copy fits in free memory), 'on' or 'off'."})
@@ -194,6 +195,7 @@ class ICUConfig:
         need(self.no_retain in ("generate", "refuse"), "no_retain must be 'generate' or 'refuse'")
         need(self.precision_check in PRECISION_CHECKS, f"precision_check must be one of {', '.join(PRECISION_CHECKS)}")
         need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")
+        need(self.train_dtype in ("auto", "float32", "bfloat16"), "train_dtype must be auto, float32 or bfloat16")
         need(len(tuple(self.adam_betas)) == 2, "adam_betas must have two values")
         need(self.embedder == "base" or self.embedder.startswith("sentence-transformers"),
              "embedder must be 'base' or 'sentence-transformers[:PATH]'")

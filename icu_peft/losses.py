@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .lowp import checkpoint_contexts
+
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
     """Align position t's prediction with token t+1; a target counts if both ends are real tokens."""
@@ -136,7 +138,7 @@ def _kl_chunk(head: Callable, h: torch.Tensor, ref_h: torch.Tensor, valid: torch
 
 def _run_chunk(fn, *args, grad: bool):
     if grad:
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=checkpoint_contexts)
     return fn(*args)
 
 

@@ -264,7 +264,11 @@ def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
     # output head, norms) to fp32, which on a bf16 8B base adds 2 GiB for weights that never train. The
     # loss computes log-softmax in fp32 anyway (losses.py), and the LoRA weights are fp32 (peft upcasts).
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from .lowp import checkpoint_contexts
+
+        # context_fn: the recomputation runs under the forward's bf16 products too (lowp.py)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                           "context_fn": checkpoint_contexts})
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(model, r, alpha, dropout, target_modules, last_layers), adapter_name=adapter_name)
 

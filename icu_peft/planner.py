@@ -11,6 +11,8 @@
 - **dense_weights** (CPU, 4-bit): the dequantized copies `dequant_cache_mb` keeps (dequant.py), the
   base's linears and then the merged view's, within the setting ('auto': a quarter of what is left of
   `device_memory`, when given).
+- **train_dtype_copies** (where `train_dtype` resolves to bf16: a CPU with bf16 matrix instructions):
+  the bf16 copy of the output head the steps keep (lowp.py), once per precision they run through.
 - **trainable**: LoRA weights with their gradient and Adam's two moments (fp32: 16 bytes each); for
   full fine-tuning every weight's gradient and moments, plus the frozen reference copy of the base.
 - **caches**: the reference hidden states (`reference_cache_mb`) and, with `lora_layers`, the
@@ -22,8 +24,8 @@
 - **load** (CPU, 4-bit, when the weight files' size is known): the checkpoint's mapped pages while
   bitsandbytes packs them, beside the packed base.
 
-peak = base + precision_view + dense_weights + trainable + caches + runtime + max(step, scoring), or load
-if larger.
+peak = base + precision_view + dense_weights + train_dtype_copies + trainable + caches + runtime +
+max(step, scoring), or load if larger.
 
 The step's activations are not guessed: `activation_probe` builds one decoder layer of the model's
 real shape (uninitialised memory, tiny vocabulary), runs it forward with autograd at two lengths and
@@ -286,6 +288,14 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
             dense = min(wanted, float(config.dequant_cache_mb) * 2**20)
     parts["dense_weights"] = dense
 
+    # lowp.py: where train_dtype resolves to bf16, the steps keep a bf16 copy of the output head (of the
+    # trained model and of each precision view; smaller weights are cast per call)
+    from .lowp import resolve_train_dtype
+
+    low = resolve_train_dtype(config.train_dtype, torch.device("cuda" if device_type == "cuda" else "cpu"), dtype, hidden)
+    parts["train_dtype_copies"] = (vocab * hidden * _dtype_bytes(low) * (1 + (2 if view else 0))
+                                   if low is not None else 0.0)
+
     first = n_layers - config.lora_layers if config.use_lora and config.lora_layers else 0
     if config.use_lora:
         targets = _lora_targets(model, config.target_modules, set(range(first, n_layers)) if first else None)
@@ -325,8 +335,8 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     parts["scoring"] = score_rows * min(64, length) * vocab * 4 * LOGIT_COPIES + dequant
     parts["runtime"] = runtime_bytes(device_type) if runtime is None else runtime
 
-    static = (parts["base"] + parts["precision_view"] + parts["dense_weights"] + parts["trainable"] + parts["caches"]
-              + parts["runtime"])
+    static = (parts["base"] + parts["precision_view"] + parts["dense_weights"] + parts["train_dtype_copies"]
+              + parts["trainable"] + parts["caches"] + parts["runtime"])
     # a step's activations are freed before scoring runs (on CPU with glibc's mmap threshold fixed, as the
     # CLI does: allocator.py; without it the heap keeps them and the two add up)
     peak = static + max(parts["step"], parts["scoring"])

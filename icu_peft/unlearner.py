@@ -13,7 +13,7 @@ import platform
 import resource
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -34,8 +34,9 @@ from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_m
 from .methods import ForgetBatch, PrepareContext, resolve
 from .metrics import (Scores, backbone_and_head, model_device, next_token_entropies, next_token_stats,
                       score_samples)
-from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config
+from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config, resolve_compute_dtype
 from .dequant import dense_weights
+from .lowp import FrozenBf16Matmuls, resolve_train_dtype
 from .precision import PrecisionView, build_view, view_bytes, wanted
 from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
 from .evaluation import forget_mia
@@ -487,6 +488,12 @@ class _LogitsAsHidden:
         self.last_hidden_state = logits
 
 
+def _head_numel(model) -> int:
+    """Elements of the output head's weight (0 when the model has none)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.numel()) if head is not None and hasattr(head, "weight") else 0
+
+
 def _lora_state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -585,10 +592,17 @@ def _forget(config: ICUConfig, forget_texts, retain_texts, unseen_texts, output_
                       if backbone_and_head(model) else None)
 
     # 4. train until calibrated
+    hidden = getattr(base_model.config, "hidden_size", None) or getattr(base_model.config, "n_embd", None)
+    low = resolve_train_dtype(config.train_dtype, accelerator.device,
+                              resolve_compute_dtype(config.compute_dtype, accelerator.device), hidden)
+    if low is not None:
+        logger.info("training steps: frozen weights' products in %s (train_dtype %s); scoring in the compute dtype",
+                    str(low).replace("torch.", ""), config.train_dtype)
     run = _Run(model=model, forget_set=forget_set, retain_set=retain_set, neighbours=neighbours, pad_id=pad_id,
                config=config, target=target, reference=reference, backbone=train_backbone, distinct=distinct,
                method_state=method_state, two_sided=method.prepare is not None, accelerator=accelerator, show=show,
-               view=view, view_skipped=view_skipped, view_backbones=_view_backbones(view, config))
+               view=view, view_skipped=view_skipped, view_backbones=_view_backbones(view, config),
+               lowp=FrozenBf16Matmuls(low, cache_min_numel=_head_numel(model)) if low is not None else None)
     run.train()
 
     # 5. optional post-hoc scaling towards a loss level (nll_target), DDP check, complete scores
@@ -746,6 +760,7 @@ class _Run:
     retargeted: int = 0  # target moves made in the finishing phase (retarget)
     pressured: Optional[tuple] = None  # (retain pressure, the config with its retain weights) for loss_config
     centring: bool = False  # the set was found off centre and trains until within half the tolerance
+    lowp: Optional[FrozenBf16Matmuls] = None  # frozen weights' products in bf16 during steps (lowp.py)
 
     def __post_init__(self) -> None:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -798,6 +813,8 @@ class _Run:
         (the same adapter on nearly the same weights); `complete` scores EL_n everywhere, which the
         loop does before it stops (`confirmed`) and the report always does."""
         lazy = {} if complete else dict(el_max_ma=self.lazy_ma, el_min_nll=self.lazy_nll)
+        if self.lowp is not None:
+            self.lowp.clear()  # the merged view's weights are re-quantized below: no stale bf16 copies
         if self.view is not None and self.view.merged is not None:
             self.view.merged.refresh()  # re-quantize the merged weights from the adapter as it is now
         parts, now = [], []
@@ -1129,6 +1146,10 @@ class _Run:
         return terms, False
 
     def step(self, batch: List[int]) -> dict:
+        with self.lowp if self.lowp is not None else nullcontext():
+            return self._step(batch)
+
+    def _step(self, batch: List[int]) -> dict:
         cfg = self.config
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         mine = batch[rank::world]
@@ -1271,6 +1292,7 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
         "world_size": acc.num_processes,
         "ranks_in_sync": in_sync,
         "device": str(acc.device),
+        "train_dtype": str(run.lowp.dtype).replace("torch.", "") if run.lowp else None,
         "wall_time_s": round(time.time() - t0, 2),
         "calibration": calibration.to_dict() if calibration else None,
         "precisions": _precisions(run),

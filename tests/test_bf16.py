@@ -42,3 +42,91 @@ def test_a_bf16_request_trains_scores_and_forgets(tiny_model_dir, tiny_corpus, t
     scores = score_samples(model, ids, tok.pad_token_id, el_n=cfg.el_n)
     assert all(math.isfinite(x) for x in scores.nll)
     assert max(scores.ma) <= rep["band"]["ma_hi"] + 1e-6
+
+
+# --- bf16 products for the frozen weights of training steps on a float32 model (lowp.py) ---
+
+def test_frozen_bf16_matmuls_round_only_the_frozen_products_and_keep_gradients_fp32():
+    from icu_peft.lowp import FrozenBf16Matmuls
+
+    torch.manual_seed(0)
+    frozen = torch.nn.Linear(64, 96).requires_grad_(False)
+    lora = torch.nn.Linear(64, 96, bias=False)  # trainable: must stay fp32 and get its gradient
+    x = torch.randn(12, 64, requires_grad=True)
+    mode = FrozenBf16Matmuls()
+    with mode:
+        y = frozen(x) + lora(x)
+        y.square().sum().backward()
+    exact = frozen(x) + lora(x)
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert lora.weight.grad is not None and lora.weight.grad.dtype == torch.float32
+    err = (y - exact).abs().max()
+    # rounded (bf16 keeps 8 bits of mantissa), but only that much
+    assert 0 < err < 0.02 * exact.abs().max()
+    # the frozen weight and bias were cast once: a second call reuses the same copies
+    copies = {k: v[2] for k, v in mode.cache.items()}
+    assert set(copies) == {id(frozen.weight), id(frozen.bias)}
+    with mode:
+        frozen(x)
+    assert all(mode.cache[k][2] is v for k, v in copies.items())
+    # a new weight tensor (what a re-quantized view holds) is not served the old copy; clear drops all
+    frozen.weight = torch.nn.Parameter(frozen.weight.detach() + 1.0, requires_grad=False)
+    with mode:
+        y2 = frozen(x)
+    assert (y2 - frozen(x)).abs().max() < 0.05 * frozen(x).abs().max()
+    mode.clear()
+    assert not mode.cache
+    # only weights of cache_min_numel elements or more (the loop passes the head's) are kept
+    small = FrozenBf16Matmuls(cache_min_numel=frozen.weight.numel() + 1)
+    with small:
+        y3 = frozen(x)
+    assert not small.cache and (y3 - y2).abs().max() == 0
+
+
+def test_train_dtype_auto_is_bf16_only_where_it_pays(monkeypatch):
+    import icu_peft.lowp as lowp
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(lowp, "cpu_has_bf16_matmul", lambda: True)
+    assert lowp.resolve_train_dtype("auto", cpu, torch.float32, 576) == torch.bfloat16
+    assert lowp.resolve_train_dtype("auto", cpu, torch.float32, 64) is None  # tiny products gain nothing
+    assert lowp.resolve_train_dtype("auto", cpu, torch.bfloat16, 576) is None  # already bf16
+    assert lowp.resolve_train_dtype("auto", cuda, torch.float32, 4096) is None
+    assert lowp.resolve_train_dtype("float32", cpu, torch.float32, 576) is None
+    assert lowp.resolve_train_dtype("bfloat16", cpu, torch.float32, 64) == torch.bfloat16
+    monkeypatch.setattr(lowp, "cpu_has_bf16_matmul", lambda: False)
+    assert lowp.resolve_train_dtype("auto", cpu, torch.float32, 576) is None
+    with pytest.raises(ValueError):
+        lowp.resolve_train_dtype("int8", cpu, torch.float32, 576)
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora_layers": 1, "gradient_checkpointing": True}],
+                         ids=["plain", "prefix-cache-checkpointing"])
+def test_a_request_with_bf16_training_products_forgets_and_scores_in_fp32(tiny_model_dir, tiny_corpus, tmp_path,
+                                                                          extra):
+    from icu_peft.unlearner import forget
+
+    # activation checkpointing (the loss chunks always, the decoder layers with gradient_checkpointing)
+    # recomputes in backward: it must recompute with the same bf16 products (lowp.checkpoint_contexts)
+    cfg = quick_config(tiny_model_dir, train_dtype="bfloat16", **extra)
+    r = forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"], output_dir=tmp_path / "a")
+    rep = r.report
+    assert rep["status"] == "forgotten", rep["status"]
+    assert rep["train_dtype"] == "bfloat16"
+    if not extra:  # the planner counts the head's bf16 copy where the steps keep one
+        from transformers import AutoConfig
+
+        from icu_peft.planner import plan_memory
+
+        mcfg = AutoConfig.from_pretrained(str(tiny_model_dir))
+        plan = plan_memory(mcfg, cfg, runtime=0.0)
+        assert plan.parts["train_dtype_copies"] >= mcfg.vocab_size * mcfg.hidden_size * 2
+        assert plan_memory(mcfg, quick_config(tiny_model_dir), runtime=0.0).parts["train_dtype_copies"] == 0
+    # the model the user gets is untouched float32; only the steps' frozen products were rounded
+    assert r.model.get_input_embeddings().weight.dtype == torch.float32
+    assert all(s["forgotten"] for s in rep["samples"])
+    if extra:
+        return
+    # the default on this tiny model keeps fp32 steps
+    assert forget(quick_config(tiny_model_dir), tiny_corpus["forget"][:1], tiny_corpus["retain"],
+                  tiny_corpus["unseen"]).report["train_dtype"] is None
