@@ -761,6 +761,7 @@ class _Run:
     pressured: Optional[tuple] = None  # (retain pressure, the config with its retain weights) for loss_config
     centring: bool = False  # the set was found off centre and trains until within half the tolerance
     lowp: Optional[FrozenBf16Matmuls] = None  # frozen weights' products in bf16 during steps (lowp.py)
+    last_scored: Optional[tuple] = None  # (weights signature, Scores) of the last score() (reuse in confirmations)
 
     def __post_init__(self) -> None:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -811,8 +812,12 @@ class _Run:
         EL_n's greedy roll-outs are most of a scoring round's cost. Between confirmations the other
         views are scored for MA and NLL only and borrow the trained view's EL_n of the same sample
         (the same adapter on nearly the same weights); `complete` scores EL_n everywhere, which the
-        loop does before it stops (`confirmed`) and the report always does."""
+        loop does before it stops (`confirmed`) and the report always does. A complete scoring right
+        after a lazy one of the same weights reuses the trained view's scores when they already hold
+        every sample's EL_n (the confirmation of a settled round: on the quick demo the trained view's
+        roll-outs were otherwise run twice in a row)."""
         lazy = {} if complete else dict(el_max_ma=self.lazy_ma, el_min_nll=self.lazy_nll)
+        reuse = self._trained_view_scores() if complete else None
         if self.lowp is not None:
             self.lowp.clear()  # the merged view's weights are re-quantized below: no stale bf16 copies
         if self.view is not None and self.view.merged is not None:
@@ -820,15 +825,35 @@ class _Run:
         parts, now = [], []
         for k, name in enumerate(self.view_names()):
             with self.run_as(k) as m:
-                s = _score(m, self.forget_set, self.pad_id, self.config, desc if k == 0 else f"{desc} ({name})",
-                           **(lazy if complete or k == 0 else dict(el_max_ma=-1.0)))
+                s = reuse if k == 0 and reuse is not None else _score(
+                    m, self.forget_set, self.pad_id, self.config, desc if k == 0 else f"{desc} ({name})",
+                    **(lazy if complete or k == 0 else dict(el_max_ma=-1.0)))
                 if k and not complete:
                     s.el = list(parts[0].el)
                 parts.append(s)
                 now.append(self.unseen_now_pass(m, follow=k == 0))
         self.unseen_now = None if any(x is None for x in now) else [v for x in now for v in x]
         self.el_borrowed = self.view is not None and not complete
-        return Scores.concat(parts)
+        scores = Scores.concat(parts)
+        self.last_scored = (self._weights_signature(), scores)
+        return scores
+
+    def _weights_signature(self) -> tuple:
+        """Sums of each trainable tensor and of its squares: equal only if the adapter did not move."""
+        with torch.no_grad():
+            return tuple(float(p.double().sum()) for p in self.trainable) + tuple(
+                float(p.double().square().sum()) for p in self.trainable)
+
+    def _trained_view_scores(self) -> Optional[Scores]:
+        """The trained view's part of the current scores, if they are the last scoring's, of the weights
+        as they are now, with every sample's EL_n (lazy scoring skips it where MA or NLL says "not
+        yet"); else None."""
+        if self.last_scored is None or self.last_scored[1] is not self.scores:
+            return None
+        if self.last_scored[0] != self._weights_signature():
+            return None
+        first = self.scores.split(len(self.forget_set))[0]
+        return first if first.el is not None and all(e is not None for e in first.el) else None
 
     def confirmed(self) -> bool:
         """Before stopping as settled: with borrowed EL_n in the other views, score every view completely

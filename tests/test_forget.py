@@ -439,3 +439,38 @@ def test_log_push_brings_the_hardest_targets_within_reach(tiny_model_dir, tiny_c
 
     # measured on this tiny model: 7.5 against 8.4 nats
     assert shortfall(0.3) < shortfall(0.03) - 0.3
+
+
+def test_a_confirmation_reuses_the_trained_views_scores_of_the_same_weights(tiny_model_dir, tiny_corpus, monkeypatch):
+    """The confirmation right after a settled round scored the trained view already (every EL_n known, the
+    same weights): it reuses those scores, and the request ends exactly where it ends without the reuse."""
+    import icu_peft.unlearner as U
+
+    original = U._Run._trained_view_scores
+    reused = []
+
+    def spy(self):
+        out = original(self)
+        reused.append(out is not None)
+        return out
+
+    def run():
+        cfg = quick_config(tiny_model_dir, precision_check="on")
+        return forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"]).report
+
+    monkeypatch.setattr(U._Run, "_trained_view_scores", spy)
+    with_reuse = run()
+    assert any(reused), "no complete scoring found the trained view's scores of the same weights"
+    monkeypatch.setattr(U._Run, "_trained_view_scores", lambda self: None)
+    without = run()
+    assert with_reuse["status"] == without["status"] == "forgotten"
+    assert with_reuse["steps"] == without["steps"]
+    for a, b in zip(with_reuse["samples"], without["samples"]):
+        assert a["after"] == b["after"]
+    # a moved adapter is not served the old scores: its signature differs after any step
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(trainable=[torch.zeros(4, 3), torch.ones(2)])
+    before = U._Run._weights_signature(state)
+    state.trainable[0][1, 2] += 1e-6
+    assert U._Run._weights_signature(state) != before

@@ -331,7 +331,7 @@ def test_verify_base_alone_remembers(tiny_model_dir, tiny_corpus):
 
 
 def test_verify_lets_in_the_same_chance_outliers_as_the_forget_run():
-    from icu_peft.lifecycle import _chance_outliers_per_request
+    from icu_peft.lifecycle.verify import _chance_outliers_per_request
     from icu_peft.refine import Thresholds
     mt = Thresholds(ma=0.7, el=0.01, source="unseen", unseen_count=16, nll_lo=2.0, nll_hi=4.0, ma_mean=0.5,
                     el_mean=0.002).to_dict()
