@@ -814,8 +814,8 @@ class _Run:
         (the same adapter on nearly the same weights); `complete` scores EL_n everywhere, which the
         loop does before it stops (`confirmed`) and the report always does. A complete scoring right
         after a lazy one of the same weights reuses the trained view's scores when they already hold
-        every sample's EL_n (the confirmation of a settled round: on the quick demo the trained view's
-        roll-outs were otherwise run twice in a row)."""
+        every sample's EL_n (the confirmation of a settled round ran the trained view's roll-outs twice in
+        a row; on the quick demo that was one of 13 EL_n passes, a few seconds)."""
         lazy = {} if complete else dict(el_max_ma=self.lazy_ma, el_min_nll=self.lazy_nll)
         reuse = self._trained_view_scores() if complete else None
         if self.lowp is not None:
@@ -839,7 +839,7 @@ class _Run:
         return scores
 
     def _weights_signature(self) -> tuple:
-        """Sums of each trainable tensor and of its squares: equal only if the adapter did not move."""
+        """Sums of each trainable tensor and of its squares: they change as soon as a step moves the adapter."""
         with torch.no_grad():
             return tuple(float(p.double().sum()) for p in self.trainable) + tuple(
                 float(p.double().square().sum()) for p in self.trainable)
