@@ -13,6 +13,7 @@ import torch
 
 from .atomicfile import atomic_write
 from .errors import InputError, ModelLoadError
+from .lowp import checkpoint_contexts
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +265,6 @@ def attach_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
     # output head, norms) to fp32, which on a bf16 8B base adds 2 GiB for weights that never train. The
     # loss computes log-softmax in fp32 anyway (losses.py), and the LoRA weights are fp32 (peft upcasts).
     if gradient_checkpointing:
-        from .lowp import checkpoint_contexts
-
         # context_fn: the recomputation runs under the forward's bf16 products too (lowp.py)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
                                                                            "context_fn": checkpoint_contexts})

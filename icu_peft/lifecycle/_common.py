@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 from typing import Optional
 
-from ..adapters import (adapter_weights_sha256, manifest_kind)
-
-logger = logging.getLogger("icu_peft")
+from ..adapters import adapter_weights_sha256, manifest_kind
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -13,8 +12,6 @@ from ..adapters import (MANIFEST_FORMAT, atomic_output_dir, check_base, check_ou
                         leaf_manifests, utc_now, verify_files, write_manifest)
 from ..errors import InputError
 from ._common import ADAPTER_CONFIG, ADAPTER_WEIGHTS, COMBINED_SUBDIR, _copy_adapter, _entry, _versions
-
-logger = logging.getLogger("icu_peft")
 
 
 # adapter_config.json keys that would make "concatenate A and B, scale folded in" inexact

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
-from ..adapters import (inside, manifest_kind, read_manifest, verify_files)
+from ..adapters import inside, manifest_kind, read_manifest, verify_files
 from ..errors import IntegrityError
 from ..report import precisions_line
-
-logger = logging.getLogger("icu_peft")
 
 
 def _size_on_disk(directory: Path) -> int:

@@ -3,7 +3,6 @@ from scratch; needs the pristine base the manifest points to."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -12,8 +11,6 @@ from ..adapters import (MANIFEST_NAME, adapter_weights_sha256, inside, check_out
 from ..errors import InputError
 from .combine import combine_adapters
 from .merge import _check_pristine, _merge_from_pristine, pristine_base
-
-logger = logging.getLogger("icu_peft")
 
 
 def _match(which: str, entries: List[dict], where: Path) -> int:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import List, Sequence
 
 from ..adapters import load_forget_adapters
 from ..errors import InputError
-
-logger = logging.getLogger("icu_peft")
 
 
 def stack_adapters(base_model, directories: Sequence[str | Path], force: bool = False):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..adapters import leaf_manifests
 from ..errors import InputError
-
-logger = logging.getLogger("icu_peft")
 
 
 def collect_leaves(model) -> List[Tuple[Path, dict]]:
