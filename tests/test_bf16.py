@@ -90,6 +90,7 @@ def test_train_dtype_auto_is_bf16_only_where_it_pays(monkeypatch):
     monkeypatch.setattr(lowp, "cpu_has_bf16_matmul", lambda: True)
     assert lowp.resolve_train_dtype("auto", cpu, torch.float32, 576) == torch.bfloat16
     assert lowp.resolve_train_dtype("auto", cpu, torch.float32, 64) is None  # tiny products gain nothing
+    assert lowp.resolve_train_dtype("auto", cpu, torch.float32, 256) is None  # cost steps on a 2 x 256 model
     assert lowp.resolve_train_dtype("auto", cpu, torch.bfloat16, 576) is None  # already bf16
     assert lowp.resolve_train_dtype("auto", cuda, torch.float32, 4096) is None
     assert lowp.resolve_train_dtype("float32", cpu, torch.float32, 576) is None
