@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -125,7 +127,7 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
     _check_exists(model_name)
     _check_merged_model(model_name)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), gguf_progress_follows_transformers():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(model_name, **kw)
     except Exception as e:
@@ -165,6 +167,30 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "icu-peft"
 
 
+@contextlib.contextmanager
+def gguf_progress_follows_transformers():
+    """While loading a GGUF file, its conversion bar shows only when transformers' progress bars do.
+
+    transformers dequantizes GGUF tensors under a plain `tqdm.auto` bar that its own
+    `disable_progress_bar()` does not reach (and TQDM_DISABLE is read when tqdm is imported), so
+    `--no-progress` still drew it on a first run."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # a transformers without GGUF support: nothing draws that bar
+        yield
+        return
+    real = getattr(gguf_utils, "tqdm", None)
+    if real is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(real, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = real
+
+
 def gguf_as_checkpoint(model_name: str, gguf_file: str) -> Path:
     """A safetensors copy of a GGUF model (dequantized), made once and cached.
 
@@ -180,8 +206,10 @@ def gguf_as_checkpoint(model_name: str, gguf_file: str) -> Path:
     out = cache_root() / f"gguf-{sha256_file(src)[:16]}" if src.is_file() else None
     if out is not None and (out / "config.json").exists():
         return out
+    logger.info("dequantizing %s into a cached checkpoint (once per file): %s", gguf_file, out or "?")
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_name, gguf_file=gguf_file, dtype=torch.float32)
+        with gguf_progress_follows_transformers():
+            model = AutoModelForCausalLM.from_pretrained(model_name, gguf_file=gguf_file, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(model_name, gguf_file=gguf_file)
     except Exception as e:
         raise ModelLoadError(f"cannot load model '{model_name}' ({gguf_file}): {_first_line(e)}") from None

@@ -357,18 +357,53 @@ def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs
     if not torch.isfinite(first["loss"]):
         return {**first, "loss": float("nan")}
     (first["loss"] * scale).backward()
+    nb = neighbour_backward(model, neighbour_seqs, pad_id, config, reference, scale, backbone)
+    if not math.isfinite(nb["loss"]):
+        return {**first, "loss": float("nan")}
+    return {"loss": float(first["loss"].detach()) + nb["loss"], "l_fgt": first["l_fgt"], "l_lrn": nb["l_lrn"],
+            "l_kl": nb["l_kl"]}
+
+
+def neighbour_backward(model, neighbour_seqs: Sequence[torch.Tensor], pad_id: int, config: ICUConfig, reference,
+                       scale: float = 1.0, backbone=None) -> dict:
+    """Backpropagate `scale` x the retain terms alone (a * NLL + b * KL on the neighbours), a slice of
+    config.neighbour_micro_batch sequences at a time; returns the weighted loss and each term (floats;
+    "loss" NaN if a slice is non-finite, and nothing after it is backpropagated)."""
+    if not len(neighbour_seqs) or not (config.learn_weight or config.kl_weight):
+        return {"loss": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
+    micro = config.neighbour_micro_batch or len(neighbour_seqs)
     count = _target_count(neighbour_seqs)
     lrn = kl = 0.0
     for i in range(0, len(neighbour_seqs), micro):
         s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs[i:i + micro], pad_id, config, reference, backbone)
         piece = (config.learn_weight * s_lrn + config.kl_weight * s_kl) / count
         if not torch.isfinite(piece):
-            return {**first, "loss": float("nan")}
+            return {"loss": float("nan"), "l_lrn": lrn, "l_kl": kl}
         (piece * scale).backward()
         lrn += float(s_lrn.detach()) / count
         kl += float(s_kl.detach()) / count
-    loss = float(first["loss"].detach()) + config.learn_weight * lrn + config.kl_weight * kl
-    return {"loss": loss, "l_fgt": first["l_fgt"], "l_lrn": lrn, "l_kl": kl}
+    return {"loss": config.learn_weight * lrn + config.kl_weight * kl, "l_lrn": lrn, "l_kl": kl}
+
+
+def project_conflict(forget_grads: Sequence[Optional[torch.Tensor]],
+                     retain_grads: Sequence[Optional[torch.Tensor]]) -> float:
+    """Remove from the forget gradient (in place) its component against the retain gradient, when the two
+    conflict (negative inner product over all trainable tensors); returns the cosine before projection.
+
+    A step along the result does not raise the retain loss to first order: the forget term may only move
+    the adapter in directions the kept text does not object to (the projection of PCGrad, Yu et al. 2020,
+    applied one-sided: the retain gradient is never changed)."""
+    pairs = [(f, r) for f, r in zip(forget_grads, retain_grads) if f is not None and r is not None]
+    if not pairs:
+        return 0.0
+    dot = sum(float((f.double() * r.double()).sum()) for f, r in pairs)
+    rr = sum(float((r.double() ** 2).sum()) for _, r in pairs)
+    ff = sum(float((f.double() ** 2).sum()) for f, _ in pairs)
+    cos = dot / math.sqrt(max(rr * ff, 1e-300))
+    if dot < 0 and rr > 0:
+        for f, r in pairs:
+            f.sub_(r, alpha=dot / rr)
+    return cos
 
 
 def _active(scores: Scores, thresholds: Thresholds, config: ICUConfig, band: Optional[Band] = None,
@@ -1142,6 +1177,8 @@ class _Run:
         terms = {"loss": 0.0, "l_fgt": 0.0, "l_lrn": 0.0, "l_kl": 0.0}
         if self.view is not None:
             terms["l_fgt_view"] = 0.0  # the forget term through the other precision of each step
+        if cfg.retain_projection:
+            terms["grad_cos"] = 0.0  # cosine of the forget and retain gradients before the projection
         if cfg.unseen_kl_samples and self.target.unseen_set is not None and len(self.target.unseen_set):
             terms["l_kl_unseen"] = 0.0  # the never-seen anchor's KL (step)
         done = 0
@@ -1165,7 +1202,7 @@ class _Run:
                 self.steps += 1
                 bar.update(1)
                 for k in terms:
-                    terms[k] += (out[k] - terms[k]) / done  # running mean over the round
+                    terms[k] += (out.get(k, terms[k]) - terms[k]) / done  # running mean over the round
             for i in active_idx:
                 self.epochs_active[i] += 1
         return terms, False
@@ -1188,8 +1225,11 @@ class _Run:
             n_seqs += [self.retain_set.input_ids[j] for j in extra]
         f_weights = [self.distinct[i] for i in mine] if self.distinct else None
         self.optimizer.zero_grad(set_to_none=True)
-        out = icu_step_backward(self.model, f_seqs, n_seqs, self.pad_id, self.loss_config(), self.reference, f_weights,
-                                scale=weight,
+        project = cfg.retain_projection and len(n_seqs) and (cfg.learn_weight or cfg.kl_weight)
+        # with the projection the forget terms (this precision's, then the other views') backpropagate first
+        # and the retain terms after them, into separate gradients (see the end of the forget part)
+        out = icu_step_backward(self.model, f_seqs, [] if project else n_seqs, self.pad_id, self.loss_config(),
+                                self.reference, f_weights, scale=weight,
                                 backbone=self.backbone, rows=mine, method_state=self.method_state)
         if not math.isfinite(out["loss"]):
             return out
@@ -1205,6 +1245,20 @@ class _Run:
             if not math.isfinite(v["loss"]):
                 return v
             out["l_fgt_view"] = v["l_fgt"]
+        if project:
+            # the kept text's gradient on its own, then the forget gradient without its part against it
+            forget_grads = [p.grad for p in self.trainable]
+            for p in self.trainable:
+                p.grad = None
+            nb = neighbour_backward(self.model, n_seqs, self.pad_id, self.loss_config(), self.reference, weight,
+                                    self.backbone)
+            if not math.isfinite(nb["loss"]):
+                return {**out, "loss": float("nan")}
+            out.update(l_lrn=nb["l_lrn"], l_kl=nb["l_kl"], loss=out["loss"] + nb["loss"])
+            out["grad_cos"] = project_conflict(forget_grads, [p.grad for p in self.trainable])
+            for p, f in zip(self.trainable, forget_grads):
+                if f is not None:
+                    p.grad = f if p.grad is None else p.grad.add_(f)
         anchor = self.target.unseen_set
         if cfg.unseen_kl_samples and anchor is not None and len(anchor):
             # never-seen text of the request's kind, KL to the reference only (no NLL: learning it would

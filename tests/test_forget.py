@@ -474,3 +474,43 @@ def test_a_confirmation_reuses_the_trained_views_scores_of_the_same_weights(tiny
     before = U._Run._weights_signature(state)
     state.trainable[0][1, 2] += 1e-6
     assert U._Run._weights_signature(state) != before
+
+
+def test_project_conflict_removes_only_the_part_against_the_retain_gradient():
+    from icu_peft.unlearner import project_conflict
+
+    f, r = [torch.tensor([1.0, 0.0]), torch.tensor([2.0])], [torch.tensor([-1.0, 1.0]), torch.tensor([0.0])]
+    cos = project_conflict(f, r)  # dot -1, |r|^2 2, |f|^2 5: f - (-1 / 2) r
+    assert cos == pytest.approx(-1 / (2 * 5) ** 0.5)
+    assert torch.allclose(f[0], torch.tensor([0.5, 0.5])) and torch.allclose(f[1], torch.tensor([2.0]))
+    assert float(f[0] @ r[0] + f[1] @ r[1]) == pytest.approx(0.0)
+    g = [torch.tensor([1.0, 0.0])]
+    assert project_conflict(g, [torch.tensor([1.0, 1.0])]) > 0  # no conflict: untouched
+    assert torch.equal(g[0], torch.tensor([1.0, 0.0]))
+    h = [torch.tensor([1.0]), None]  # a tensor without a gradient on one side is skipped
+    assert project_conflict(h, [torch.tensor([-1.0]), torch.tensor([3.0])]) == pytest.approx(-1.0)
+    assert torch.allclose(h[0], torch.tensor([0.0]))
+
+
+def test_retain_projection_runs_in_the_loop_and_keeps_each_step_from_opposing_the_kept_text(
+        tiny_model_dir, tiny_corpus, monkeypatch):
+    """With retain_projection every step's gradient, forget part projected, has a non-negative inner product
+    with the retain terms' gradient beyond the retain gradient's own norm: g . r >= |r|^2."""
+    import icu_peft.unlearner as un
+
+    seen = []
+    real = un.project_conflict
+
+    def spy(fg, rg):
+        cos = real(fg, rg)
+        pairs = [(a, b) for a, b in zip(fg, rg) if a is not None and b is not None]
+        seen.append((cos, sum(float((a * b).sum()) for a, b in pairs)))
+        return cos
+
+    monkeypatch.setattr(un, "project_conflict", spy)
+    cfg = quick_config(tiny_model_dir, retain_projection=True, quantize=False, precision_check="off", max_steps=12)
+    r = forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    assert len(seen) == r.report["steps"] > 0
+    assert all(dot >= -1e-6 for _, dot in seen)  # the forget part never opposes the kept text after projection
+    assert any(cos < 0 for cos, _ in seen)  # and there was something to project
+    assert all("grad_cos" in h for h in r.report["history"][1:])

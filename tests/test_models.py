@@ -113,3 +113,25 @@ def test_a_path_that_looks_local_fails_at_once(tmp_path, monkeypatch):
         with pytest.raises(ModelLoadError, match="model not found"):
             load_tokenizer(name)
         assert time.perf_counter() - t < 5, name  # no hub retries
+
+
+def test_gguf_conversion_bar_follows_transformers_progress_setting():
+    """transformers' GGUF conversion uses a plain tqdm bar of its own; inside the loader's context it is
+    disabled exactly when transformers' own bars are, and put back afterwards."""
+    gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from transformers.utils import logging as hf_logging
+
+    from icu_peft.models import gguf_progress_follows_transformers
+
+    real = gguf_utils.tqdm
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        for enabled in (False, True):
+            (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+            with gguf_progress_follows_transformers():
+                bar = gguf_utils.tqdm(range(2))
+                assert bar.disable is (not enabled)
+                bar.close()
+            assert gguf_utils.tqdm is real
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
