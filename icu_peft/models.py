@@ -144,6 +144,48 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
     return model
 
 
+def hidden_size(model_config) -> Optional[int]:
+    """The model's hidden width: `hidden_size` (Llama, NeoX, ...) or GPT-2's `n_embd`; None if neither."""
+    h = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)
+    return int(h) if h else None
+
+
+# attributes through which transformers' models read a dropout rate as a plain float at forward time
+# (Llama's attention, OPT, Bloom, ...); GPT-2 / GPT-NeoX hold nn.Dropout modules instead
+_DROPOUT_RATES = ("dropout", "attention_dropout", "attn_dropout", "hidden_dropout", "activation_dropout",
+                  "resid_dropout", "embed_dropout")
+
+
+@contextlib.contextmanager
+def base_dropout_off(*models):
+    """The frozen base's dropout off while a forget adapter trains (LoRA's own `lora_dropout` kept).
+
+    Training runs in train mode (HF's gradient checkpointing needs it), so a base whose config has
+    dropout (GPT-2: 0.1 on embeddings, attention and residuals) trained the adapter through random
+    masks while every score, the stop rule and the user see the model without them: the targets were
+    met under noise, the reference of the KL term and the cached hidden states were noisy copies, and
+    the set's NLL swung by up to 1.6 nats from one scoring round to the next on a GPT-2 memoriser.
+    Restores every rate on exit; yields how many it turned off."""
+    saved = []
+    for model in models:
+        for name, mod in model.named_modules():
+            if "lora_dropout" in name:
+                continue
+            if isinstance(mod, torch.nn.Dropout) and mod.p:
+                saved.append((mod, "p", mod.p))
+            for attr in _DROPOUT_RATES:
+                v = mod.__dict__.get(attr)  # plain attributes only (a module's dropout submodule is above)
+                if isinstance(v, float) and v > 0:
+                    saved.append((mod, attr, v))
+    for mod, attr, _ in saved:
+        setattr(mod, attr, 0.0)
+    try:
+        yield len(saved)
+    finally:
+        for mod, attr, v in reversed(saved):
+            setattr(mod, attr, v)
+
+
 def release_checkpoint_map(model) -> None:
     """Copy the tensors a 4-bit load left as views of the memory-mapped checkpoint (embeddings, norms).
 

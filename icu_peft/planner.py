@@ -248,7 +248,7 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     the loop decides it. checkpoint_bytes: size of the weight files (see `checkpoint_size`); a 4-bit load
     on CPU holds them mapped while it quantizes, which can be the peak when no full-precision view is built.
     """
-    from .models import resolve_compute_dtype
+    from .models import hidden_size, resolve_compute_dtype
 
     dtype = resolve_compute_dtype(config.compute_dtype, torch.device("cuda" if device_type == "cuda" else "cpu"))
     if device_type == "cuda" and config.compute_dtype == "auto":
@@ -257,7 +257,7 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     length = int(seq_len or config.max_length)
     model = meta_model(model_config)
     n_layers = len(_decoder_layers(model))
-    hidden = int(getattr(model_config, "hidden_size", None) or model_config.n_embd)
+    hidden = hidden_size(model_config)
     vocab = int(model_config.vocab_size)
     all_params = sum(p.numel() for p in model.parameters())
     linear_params = sum(_numel(m) for _, m in _linears(model))

@@ -34,7 +34,7 @@ from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_m
 from .methods import ForgetBatch, PrepareContext, resolve
 from .metrics import (Scores, backbone_and_head, model_device, next_token_entropies, next_token_stats,
                       score_samples)
-from .models import attach_lora, base_fingerprint, load_base_model, load_tokenizer, lora_config, resolve_compute_dtype
+from .models import attach_lora, base_dropout_off, base_fingerprint, hidden_size, load_base_model, load_tokenizer, lora_config, resolve_compute_dtype
 from .dequant import dense_weights
 from .lowp import FrozenBf16Matmuls, resolve_train_dtype
 from .precision import PrecisionView, build_view, view_bytes, wanted
@@ -627,7 +627,7 @@ def _forget(config: ICUConfig, forget_texts, retain_texts, unseen_texts, output_
                       if backbone_and_head(model) else None)
 
     # 4. train until calibrated
-    hidden = getattr(base_model.config, "hidden_size", None) or getattr(base_model.config, "n_embd", None)
+    hidden = hidden_size(base_model.config)
     low = resolve_train_dtype(config.train_dtype, accelerator.device,
                               resolve_compute_dtype(config.compute_dtype, accelerator.device), hidden)
     if low is not None:
@@ -638,7 +638,10 @@ def _forget(config: ICUConfig, forget_texts, retain_texts, unseen_texts, output_
                method_state=method_state, two_sided=method.prepare is not None, accelerator=accelerator, show=show,
                view=view, view_skipped=view_skipped, view_backbones=_view_backbones(view, config),
                lowp=FrozenBf16Matmuls(low, cache_min_numel=_head_numel(model)) if low is not None else None)
-    run.train()
+    with base_dropout_off(*run.models()) as off:
+        if off:
+            logger.info("the base's dropout is off while the adapter trains (%d rates; scores never had it)", off)
+        run.train()
 
     # 5. optional post-hoc scaling towards a loss level (nll_target), DDP check, complete scores
     calibration = _scale_to_nll_target(run) if thresholds.nll is not None else None

@@ -135,3 +135,52 @@ def test_gguf_conversion_bar_follows_transformers_progress_setting():
             assert gguf_utils.tqdm is real
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_base_dropout_off_zeroes_every_rate_but_loras_and_puts_them_back():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from icu_peft.models import attach_lora, base_dropout_off
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0))
+    model = attach_lora(base, 4, 8, 0.3, "all-linear", False)
+    model.train()
+    x = torch.randint(0, 64, (2, 12))
+    rates = lambda: sorted((n, m.p) for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout))  # noqa: E731
+    before = rates()
+    assert any(p == 0.1 for _, p in before) and any("lora_dropout" in n and p == 0.3 for n, p in before)
+    with base_dropout_off(model) as n:
+        assert n == sum(1 for k, p in before if "lora_dropout" not in k and p > 0)
+        assert all(p == (0.3 if "lora_dropout" in k else 0.0) for k, p in rates())
+        with torch.no_grad():  # LoRA B is zero, so only the base's dropout could make two passes differ
+            assert torch.equal(model(x).logits, model(x).logits)
+    assert rates() == before
+    with torch.no_grad():
+        assert not torch.equal(model(x).logits, model(x).logits)  # train mode, dropout back on
+
+
+def test_the_loop_trains_with_the_bases_dropout_off(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    """On a base with attention dropout the first step's KL to the reference (adapter still zero) is 0:
+    the reference and the trained pass see the same model. Without base_dropout_off it is not."""
+    import contextlib
+    import json
+    import shutil
+
+    import icu_peft.unlearner as un
+    from conftest import quick_config
+
+    d = tmp_path / "dropout_model"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["attention_dropout"] = 0.5
+    (d / "config.json").write_text(json.dumps(cfg))
+
+    def first_kl():
+        r = un.forget(quick_config(d, quantize=False, precision_check="off", max_steps=1, learning_rate=1e-3),
+                      tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+        return r.report["history"][1]["l_kl"]
+
+    assert first_kl() == pytest.approx(0.0, abs=1e-7)
+    monkeypatch.setattr(un, "base_dropout_off", lambda *models: contextlib.nullcontext(0))
+    assert first_kl() > 1e-4
