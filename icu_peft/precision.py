@@ -81,7 +81,7 @@ class MergedQuantized:
         Between two refreshes the packed weights hold NF4(W + delta) of the adapter *as it was*; a
         training step's value through them alone ignored every step since, so the merged view's forget
         term pushed for a whole round on stale numbers, overshot, and pulled back the next round (the
-        set's mean NLL swung by 0.5-1.6 nats round to round on a GPT-2 memoriser). With the drift added
+        set's mean NLL swung by up to 0.5 nats round to round on a GPT-2 memoriser). With the drift added
         the value follows the adapter; only NF4's rounding error stays as it was at the refresh."""
         snap = self.snapshot.get(module)
         if not snap:
