@@ -72,7 +72,11 @@ class MergedQuantized:
             # PEFT's delta is laid out like the base weight (transposed for Conv1D: fan_in_fan_out)
             delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
             self.packed[m] = self._store(m, _quantize(_out_in(m.base_layer, w + delta.to(w.dtype))))
-            self.snapshot[m] = [(a, m.lora_A[a].weight.detach().clone(), m.lora_B[a].weight.detach().clone())
+            # flagged as requiring grad (used under no_grad only, in no optimizer) so that lowp's bf16 mode
+            # treats them as it treats the live LoRA weights: both products in one precision, so the
+            # drift right after a refresh is exactly zero
+            self.snapshot[m] = [(a, m.lora_A[a].weight.detach().clone().requires_grad_(True),
+                                 m.lora_B[a].weight.detach().clone().requires_grad_(True))
                                 for a in m.active_adapters if a in m.lora_A]
 
     def drift(self, module, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -131,3 +131,26 @@ def test_a_request_with_bf16_training_products_forgets_and_scores_in_fp32(tiny_m
     # the default on this tiny model keeps fp32 steps
     assert forget(quick_config(tiny_model_dir), tiny_corpus["forget"][:1], tiny_corpus["retain"],
                   tiny_corpus["unseen"]).report["train_dtype"] is None
+
+
+def test_the_merged_views_drift_is_zero_right_after_a_refresh_under_bf16_products(tiny_model_dir):
+    """Under the bf16 mode of the training steps the live LoRA product and its refresh-time snapshot must
+    be computed alike: right after a refresh the drift is exactly zero."""
+    from icu_peft import ICUConfig
+    from icu_peft.lowp import FrozenBf16Matmuls
+    from icu_peft.models import attach_lora, load_base_model
+    from icu_peft.precision import build_view
+
+    trained = attach_lora(load_base_model(str(tiny_model_dir), quantize=True, compute_dtype="float32"))
+    view = build_view(ICUConfig(model=str(tiny_model_dir), compute_dtype="float32"), trained, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if p.requires_grad and "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    view.merged.refresh()
+    layer = view.merged.lora[0]
+    x = torch.randn(2, 5, layer.base_layer.in_features if hasattr(layer.base_layer, "in_features") else 8,
+                    generator=gen)
+    with FrozenBf16Matmuls(torch.bfloat16):
+        assert torch.count_nonzero(view.merged.drift(layer, x)) == 0
