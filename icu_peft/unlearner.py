@@ -34,7 +34,8 @@ from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_m
 from .methods import ForgetBatch, PrepareContext, resolve
 from .metrics import (Scores, backbone_and_head, model_device, next_token_entropies, next_token_stats,
                       score_samples)
-from .models import attach_lora, base_dropout_off, base_fingerprint, hidden_size, load_base_model, load_tokenizer, lora_config, resolve_compute_dtype
+from .models import (attach_lora, base_dropout_off, base_fingerprint, hidden_size, load_base_model, load_tokenizer,
+                     lora_config, resolve_compute_dtype)
 from .dequant import dense_weights
 from .lowp import FrozenBf16Matmuls, resolve_train_dtype
 from .precision import PrecisionView, build_view, view_bytes, wanted
