@@ -74,9 +74,11 @@ class MergedQuantized:
             self.packed[m] = self._store(m, _quantize(_out_in(m.base_layer, w + delta.to(w.dtype))))
             # flagged as requiring grad (used under no_grad only, in no optimizer) so that lowp's bf16 mode
             # treats them as it treats the live LoRA weights: both products in one precision, so the
-            # drift right after a refresh is exactly zero
+            # drift right after a refresh is exactly zero. The live weights' version counters say whether
+            # anything wrote to them since (an optimizer step, a restore).
             self.snapshot[m] = [(a, m.lora_A[a].weight.detach().clone().requires_grad_(True),
-                                 m.lora_B[a].weight.detach().clone().requires_grad_(True))
+                                 m.lora_B[a].weight.detach().clone().requires_grad_(True),
+                                 (m.lora_A[a].weight._version, m.lora_B[a].weight._version))
                                 for a in m.active_adapters if a in m.lora_A]
 
     def drift(self, module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -86,13 +88,16 @@ class MergedQuantized:
         training step's value through them alone ignored every step since, so the merged view's forget
         term pushed for a whole round on stale numbers, overshot, and pulled back the next round (the
         set's mean NLL swung by up to 0.5 nats round to round on a GPT-2 memoriser). With the drift added
-        the value follows the adapter; only NF4's rounding error stays as it was at the refresh."""
+        the value follows the adapter; only NF4's rounding error stays as it was at the refresh.
+        None while nothing has written to the adapter since the refresh (every scoring pass, EL_n's
+        roll-outs included, runs right after one: the drift would be exactly zero)."""
         snap = self.snapshot.get(module)
-        if not snap:
+        if not snap or all((module.lora_A[a].weight._version, module.lora_B[a].weight._version) == v
+                           for a, _, _, v in snap):
             return None
         out = None
         with torch.no_grad():
-            for a, a0, b0 in snap:
+            for a, a0, b0, _ in snap:
                 s = module.scaling[a]
                 now = module.lora_B[a](module.lora_A[a](x.to(module.lora_A[a].weight.dtype)))
                 then = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a0.dtype), a0), b0)

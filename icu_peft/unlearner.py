@@ -1229,7 +1229,7 @@ class _Run:
             n_seqs += [self.retain_set.input_ids[j] for j in extra]
         f_weights = [self.distinct[i] for i in mine] if self.distinct else None
         self.optimizer.zero_grad(set_to_none=True)
-        project = cfg.retain_projection and len(n_seqs) and (cfg.learn_weight or cfg.kl_weight)
+        project = bool(cfg.retain_projection and n_seqs)
         # with the projection the forget terms (this precision's, then the other views') backpropagate first
         # and the retain terms after them, into separate gradients (see the end of the forget part)
         out = icu_step_backward(self.model, f_seqs, [] if project else n_seqs, self.pad_id, self.loss_config(),

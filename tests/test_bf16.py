@@ -152,5 +152,10 @@ def test_the_merged_views_drift_is_zero_right_after_a_refresh_under_bf16_product
     layer = view.merged.lora[0]
     x = torch.randn(2, 5, layer.base_layer.in_features if hasattr(layer.base_layer, "in_features") else 8,
                     generator=gen)
+    assert view.merged.drift(layer, x) is None  # nothing wrote to the adapter since the refresh: skipped
+    with torch.no_grad():  # written to, values unchanged: the drift is computed, and must come out zero
+        for n, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(0.0)
     with FrozenBf16Matmuls(torch.bfloat16):
         assert torch.count_nonzero(view.merged.drift(layer, x)) == 0
