@@ -30,7 +30,7 @@ import torch
 from ..adapters import (MANIFEST_FORMAT, atomic_output_dir, check_base, read_manifest, utc_now, verify_files,
                         write_manifest)
 from ..errors import IntegrityError, InputError
-from .config import CodebookConfig
+from .config import MASK_MODES, CodebookConfig
 from .layer import CodebookLayer, attach, decoder_layers, site_module
 
 CODEBOOK_WEIGHTS = "codebook.safetensors"
@@ -47,49 +47,116 @@ METHOD = "codeunlearn"
 # ------------------------------------------------------------------------------ codebook
 
 
-def save_codebook(layer: CodebookLayer, config: CodebookConfig, layer_index: int, manifest: dict,
+def stage_tensors(layer) -> Dict[str, torch.Tensor]:
+    """What one stage saves: a codebook its code vectors, an SAE its encoder, decoder and scale."""
+    if isinstance(layer, CodebookLayer):
+        return {"weight": layer.weight}
+    return dict(layer.tensors())
+
+
+def save_codebook(layers, config: CodebookConfig, layer_indices, manifest: dict,
                   output_dir: str | Path, overwrite: bool = False, recovery=None) -> dict:
-    """Write the codebook directory atomically (with the recovery PeftModel's adapter, if given); returns the manifest."""
+    """Write the codebook directory atomically (with the recovery PeftModel's adapter, if given); returns the manifest.
+
+    `layers` / `layer_indices`: one stage (a module and an int) or several (lists, in layer order).
+    A single codebook stage keeps the original file layout ({"weight"}); every other case names its
+    tensors "stage{i}.{name}".
+    """
     from safetensors.torch import save_file
 
+    if not isinstance(layers, (list, tuple)):
+        layers, layer_indices = [layers], [layer_indices]
     if (recovery is None) != (config.recovery_lora_r == 0):
         raise InputError("a recovery adapter is saved exactly when config.recovery_lora_r > 0")
+    if config.kind == "codes" and len(layers) == 1:
+        tensors = {"weight": layers[0].weight}
+    else:
+        tensors = {f"stage{i}.{k}": v for i, lay in enumerate(layers) for k, v in stage_tensors(lay).items()}
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        save_file({"weight": layer.weight.detach().float().cpu().contiguous()}, str(tmp / CODEBOOK_WEIGHTS))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / CODEBOOK_WEIGHTS))
         if recovery is not None:
             recovery.save_pretrained(str(tmp / RECOVERY_DIR), safe_serialization=True,
                                      selected_adapters=[RECOVERY_ADAPTER])
             _flatten_adapter_dir(tmp / RECOVERY_DIR)
-        cfg = dict(config.to_dict(), layer_index=layer_index, hidden_size=int(layer.weight.shape[1]))
+        hidden = int(tensors.get("weight", tensors.get("stage0.weight", tensors.get("stage0.w_dec"))).shape[1])
+        cfg = dict(config.to_dict(), layer_index=int(layer_indices[0]), layer_indices=[int(i) for i in layer_indices],
+                   hidden_size=hidden)
         (tmp / CODEBOOK_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         body = dict(manifest, format=MANIFEST_FORMAT, kind=KIND_CODEBOOK, method=METHOD)
         final = write_manifest(tmp, body)
     return final
 
 
+# What each stage of a kind holds, with its shape as a function of (num_codes, hidden size).
+_STAGE_SHAPES = {
+    "codes": {"weight": lambda n, d: (n, d)},
+    "sae": {"w_enc": lambda n, d: (n, d), "b_enc": lambda n, d: (n,), "w_dec": lambda n, d: (n, d),
+            "b_dec": lambda n, d: (d,), "scale": lambda n, d: ()},
+}
+
+
 @dataclass
 class Codebook:
-    """A verified codebook directory, loaded."""
+    """A verified codebook directory, loaded: one stage (codebook or SAE) per layer in `layer_indices`."""
 
     directory: Path
     manifest: dict
     config: CodebookConfig
-    layer_index: int
-    weight: torch.Tensor
+    layer_indices: List[int]
+    stages: List[Dict[str, torch.Tensor]]
     recovery_dir: Optional[Path] = None  # the recovery LoRA (a PEFT adapter directory), when trained with one
 
     @property
     def sha256(self) -> str:
         return self.manifest["files"][CODEBOOK_WEIGHTS]
 
-    def build_layer(self) -> CodebookLayer:
-        layer = CodebookLayer(self.weight.shape[0], self.weight.shape[1], self.config.k, self.config.similarity,
-                              self.config.combine)
-        layer.passthrough_ratio = self.config.passthrough_norm_ratio
-        with torch.no_grad():
-            layer.weight.copy_(self.weight)
-        layer.weight.requires_grad_(False)
-        return layer
+    @property
+    def layer_index(self) -> int:
+        return self.layer_indices[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first stage's code vectors (a codebook) or decoder directions (an SAE)."""
+        return self.stages[0].get("weight", self.stages[0].get("w_dec"))
+
+    @property
+    def total_codes(self) -> int:
+        """Code (feature) ids run from 0 to this: stage i holds ids [i * num_codes, (i + 1) * num_codes)."""
+        return self.config.num_codes * len(self.stages)
+
+    def build_layers(self) -> list:
+        out = []
+        for tensors in self.stages:
+            if self.config.kind == "codes":
+                w = tensors["weight"]
+                layer = CodebookLayer(w.shape[0], w.shape[1], self.config.k, self.config.similarity, self.config.combine)
+            else:
+                from .sae import SAELayer
+
+                layer = SAELayer(tensors["w_enc"].shape[0], tensors["w_enc"].shape[1], self.config.k)
+            layer.passthrough_ratio = self.config.passthrough_norm_ratio
+            with torch.no_grad():
+                for name, value in stage_tensors(layer).items():
+                    value.copy_(tensors[name])
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            out.append(layer)
+        return out
+
+    def build_layer(self):
+        """The first stage's module (a one-layer codebook's only one)."""
+        return self.build_layers()[0]
+
+
+def split_codes(codes: Sequence[int], num_codes: int, n_stages: int) -> List[List[int]]:
+    """Global code ids -> the local ids of each stage (stage i holds [i * num_codes, (i + 1) * num_codes))."""
+    out: List[List[int]] = [[] for _ in range(n_stages)]
+    for c in codes:
+        c = int(c)
+        if not 0 <= c < num_codes * n_stages:
+            raise InputError(f"code id {c} is outside [0, {num_codes * n_stages})")
+        out[c // num_codes].append(c % num_codes)
+    return out
 
 
 def _kind(manifest: dict, want: str, where) -> None:
@@ -108,14 +175,27 @@ def read_codebook(directory: str | Path) -> Codebook:
     try:
         raw = json.loads((directory / CODEBOOK_CONFIG).read_text())
         layer_index, hidden = int(raw.pop("layer_index")), int(raw.pop("hidden_size"))
+        layer_indices = [int(i) for i in raw.pop("layer_indices", [layer_index])]
         # Codebooks saved before sites existed snapped the residual stream; the field's default may differ.
         raw.setdefault("site", "residual")
         config = CodebookConfig.from_dict(raw)
-        weight = load_file(str(directory / CODEBOOK_WEIGHTS))["weight"]
-    except (KeyError, ValueError, json.JSONDecodeError, SafetensorError) as e:
+        tensors = load_file(str(directory / CODEBOOK_WEIGHTS))
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError, SafetensorError) as e:
         raise IntegrityError(f"{directory}: malformed codebook ({e})") from None
-    if tuple(weight.shape) != (config.num_codes, hidden):
-        raise IntegrityError(f"{directory}: codebook shape {tuple(weight.shape)} does not match its config")
+    if not layer_indices or layer_indices[0] != layer_index or len(set(layer_indices)) != len(layer_indices):
+        raise IntegrityError(f"{directory}: malformed codebook (layer_indices {layer_indices}, layer_index {layer_index})")
+    shapes = _STAGE_SHAPES[config.kind]
+    if config.kind == "codes" and len(layer_indices) == 1 and set(tensors) == {"weight"}:
+        stages = [{"weight": tensors["weight"]}]
+    else:
+        want = {f"stage{i}.{k}" for i in range(len(layer_indices)) for k in shapes}
+        if set(tensors) != want:
+            raise IntegrityError(f"{directory}: {CODEBOOK_WEIGHTS} holds {sorted(tensors)[:6]}, expected {sorted(want)[:6]}")
+        stages = [{k: tensors[f"stage{i}.{k}"] for k in shapes} for i in range(len(layer_indices))]
+    for st in stages:
+        for k, shape in shapes.items():
+            if tuple(st[k].shape) != shape(config.num_codes, hidden):
+                raise IntegrityError(f"{directory}: codebook {k} shape {tuple(st[k].shape)} does not match its config")
     recovery_dir = None
     listed = {f"{RECOVERY_DIR}/{name}" for name in RECOVERY_FILES} & set(manifest["files"])
     if config.recovery_lora_r:
@@ -126,7 +206,7 @@ def read_codebook(directory: str | Path) -> Codebook:
         recovery_dir = directory / RECOVERY_DIR
     elif listed or (directory / RECOVERY_DIR).exists():
         raise IntegrityError(f"{directory}: has a {RECOVERY_DIR}/ adapter but its config says recovery_lora_r 0")
-    return Codebook(directory, manifest, config, layer_index, weight, recovery_dir)
+    return Codebook(directory, manifest, config, layer_indices, stages, recovery_dir)
 
 
 def _flatten_adapter_dir(path: Path) -> None:
@@ -217,7 +297,7 @@ def read_code_mask(directory: str | Path) -> CodeMask:
         raise IntegrityError(f"{directory}: malformed code mask ({e})") from None
     if codes != listed or codes != sorted(int(c) for c in manifest.get("codes", [])):
         raise IntegrityError(f"{directory}: the code ids in {MASK_WEIGHTS} do not match the manifest's requests")
-    if mode not in ("block", "zero"):
+    if mode not in MASK_MODES:
         raise IntegrityError(f"{directory}: unknown mask mode {mode!r}")
     return CodeMask(directory, manifest, codes)
 
@@ -228,7 +308,7 @@ def check_mask_for(mask: CodeMask, codebook: Codebook, where=None) -> None:
     if want != codebook.sha256:
         raise IntegrityError(f"{where or mask.directory} was made for another codebook "
                              f"(sha256 {str(want)[:12]}, this one {codebook.sha256[:12]})")
-    if mask.codes and max(mask.codes) >= codebook.config.num_codes:
+    if mask.codes and max(mask.codes) >= codebook.total_codes:
         raise IntegrityError(f"{where or mask.directory}: code id {max(mask.codes)} is outside the codebook")
 
 
@@ -238,7 +318,7 @@ def combine_masks(masks: Sequence[CodeMask], mode: Optional[str] = None) -> tupl
     if mode is None:
         if len(modes) > 1:
             raise InputError(f"the masks disagree on the mode ({', '.join(sorted(modes))}); choose one with --mode")
-        mode = modes.pop() if modes else "block"
+        mode = modes.pop() if modes else "zero"
     seen: Dict[str, List[int]] = {}
     for m in masks:
         for r in m.requests:
@@ -285,24 +365,38 @@ def revoke_mask(mask_dir: str | Path, request_ids: Sequence[str], output_dir: st
 
 
 class CodebookHandle:
-    """What load_codebook_model leaves on the model (`model.icu_codebook`): the layer, masks, hook."""
+    """What load_codebook_model leaves on the model (`model.icu_codebook`): the stages (one module per
+    bottleneck layer), their hooks, the masks."""
 
-    def __init__(self, layer: CodebookLayer, hook, codebook: Codebook, masks: List[CodeMask], codes: List[int], mode: str,
+    def __init__(self, layers: list, hooks: list, codebook: Codebook, masks: List[CodeMask], codes: List[int], mode: str,
                  recovery=None):
-        self.layer, self.hook, self.codebook, self.masks = layer, hook, codebook, masks
+        self.layers, self.hooks, self.codebook, self.masks = list(layers), list(hooks), codebook, masks
         self.codes, self.mode = codes, mode
         self.recovery = recovery  # PeftModel wrapper of the recovery LoRA (injected in place), or None
 
+    @property
+    def layer(self):
+        """The first stage (a one-layer codebook's only one)."""
+        return self.layers[0]
+
     def set_codes(self, codes: Sequence[int], mode: Optional[str] = None) -> None:
         self.codes, self.mode = sorted(set(int(c) for c in codes)), mode or self.mode
-        self.layer.set_mask(self.codes, self.mode)
+        apply_codes(self.layers, self.codebook.config.num_codes, self.codes, self.mode)
 
     def remove(self) -> None:
         """Detach the bottleneck (and the recovery LoRA): the model is the plain base again."""
-        self.hook.remove()
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
         if self.recovery is not None:
             self.recovery.unload()  # puts the base's own linear modules back in place
             self.recovery = None
+
+
+def apply_codes(layers: Sequence, num_codes: int, codes: Sequence[int], mode: str) -> None:
+    """Mask global code ids `codes` across the stages (each gets its own local ids)."""
+    for layer, local in zip(layers, split_codes(codes, num_codes, len(layers))):
+        layer.set_mask(local, mode)
 
 
 def verify_dir(directory: str | Path, fingerprint: Optional[dict] = None, force: bool = False) -> dict:
@@ -340,21 +434,24 @@ def load_codebook_model(base, codebook_dir: str | Path, mask_dirs: Sequence[str 
         check_base(m.manifest, fp, where=str(m.directory), force=force)
         check_mask_for(m, codebook)
     codes, mode = combine_masks(masks, mode)
+    if codebook.config.kind == "sae" and mode == "block":
+        raise InputError("an SAE's features cannot be blocked: use mode 'zero' or 'negate'")
     n_layers = len(decoder_layers(model))
-    if codebook.layer_index >= n_layers:
-        raise IntegrityError(f"{codebook_dir}: layer {codebook.layer_index} does not exist in this base ({n_layers} layers)")
+    if max(codebook.layer_indices) >= n_layers:
+        raise IntegrityError(f"{codebook_dir}: layer {max(codebook.layer_indices)} does not exist in this base ({n_layers} layers)")
     hidden = getattr((model.get_base_model() if hasattr(model, "get_base_model") else model).config, "hidden_size", None)
     if hidden is not None and hidden != codebook.weight.shape[1]:
         raise IntegrityError(f"{codebook_dir}: codebook width {codebook.weight.shape[1]} != model hidden size {hidden}")
-    site_module(model, codebook.layer_index, codebook.config.site)  # fail before touching an attached codebook
+    for i in codebook.layer_indices:  # fail before touching an attached codebook
+        site_module(model, i, codebook.config.site)
+    layers = codebook.build_layers()
+    apply_codes(layers, codebook.config.num_codes, codes, mode)
     old = getattr(model, "icu_codebook", None)
     if old is not None:
         old.remove()
     recovery = _attach_recovery(model, codebook) if codebook.recovery_dir is not None else None
-    layer = codebook.build_layer()
-    layer.set_mask(codes, mode)
-    hook = attach(model, layer, codebook.layer_index, codebook.config.site)
-    model.icu_codebook = CodebookHandle(layer, hook, codebook, masks, codes, mode, recovery)
+    hooks = [attach(model, layer, i, codebook.config.site) for layer, i in zip(layers, codebook.layer_indices)]
+    model.icu_codebook = CodebookHandle(layers, hooks, codebook, masks, codes, mode, recovery)
     return model
 
 
@@ -367,7 +464,9 @@ def describe(directory: str | Path) -> dict:
            "base_fingerprint": (manifest.get("base", {}).get("fingerprint", {}).get("sha256") or "")[:12]}
     if kind == KIND_CODEBOOK:
         cfg = json.loads((Path(directory) / CODEBOOK_CONFIG).read_text())
-        out.update(layer=cfg.get("layer_index"), site=cfg.get("site", "residual"), num_codes=cfg.get("num_codes"), k=cfg.get("k"),
+        out.update(bottleneck=cfg.get("kind", "codes"), layer=cfg.get("layer_index"),
+                   layers=cfg.get("layer_indices", [cfg.get("layer_index")]), site=cfg.get("site", "residual"),
+                   num_codes=cfg.get("num_codes"), k=cfg.get("k"),
                    similarity=cfg.get("similarity"), combine=cfg.get("combine"),
                    codebook_sha256=manifest["files"].get(CODEBOOK_WEIGHTS, "")[:12],
                    recovery_lora_r=cfg.get("recovery_lora_r", 0),

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from ..errors import InputError
 from .layer import SITES
+
+KINDS = ("codes", "sae")
+MASK_MODES = ("zero", "block", "negate")
+POSITIONS = ("all", "answers", "both")
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -23,7 +27,9 @@ class CodebookConfig:
     """Where the bottleneck sits, what it looks like, and how it is trained."""
 
     # --- the bottleneck ---
+    kind: str = field(default="codes", metadata={"help": "'codes': a codebook whose top-k codes replace the site's output (CodeUnlearn); 'sae': a top-k sparse autoencoder read beside it, whose masked features are subtracted while the rest of the state passes untouched."})
     layer: Optional[int] = field(default=None, metadata={"help": "Decoder layer (0-based) whose site output is snapped to codes; negative counts from the end; unset: a tenth of the way up (3 of 30)."})
+    layers: Optional[List[int]] = field(default=None, metadata={"help": "Several decoder layers, each with its own codebook / SAE of num_codes entries (ids numbered layer after layer: the second layer's start at num_codes); overrides `layer`."})
     site: str = field(default="residual", metadata={"help": "What is snapped: 'residual' (the layer's whole residual output) or 'mlp' / 'attention' (only that sub-layer's output)."})
     num_codes: int = field(default=1024, metadata={"help": "Number of code vectors in the codebook."})
     k: int = field(default=8, metadata={"help": "Top-k codes combined per hidden state."})
@@ -32,7 +38,7 @@ class CodebookConfig:
     combine: str = field(default="mean", metadata={"help": "How the k codes make the output: 'mean' or 'sum'."})
 
     # --- optional recovery LoRA: the layers after the bottleneck learn to read the codes ---
-    recovery_lora_r: int = field(default=8, metadata={"help": "Rank of a LoRA trained jointly with the codebook in every decoder layer after the bottleneck (base frozen); 0: none."})
+    recovery_lora_r: Optional[int] = field(default=None, metadata={"help": "Rank of a LoRA trained jointly with the codebook in every decoder layer after the (first) bottleneck (base frozen); 0: none; unset: 8 for 'codes', 0 for 'sae' (which replaces nothing)."})
     recovery_lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha of the recovery adapter (scale alpha / r)."})
     recovery_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the recovery LoRA weights."})
 
@@ -40,10 +46,12 @@ class CodebookConfig:
     steps: int = field(default=300, metadata={"help": "Optimisation steps."})
     batch_size: int = field(default=8, metadata={"help": "Token windows per step."})
     max_length: int = field(default=128, metadata={"help": "Training texts are cut into windows of this many tokens."})
-    learning_rate: float = field(default=0.05, metadata={"help": "AdamW learning rate of the code vectors (Adam moves each element ~lr a step; hidden states are in the hundreds)."})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "AdamW learning rate of the code vectors / SAE weights; unset: 0.05 for codes (Adam moves each element ~lr a step; hidden states are in the hundreds), 1e-3 for an SAE (it works on unit-scale states)."})
     recon_weight: float = field(default=1.0, metadata={"help": "Weight of the reconstruction loss (relative MSE of snapped vs. original hidden state)."})
     kmeans_tokens: int = field(default=20000, metadata={"help": "Hidden states collected for the k-means initialisation."})
     kmeans_iters: int = field(default=20, metadata={"help": "k-means iterations for the initialisation."})
+    sae_tokens: int = field(default=50000, metadata={"help": "SAE only: hidden states collected per layer to train it on (it needs no LM loss: the base's forward pass is not in its loop)."})
+    sae_batch_tokens: int = field(default=1024, metadata={"help": "SAE only: hidden states per training step."})
     dead_code_interval: int = field(default=50, metadata={"help": "Every this many steps, codes unused since the last check are re-seeded from current hidden states (0: never)."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of the training windows held out to measure the bottleneck's perplexity cost (when no eval file)."})
     loss_chunk_size: int = field(default=64, metadata={"help": "Positions per chunk when computing the LM loss (bounds logits memory)."})
@@ -51,6 +59,19 @@ class CodebookConfig:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
+        _need(self.kind in KINDS, f"kind must be one of {', '.join(repr(k) for k in KINDS)}")
+        if self.recovery_lora_r is None:
+            self.recovery_lora_r = 8 if self.kind == "codes" else 0
+        if self.learning_rate is None:
+            self.learning_rate = 0.05 if self.kind == "codes" else 1e-3
+        _need(self.kind == "codes" or self.recovery_lora_r == 0,
+              "an SAE replaces nothing (the rest of the state passes through): recovery_lora_r must be 0")
+        if self.layers is not None:
+            _need(isinstance(self.layers, (list, tuple)) and len(self.layers) >= 1
+                  and all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers),
+                  "layers must be a non-empty list of layer indices")
+            self.layers = list(self.layers)
+        _need(self.sae_tokens >= 1 and self.sae_batch_tokens >= 1, "sae_tokens and sae_batch_tokens must be >= 1")
         _need(self.site in SITES, f"site must be one of {', '.join(repr(s) for s in SITES)}")
         _need(self.num_codes >= 2, "num_codes must be >= 2")
         _need(1 <= self.k < self.num_codes, "k must be in [1, num_codes)")
@@ -88,7 +109,9 @@ class CodeForgetConfig:
     bonferroni: bool = field(default=False, metadata={"help": "Divide max_p by the number of codes tested; too strict for a topic of a few sentences (a code on 9 of 117 positions and never on the contrast has p 0.007)."})
     min_count: int = field(default=3, metadata={"help": "Ignore codes active at fewer than this many topic positions."})
     max_codes: int = field(default=0, metadata={"help": "Keep at most this many codes, highest ratio first (0: no cap)."})
-    mode: str = field(default="zero", metadata={"help": "'zero': masked codes still win but add nothing; 'block': they are skipped and the next-best take their place (forgot less on SmolLM2)."})
+    mode: str = field(default="zero", metadata={"help": "'zero': masked codes still win but add nothing (an SAE's masked features are subtracted); 'negate': they add their opposite (an SAE feature is flipped); 'block': they are skipped and the next-best take their place (forgot less on SmolLM2; codebooks only)."})
+    positions: str = field(default="all", metadata={"help": "Where codes are counted: 'all' topic positions against all contrast positions; 'answers': only the topic positions whose next token the topic words make likelier (against the same positions of the contrast); 'both': the union of the two selections."})
+    answer_margin: float = field(default=1.0, metadata={"help": "'answers' / 'both': a topic position counts as an answer position when its next token's NLL is at least this many nats lower than at the aligned contrast position."})
     max_length: int = field(default=128, metadata={"help": "Topic/contrast texts are truncated to this many tokens."})
     batch_size: int = field(default=8, metadata={"help": "Texts per forward pass while counting code activations."})
     hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})
@@ -99,7 +122,9 @@ class CodeForgetConfig:
         _need(0 < self.max_p <= 1, "max_p must be in (0, 1]")
         _need(self.min_count >= 1, "min_count must be >= 1")
         _need(self.max_codes >= 0, "max_codes must be >= 0")
-        _need(self.mode in ("block", "zero"), "mode must be 'block' or 'zero'")
+        _need(self.mode in MASK_MODES, f"mode must be one of {', '.join(repr(m) for m in MASK_MODES)}")
+        _need(self.positions in POSITIONS, f"positions must be one of {', '.join(repr(m) for m in POSITIONS)}")
+        _need(self.answer_margin >= 0, "answer_margin must be >= 0")
         _need(self.max_length >= 2, "max_length must be >= 2")
         _need(self.batch_size >= 1, "batch_size must be >= 1")
 

@@ -4,10 +4,23 @@ Read top to bottom: contrast text (the topic text with its topic words swapped f
 -> how often each code is among the top-k at a position, on topic vs. contrast text -> keep codes
 that are both `min_ratio` times more frequent on the topic and significant by a one-sided 2x2
 chi-squared test -> a code-mask directory (code ids + manifest).
+
+Which positions are counted (`positions`): 'all' compares every topic position with every contrast
+position, which finds the codes of the topic's own words. 'answers' looks where the facts are
+recalled instead: the topic and contrast token sequences are aligned (their common runs), and a topic
+position counts when the topic's next token is at least `answer_margin` nats likelier after the topic's
+prefix than after the contrast's: there the model reads the topic to produce an answer. Those
+positions are compared with their aligned contrast positions. The contrast decides what is found: with
+the name swapped for a neutral word, codes that mark "some name was read here" pass too; with another
+topic's texts of the same form (`contrast_texts`, one per topic text), only the topic's own do.
+'both' keeps either selection's codes.
+With a multi-layer codebook every code id is global (stage i holds [i * num_codes, (i + 1) * num_codes)),
+so one request selects and masks codes in every layer at once.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 import uuid
@@ -97,30 +110,96 @@ def select_topic_codes(topic_counts: torch.Tensor, topic_positions: int, contras
     return sorted(int(i) for i in ids), rows
 
 
+def aligned_pairs(topic_ids: Sequence[int], contrast_ids: Sequence[int]) -> List[Tuple[int, int]]:
+    """(topic position, contrast position) pairs that hold the same token inside a common run of the two
+    token sequences, each with a next token to predict: the prefixes end alike, so the next token's
+    likelihood can be compared across the two."""
+    m = difflib.SequenceMatcher(None, list(topic_ids), list(contrast_ids), autojunk=False)
+    out = []
+    for i, j, n in m.get_matching_blocks():
+        out.extend((i + d, j + d) for d in range(n) if i + d < len(topic_ids) - 1 and j + d < len(contrast_ids) - 1)
+    return out
+
+
+def answer_positions(pairs: Sequence[Tuple[int, int]], topic_nll: Sequence[float], contrast_nll: Sequence[float],
+                     margin: float) -> Tuple[List[int], List[int]]:
+    """The pairs where the topic's next token is at least `margin` nats likelier after the topic's prefix
+    (topic_nll[k]) than after the contrast's (contrast_nll[k]: the same token, scored at the contrast position).
+    Returns (topic positions, contrast positions)."""
+    t_pos, c_pos = [], []
+    for (t, c), tn, cn in zip(pairs, topic_nll, contrast_nll):
+        if float(cn) - float(tn) >= margin:
+            t_pos.append(t)
+            c_pos.append(c)
+    return t_pos, c_pos
+
+
 # ------------------------------------------------------------------------------ model access
 
 
 @torch.no_grad()
 def count_code_activations(model, handle: CodebookHandle, seqs: Sequence[torch.Tensor], pad_id: int,
-                           batch_size: int = 8) -> Tuple[torch.Tensor, int]:
-    """(per-code count of real positions where the code is in the top-k, number of real positions)."""
+                           batch_size: int = 8, only: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, int]:
+    """(per-code count of real positions where the code is in the top-k, number of positions counted).
+
+    Codes are global over the stages (a multi-layer codebook's stage i adds i * num_codes); a position
+    counts once per stage. `only[i]`: the positions of sequence i to count (default: every real one).
+    """
     device = model_device(model)
-    layer = handle.layer
-    counts = torch.zeros(layer.num_codes, dtype=torch.long)
+    layers = handle.layers
+    n = handle.codebook.config.num_codes if hasattr(handle, "codebook") else layers[0].num_codes
+    counts = torch.zeros(n * len(layers), dtype=torch.long)
     positions = 0
-    layer.record = []
+    for layer in layers:
+        layer.record = []
     try:
         for s in range(0, len(seqs), batch_size):
             ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            idx = layer.record.pop()
             valid = mask.bool()
-            codes = idx[valid].reshape(-1)
-            counts += torch.bincount(codes[codes >= 0], minlength=layer.num_codes)  # -1: passed through
+            if only is not None:
+                valid = torch.zeros_like(valid)
+                for row, pos in enumerate(only[s:s + batch_size]):
+                    if len(pos):
+                        valid[row, torch.as_tensor(list(pos), dtype=torch.long)] = True
+            for stage, layer in enumerate(layers):
+                idx = layer.record.pop()
+                codes = idx[valid].reshape(-1)
+                counts[stage * n:(stage + 1) * n] += torch.bincount(codes[codes >= 0], minlength=n)  # -1: passed through
             positions += int(valid.sum())
     finally:
-        layer.record = None
+        for layer in layers:
+            layer.record = None
     return counts, positions
+
+
+@torch.no_grad()
+def nll_of(model, seq: torch.Tensor, positions: Sequence[int], tokens: Sequence[int]) -> List[float]:
+    """NLL of token tokens[i] as the next token after seq[: positions[i] + 1], one forward pass."""
+    if not len(positions):
+        return []
+    device = model_device(model)
+    logits = model(input_ids=seq.unsqueeze(0).to(device)).logits[0]
+    pos = torch.as_tensor(list(positions), dtype=torch.long, device=logits.device)
+    tok = torch.as_tensor(list(tokens), dtype=torch.long, device=logits.device)
+    lp = torch.log_softmax(logits[pos].float(), dim=-1)
+    return (-lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)).cpu().tolist()
+
+
+def _answer_positions(model, t_seqs, c_seqs, config: CodeForgetConfig):
+    """Per topic / contrast text: the aligned positions where the topic's prefix makes the topic's next token
+    likelier than the contrast's prefix does (a contrast with the name swapped out, or another topic's
+    text of the same form)."""
+    t_only, c_only = [], []
+    for t, c in zip(t_seqs, c_seqs):
+        pairs = aligned_pairs(t.tolist(), c.tolist())
+        nxt = [int(t[i + 1]) for i, _ in pairs]
+        tn = nll_of(model, t, [i for i, _ in pairs], nxt)
+        cn = nll_of(model, c, [j for _, j in pairs], nxt)
+        tp, cp = answer_positions(pairs, tn, cn, config.answer_margin)
+        t_only.append(tp)
+        c_only.append(cp)
+    return t_only, c_only
 
 
 @dataclass
@@ -165,17 +244,42 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         return [torch.tensor(tokenizer(t, add_special_tokens=True)["input_ids"][:config.max_length], dtype=torch.long)
                 for t in texts]
 
+    if codebook.config.kind == "sae" and config.mode == "block":
+        raise InputError("an SAE's features cannot be blocked: use mode 'zero' or 'negate'")
+    if config.positions != "all" and len(contrast_texts) != len(topic_texts):
+        raise InputError(f"positions={config.positions!r} aligns each topic text with its contrast text: "
+                         f"got {len(topic_texts)} topic and {len(contrast_texts)} contrast texts")
+    pad = tokenizer.pad_token_id
+    t_seqs, c_seqs = encode(topic_texts), encode(contrast_texts)
     model = load_codebook_model(base_model, codebook_dir, (), force=force)
     handle: CodebookHandle = model.icu_codebook
+    codes, rows, counted = [], [], {}
     try:
-        t_counts, t_pos = count_code_activations(model, handle, encode(topic_texts), tokenizer.pad_token_id, config.batch_size)
-        c_counts, c_pos = count_code_activations(model, handle, encode(contrast_texts), tokenizer.pad_token_id,
-                                                 config.batch_size)
+        if config.positions in ("all", "both"):
+            t_counts, t_pos = count_code_activations(model, handle, t_seqs, pad, config.batch_size)
+            c_counts, c_pos = count_code_activations(model, handle, c_seqs, pad, config.batch_size)
+            got, got_rows = select_topic_codes(t_counts, t_pos, c_counts, c_pos, config.min_ratio, config.max_p,
+                                               config.bonferroni, config.min_count, config.max_codes)
+            codes += got
+            rows += [dict(r, positions="all") for r in got_rows]
+            counted["all"] = {"topic": t_pos, "contrast": c_pos, "active_on_topic": int((t_counts > 0).sum())}
+        if config.positions in ("answers", "both"):
+            t_only, c_only = _answer_positions(model, t_seqs, c_seqs, config)
+            a_counts, a_pos = count_code_activations(model, handle, t_seqs, pad, config.batch_size, only=t_only)
+            b_counts, b_pos = count_code_activations(model, handle, c_seqs, pad, config.batch_size, only=c_only)
+            if a_pos and b_pos:
+                got, got_rows = select_topic_codes(a_counts, a_pos, b_counts, b_pos, config.min_ratio, config.max_p,
+                                                   config.bonferroni, config.min_count, config.max_codes)
+                codes += got
+                rows += [dict(r, positions="answers") for r in got_rows]
+            counted["answers"] = {"topic": a_pos, "contrast": b_pos, "active_on_topic": int((a_counts > 0).sum())}
     finally:
         handle.remove()
         del model.icu_codebook
-    codes, rows = select_topic_codes(t_counts, t_pos, c_counts, c_pos, config.min_ratio, config.max_p,
-                                     config.bonferroni, config.min_count, config.max_codes)
+    codes = sorted(set(codes))
+    t_pos = counted.get("all", counted.get("answers"))["topic"]
+    c_pos = counted.get("all", counted.get("answers"))["contrast"]
+    t_counts_active = max(v["active_on_topic"] for v in counted.values())
     request = {
         "request_id": request_id,
         "created_at": utc_now(),
@@ -183,15 +287,15 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         "topic": {"count": len(topic_texts), "positions": t_pos, "ids": [sample_id(t, salt) for t in topic_texts]},
         "contrast": {"source": contrast_source, "count": len(contrast_texts), "positions": c_pos,
                      "topic_words": len(topic_words or [])},
-        "selection": {"config": config.to_dict(), "tested_codes": int(t_counts.numel()),
-                      "codes_active_on_topic": int((t_counts > 0).sum()), "kept": rows},
+        "selection": {"config": config.to_dict(), "tested_codes": codebook.total_codes,
+                      "codes_active_on_topic": t_counts_active, "positions_counted": counted, "kept": rows},
         "wall_time_s": round(time.time() - t0, 3),
     }
     base = {"name_or_path": base_name or getattr(base_model.config, "_name_or_path", None),
             "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)), "fingerprint": fp}
     cb = {"sha256": codebook.sha256, "request_id": codebook.manifest.get("request_id"),
           "num_codes": codebook.config.num_codes, "layer_index": codebook.layer_index,
-          "site": codebook.config.site}
+          "layer_indices": codebook.layer_indices, "kind": codebook.config.kind, "site": codebook.config.site}
     manifest = {"request_id": request_id, "mode": config.mode, "codebook": cb, "base": base, "codes": codes,
                 "requests": [request], "id_key": key_id(salt)}
     out = None

@@ -42,11 +42,14 @@ def topk_codes(scores: torch.Tensor, k: int, blocked: Optional[torch.Tensor] = N
 
 
 def combine_codes(codebook: torch.Tensor, idx: torch.Tensor, combine: str = "mean",
-                  zeroed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Combination of the chosen code vectors; `zeroed` (bool, num_codes) codes contribute zeros."""
+                  zeroed: Optional[torch.Tensor] = None, negated: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Combination of the chosen code vectors; `zeroed` (bool, num_codes) codes contribute zeros,
+    `negated` ones their opposite."""
     vecs = F.embedding(idx, codebook)
     if zeroed is not None and bool(zeroed.any()):
         vecs = vecs * (~zeroed[idx]).unsqueeze(-1).to(vecs.dtype)
+    if negated is not None and bool(negated.any()):
+        vecs = vecs * (1 - 2 * negated[idx].to(vecs.dtype)).unsqueeze(-1)
     return vecs.mean(-2) if combine == "mean" else vecs.sum(-2)
 
 
@@ -92,6 +95,7 @@ class CodebookLayer(nn.Module):
         self.weight = nn.Parameter(torch.randn(num_codes, dim) * 0.02)
         self.register_buffer("blocked", torch.zeros(num_codes, dtype=torch.bool), persistent=False)
         self.register_buffer("zeroed", torch.zeros(num_codes, dtype=torch.bool), persistent=False)
+        self.register_buffer("negated", torch.zeros(num_codes, dtype=torch.bool), persistent=False)
         self.enabled = True
         # Positions whose hidden-state norm exceeds this many times the median pass through untouched
         # (0: none). Attention-sink tokens carry norms ~150x the rest in SmolLM2; no combination of
@@ -107,15 +111,16 @@ class CodebookLayer(nn.Module):
         return self.weight.shape[0]
 
     def set_mask(self, codes, mode: str = "zero") -> None:
-        """Mask `codes` (ids): 'zero' or 'block'. An empty list is the identity (no mask)."""
+        """Mask `codes` (ids): 'zero', 'negate' or 'block'. An empty list is the identity (no mask)."""
         ids = torch.as_tensor(list(codes), dtype=torch.long, device=self.blocked.device)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_codes):
             raise InputError(f"code ids must be in [0, {self.num_codes}); got {int(ids.min())}..{int(ids.max())}")
-        if mode not in ("block", "zero"):
-            raise InputError("mask mode must be 'block' or 'zero'")
+        if mode not in ("block", "zero", "negate"):
+            raise InputError("mask mode must be 'block', 'zero' or 'negate'")
         self.blocked.zero_()
         self.zeroed.zero_()
-        target = self.blocked if mode == "block" else self.zeroed
+        self.negated.zero_()
+        target = {"block": self.blocked, "zero": self.zeroed, "negate": self.negated}[mode]
         target[ids] = True
         if int(self.blocked.sum()) > self.num_codes - self.k:
             raise InputError(f"cannot block {int(self.blocked.sum())} of {self.num_codes} codes with k={self.k}")
@@ -124,7 +129,7 @@ class CodebookLayer(nn.Module):
         cb = self.weight.to(h.dtype)
         with torch.no_grad():  # ranking is discrete: gradients reach the codes through the combination
             idx = topk_codes(code_scores(h.detach(), cb.detach(), self.similarity), self.k, self.blocked)
-        q = combine_codes(cb, idx, self.combine, self.zeroed)
+        q = combine_codes(cb, idx, self.combine, self.zeroed, self.negated)
         through = massive_positions(h.detach(), self.passthrough_ratio)
         if through is not None:
             q = torch.where(through.unsqueeze(-1), h.detach().to(q.dtype), q)
@@ -166,6 +171,17 @@ def resolve_layer(model, layer: Optional[int]) -> int:
     return i
 
 
+def resolve_layers(model, layer: Optional[int], layers: Optional[List[int]] = None) -> List[int]:
+    """0-based indices of the bottleneck layers, ascending: `layers` when given (each resolved as in
+    resolve_layer), else the one `layer`. Repeats are refused (two stages on one site would snap twice)."""
+    if not layers:
+        return [resolve_layer(model, layer)]
+    out = [resolve_layer(model, i) for i in layers]
+    if len(set(out)) != len(out):
+        raise InputError(f"layers {layers} name the same decoder layer twice")
+    return sorted(out)
+
+
 # Names of the sub-modules a site may be, per architecture family (Llama/Mistral/Qwen: mlp, self_attn;
 # GPT-2/Neo: mlp, attn; some others: feed_forward, attention). The first one present wins.
 SITES = {"residual": (), "mlp": ("mlp", "feed_forward"), "attention": ("self_attn", "attn", "attention")}
@@ -197,8 +213,9 @@ def _replace_hidden(output, fn: Callable[[torch.Tensor], torch.Tensor]):
     raise TypeError(f"unexpected {type(output).__name__} output at the codebook site")
 
 
-def attach(model, codebook: CodebookLayer, layer_index: int, site: str = "residual"):
-    """Snap the output of the `site` of decoder layer `layer_index` through `codebook`; returns the hook handle.
+def attach(model, codebook: nn.Module, layer_index: int, site: str = "residual"):
+    """Snap the output of the `site` of decoder layer `layer_index` through `codebook` (a CodebookLayer, or
+    an SAELayer, which subtracts its masked features); returns the hook handle.
 
     At "mlp" or "attention" only that sub-layer's contribution is quantized: the layer adds it to the
     residual stream itself, so everything else in the stream passes the bottleneck untouched.

@@ -1,8 +1,11 @@
 """Training the codebook bottleneck once, on general text, with the base frozen.
 
-Read top to bottom: windows -> base perplexity -> hidden states at the layer -> k-means init ->
-[step: LM loss through the bottleneck + reconstruction loss -> AdamW on the codes; every
+Read top to bottom: windows -> base perplexity -> hidden states at each bottleneck layer -> k-means
+init -> [step: LM loss through the bottlenecks + reconstruction loss -> AdamW on the codes; every
 `dead_code_interval` steps re-seed codes nobody used] -> perplexity with the bottleneck -> save.
+
+The SAE kind (`kind="sae"`) stops after the hidden states: one top-k SAE per layer is fitted to them
+(sae.train_sae); the base's forward pass is not in its loop, and with no mask the model is the base.
 
 With `recovery_lora_r` > 0 a LoRA in the decoder layers after the bottleneck trains jointly with the
 codes on the same loss (the base's own weights stay frozen), so that those layers learn to read the
@@ -31,7 +34,7 @@ from ..adapters import utc_now
 from .api import RECOVERY_ADAPTER, RECOVERY_DIR, save_codebook
 from .config import CodebookConfig
 from .evaluate import lm_scores, windows
-from .layer import (CodebookLayer, attach, capture, decoder_layers, kmeans, massive_positions, resolve_layer,
+from .layer import (CodebookLayer, attach, capture, decoder_layers, kmeans, massive_positions, resolve_layers,
                     site_module)
 
 logger = logging.getLogger("icu_peft")
@@ -43,10 +46,18 @@ class _Stop(Exception):
 
 @dataclass
 class CodebookResult:
-    layer: CodebookLayer
-    layer_index: int
+    layers: list  # one stage (CodebookLayer or SAELayer) per bottleneck layer
+    layer_indices: List[int]
     manifest: dict
     output_dir: Optional[Path] = None
+
+    @property
+    def layer(self):
+        return self.layers[0]
+
+    @property
+    def layer_index(self) -> int:
+        return self.layer_indices[0]
 
 
 @torch.no_grad()
@@ -86,7 +97,8 @@ def collect_hidden(model, seqs: Sequence[torch.Tensor], pad_id: int, layer_index
     return torch.cat(rows)[:max_tokens]
 
 
-def _lm_and_recon(model, layer: CodebookLayer, seqs: Sequence[torch.Tensor], pad_id: int, config: CodebookConfig):
+def _lm_and_recon(model, layers: List[CodebookLayer], seqs: Sequence[torch.Tensor], pad_id: int, config: CodebookConfig):
+    """(LM loss, reconstruction loss summed over the stages, per stage: (code ids, hidden states) at the snapped positions)."""
     device = model_device(model)
     ids, mask = (t.to(device) for t in pad_batch(seqs, pad_id))
     parts = backbone_and_head(model)
@@ -96,27 +108,32 @@ def _lm_and_recon(model, layer: CodebookLayer, seqs: Sequence[torch.Tensor], pad
     h_last = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
     s, c = chunked_token_nll(h_last, head, ids, mask, config.loss_chunk_size)
     lm = s / c.clamp(min=1)
-    h, q, idx = layer.last
-    valid = mask.bool() & (idx[..., 0] >= 0)  # passed-through (massive) positions are not reconstructed
-    hv, qv = h[valid].float(), q[valid].float()
-    # Relative MSE: scale-free, so one weight fits any model's residual norm.
-    recon = ((qv - hv.detach()) ** 2).sum() / (hv.detach() ** 2).sum().clamp(min=1e-6)
-    return lm, recon, idx[valid], hv.detach()
+    recon, used = 0.0, []
+    for layer in layers:
+        h, q, idx = layer.last
+        valid = mask.bool() & (idx[..., 0] >= 0)  # passed-through (massive) positions are not reconstructed
+        hv, qv = h[valid].float(), q[valid].float()
+        # Relative MSE: scale-free, so one weight fits any model's residual norm.
+        recon = recon + ((qv - hv.detach()) ** 2).sum() / (hv.detach() ** 2).sum().clamp(min=1e-6)
+        used.append((idx[valid], hv.detach()))
+    return lm, recon, used
 
 
 def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tokenizer,
                    eval_texts: Optional[Sequence[str]] = None, output_dir: Optional[str | Path] = None,
                    overwrite: bool = False, base_name: Optional[str] = None) -> CodebookResult:
-    """Train a codebook on `texts` for the frozen `base_model`; save it to `output_dir` if given."""
+    """Train a codebook (or SAE) on `texts` for the frozen `base_model`; save it to `output_dir` if given."""
     t0 = time.time()
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id
-    layer_index = resolve_layer(base_model, config.layer)
+    layer_indices = resolve_layers(base_model, config.layer, config.layers)
     if config.recovery_lora_r:  # fail before any heavy work
-        _check_recovery_target(base_model, layer_index)
+        _check_recovery_target(base_model, layer_indices[0])
+    for i in layer_indices:
+        site_module(base_model, i, config.site)
     seqs = windows(tokenizer, texts, config.max_length)
     if not seqs:
         raise InputError("no training text left after tokenization (texts shorter than 8 tokens?)")
@@ -128,42 +145,85 @@ def train_codebook(config: CodebookConfig, texts: Sequence[str], base_model, tok
         eval_seqs, seqs = seqs[:n_eval], seqs[n_eval:]
     if not seqs:
         raise InputError("no training windows left after holding out the eval share")
-    logger.info("codebook: layer %d (%s), %d codes, top-%d %s/%s; %d training windows, %d eval windows",
-                layer_index, config.site, config.num_codes, config.k, config.similarity, config.combine, len(seqs), len(eval_seqs))
+    logger.info("%s: layers %s (%s), %d entries each, top-%d; %d training windows, %d eval windows",
+                "SAE" if config.kind == "sae" else "codebook", layer_indices, config.site, config.num_codes, config.k,
+                len(seqs), len(eval_seqs))
     base_model.eval()
     base_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
+    if config.kind == "sae":
+        return _train_sae_stages(config, base_model, base_name, layer_indices, seqs, eval_seqs, eval_texts, base_eval,
+                                 pad_id, output_dir, overwrite, t0)
 
-    # k-means initialisation on the layer's own hidden states
-    hidden = collect_hidden(base_model, seqs, pad_id, layer_index, config.kmeans_tokens,
-                            passthrough_ratio=config.passthrough_norm_ratio, site=config.site)
-    init = kmeans(hidden, config.num_codes, config.kmeans_iters, config.similarity, config.seed)
-    del hidden
-    layer = CodebookLayer(config.num_codes, init.shape[1], config.k, config.similarity, config.combine)
-    layer.passthrough_ratio = config.passthrough_norm_ratio
-    with torch.no_grad():
-        layer.weight.copy_(init)
-    hook = attach(base_model, layer, layer_index, config.site)
+    # k-means initialisation on each layer's own hidden states
+    layers = []
+    for i in layer_indices:
+        hidden = collect_hidden(base_model, seqs, pad_id, i, config.kmeans_tokens,
+                                passthrough_ratio=config.passthrough_norm_ratio, site=config.site)
+        init = kmeans(hidden, config.num_codes, config.kmeans_iters, config.similarity, config.seed)
+        del hidden
+        layer = CodebookLayer(config.num_codes, init.shape[1], config.k, config.similarity, config.combine)
+        layer.passthrough_ratio = config.passthrough_norm_ratio
+        with torch.no_grad():
+            layer.weight.copy_(init)
+        layers.append(layer)
+    hooks = [attach(base_model, layer, i, config.site) for layer, i in zip(layers, layer_indices)]
     init_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
 
     # The recovery LoRA is injected in place (the forward passes below still go through base_model)
     # and is a no-op until its first step (PEFT starts lora_B at zero), so init_eval above is unaffected.
-    recovery = _attach_recovery(base_model, layer_index, config) if config.recovery_lora_r else None
+    recovery = _attach_recovery(base_model, layer_indices[0], config) if config.recovery_lora_r else None
     try:
-        history, replaced_total = _train_steps(base_model, layer, recovery, seqs, pad_id, config, g)
+        history, replaced_total = _train_steps(base_model, layers, recovery, seqs, pad_id, config, g)
         cb_eval = lm_scores(base_model, eval_seqs, pad_id) if eval_seqs else None
-        used_eval = _codes_used(base_model, layer, eval_seqs or seqs[:32], pad_id)
-        manifest = _manifest(config, base_model, base_name, layer_index, seqs, eval_seqs, eval_texts, history,
+        used_eval = _codes_used(base_model, layers, eval_seqs or seqs[:32], pad_id)
+        manifest = _manifest(config, base_model, base_name, layer_indices, seqs, eval_seqs, eval_texts, history,
                              replaced_total, base_eval, init_eval, cb_eval, used_eval, recovery, t0)
         out = None
         if output_dir is not None:
-            manifest = save_codebook(layer, config, layer_index, manifest, output_dir, overwrite, recovery=recovery)
+            manifest = save_codebook(layers, config, layer_indices, manifest, output_dir, overwrite, recovery=recovery)
             out = Path(output_dir)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         if recovery is not None:
             # Put the base's own linear layers back: the caller gets its model as it was.
             recovery.unload()
-    return CodebookResult(layer, layer_index, manifest, out)
+    return CodebookResult(layers, layer_indices, manifest, out)
+
+
+def _train_sae_stages(config, base_model, base_name, layer_indices, seqs, eval_seqs, eval_texts, base_eval,
+                      pad_id, output_dir, overwrite, t0) -> CodebookResult:
+    """One top-k SAE per layer, fitted to that layer's hidden states (sae.train_sae)."""
+    from .sae import train_sae
+
+    layers, stats = [], []
+    for n, i in enumerate(layer_indices):
+        hidden = collect_hidden(base_model, seqs, pad_id, i, config.sae_tokens,
+                                passthrough_ratio=config.passthrough_norm_ratio, site=config.site)
+        layer, st = train_sae(hidden, config.num_codes, config.k, config.steps, config.sae_batch_tokens,
+                              config.learning_rate, config.dead_code_interval, config.seed + n, config.progress,
+                              desc=f"sae layer {i}")
+        del hidden
+        layer.passthrough_ratio = config.passthrough_norm_ratio
+        logger.info("SAE at layer %d: fraction of variance unexplained %.3f on %d held-out states, %d features used",
+                    i, st["fvu_held_out"], st["held_out_states"], st["features_used_held_out"])
+        layers.append(layer)
+        stats.append(dict(st, layer=i))
+    hooks = [attach(base_model, layer, i, config.site) for layer, i in zip(layers, layer_indices)]
+    try:
+        used_eval = _codes_used(base_model, layers, eval_seqs or seqs[:32], pad_id)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # With no mask an SAE stage returns its input unchanged (sae.SAELayer.forward): the perplexity is the base's.
+    manifest = _manifest(config, base_model, base_name, layer_indices, seqs, eval_seqs, eval_texts, [], 0, base_eval,
+                         None, base_eval, used_eval, None, t0)
+    manifest["training"]["sae"] = stats
+    out = None
+    if output_dir is not None:
+        manifest = save_codebook(layers, config, layer_indices, manifest, output_dir, overwrite)
+        out = Path(output_dir)
+    return CodebookResult(layers, layer_indices, manifest, out)
 
 
 def _check_recovery_target(model, layer_index: int) -> None:
@@ -187,47 +247,50 @@ def _attach_recovery(model, layer_index: int, config: CodebookConfig):
     return peft_model
 
 
-def _train_steps(model, layer: CodebookLayer, recovery, seqs, pad_id: int, config: CodebookConfig,
+def _train_steps(model, layers: List[CodebookLayer], recovery, seqs, pad_id: int, config: CodebookConfig,
                  g: torch.Generator):
     """The optimisation loop: the code vectors (and the recovery LoRA) move, the base stays frozen."""
     from tqdm.auto import tqdm
 
-    layer.keep_last = True
-    groups = [{"params": [layer.weight], "lr": config.learning_rate}]
+    for layer in layers:
+        layer.keep_last = True
+    groups = [{"params": [layer.weight for layer in layers], "lr": config.learning_rate}]
     if recovery is not None:
         groups.append({"params": [p for p in recovery.parameters() if p.requires_grad],
                        "lr": config.recovery_learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    usage = torch.zeros(config.num_codes, dtype=torch.long)
+    usage = [torch.zeros(config.num_codes, dtype=torch.long) for _ in layers]
     replaced_total, history = 0, []
     try:
         bar = tqdm(range(config.steps), desc="codebook", disable=not config.progress, leave=False, dynamic_ncols=True)
         for step in bar:
             batch_idx = torch.randint(0, len(seqs), (config.batch_size,), generator=g).tolist()
-            lm, recon, idx, h_now = _lm_and_recon(model, layer, [seqs[i] for i in batch_idx], pad_id, config)
+            lm, recon, used = _lm_and_recon(model, layers, [seqs[i] for i in batch_idx], pad_id, config)
             loss = lm + config.recon_weight * recon
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            used = idx.reshape(-1).cpu()
-            usage += torch.bincount(used[used >= 0], minlength=config.num_codes)
-            if config.dead_code_interval and (step + 1) % config.dead_code_interval == 0 and step + 1 < config.steps:
-                replaced = _reseed_dead(layer, optimizer, usage == 0, h_now, g)
-                replaced_total += replaced
-                usage.zero_()
+            reseed = config.dead_code_interval and (step + 1) % config.dead_code_interval == 0 and step + 1 < config.steps
+            for layer, count, (idx, h_now) in zip(layers, usage, used):
+                ids = idx.reshape(-1).cpu()
+                count += torch.bincount(ids[ids >= 0], minlength=config.num_codes)
+                if reseed:
+                    replaced_total += _reseed_dead(layer, optimizer, count == 0, h_now, g)
+                    count.zero_()
             history.append({"step": step + 1, "lm": round(float(lm.detach()), 4), "recon": round(float(recon.detach()), 4)})
             bar.set_postfix(lm=f"{float(lm.detach()):.3f}", recon=f"{float(recon.detach()):.3f}")
         bar.close()
     finally:
-        layer.keep_last, layer.last = False, None
-        layer.weight.requires_grad_(False)
+        for layer in layers:
+            layer.keep_last, layer.last = False, None
+            layer.weight.requires_grad_(False)
         if recovery is not None:
             for p in recovery.parameters():
                 p.requires_grad_(False)
     return history, replaced_total
 
 
-def _manifest(config, base_model, base_name, layer_index, seqs, eval_seqs, eval_texts, history, replaced_total,
+def _manifest(config, base_model, base_name, layer_indices, seqs, eval_seqs, eval_texts, history, replaced_total,
               base_eval, init_eval, cb_eval, used_eval, recovery, t0) -> dict:
     from ..unlearner import library_versions, peak_memory_mb
 
@@ -242,7 +305,8 @@ def _manifest(config, base_model, base_name, layer_index, seqs, eval_seqs, eval_
                  "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)),
                  "fingerprint": base_fingerprint(base_model)},
         "config": config.to_dict(),
-        "layer_index": layer_index,
+        "layer_index": layer_indices[0],
+        "layer_indices": list(layer_indices),
         "training": {"windows": len(seqs), "steps": config.steps, "dead_codes_reseeded": replaced_total,
                      "final": history[-1] if history else None, "history_every_10": history[::10]},
         "perplexity": {"eval_windows": len(eval_seqs), "eval_source": "file" if eval_texts else "held-out share",
@@ -255,10 +319,10 @@ def _manifest(config, base_model, base_name, layer_index, seqs, eval_seqs, eval_
     if recovery is not None:
         n_layers = len(decoder_layers(base_model))
         manifest["recovery"] = {"directory": RECOVERY_DIR, "r": config.recovery_lora_r,
-                                "alpha": config.recovery_lora_alpha, "layers": [layer_index + 1, n_layers - 1],
+                                "alpha": config.recovery_lora_alpha, "layers": [layer_indices[0] + 1, n_layers - 1],
                                 "trainable_parameters": sum(p.numel() for n, p in recovery.named_parameters()
                                                             if "lora_" in n)}
-    if base_eval and cb_eval:
+    if base_eval and cb_eval and init_eval:
         logger.info("perplexity on %d eval windows: base %.3f, k-means init %.3f, trained codebook%s %.3f",
                     len(eval_seqs), base_eval["ppl"], init_eval["ppl"],
                     " + recovery LoRA" if recovery is not None else "", cb_eval["ppl"])
@@ -284,17 +348,21 @@ def _reseed_dead(layer: CodebookLayer, optimizer, dead: torch.Tensor, h: torch.T
 
 
 @torch.no_grad()
-def _codes_used(model, layer: CodebookLayer, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 8) -> int:
+def _codes_used(model, layers, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 8) -> int:
+    """How many codes (features), over every stage, are in some position's top-k on `seqs`."""
     device = model_device(model)
-    layer.record = []
-    seen = torch.zeros(layer.num_codes, dtype=torch.bool)
+    for layer in layers:
+        layer.record = []
+    seen = [torch.zeros(layer.num_codes, dtype=torch.bool) for layer in layers]
     try:
         for s in range(0, len(seqs), batch_size):
             ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            idx = layer.record.pop()
-            codes = idx[mask.bool()].reshape(-1)
-            seen[codes[codes >= 0]] = True
+            for layer, hit in zip(layers, seen):
+                idx = layer.record.pop()
+                codes = idx[mask.bool()].reshape(-1)
+                hit[codes[codes >= 0]] = True
     finally:
-        layer.record = None
-    return int(seen.sum())
+        for layer in layers:
+            layer.record = None
+    return int(sum(int(hit.sum()) for hit in seen))

@@ -26,7 +26,12 @@ def add_parser(sub) -> None:
     t.add_argument("--data", required=True, help="general training text: .jsonl (field text), .csv (column text) or .txt")
     t.add_argument("--eval-data", help="held-out text for the perplexity cost (default: a share of --data)")
     t.add_argument("--out", required=True, help="output directory for the codebook")
+    t.add_argument("--kind", choices=["codes", "sae"],
+                   help="codes: a codebook replaces the site's output (default); sae: a top-k sparse autoencoder "
+                        "read beside it (no perplexity cost, no recovery LoRA)")
     t.add_argument("--layer", type=int, help="decoder layer (0-based; negative from the end; default: a tenth of the way up)")
+    t.add_argument("--layers", help="several decoder layers, comma-separated (one codebook / SAE each); overrides --layer")
+    t.add_argument("--sae-tokens", type=int, help="SAE: hidden states per layer to train on")
     t.add_argument("--site", choices=["residual", "mlp", "attention"],
                    help="what is snapped: the layer's whole residual output (default), or only its MLP or self-attention output")
     t.add_argument("--num-codes", type=int, help="codebook size")
@@ -64,7 +69,13 @@ def add_parser(sub) -> None:
                    help="divide --max-p by the number of codes (strict: needs a large topic text)")
     f.add_argument("--min-count", type=int, help="minimum topic positions a code must be active at")
     f.add_argument("--max-codes", type=int, help="keep at most this many codes (0: no cap)")
-    f.add_argument("--mode", choices=["zero", "block"], help="zero (default: masked codes add nothing) or block (next-best codes replace them)")
+    f.add_argument("--mode", choices=["zero", "negate", "block"],
+                   help="zero (default: masked codes / SAE features add nothing), negate (they add their opposite) "
+                        "or block (next-best codes replace them; codebooks only)")
+    f.add_argument("--positions", choices=["all", "answers", "both"],
+                   help="count codes at every topic position (default), only where the topic words make the next "
+                        "token likelier (the answers), or both")
+    f.add_argument("--answer-margin", type=float, help="nats by which the topic must beat the contrast at an answer position")
     f.add_argument("--max-length", type=int, help="tokens per text")
     f.add_argument("--request-id", help="identifier of the request (default: a UUID)")
     f.add_argument("--text-field", default="text", help="jsonl field / csv column holding the text")
@@ -74,7 +85,7 @@ def add_parser(sub) -> None:
     s = cs.add_parser("stack", help="one mask holding the union of several masks' requests")
     s.add_argument("masks", nargs="+", metavar="MASK_DIR")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--mode", choices=["block", "zero"], help="override when the masks disagree")
+    s.add_argument("--mode", choices=["zero", "negate", "block"], help="override when the masks disagree")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     s.set_defaults(func=run_stack)
 
@@ -100,7 +111,7 @@ def add_parser(sub) -> None:
     _model_args(e)
     e.add_argument("--codebook", help="codebook directory (omit to score the bare base)")
     e.add_argument("--mask", action="append", default=[], metavar="DIR", help="code mask; repeat to stack")
-    e.add_argument("--mode", choices=["block", "zero"], help="override the masks' mode")
+    e.add_argument("--mode", choices=["zero", "negate", "block"], help="override the masks' mode")
     e.add_argument("--data", action="append", required=True, metavar="[NAME=]FILE", help="text to score; repeat for several sets")
     e.add_argument("--max-length", type=int, default=128, help="tokens per window")
     e.add_argument("--text-field", default="text", help="jsonl field / csv column holding the text")
@@ -118,13 +129,19 @@ def _load(args):
 
 def run_train(args) -> int:
     from ..adapters import check_output_dir
+    from ..errors import InputError
     from ..codebook import CodebookConfig, train_codebook
     from ..data import read_texts
 
-    keys = ("layer", "site", "num_codes", "k", "similarity", "combine", "steps", "batch_size", "max_length", "learning_rate",
+    keys = ("kind", "layer", "site", "sae_tokens", "num_codes", "k", "similarity", "combine", "steps", "batch_size", "max_length", "learning_rate",
             "recon_weight", "kmeans_tokens", "dead_code_interval", "seed", "recovery_lora_r", "recovery_lora_alpha",
             "recovery_learning_rate")
     over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.layers:
+        try:
+            over["layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"--layers takes comma-separated integers, not {args.layers!r}") from None
     if args.no_progress:
         over["progress"] = False
     cfg = CodebookConfig(**over)
@@ -135,9 +152,16 @@ def run_train(args) -> int:
     res = train_codebook(cfg, texts, model, tok, eval_texts, args.out, args.overwrite, base_name=args.model)
     p = res.manifest["perplexity"]
     rec = f", recovery LoRA r={cfg.recovery_lora_r}" if cfg.recovery_lora_r else ""
-    print(f"codebook written to {res.output_dir} (layer {res.layer_index} {cfg.site}, {cfg.num_codes} codes, top-{cfg.k}{rec}, "
-          f"{res.manifest['wall_time_s']:.1f} s)")
-    if p["base"] and p["codebook"]:
+    where = ",".join(str(i) for i in res.layer_indices)
+    what = "SAE features" if cfg.kind == "sae" else "codes"
+    print(f"{'SAE' if cfg.kind == 'sae' else 'codebook'} written to {res.output_dir} (layer{'s' if len(res.layer_indices) > 1 else ''} "
+          f"{where} {cfg.site}, {cfg.num_codes} {what} each, top-{cfg.k}{rec}, {res.manifest['wall_time_s']:.1f} s)")
+    if cfg.kind == "sae":
+        for st in res.manifest["training"]["sae"]:
+            print(f"  layer {st['layer']}: fraction of variance unexplained {st['fvu_held_out']:.3f} on "
+                  f"{st['held_out_states']} held-out states; {st['features_used_held_out']} features used "
+                  f"(the model is the base until a mask removes features)")
+    elif p["base"] and p["codebook"]:
         print(f"  perplexity on {p['eval_windows']} eval windows: base {p['base']['ppl']:.3f} -> with bottleneck "
               f"{p['codebook']['ppl']:.3f} (k-means init {p['kmeans_init']['ppl']:.3f}); "
               f"{p['codes_used_on_eval']} codes used")
@@ -149,7 +173,8 @@ def run_forget(args) -> int:
     from ..codebook import CodeForgetConfig, forget_topic
     from ..data import read_texts
 
-    keys = ("min_ratio", "max_p", "min_count", "max_codes", "mode", "max_length", "request_id")
+    keys = ("min_ratio", "max_p", "min_count", "max_codes", "mode", "positions", "answer_margin", "max_length",
+            "request_id")
     over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.bonferroni:
         over["bonferroni"] = True
