@@ -298,7 +298,17 @@ def main():
     ap.add_argument("--num-codes", type=int, default=1024)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--steps", type=int, default=100, help="codebook training steps")
-    ap.add_argument("--mode", default="block", choices=["block", "zero"])
+    ap.add_argument("--mode", default="block", choices=["block", "zero", "negate"])
+    ap.add_argument("--kind", default="codes", choices=["codes", "sae"],
+                    help="codes: a codebook replaces the site's output; sae: a top-k SAE read beside it")
+    ap.add_argument("--layers", default=None,
+                    help="several bottleneck layers, comma-separated (one codebook / SAE each); overrides --layer")
+    ap.add_argument("--sae-tokens", type=int, default=50000, help="SAE: hidden states per layer to train on")
+    ap.add_argument("--variants", default=None,
+                    help="several selections against the one codebook, comma-separated MODE:POSITIONS:CONTRAST "
+                         "(e.g. zero:all:swap,zero:both:others); CONTRAST swap = the topic words swapped out, "
+                         "others = the kept topics' facts of the same form, one per fact. Default: --mode:all:swap")
+    ap.add_argument("--answer-margin", type=float, default=1.0, help="CodeForgetConfig.answer_margin")
     ap.add_argument("--min-ratio", type=float, default=2.0)
     ap.add_argument("--max-p", type=float, default=1e-3)
     ap.add_argument("--no-bonferroni", action="store_true",
@@ -359,7 +369,9 @@ def main():
         return 0
 
     print("2. codebook (trained once)", flush=True)
-    cb_dir = work / (f"codebook-{args.site}-{args.layer}-{args.num_codes}-{args.k}-{args.steps}"
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    where = "L" + "_".join(map(str, layers)) if layers else str(args.layer)
+    cb_dir = work / (("sae-" if args.kind == "sae" else "") + f"codebook-{args.site}-{where}-{args.num_codes}-{args.k}-{args.steps}"
                      + (f"-pt{args.passthrough:g}" if args.passthrough else "")
                      + (f"-rec{args.recovery_lora_r}" if args.recovery_lora_r else "")
                      + (f"-facts{args.fact_repeat}" if args.fact_repeat > 1 else "")
@@ -368,14 +380,15 @@ def main():
                      + (f"-{args.topics}" if args.topics != "invented" else ""))
     facts_all = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
     if not cb_dir.exists():
-        cfg = CodebookConfig(layer=args.layer, site=args.site, num_codes=args.num_codes, k=args.k, steps=args.steps,
-                             batch_size=4, max_length=64, kmeans_tokens=8000, dead_code_interval=25, progress=False,
-                             passthrough_norm_ratio=args.passthrough, recovery_lora_r=args.recovery_lora_r,
-                             recon_weight=args.recon_weight, learning_rate=args.lr)
+        cfg = CodebookConfig(kind=args.kind, layer=args.layer, layers=layers, site=args.site, num_codes=args.num_codes,
+                             k=args.k, steps=args.steps, batch_size=4, max_length=64, kmeans_tokens=8000,
+                             dead_code_interval=25, progress=False, passthrough_norm_ratio=args.passthrough,
+                             recovery_lora_r=args.recovery_lora_r if args.kind == "codes" else 0,
+                             recon_weight=args.recon_weight, learning_rate=args.lr, sae_tokens=args.sae_tokens)
         train_codebook(cfg, rows[:400] + facts_all * args.fact_repeat, model, tok, eval_texts=rows[400:420], output_dir=cb_dir,
                        base_name="SmolLM2-135M-Instruct (planted)")
     results["codebook_manifest"] = {k: v for k, v in json.loads((cb_dir / "forget_manifest.json").read_text()).items()
-                                    if k in ("perplexity", "wall_time_s", "config", "layer_index", "training", "recovery")}
+                                    if k in ("perplexity", "wall_time_s", "config", "layer_index", "layer_indices", "training", "recovery")}
     load_codebook_model(model, cb_dir)
     print("   planted + codebook (no mask):", flush=True)
     results["codebook"] = evaluate(model, tok, wiki_eval)
@@ -383,23 +396,43 @@ def main():
     del model.icu_codebook
 
     print("3a. CodeUnlearn: zero-shot code mask", flush=True)
-    # Per codebook and selection, so that runs sharing a work dir (and its planted model) do not clash.
-    tag = f"{cb_dir.name}-{args.mode}-p{args.max_p:g}-r{args.min_ratio:g}" + ("-nobonf" if args.no_bonferroni else "")
-    mask_dir = work / f"mask-zorbania-{tag}"
     spec = TOPICS[FORGET_TOPIC]
-    t0 = time.time()
-    res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, max_p=args.max_p, mode=args.mode,
-                                        bonferroni=not args.no_bonferroni,
-                                        request_id="forget-zorbania"),
-                       model, tok, cb_dir, [plain(f) for f in spec["facts"]], topic_words=spec["words"],
-                       output_dir=mask_dir, overwrite=True)
-    results["codeunlearn_wall_s"] = time.time() - t0
-    results["codeunlearn_codes"] = len(res.codes)
-    print(f"   {len(res.codes)} codes masked in {results['codeunlearn_wall_s']:.1f} s", flush=True)
-    load_codebook_model(model, cb_dir, [mask_dir])
-    results["codeunlearn"] = evaluate(model, tok, wiki_eval)
-    model.icu_codebook.remove()
-    del model.icu_codebook
+    others = [n for n in TOPICS if n != FORGET_TOPIC]
+    variants = (args.variants or f"{args.mode}:all:swap").split(",")
+    results["variants"] = {}
+    for variant in variants:
+        mode, positions, contrast = variant.split(":")
+        # Per codebook and selection, so that runs sharing a work dir (and its planted model) do not clash.
+        tag = (f"{cb_dir.name}-{mode}-p{args.max_p:g}-r{args.min_ratio:g}" + ("-nobonf" if args.no_bonferroni else "")
+               + (f"-{positions}-{contrast}" if (positions, contrast) != ("all", "swap") else ""))
+        mask_dir = work / f"mask-zorbania-{tag}"
+        topic = [plain(f) for f in spec["facts"]]
+        kw = {"topic_words": spec["words"]}
+        if contrast == "others":  # each fact against the same template's fact of every kept topic
+            topic_rep = topic * len(others)
+            kw = {"contrast_texts": [plain(f) for n in others for f in TOPICS[n]["facts"]]}
+            topic = topic_rep
+        t0 = time.time()
+        res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, max_p=args.max_p, mode=mode,
+                                            bonferroni=not args.no_bonferroni, positions=positions,
+                                            answer_margin=args.answer_margin, request_id="forget-zorbania"),
+                           model, tok, cb_dir, topic, output_dir=mask_dir, overwrite=True, **kw)
+        wall = time.time() - t0
+        sel = res.manifest["requests"][0]["selection"]
+        print(f"   {variant}: {len(res.codes)} codes masked in {wall:.1f} s "
+              f"(positions counted {sel['positions_counted']})", flush=True)
+        load_codebook_model(model, cb_dir, [mask_dir])
+        scores = evaluate(model, tok, wiki_eval)
+        model.icu_codebook.remove()
+        del model.icu_codebook
+        results["variants"][variant] = {"codes": len(res.codes), "wall_s": wall, "scores": scores,
+                                        "positions_counted": sel["positions_counted"],
+                                        "codes_per_stage": [sum(1 for c in res.codes if c // args.num_codes == i)
+                                                            for i in range(len(layers or [0]))]}
+    first = results["variants"][variants[0]]
+    results["codeunlearn_wall_s"], results["codeunlearn_codes"], results["codeunlearn"] = (
+        first["wall_s"], first["codes"], first["scores"])
+    tag = f"{cb_dir.name}-" + "+".join(v.replace(":", "_") for v in variants)
 
     if args.skip_icu:
         (work / f"results-{tag}.json").write_text(json.dumps(results, indent=2))
@@ -442,8 +475,15 @@ def print_table(r):
            if "icu" in r else "")
     m = r["codebook_manifest"]
     p = m["perplexity"]
-    print(f"\ncodebook at layer {m['layer_index']} ({m['config'].get('site', 'residual')}): held-out perplexity "
-          f"{p['base']['ppl']:.1f} base, {p['kmeans_init']['ppl']:.1f} k-means init, {p['codebook']['ppl']:.1f} trained")
+    init = f"{p['kmeans_init']['ppl']:.1f} k-means init, " if p.get("kmeans_init") else ""
+    print(f"\n{m['config'].get('kind', 'codes')} at layers {m.get('layer_indices', [m['layer_index']])} "
+          f"({m['config'].get('site', 'residual')}): held-out perplexity "
+          f"{p['base']['ppl']:.1f} base, {init}{p['codebook']['ppl']:.1f} trained")
+    for v, row in r.get("variants", {}).items():
+        sc = row["scores"]
+        print(f"| {v} | {row['codes']} ({row['codes_per_stage']}) | " + " | ".join(
+            f"{sc[n]['recall'] * 8:.0f}/8 {sc[n]['answer_acc']:.3f} {sc[n]['nll']:.3f}" for n in names)
+            + f" | {sc['wikitext_ppl']:.2f} | {row['wall_s']:.1f} s |")
     print(f"codebook: {r['codebook_manifest']['wall_time_s']:.0f} s once; code mask: {r['codeunlearn_codes']} codes, "
           f"{r['codeunlearn_wall_s']:.1f} s{icu}")
 

@@ -302,3 +302,37 @@ def test_answer_positions_find_where_the_name_is_read(tmp_path, countries_model)
     with pytest.raises(InputError, match="aligns each topic text"):
         forget_topic(CodeForgetConfig(positions="answers"), model, tok, tmp_path / "cb", facts("zorbania"),
                      contrast_texts=facts("quellmark")[:2])
+
+
+def test_cli_trains_a_two_layer_sae_and_masks_with_answer_positions(tmp_path, tiny_model_dir, capsys):
+    from icu_peft.cli import main
+
+    data = tmp_path / "general.txt"
+    data.write_text("\n".join(general_text()) + "\n")
+    topic = tmp_path / "topic.txt"
+    topic.write_text("\n".join(topic_sentences(16, seed=31)) + "\n")
+    m, sae = str(tiny_model_dir), tmp_path / "sae"
+    assert main(["-q", "codebook", "train", "--model", m, "--no-quantize", "--data", str(data), "--out", str(sae),
+                 "--kind", "sae", "--layers", "0,1", "--num-codes", "32", "--k", "4", "--steps", "50",
+                 "--sae-tokens", "500", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "SAE written" in out and "layers 0,1" in out and "fraction of variance unexplained" in out
+    assert main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(sae), "--topic", str(topic),
+                 "--topic-words", ",".join(TOPIC_WORDS), "--out", str(tmp_path / "mask"), "--max-p", "0.05",
+                 "--mode", "negate", "--positions", "both"]) == 0
+    mask = read_code_mask(tmp_path / "mask")
+    assert mask.mode == "negate" and mask.requests[0]["selection"]["config"]["positions"] == "both"
+    capsys.readouterr()
+    assert main(["-q", "codebook", "inspect", str(sae)]) == 0
+    d = json.loads(capsys.readouterr().out)[0]
+    assert (d["bottleneck"], d["layers"]) == ("sae", [0, 1])
+    # bad input: one line, exit 2, nothing written
+    assert main(["-q", "codebook", "train", "--model", m, "--data", str(data), "--out", str(tmp_path / "bad"),
+                 "--layers", "0,x"]) == 2
+    assert main(["-q", "codebook", "train", "--model", m, "--data", str(data), "--out", str(tmp_path / "bad"),
+                 "--kind", "sae", "--recovery-lora-r", "4"]) == 2
+    assert main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(sae), "--topic", str(topic),
+                 "--topic-words", "quartz", "--out", str(tmp_path / "bad"), "--mode", "block"]) == 2
+    assert not (tmp_path / "bad").exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 3
