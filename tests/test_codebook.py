@@ -50,7 +50,7 @@ def base(tiny_model_dir):
     return load_base_model(str(tiny_model_dir), quantize=False), load_tokenizer(str(tiny_model_dir))
 
 
-CFG = dict(num_codes=64, k=4, steps=60, batch_size=8, max_length=32, kmeans_tokens=400, dead_code_interval=20,
+CFG = dict(kind="codes", num_codes=64, k=4, steps=60, batch_size=8, max_length=32, kmeans_tokens=400, dead_code_interval=20,
            progress=False, learning_rate=3e-3, layer=1, recovery_lora_r=0)  # the bare bottleneck; recovery tests set it
 
 
@@ -391,7 +391,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
     m = str(tiny_model_dir)
     cb = tmp_path / "cb"
     # 4-bit base (the default) for training
-    assert main(["-q", "codebook", "train", "--model", m, "--data", str(data), "--out", str(cb), "--num-codes", "32",
+    assert main(["-q", "codebook", "train", "--model", m, "--data", str(data), "--out", str(cb), "--kind", "codes", "--num-codes", "32",
                  "--k", "4", "--steps", "10", "--max-length", "32", "--kmeans-tokens", "200", "--no-progress"]) == 0
     assert "perplexity" in capsys.readouterr().out
     assert main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(cb), "--topic", str(topic),
@@ -622,11 +622,12 @@ def test_codebook_saved_before_sites_loads_as_residual(tmp_path, mlp_codebook_di
     old = tmp_path / "old"
     shutil.copytree(mlp_codebook_dir[0], old)
     cfg = json.loads((old / "codebook_config.json").read_text())
-    del cfg["site"]
+    for key in ("site", "kind", "layers", "layer_indices", "sae_tokens", "sae_batch_tokens"):  # none existed then
+        del cfg[key]
     (old / "codebook_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     write_manifest(old, read_manifest(old))  # re-hash, as the pre-site code would have written it
     cb = read_codebook(old)
-    assert cb.config.site == "residual"
+    assert (cb.config.site, cb.config.kind, cb.layer_indices) == ("residual", "codes", [cb.layer_index])
     texts = topic_sentences(3, seed=5)
     hook = attach(model, cb.build_layer(), cb.layer_index, "residual")
     want, _ = logits(model, tok, texts)
@@ -757,6 +758,8 @@ def test_default_layer_is_a_tenth_of_the_way_up():
     assert resolve_layer(Stack(30), -1) == 29 and resolve_layer(Stack(30), 15) == 15
     with pytest.raises(InputError, match="out of range"):
         resolve_layer(Stack(30), 30)
-    cfg = CodebookConfig()
-    assert (cfg.site, cfg.layer, cfg.recovery_lora_r) == ("residual", None, 8)
+    cfg = CodebookConfig()  # the SAE: the recipe that forgot most on the planted countries (CODEUNLEARN.md)
+    assert (cfg.kind, cfg.site, cfg.layer, cfg.recovery_lora_r, cfg.num_codes, cfg.steps) == ("sae", "residual", None, 0, 2048, 1500)
+    codes = CodebookConfig(kind="codes")
+    assert (codes.recovery_lora_r, codes.num_codes, codes.steps, codes.learning_rate) == (8, 1024, 300, 0.05)
     assert (CodeForgetConfig().mode, CodeForgetConfig().bonferroni) == ("zero", False)

@@ -105,7 +105,7 @@ def sae_dir(tmp_path_factory, base):
 def test_sae_config_needs_no_recovery():
     cfg = CodebookConfig(kind="sae")
     assert (cfg.recovery_lora_r, cfg.learning_rate) == (0, 1e-3)
-    assert CodebookConfig().recovery_lora_r == 8 and CodebookConfig().learning_rate == 0.05
+    assert CodebookConfig(kind="codes").recovery_lora_r == 8 and CodebookConfig(kind="codes").learning_rate == 0.05
     with pytest.raises(InputError, match="recovery_lora_r must be 0"):
         CodebookConfig(kind="sae", recovery_lora_r=4)
     with pytest.raises(InputError):
@@ -313,7 +313,7 @@ def test_cli_trains_a_two_layer_sae_and_masks_with_answer_positions(tmp_path, ti
     topic.write_text("\n".join(topic_sentences(16, seed=31)) + "\n")
     m, sae = str(tiny_model_dir), tmp_path / "sae"
     assert main(["-q", "codebook", "train", "--model", m, "--no-quantize", "--data", str(data), "--out", str(sae),
-                 "--kind", "sae", "--layers", "0,1", "--num-codes", "32", "--k", "4", "--steps", "50",
+                 "--layers", "0,1", "--num-codes", "32",  # the SAE: the default kind "--k", "4", "--steps", "50",
                  "--sae-tokens", "500", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "SAE written" in out and "layers 0,1" in out and "fraction of variance unexplained" in out

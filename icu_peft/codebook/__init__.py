@@ -1,6 +1,7 @@
-"""CodeUnlearn: zero-shot topic forgetting through a codebook bottleneck on one decoder layer.
+"""CodeUnlearn: zero-shot topic forgetting through a bottleneck on one or more decoder layers: a top-k
+SAE read beside the residual stream (the default, sae.py) or a codebook in its place (layer.py).
 
-Train a codebook once per base (`train_codebook`), then answer each forget request without a
+Train it once per base (`train_codebook`), then answer each forget request without a
 gradient step (`forget_topic` -> a code mask). Codebooks and masks follow the forget-adapter
 contract (safetensors + forget_manifest.json with sha256s and the base fingerprint); masks stack as
 sets (`stack_masks`, `revoke_mask`), and `load_codebook_model` gives back a causal LM for any metric.

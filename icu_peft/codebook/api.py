@@ -178,6 +178,7 @@ def read_codebook(directory: str | Path) -> Codebook:
         layer_indices = [int(i) for i in raw.pop("layer_indices", [layer_index])]
         # Codebooks saved before sites existed snapped the residual stream; the field's default may differ.
         raw.setdefault("site", "residual")
+        raw.setdefault("kind", "codes")  # and before SAEs existed, every one was a codebook
         config = CodebookConfig.from_dict(raw)
         tensors = load_file(str(directory / CODEBOOK_WEIGHTS))
     except (KeyError, ValueError, TypeError, json.JSONDecodeError, SafetensorError) as e:

@@ -27,11 +27,11 @@ class CodebookConfig:
     """Where the bottleneck sits, what it looks like, and how it is trained."""
 
     # --- the bottleneck ---
-    kind: str = field(default="codes", metadata={"help": "'codes': a codebook whose top-k codes replace the site's output (CodeUnlearn); 'sae': a top-k sparse autoencoder read beside it, whose masked features are subtracted while the rest of the state passes untouched."})
+    kind: str = field(default="sae", metadata={"help": "'sae' (the default: forgot more and kept everything on the planted countries, at no perplexity cost; docs/CODEUNLEARN.md): a top-k sparse autoencoder read beside the site, whose masked features are subtracted while the rest of the state passes untouched; 'codes': a codebook whose top-k codes replace the site's output (CodeUnlearn's own bottleneck)."})
     layer: Optional[int] = field(default=None, metadata={"help": "Decoder layer (0-based) whose site output is snapped to codes; negative counts from the end; unset: a tenth of the way up (3 of 30)."})
     layers: Optional[List[int]] = field(default=None, metadata={"help": "Several decoder layers, each with its own codebook / SAE of num_codes entries (ids numbered layer after layer: the second layer's start at num_codes); overrides `layer`."})
     site: str = field(default="residual", metadata={"help": "What is snapped: 'residual' (the layer's whole residual output) or 'mlp' / 'attention' (only that sub-layer's output)."})
-    num_codes: int = field(default=1024, metadata={"help": "Number of code vectors in the codebook."})
+    num_codes: Optional[int] = field(default=None, metadata={"help": "Code vectors (SAE features) per bottleneck layer; unset: 1024 codes, 2048 SAE features."})
     k: int = field(default=8, metadata={"help": "Top-k codes combined per hidden state."})
     similarity: str = field(default="cosine", metadata={"help": "How codes are ranked: 'cosine' or 'inner' (inner product)."})
     passthrough_norm_ratio: float = field(default=10.0, metadata={"help": "Positions whose hidden norm exceeds this x the median pass through unsnapped (attention sinks); 0: snap all."})
@@ -43,7 +43,7 @@ class CodebookConfig:
     recovery_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the recovery LoRA weights."})
 
     # --- training (base frozen; only the codebook, and the recovery LoRA if any, train) ---
-    steps: int = field(default=300, metadata={"help": "Optimisation steps."})
+    steps: Optional[int] = field(default=None, metadata={"help": "Optimisation steps; unset: 300 for codes (each a forward and backward pass of the model), 1500 for an SAE (each on sae_batch_tokens stored states)."})
     batch_size: int = field(default=8, metadata={"help": "Token windows per step."})
     max_length: int = field(default=128, metadata={"help": "Training texts are cut into windows of this many tokens."})
     learning_rate: Optional[float] = field(default=None, metadata={"help": "AdamW learning rate of the code vectors / SAE weights; unset: 0.05 for codes (Adam moves each element ~lr a step; hidden states are in the hundreds), 1e-3 for an SAE (it works on unit-scale states)."})
@@ -60,6 +60,10 @@ class CodebookConfig:
 
     def __post_init__(self) -> None:
         _need(self.kind in KINDS, f"kind must be one of {', '.join(repr(k) for k in KINDS)}")
+        if self.num_codes is None:
+            self.num_codes = 1024 if self.kind == "codes" else 2048
+        if self.steps is None:
+            self.steps = 300 if self.kind == "codes" else 1500
         if self.recovery_lora_r is None:
             self.recovery_lora_r = 8 if self.kind == "codes" else 0
         if self.learning_rate is None:
@@ -82,7 +86,7 @@ class CodebookConfig:
         _need(self.max_length >= 4, "max_length must be >= 4")
         _need(self.learning_rate > 0, "learning_rate must be > 0")
         _need(self.recon_weight >= 0, "recon_weight must be >= 0")
-        _need(self.kmeans_tokens >= self.num_codes, "kmeans_tokens must be >= num_codes")
+        _need(self.kind != "codes" or self.kmeans_tokens >= self.num_codes, "kmeans_tokens must be >= num_codes")
         _need(0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)")
         _need(self.recovery_lora_r >= 0, "recovery_lora_r must be >= 0")
         _need(self.recovery_lora_alpha > 0, "recovery_lora_alpha must be > 0")

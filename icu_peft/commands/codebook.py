@@ -17,18 +17,18 @@ def _model_args(p: argparse.ArgumentParser, force: bool = True) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("codebook", help="CodeUnlearn: codebook bottleneck and zero-shot topic forgetting")
+    p = sub.add_parser("codebook", help="CodeUnlearn: an SAE or codebook bottleneck and zero-shot topic forgetting")
     cs = p.add_subparsers(dest="codebook_command", metavar="ACTION")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
-    t = cs.add_parser("train", help="train a codebook bottleneck once on general text (base frozen)")
+    t = cs.add_parser("train", help="train the bottleneck (an SAE by default, or a codebook) once on general text (base frozen)")
     _model_args(t, force=False)
     t.add_argument("--data", required=True, help="general training text: .jsonl (field text), .csv (column text) or .txt")
     t.add_argument("--eval-data", help="held-out text for the perplexity cost (default: a share of --data)")
     t.add_argument("--out", required=True, help="output directory for the codebook")
-    t.add_argument("--kind", choices=["codes", "sae"],
-                   help="codes: a codebook replaces the site's output (default); sae: a top-k sparse autoencoder "
-                        "read beside it (no perplexity cost, no recovery LoRA)")
+    t.add_argument("--kind", choices=["sae", "codes"],
+                   help="sae (default): a top-k sparse autoencoder read beside the site (no perplexity cost, no "
+                        "recovery LoRA); codes: a codebook replaces the site's output")
     t.add_argument("--layer", type=int, help="decoder layer (0-based; negative from the end; default: a tenth of the way up)")
     t.add_argument("--layers", help="several decoder layers, comma-separated (one codebook / SAE each); overrides --layer")
     t.add_argument("--sae-tokens", type=int, help="SAE: hidden states per layer to train on")
