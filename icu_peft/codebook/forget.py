@@ -147,7 +147,7 @@ def count_code_activations(model, handle: CodebookHandle, seqs: Sequence[torch.T
     """
     device = model_device(model)
     layers = handle.layers
-    n = handle.codebook.config.num_codes if hasattr(handle, "codebook") else layers[0].num_codes
+    n = layers[0].num_codes  # every stage holds the same number
     counts = torch.zeros(n * len(layers), dtype=torch.long)
     positions = 0
     for layer in layers:
@@ -233,22 +233,22 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         contrast_source = "file"
     if not contrast_texts:
         raise InputError("the contrast set is empty")
+    if config.positions != "all" and len(contrast_texts) != len(topic_texts):
+        raise InputError(f"positions={config.positions!r} aligns each topic text with its contrast text: "
+                         f"got {len(topic_texts)} topic and {len(contrast_texts)} contrast texts")
+    codebook = read_codebook(codebook_dir)
+    if codebook.config.kind == "sae" and config.mode == "block":
+        raise InputError("an SAE's features cannot be blocked: use mode 'zero' or 'negate'")
+    fp = base_fingerprint(base_model)
+    check_base(codebook.manifest, fp, where=str(codebook_dir), force=force)
     salt = config.hash_salt or new_salt()
     store_key(salt)  # the ids' key stays with the operator; manifests name it by id (idkeys.py)
     request_id = config.request_id or str(uuid.uuid4())
-    codebook = read_codebook(codebook_dir)
-    fp = base_fingerprint(base_model)
-    check_base(codebook.manifest, fp, where=str(codebook_dir), force=force)
 
     def encode(texts):
         return [torch.tensor(tokenizer(t, add_special_tokens=True)["input_ids"][:config.max_length], dtype=torch.long)
                 for t in texts]
 
-    if codebook.config.kind == "sae" and config.mode == "block":
-        raise InputError("an SAE's features cannot be blocked: use mode 'zero' or 'negate'")
-    if config.positions != "all" and len(contrast_texts) != len(topic_texts):
-        raise InputError(f"positions={config.positions!r} aligns each topic text with its contrast text: "
-                         f"got {len(topic_texts)} topic and {len(contrast_texts)} contrast texts")
     pad = tokenizer.pad_token_id
     t_seqs, c_seqs = encode(topic_texts), encode(contrast_texts)
     model = load_codebook_model(base_model, codebook_dir, (), force=force)
