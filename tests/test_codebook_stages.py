@@ -336,3 +336,15 @@ def test_cli_trains_a_two_layer_sae_and_masks_with_answer_positions(tmp_path, ti
     assert not (tmp_path / "bad").exists()
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 3
+
+
+def test_make_contrast_is_the_same_in_every_process():
+    """Equal-length topic words used to take their neutral words in the set's (hash-seeded) order."""
+    import subprocess
+    import sys
+
+    code = ("from icu_peft.codebook.forget import make_contrast; "
+            "print(make_contrast(['Zorbania speaks Zorbanic and Quellish'], ['Zorbania', 'Zorbanic', 'Quellish'])[0])")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(outs) == 1, outs

@@ -55,7 +55,9 @@ def make_contrast(texts: Sequence[str], topic_words: Sequence[str],
     Each topic word always maps to the same neutral word; longer topic words are replaced first so
     'Zorblat Republic' wins over 'Zorblat'. Raises InputError when no topic word occurs at all.
     """
-    words = sorted({w.strip() for w in topic_words if w and w.strip()}, key=len, reverse=True)
+    # Longest first, ties by name: a set's order follows the per-process string hash, and which neutral
+    # word a topic word gets must not change from run to run (it changed the selected codes).
+    words = sorted({w.strip() for w in topic_words if w and w.strip()}, key=lambda w: (-len(w), w.lower(), w))
     if not words:
         raise InputError("no topic words given")
     if not neutral_words:
