@@ -432,7 +432,7 @@ def main():
     first = results["variants"][variants[0]]
     results["codeunlearn_wall_s"], results["codeunlearn_codes"], results["codeunlearn"] = (
         first["wall_s"], first["codes"], first["scores"])
-    tag = f"{cb_dir.name}-" + "+".join(v.replace(":", "_") for v in variants)
+    tag = f"{cb_dir.name}-p{args.max_p:g}-" + "+".join(v.replace(":", "_") for v in variants)
 
     if args.skip_icu:
         (work / f"results-{tag}.json").write_text(json.dumps(results, indent=2))
