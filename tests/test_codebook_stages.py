@@ -15,15 +15,7 @@ from icu_peft.codebook.layer import combine_codes
 from icu_peft.codebook.sae import SAELayer, fraction_unexplained, sae_decode, sae_encode, train_sae
 from icu_peft.errors import InputError, IntegrityError
 
-from test_codebook import CFG, TOPIC_WORDS, _change, detach, general_text, logits, topic_sentences
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_codebook import CFG, TOPIC_WORDS, _change, detach, general_text, logits, one_thread, topic_sentences  # noqa: F401 (one_thread: autouse)
 
 
 @pytest.fixture(scope="module")
