@@ -309,6 +309,8 @@ def main():
                          "(e.g. zero:all:swap,zero:both:others); CONTRAST swap = the topic words swapped out, "
                          "others = the kept topics' facts of the same form, one per fact. Default: --mode:all:swap")
     ap.add_argument("--answer-margin", type=float, default=1.0, help="CodeForgetConfig.answer_margin")
+    ap.add_argument("--forget-topic", default=None,
+                    help="the topic to forget (default: Zorbania); the others are the kept ones")
     ap.add_argument("--min-ratio", type=float, default=2.0)
     ap.add_argument("--max-p", type=float, default=1e-3)
     ap.add_argument("--no-bonferroni", action="store_true",
@@ -338,9 +340,15 @@ def main():
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    global FORGET_TOPIC
     if args.topics == "countries":  # a throw-away script: the topic set is module state, chosen once here
         global TOPICS, UNSEEN
         TOPICS, UNSEEN = COUNTRY_TOPICS, COUNTRY_UNSEEN
+    if args.forget_topic:
+        if args.forget_topic not in TOPICS:
+            print(f"--forget-topic must be one of {', '.join(TOPICS)}")
+            return 2
+        FORGET_TOPIC = args.forget_topic
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     from icu_peft.cli import setup_logging
@@ -405,7 +413,7 @@ def main():
         # Per codebook and selection, so that runs sharing a work dir (and its planted model) do not clash.
         tag = (f"{cb_dir.name}-{mode}-p{args.max_p:g}-r{args.min_ratio:g}" + ("-nobonf" if args.no_bonferroni else "")
                + (f"-{positions}-{contrast}" if (positions, contrast) != ("all", "swap") else ""))
-        mask_dir = work / f"mask-zorbania-{tag}"
+        mask_dir = work / f"mask-{FORGET_TOPIC.lower().replace(' ', '_')}-{tag}"
         topic = [plain(f) for f in spec["facts"]]
         kw = {"topic_words": spec["words"]}
         if contrast == "others":  # each fact against the same template's fact of every kept topic
@@ -415,7 +423,7 @@ def main():
         t0 = time.time()
         res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, max_p=args.max_p, mode=mode,
                                             bonferroni=not args.no_bonferroni, positions=positions,
-                                            answer_margin=args.answer_margin, request_id="forget-zorbania"),
+                                            answer_margin=args.answer_margin, request_id=f"forget-{FORGET_TOPIC}"),
                            model, tok, cb_dir, topic, output_dir=mask_dir, overwrite=True, **kw)
         wall = time.time() - t0
         sel = res.manifest["requests"][0]["selection"]
@@ -432,7 +440,8 @@ def main():
     first = results["variants"][variants[0]]
     results["codeunlearn_wall_s"], results["codeunlearn_codes"], results["codeunlearn"] = (
         first["wall_s"], first["codes"], first["scores"])
-    tag = f"{cb_dir.name}-p{args.max_p:g}-" + "+".join(v.replace(":", "_") for v in variants)
+    tag = (f"{cb_dir.name}-p{args.max_p:g}-" + "+".join(v.replace(":", "_") for v in variants)
+           + (f"-{FORGET_TOPIC}" if FORGET_TOPIC != "Zorbania" else ""))
 
     if args.skip_icu:
         (work / f"results-{tag}.json").write_text(json.dumps(results, indent=2))
