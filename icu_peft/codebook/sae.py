@@ -114,14 +114,16 @@ class SAELayer(nn.Module):
 
 
 def train_sae(x: torch.Tensor, num_features: int, k: int, steps: int, batch_tokens: int, lr: float,
-              dead_interval: int = 50, seed: int = 0, progress: bool = False, desc: str = "sae") -> Tuple[SAELayer, dict]:
+              dead_interval: int = 50, seed: int = 0, progress: bool = False, desc: str = "sae",
+              device=None) -> Tuple[SAELayer, dict]:
     """A top-k SAE fitted to the rows of x (hidden states, any scale); returns (layer, stats).
 
     Init: decoder rows random unit vectors, encoder = decoder (tied at the start), b_dec the mean
     state. Each step: relative MSE on a random batch, Adam, decoder rows renormalised to unit length
     (so a feature's size lives in its activation, and activations compare across features). Features
     that fired on no row for `dead_interval` steps are moved onto the current batch's worst-reconstructed
-    residuals.
+    residuals. `device`: where to train (the model's device: an 8B model's states on a CPU would take
+    hours); the states and the SAE stay there.
     """
     from tqdm.auto import tqdm
 
@@ -130,15 +132,15 @@ def train_sae(x: torch.Tensor, num_features: int, k: int, steps: int, batch_toke
     if not 1 <= k < num_features:
         raise InputError("k must be in [1, num_features)")
     g = torch.Generator().manual_seed(seed)
-    x = x.float()
+    x = x.float().to(device) if device is not None else x.float()
     scale = x.pow(2).mean().sqrt().clamp(min=1e-6)
     xs = x / scale
     n_hold = max(1, min(x.shape[0] // 10, 4096))
-    perm = torch.randperm(xs.shape[0], generator=g)
+    perm = torch.randperm(xs.shape[0], generator=g).to(x.device)
     held, train = xs[perm[:n_hold]], xs[perm[n_hold:]] if xs.shape[0] > n_hold else xs
-    layer = SAELayer(num_features, x.shape[1], k)
+    layer = SAELayer(num_features, x.shape[1], k).to(x.device)
     with torch.no_grad():
-        d = torch.randn(num_features, x.shape[1], generator=g)
+        d = torch.randn(num_features, x.shape[1], generator=g).to(x.device)
         d = d / d.norm(dim=-1, keepdim=True)
         layer.w_dec.copy_(d)
         layer.w_enc.copy_(d)
@@ -146,11 +148,11 @@ def train_sae(x: torch.Tensor, num_features: int, k: int, steps: int, batch_toke
         layer.scale.fill_(float(scale))
     params = [layer.w_enc, layer.b_enc, layer.w_dec, layer.b_dec]
     opt = torch.optim.Adam(params, lr=lr)
-    last_active = torch.zeros(num_features, dtype=torch.long)
+    last_active = torch.zeros(num_features, dtype=torch.long, device=x.device)
     reseeded, fvu = 0, None
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
-        batch = train[torch.randint(0, train.shape[0], (min(batch_tokens, train.shape[0]),), generator=g)]
+        batch = train[torch.randint(0, train.shape[0], (min(batch_tokens, train.shape[0]),), generator=g).to(x.device)]
         vals, idx = sae_encode(batch, layer.w_enc, layer.b_enc, layer.b_dec, k)
         x_hat = sae_decode(vals, idx, layer.w_dec, layer.b_dec)
         loss = fraction_unexplained(batch, x_hat)
@@ -185,7 +187,7 @@ def _reseed_dead_features(layer: SAELayer, opt, dead: torch.Tensor, batch: torch
     if n == 0:
         return 0
     worst = resid.pow(2).sum(-1).topk(min(n, resid.shape[0])).indices
-    pick = worst[torch.randint(0, worst.numel(), (n,), generator=g)]
+    pick = worst[torch.randint(0, worst.numel(), (n,), generator=g).to(worst.device)]
     d = resid[pick]
     d = d / d.norm(dim=-1, keepdim=True).clamp(min=1e-8)
     rows = dead.nonzero().squeeze(-1)

@@ -202,7 +202,7 @@ def _train_sae_stages(config, base_model, base_name, layer_indices, seqs, eval_s
                                 passthrough_ratio=config.passthrough_norm_ratio, site=config.site)
         layer, st = train_sae(hidden, config.num_codes, config.k, config.steps, config.sae_batch_tokens,
                               config.learning_rate, config.dead_code_interval, config.seed + n, config.progress,
-                              desc=f"sae layer {i}")
+                              desc=f"sae layer {i}", device=model_device(base_model))
         del hidden
         layer.passthrough_ratio = config.passthrough_norm_ratio
         logger.info("SAE at layer %d: fraction of variance unexplained %.3f on %d held-out states, %d features used",
