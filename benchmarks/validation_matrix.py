@@ -95,8 +95,6 @@ SCENARIOS = {
     # larger requests of one template (not in the default run: --scenarios ...)
     "prescriptions16": (prescriptions, 3, 64, 101, 16, 48, 16, 8),
     "prescriptions64": (prescriptions, 4, 128, 202, 64, 192, 16, 8),
-    # the same request on a model with twice the layers and width (is 0/64 the small model's limit?)
-    "prescriptions64_deep": (prescriptions, 8, 256, 202, 64, 192, 16, 8),
     # the records on other architectures (testing.ARCHITECTURES)
     "records_gpt2": (records, 2, 64, 31, 8, 24, 16, 8),
     "records_gpt_neox": (records, 2, 64, 31, 8, 24, 16, 8),
