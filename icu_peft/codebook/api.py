@@ -58,14 +58,11 @@ def save_codebook(layers, config: CodebookConfig, layer_indices, manifest: dict,
                   output_dir: str | Path, overwrite: bool = False, recovery=None) -> dict:
     """Write the codebook directory atomically (with the recovery PeftModel's adapter, if given); returns the manifest.
 
-    `layers` / `layer_indices`: one stage (a module and an int) or several (lists, in layer order).
-    A single codebook stage keeps the original file layout ({"weight"}); every other case names its
-    tensors "stage{i}.{name}".
+    `layers` / `layer_indices`: one stage per bottleneck layer, in layer order. A single codebook stage
+    keeps the original file layout ({"weight"}); every other case names its tensors "stage{i}.{name}".
     """
     from safetensors.torch import save_file
 
-    if not isinstance(layers, (list, tuple)):
-        layers, layer_indices = [layers], [layer_indices]
     if (recovery is None) != (config.recovery_lora_r == 0):
         raise InputError("a recovery adapter is saved exactly when config.recovery_lora_r > 0")
     if config.kind == "codes" and len(layers) == 1:
@@ -78,7 +75,7 @@ def save_codebook(layers, config: CodebookConfig, layer_indices, manifest: dict,
             recovery.save_pretrained(str(tmp / RECOVERY_DIR), safe_serialization=True,
                                      selected_adapters=[RECOVERY_ADAPTER])
             _flatten_adapter_dir(tmp / RECOVERY_DIR)
-        hidden = int(tensors.get("weight", tensors.get("stage0.weight", tensors.get("stage0.w_dec"))).shape[1])
+        hidden = int(layers[0].weight.shape[1] if isinstance(layers[0], CodebookLayer) else layers[0].w_dec.shape[1])
         cfg = dict(config.to_dict(), layer_index=int(layer_indices[0]), layer_indices=[int(i) for i in layer_indices],
                    hidden_size=hidden)
         (tmp / CODEBOOK_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..adapters import check_output_dir, check_base
-from ..data import new_salt, pad_batch, sample_id
+from ..data import new_salt, sample_id
 from ..idkeys import key_id, store_key
 from ..errors import InputError
 from ..metrics import model_device
@@ -39,6 +39,7 @@ from ..models import base_fingerprint
 from ..adapters import utc_now
 from .api import CodebookHandle, load_codebook_model, read_codebook, write_code_mask
 from .config import CodeForgetConfig
+from .layer import count_code_activations
 
 # Ordinary, topic-free words that stand in for topic words in the contrast text.
 NEUTRAL_WORDS = ("thing", "person", "place", "item", "group", "object", "area", "someone", "something",
@@ -140,42 +141,6 @@ def answer_positions(pairs: Sequence[Tuple[int, int]], topic_nll: Sequence[float
 
 
 @torch.no_grad()
-def count_code_activations(model, handle: CodebookHandle, seqs: Sequence[torch.Tensor], pad_id: int,
-                           batch_size: int = 8, only: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, int]:
-    """(per-code count of real positions where the code is in the top-k, number of positions counted).
-
-    Codes are global over the stages (a multi-layer codebook's stage i adds i * num_codes); a position
-    counts once per stage. `only[i]`: the positions of sequence i to count (default: every real one).
-    """
-    device = model_device(model)
-    layers = handle.layers
-    n = layers[0].num_codes  # every stage holds the same number
-    counts = torch.zeros(n * len(layers), dtype=torch.long)
-    positions = 0
-    for layer in layers:
-        layer.record = []
-    try:
-        for s in range(0, len(seqs), batch_size):
-            ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            valid = mask.bool()
-            if only is not None:
-                valid = torch.zeros_like(valid)
-                for row, pos in enumerate(only[s:s + batch_size]):
-                    if len(pos):
-                        valid[row, torch.as_tensor(list(pos), dtype=torch.long)] = True
-            for stage, layer in enumerate(layers):
-                idx = layer.record.pop()
-                codes = idx[valid].reshape(-1)
-                counts[stage * n:(stage + 1) * n] += torch.bincount(codes[codes >= 0], minlength=n)  # -1: passed through
-            positions += int(valid.sum())
-    finally:
-        for layer in layers:
-            layer.record = None
-    return counts, positions
-
-
-@torch.no_grad()
 def nll_of(model, seq: torch.Tensor, positions: Sequence[int], tokens: Sequence[int]) -> List[float]:
     """NLL of token tokens[i] as the next token after seq[: positions[i] + 1], one forward pass."""
     if not len(positions):
@@ -258,8 +223,8 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
     codes, rows, counted = [], [], {}
     try:
         if config.positions in ("all", "both"):
-            t_counts, t_pos = count_code_activations(model, handle, t_seqs, pad, config.batch_size)
-            c_counts, c_pos = count_code_activations(model, handle, c_seqs, pad, config.batch_size)
+            t_counts, t_pos = count_code_activations(model, handle.layers, t_seqs, pad, config.batch_size)
+            c_counts, c_pos = count_code_activations(model, handle.layers, c_seqs, pad, config.batch_size)
             got, got_rows = select_topic_codes(t_counts, t_pos, c_counts, c_pos, config.min_ratio, config.max_p,
                                                config.bonferroni, config.min_count, config.max_codes)
             codes += got
@@ -267,8 +232,8 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
             counted["all"] = {"topic": t_pos, "contrast": c_pos, "active_on_topic": int((t_counts > 0).sum())}
         if config.positions in ("answers", "both"):
             t_only, c_only = _answer_positions(model, t_seqs, c_seqs, config)
-            a_counts, a_pos = count_code_activations(model, handle, t_seqs, pad, config.batch_size, only=t_only)
-            b_counts, b_pos = count_code_activations(model, handle, c_seqs, pad, config.batch_size, only=c_only)
+            a_counts, a_pos = count_code_activations(model, handle.layers, t_seqs, pad, config.batch_size, only=t_only)
+            b_counts, b_pos = count_code_activations(model, handle.layers, c_seqs, pad, config.batch_size, only=c_only)
             if a_pos and b_pos:
                 got, got_rows = select_topic_codes(a_counts, a_pos, b_counts, b_pos, config.min_ratio, config.max_p,
                                                    config.bonferroni, config.min_count, config.max_codes)

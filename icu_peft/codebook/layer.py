@@ -16,13 +16,15 @@ Attachment is a forward hook on the decoder layer (or its sub-module), not a rep
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import pad_batch
 from ..errors import InputError
+from ..metrics import model_device
 
 # ------------------------------------------------------------------------------ pure functions
 
@@ -240,3 +242,39 @@ def capture(model, layer_index: int, sink: List[torch.Tensor], site: str = "resi
         _replace_hidden(output, lambda h: sink.append(h.detach()) or h)
 
     return module.register_forward_hook(hook)
+
+
+@torch.no_grad()
+def count_code_activations(model, layers: Sequence[nn.Module], seqs: Sequence[torch.Tensor], pad_id: int,
+                           batch_size: int = 8, only: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, int]:
+    """(per-code count of real positions where the code is in the top-k, number of positions counted), with
+    the stages `layers` attached to `model`.
+
+    Codes are global over the stages (a multi-layer codebook's stage i adds i * num_codes); a position
+    counts once per stage. `only[i]`: the positions of sequence i to count (default: every real one).
+    """
+    device = model_device(model)
+    n = layers[0].num_codes  # every stage holds the same number
+    counts = torch.zeros(n * len(layers), dtype=torch.long)
+    positions = 0
+    for layer in layers:
+        layer.record = []
+    try:
+        for s in range(0, len(seqs), batch_size):
+            ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            valid = mask.bool()
+            if only is not None:
+                valid = torch.zeros_like(valid)
+                for row, pos in enumerate(only[s:s + batch_size]):
+                    if len(pos):
+                        valid[row, torch.as_tensor(list(pos), dtype=torch.long)] = True
+            for stage, layer in enumerate(layers):
+                idx = layer.record.pop()
+                codes = idx[valid].reshape(-1)
+                counts[stage * n:(stage + 1) * n] += torch.bincount(codes[codes >= 0], minlength=n)  # -1: passed through
+            positions += int(valid.sum())
+    finally:
+        for layer in layers:
+            layer.record = None
+    return counts, positions

@@ -34,8 +34,8 @@ from ..adapters import utc_now
 from .api import RECOVERY_ADAPTER, RECOVERY_DIR, save_codebook
 from .config import CodebookConfig
 from .evaluate import lm_scores, windows
-from .layer import (CodebookLayer, attach, capture, decoder_layers, kmeans, massive_positions, resolve_layers,
-                    site_module)
+from .layer import (CodebookLayer, attach, capture, count_code_activations, decoder_layers, kmeans, massive_positions,
+                    resolve_layers, site_module)
 
 logger = logging.getLogger("icu_peft")
 
@@ -347,22 +347,6 @@ def _reseed_dead(layer: CodebookLayer, optimizer, dead: torch.Tensor, h: torch.T
     return n
 
 
-@torch.no_grad()
-def _codes_used(model, layers, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int = 8) -> int:
+def _codes_used(model, layers, seqs: Sequence[torch.Tensor], pad_id: int) -> int:
     """How many codes (features), over every stage, are in some position's top-k on `seqs`."""
-    device = model_device(model)
-    for layer in layers:
-        layer.record = []
-    seen = [torch.zeros(layer.num_codes, dtype=torch.bool) for layer in layers]
-    try:
-        for s in range(0, len(seqs), batch_size):
-            ids, mask = pad_batch(seqs[s:s + batch_size], pad_id)
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            for layer, hit in zip(layers, seen):
-                idx = layer.record.pop()
-                codes = idx[mask.bool()].reshape(-1)
-                hit[codes[codes >= 0]] = True
-    finally:
-        for layer in layers:
-            layer.record = None
-    return int(sum(int(hit.sum()) for hit in seen))
+    return int((count_code_activations(model, layers, seqs, pad_id)[0] > 0).sum())
