@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -111,6 +111,21 @@ def loss_auc(forget_nll: Sequence[float], unseen_nll: Sequence[float]) -> float:
     return float(wins / (len(forget_nll) * len(unseen_nll)))
 
 
+def view_aucs(forget_nll: Sequence[float], unseen_nll: Sequence[float], views: int = 1) -> List[float]:
+    """loss_auc per precision view: both lists hold `views` equal blocks, view after view (the loop scores
+    the forget set and the never-seen samples in every view the adapter ships in).
+
+    An attacker holds one model, so each view's forget set is compared with the never-seen text under the
+    same view. Pooled over views, a per-view offset hides a set that a single view tells apart: on a
+    fresh Llama memoriser the adapter lowered never-seen text of the request's kind by 0.4 nats in the
+    4-bit view it trained in and not in the fp32 merge, and the request settled at a pooled AUC of 0.44
+    while the 4-bit view alone (the shipped adapter) gave 0.32."""
+    if views < 1 or len(forget_nll) % views or len(unseen_nll) % views:
+        raise ValueError(f"{len(forget_nll)} forget and {len(unseen_nll)} never-seen scores do not split into {views} views")
+    n, m = len(forget_nll) // views, len(unseen_nll) // views
+    return [loss_auc(forget_nll[k * n:(k + 1) * n], unseen_nll[k * m:(k + 1) * m]) for k in range(views)]
+
+
 def off_centre(forget_nll: Sequence[float], unseen_nll: Sequence[float], tolerance: float) -> int:
     """+1 when a loss attack still finds the set too familiar (AUC > 0.5 + tolerance), -1 when pushed
     past never-seen text (AUC < 0.5 - tolerance), 0 when centred."""
@@ -150,12 +165,16 @@ class TokenTargets:
     rank: List[torch.Tensor] = field(default_factory=list)  # per sample: each token's index into the sorted never-seen NLLs
     ref_entropy: List[torch.Tensor] = field(default_factory=list)  # per sample: the base's next-token entropies
     unseen_order: Optional[torch.Tensor] = None  # the never-seen tokens in the order of their base NLL (rank's order)
+    tilt: float = 0.0  # the spread of every target around its mean, scaled by 1 + tilt (reshape)
+    remake: Optional[Callable[..., "TokenTargets"]] = None  # token_targets again with (unseen_token_nll, nll_goal=, nll_cap=)
 
     def summary(self) -> dict:
         n = max(len(self.nll), 1)
         out = {"mean_nll": sum(self.nll) / n, "mean_ma": sum(self.ma) / n, "mean_shift": sum(self.shift) / n}
         if any(self.moved):
             out["moved"] = sum(1 for m in self.moved if m)
+        if self.tilt:
+            out["tilt"] = self.tilt
         if self.entropy:
             ent = torch.cat(self.entropy)
             out["mean_entropy"] = float(ent.mean()) if ent.numel() else 0.0
@@ -169,9 +188,26 @@ class TokenTargets:
         reach theirs (pinned by the retain terms, or by the other precision the adapter must also suit);
         moving the target of the tokens that can move brings the sample's mean where it must be."""
         self.moved[i] = max(-limit, min(limit, self.moved[i] + delta))
-        t = torch.where(self.free[i], (self.shifted[i] + self.moved[i]).clamp(min=0.0), self.shifted[i])
-        self.logp[i] = -torch.maximum(self.ref[i], t)
+        self._aim(i)
         return self.moved[i]
+
+    def reshape(self, tilt: float) -> None:
+        """Scale every sample's target spread around its mean by 1 + tilt (calibrate.tilted)."""
+        self.tilt = tilt
+        for i in range(len(self.logp)):
+            self._aim(i)
+
+    def _aim(self, i: int) -> None:
+        """Sample i's target log-probs from its matched targets, the moves and the tilt."""
+        t = torch.where(self.free[i], (self.shifted[i] + self.moved[i]).clamp(min=0.0), self.shifted[i])
+        self.logp[i] = -torch.maximum(self.ref[i], tilted(t, self.free[i], self.tilt))
+
+    def rematch(self, fresh: "TokenTargets") -> None:
+        """Take the loss targets of `fresh` (token_targets run again on the same forget samples against the
+        never-seen text as the model has it now), keeping the moves and the tilt the loop gave them."""
+        self.shifted, self.shift, self.nll, self.ma, self.rank = fresh.shifted, fresh.shift, fresh.nll, fresh.ma, fresh.rank
+        for i in range(len(self.logp)):
+            self._aim(i)
 
     def with_entropy(self, ref_entropy: Sequence[torch.Tensor], unseen_nll: torch.Tensor,
                      unseen_entropy: torch.Tensor) -> "TokenTargets":
@@ -193,6 +229,17 @@ class TokenTargets:
             return
         paired = unseen_entropy.float().flatten()[self.unseen_order]
         self.entropy = entropy_targets(self.shifted, self.ref, self.ref_entropy, self.rank, paired)
+
+
+def tilted(target_nll: torch.Tensor, free: torch.Tensor, tilt: float) -> torch.Tensor:
+    """A sample's per-token target NLLs with their spread around their mean over the `free` tokens scaled
+    by 1 + tilt (tilt > 0: hard tokens harder and easy ones easier at the same mean; < 0: flatter);
+    never under 0 nats. The other tokens are returned as they are."""
+    t = target_nll.float()
+    if tilt == 0 or not bool(free.any()):
+        return t
+    m = t[free].mean()
+    return torch.where(free, (m + (t - m) * (1.0 + tilt)).clamp(min=0.0), t)
 
 
 def sorted_order(nll: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:

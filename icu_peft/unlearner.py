@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import platform
+import statistics
 import resource
 import time
 import uuid
@@ -29,9 +30,10 @@ from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
 from .idkeys import key_id, store_key
-from .calibrate import Band, StepSize, band_gap, band_position, loss_auc, off_centre
+from .calibrate import Band, StepSize, band_gap, band_position, off_centre, quantile, view_aucs
 from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set, shared_context
-from .methods import ForgetBatch, PrepareContext, resolve
+from .methods import ForgetBatch, PrepareContext, UnseenNow, resolve
+from .mia import min_k_score, roc_auc
 from .metrics import (Scores, backbone_and_head, model_device, next_token_entropies, next_token_stats,
                       score_samples)
 from .models import (attach_lora, base_dropout_off, base_fingerprint, hidden_size, load_base_model, load_tokenizer,
@@ -795,6 +797,7 @@ class _Run:
     steps: int = 0
     epoch: int = 0
     unseen_now: Optional[List[float]] = None  # never-seen samples' NLL at the last scoring (None: use the base's)
+    tail_auc: Optional[float] = None  # the Min-K% attack's AUC in the shipped view at the last scoring
     el_borrowed: bool = False  # the other views' EL_n at the last scoring is the trained view's (score)
     retargeted: int = 0  # target moves made in the finishing phase (retarget)
     pressured: Optional[tuple] = None  # (retain pressure, the config with its retain weights) for loss_config
@@ -907,18 +910,27 @@ class _Run:
         """One teacher-forced pass over the never-seen samples under `model` as it is now. Returns their
         NLLs (None for a one-sided method): the adapter moves never-seen text of the same kind too, and
         an attacker compares against the model they have, not the base, so the centring check uses
-        these. With `follow` (the trained view), methods aiming at the never-seen text's next-token
-        distributions (entropy targets) re-aim at the entropies of the same pass (Method.follow_unseen)."""
-        method, tset = resolve(self.config), self.target.unseen_set
-        follow = bool(follow and method.follow_unseen is not None and self.config.entropy_weight
-                      and getattr(self.method_state, "entropy", None))
+        these. With `follow` (the trained view), a method aiming at the never-seen text (its per-token
+        losses, its next-token entropies) re-aims at it as this pass has it (Method.follow_unseen)."""
+        method, tset, band = resolve(self.config), self.target.unseen_set, self.target.band
+        follow = bool(follow and method.follow_unseen is not None and band is not None
+                      and getattr(self.method_state, "remake", None) is not None)
         if tset is None or not (self.two_sided or follow):
             return None
         model.eval()
-        stats = next_token_stats(model, tset.input_ids, self.pad_id, self.config.score_batch_size, entropy=follow)
+        entropy = bool(follow and self.config.entropy_weight and getattr(self.method_state, "entropy", None))
+        stats = next_token_stats(model, tset.input_ids, self.pad_id, self.config.score_batch_size, entropy=entropy)
+        nll = [float(x.mean()) for x in stats[0]]
+        if follow and method.reshape is not None and self.config.tail_gain:
+            # the Min-K% attack in the shipped view: the forget set's hardest tokens against never-seen text's
+            mine = next_token_stats(model, self.forget_set.input_ids, self.pad_id, self.config.score_batch_size)[0]
+            self.tail_auc = roc_auc([min_k_score((-x).tolist()) for x in mine],
+                                    [min_k_score((-x).tolist()) for x in stats[0]])
         if follow:
-            method.follow_unseen(self.method_state, torch.cat(stats[2]))
-        return [float(x.mean()) for x in stats[0]] if self.two_sided else None
+            method.follow_unseen(self.method_state, UnseenNow(
+                token_nll=torch.cat(stats[0]), token_entropy=torch.cat(stats[2]) if entropy else None,
+                goal=quantile(nll, 0.5), cap=quantile(nll, 1 - band.settle_quantile)), self.config)
+        return nll if self.two_sided else None
 
     def forgotten(self, scores: Optional[Scores] = None) -> List[bool]:
         """Per forget sample: forgotten under every view."""
@@ -951,16 +963,57 @@ class _Run:
         return gap + len(scores.ma) * self.auc_excess(scores.nll)
 
     def attack_reference(self) -> Optional[List[float]]:
-        """The never-seen NLLs a loss attack compares the forget set with (under the model as it was at
-        the last scoring, else the base's); None for a one-sided method, which cannot centre a set."""
-        return (self.unseen_now or self.target.unseen_nll) if self.two_sided else None
+        """The never-seen NLLs a loss attack compares the forget set with, one block per view like the
+        forget scores (under the model as it was at the last scoring, else the base's in every block);
+        None for a one-sided method, which cannot centre a set."""
+        if not self.two_sided:
+            return None
+        if self.unseen_now:
+            return self.unseen_now
+        base = self.target.unseen_nll
+        return list(base) * self.views_scored() if base else base
 
-    def auc_excess(self, nll: Optional[List[float]]) -> float:
-        """How far a loss attack's AUC on `nll` is outside 0.5 +- settle_auc (0 where not applicable)."""
+    def views_scored(self) -> int:
+        """How many views the current scores hold (blocks of len(forget_set))."""
+        return max(1, len(self.scores.nll or []) // max(1, len(self.forget_set)))
+
+    def shipped_auc(self, nll: Optional[List[float]]) -> Optional[float]:
+        """The loss attack's AUC in the view the adapter trains in and ships in (the first view): what
+        `eval` and the report measure and an attacker holding the adapter file meets. The views need
+        not agree: the adapter lowered never-seen text of a request's kind by 0.4 nats in the 4-bit
+        view and not in the fp32 merge (a fresh Llama memoriser), more than the whole band's inner
+        part, so no set is centred in every view at once; the others must only keep every sample
+        forgotten (inside the band), which the stop rule checks per view."""
         reference = self.attack_reference()
         if not (reference and nll):
-            return 0.0
-        return max(0.0, abs(loss_auc(nll, reference) - 0.5) - self.config.settle_auc)
+            return None
+        return view_aucs(nll, reference, self.views_scored())[0]
+
+    def auc_excess(self, nll: Optional[List[float]]) -> float:
+        """How far the shipped view's loss-attack AUC on `nll` is outside 0.5 +- settle_auc (0 where not
+        applicable)."""
+        auc = self.shipped_auc(nll)
+        return 0.0 if auc is None else max(0.0, abs(auc - 0.5) - self.config.settle_auc)
+
+    def attack_aucs(self) -> dict:
+        """The attacks the loop steers by, as the last scoring found them in the shipped view (for the
+        log and the report's history): loss AUC, Min-K% AUC, and the targets' tilt."""
+        out = {}
+        auc = self.shipped_auc(self.scores.nll)
+        if auc is not None:
+            out["loss_auc"] = auc
+        if self.tail_auc is not None:
+            out["min_k_auc"] = self.tail_auc
+        if getattr(self.method_state, "tilt", 0.0):
+            out["tilt"] = self.method_state.tilt
+        return out
+
+    def centre_now(self) -> float:
+        """The never-seen samples' median NLL in the shipped view as the model has them now: the point
+        a centring set aims at (the band's middle is the base's, and the adapter moves text of the
+        request's kind: the fresh Llama request's never-seen text sat 0.5 nats under it)."""
+        reference = self.attack_reference()
+        return float(statistics.median(reference[:len(reference) // self.views_scored()]))
 
     def retain_ma(self) -> Optional[float]:
         if not len(self.retain_eval):
@@ -972,13 +1025,47 @@ class _Run:
         n, views = len(self.forget_set), len(self.view_names())
         flags = _active(self.scores, self.target.thresholds, self.config, self.target.band,
                         None if previous is None else previous * views, self.two_sided)
+        active = [any(flags[i::n]) for i in range(n)]  # a sample trains while any view wants it
         side = self.off_centre()
         if side:
-            # the set is bunched on one side of the never-seen text: train the samples on that side of the
-            # band's middle (their targets are the middle) until a loss attack cannot tell the sets apart
-            mid = self.target.band.nll_mid
-            flags = [a or (x < mid if side > 0 else x > mid) for a, x in zip(flags, self.scores.nll)]
-        self.active = [any(flags[i::n]) for i in range(n)]  # a sample trains while any view wants it
+            # the set is bunched on one side of the never-seen text in the shipped view: train the samples
+            # on that side of the never-seen median (recentre moves their targets towards it) until a loss
+            # attack cannot tell the sets apart
+            centre = self.centre_now()
+            active = [a or (x < centre if side > 0 else x > centre) for a, x in zip(active, self.scores.nll[:n])]
+        self.active = active
+
+    def recentre(self) -> None:
+        """With the set off centre in the shipped view: move the target of each sample on the wrong side of
+        the never-seen median (centre_now) half way there, within one band width in all. With `tail_gain`
+        (off by default), also steer the targets' spread by the Min-K% attack (TokenTargets.reshape).
+
+        The targets were aimed at the band's middle under the base; the adapter moves never-seen text of
+        the request's kind too, so a set sitting at its targets can be found by the loss attack with
+        nothing left to train: on a fresh Llama memoriser the never-seen text fell to 2.2 nats in the
+        4-bit view while the records stayed at 2.4-2.7, AUC 0.32, and centring never improved on it."""
+        method, band = resolve(self.config), self.target.band
+        if method.reshape is not None and self.tail_auc is not None:
+            # the shape: the Min-K% attack reads the hardest fifth of each sample's tokens. Forgotten records
+            # ended with those 1-1.5 nats easier than never-seen text's and their easy tokens too hard (the
+            # mean met, the spread compressed: Min-K% AUC 0.8 at loss AUC 0.5); widen the spread while the
+            # attack finds the set, narrow it when the tail goes past. A dead zone of half the centring
+            # tolerance keeps it from chasing the AUC's noise, and it acts only once the level is right
+            # (the loss attack within its tolerance): before that every attack finds the still-memorised
+            # set, and the tilt wound up to its limit on the way down.
+            error, level = self.tail_auc - 0.5, self.shipped_auc(self.scores.nll)
+            if (level is not None and abs(level - 0.5) <= self.config.settle_auc
+                    and abs(error) > self.config.settle_auc / 2):
+                tilt = min(2.0, max(-0.5, self.method_state.tilt + self.config.tail_gain * error))
+                method.reshape(self.method_state, tilt)
+        side = self.off_centre() if method.retarget is not None and band is not None else 0
+        if not side:
+            return
+        centre, limit = self.centre_now(), band.nll_hi - band.nll_lo
+        for i, x in enumerate(self.scores.nll[:len(self.forget_set)]):
+            if (x > centre) if side < 0 else (x < centre):
+                method.retarget(self.method_state, i, 0.5 * (centre - x), limit)
+                self.retargeted += 1
 
     def off_centre(self) -> int:
         """calibrate.off_centre of the forget set against the never-seen samples (0 where not applicable)."""
@@ -995,7 +1082,8 @@ class _Run:
         tolerance = self.config.settle_auc
         if self.centring:
             tolerance = max(tolerance / 2, 1.0 / (len(self.forget_set) * self.target.band.count))
-        side = off_centre(self.scores.nll, reference, tolerance)
+        n, m = len(self.forget_set), len(reference) // self.views_scored()
+        side = off_centre(self.scores.nll[:n], reference[:m], tolerance)  # the shipped view
         self.centring = side != 0
         return side
 
@@ -1056,6 +1144,7 @@ class _Run:
                     break
             else:
                 self.retarget(gap_after)
+                self.recentre()
                 self.update_active(self.active)
                 # a restore point must be clearly good, not just above the floor: from a state at the
                 # floor's edge the next round slides under it again
@@ -1076,13 +1165,15 @@ class _Run:
                 g["lr"] = self.step_size.lr
             m = self.scores.mean()
             self.per_epoch.append(self.scores)
+            attacks = self.attack_aucs()
             self.history.append(dict(epoch=self.epoch, step=self.steps, active=sum(self.active), lr=self.step_size.lr,
-                                     action=action, retain_ma=retain_ma, **terms,
+                                     action=action, retain_ma=retain_ma, **terms, **attacks,
                                      **{f"{k}_mean": v for k, v in m.items()}))
             logger.info("step %d (epoch %d): loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f NLL %.3f retain MA %s, "
-                        "%d outside the target; lr %.2e (%s)", self.steps, self.epoch, terms["loss"], terms["l_fgt"],
+                        "%d outside the target; lr %.2e (%s)%s", self.steps, self.epoch, terms["loss"], terms["l_fgt"],
                         terms["l_lrn"], terms["l_kl"], m["ma"], m["nll"],
-                        "-" if retain_ma is None else f"{retain_ma:.3f}", sum(self.active), self.step_size.lr, action)
+                        "-" if retain_ma is None else f"{retain_ma:.3f}", sum(self.active), self.step_size.lr, action,
+                        "".join(f"; {k} {v:.2f}" for k, v in attacks.items()))
             bar.set_postfix(active=sum(self.active), ma=f"{m['ma']:.3f}", lr=f"{self.step_size.lr:.1e}")
         bar.close()
         for m in self.models():

@@ -411,6 +411,7 @@ def test_centring_hysteresis_never_asks_for_less_than_the_aucs_own_step():
         run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band), forget_set=list(forget_nll),
                               scores=SimpleNamespace(nll=list(forget_nll)), centring=False)
         run.attack_reference = lambda: list(unseen_nll)
+        run.views_scored = lambda: 1
         return run
 
     # 8 forget vs 16 never-seen (AUC steps of 1/128)
@@ -461,3 +462,78 @@ def test_entropy_targets_pair_each_token_with_the_never_seen_token_of_its_rank()
     state.follow_unseen(ent * 2)
     assert torch.allclose(state.entropy[0], torch.where(state.shifted[0] > ref, 2 * ent[state.rank[0]],
                                                         torch.tensor(0.05)))
+
+
+def test_view_aucs_compare_each_views_forget_set_with_its_own_never_seen_text():
+    from icu_peft.calibrate import loss_auc, view_aucs
+
+    # view 0 lowers every text by 1 nat: pooled, the forget set of view 1 hides among view 0's never-seen text
+    forget = [3.0, 3.2, 2.0, 2.2]  # 2 samples in view 0, then the same 2 in view 1
+    unseen = [2.5, 2.6, 2.7, 1.5, 1.6, 1.7]  # 3 never-seen samples per view
+    assert view_aucs(forget, unseen, 2) == [0.0, 0.0]  # in each view alone: pushed past every never-seen sample
+    assert loss_auc(forget, unseen) == pytest.approx(0.25)  # pooled, the offset hides part of that
+    assert view_aucs(forget[:2], unseen[:3]) == [0.0]
+    with pytest.raises(ValueError, match="views"):
+        view_aucs(forget, unseen[:5], 2)
+
+
+def test_centring_reads_the_shipped_view_and_moves_targets_towards_the_never_seen_median_now():
+    """_Run.recentre on a stand-in run: 2 samples x 2 views. The never-seen text moved under the adapter
+    (median 2.0 in the shipped view, against a band middle of 4.0 from the base): samples above it in
+    the shipped view move half way to it; the other view's disagreement does not count."""
+    from types import SimpleNamespace
+
+    import icu_peft.unlearner as U
+    from icu_peft import ICUConfig
+
+    band = Band(nll_lo=1.0, nll_hi=7.0, nll_mid=4.0, inner_lo=3.0, inner_hi=5.0, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
+                count=4, quantile=0.1, settle_quantile=0.25)
+    moves = []
+    state = SimpleNamespace(move=lambda i, d, limit: moves.append((i, round(d, 6), limit)), tilt=0.0)
+    run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band, unseen_nll=[4.0] * 4),
+                          two_sided=True, forget_set=[0, 1], method_state=state, retargeted=0, centring=False,
+                          tail_auc=None)
+    run.target.band = band
+    for name in ("attack_reference", "views_scored", "shipped_auc", "centre_now", "off_centre"):
+        setattr(run, name, getattr(U._Run, name).__get__(run))
+    run.scores = SimpleNamespace(nll=[3.0, 1.5, 3.0, 1.5])  # view 0 then view 1, samples 0 and 1
+    run.unseen_now = [1.8, 1.9, 2.1, 2.2, 3.5, 3.6, 3.7, 3.8]  # view 0: median 2.0; view 1: 3.65
+    assert run.shipped_auc(run.scores.nll) == pytest.approx(0.5)  # view 0: one sample under all, one over all
+    U._Run.recentre(run)
+    assert moves == []  # centred in the shipped view (view 1 finds both samples familiar: not counted)
+    run.scores.nll = [3.0, 2.5, 3.0, 2.5]  # both above every never-seen sample in the shipped view: AUC 0
+    assert run.off_centre() == -1
+    U._Run.recentre(run)
+    assert moves == [(0, -0.5, 6.0), (1, -0.25, 6.0)]  # half way to 2.0, within one band width
+
+
+def test_tilted_targets_keep_the_mean_and_scale_the_spread():
+    from icu_peft.calibrate import tilted
+
+    t = torch.tensor([0.5, 1.0, 2.0, 4.5, 9.0])
+    free = torch.tensor([True, True, True, True, False])
+    out = tilted(t, free, 0.2)
+    assert float(out[:4].mean()) == pytest.approx(float(t[:4].mean()))  # the same mean on the free tokens
+    assert float(out[:4].std()) == pytest.approx(1.2 * float(t[:4].std()))
+    assert float(out[4]) == 9.0  # not free: untouched
+    assert float(tilted(t, free, -1.0)[:4].std()) == pytest.approx(0.0, abs=1e-6)  # flat at the mean
+    assert (tilted(t, free, 3.0) >= 0).all()  # never under 0 nats
+    assert torch.equal(tilted(t, free, 0.0), t)
+
+
+def test_rematching_targets_to_the_never_seen_text_now_keeps_the_loops_moves_and_tilt():
+    from icu_peft.calibrate import tilted
+
+    nll = [torch.full((6,), 0.01)]
+    other = [torch.full((6,), -8.0)]
+    base_unseen = torch.linspace(0.0, 6.0, 60)
+    t = token_targets(nll, other, base_unseen, nll_goal=3.0, ma_max=1.0)
+    t.move(0, 0.4, limit=2.0)
+    t.reshape(0.2)
+    now_unseen = base_unseen * 0.5  # the adapter made never-seen text of this kind easier
+    fresh = token_targets(nll, other, now_unseen, nll_goal=1.5, ma_max=1.0)
+    t.rematch(fresh)
+    assert t.moved[0] == pytest.approx(0.4) and t.tilt == pytest.approx(0.2)
+    expected = tilted((fresh.shifted[0] + 0.4).clamp(min=0.0), fresh.free[0], 0.2)
+    assert torch.allclose(-t.logp[0], torch.maximum(nll[0], expected))
+    assert float(-t.logp[0].mean()) == pytest.approx(1.5 + 0.4, abs=0.05)  # the new goal plus the move

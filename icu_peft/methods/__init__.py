@@ -7,7 +7,7 @@ forget-loss name (ICUConfig.forget_loss) to the method that defines it.
 from __future__ import annotations
 
 from .ascent import GA, GRADDIFF, ICU_GA, ICU_PAPER
-from .base import ForgetBatch, Method, PrepareContext
+from .base import ForgetBatch, Method, PrepareContext, UnseenNow
 from .npo import NPO, SIMNPO
 from .target import ICU
 from .undial import UNDIAL
@@ -24,4 +24,4 @@ def resolve(config) -> Method:
     return OBJECTIVES[config.forget_loss]
 
 
-__all__ = ["METHODS", "OBJECTIVES", "resolve", "ForgetBatch", "Method", "PrepareContext"]
+__all__ = ["METHODS", "OBJECTIVES", "resolve", "ForgetBatch", "Method", "PrepareContext", "UnseenNow"]

@@ -55,6 +55,19 @@ class Method:
     prepare: Optional[Callable[[PrepareContext, Any], Any]] = None  # (context, config) -> batch.state
     # (state, sample, nats, limit) -> shift in force: move a sample's target (methods with per-sample targets)
     retarget: Optional[Callable[[Any, int, float, float], float]] = None
-    # (state, every never-seen token's next-token entropy under the model as it is now) -> None: methods
-    # that aim at the never-seen text's distribution shape follow it as the adapter moves it
-    follow_unseen: Optional[Callable[[Any, torch.Tensor], None]] = None
+    # (state, UnseenNow, config) -> None: methods that aim at the never-seen text follow it as the adapter
+    # moves it (the attacker compares with never-seen text under the model they hold)
+    follow_unseen: Optional[Callable[[Any, "UnseenNow", Any], None]] = None
+    # (state, tilt) -> None: scale the spread of every sample's per-token targets around their mean by
+    # 1 + tilt (methods with per-token targets; the loop steers it by the Min-K% attack)
+    reshape: Optional[Callable[[Any, float], None]] = None
+
+
+@dataclass
+class UnseenNow:
+    """The never-seen text as the trained model has it now (one teacher-forced pass, the shipped view)."""
+
+    token_nll: torch.Tensor  # every never-seen next token's NLL, samples one after another
+    token_entropy: Optional[torch.Tensor]  # the same positions' next-token entropies (None: not measured)
+    goal: float  # the never-seen samples' median NLL: where a forgotten sample's mean NLL aims
+    cap: float  # their upper settle quantile: no target's mean NLL goes past it
