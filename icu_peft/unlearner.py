@@ -10,8 +10,8 @@ import copy
 import logging
 import math
 import platform
-import statistics
 import resource
+import statistics
 import time
 import uuid
 from contextlib import contextmanager, nullcontext

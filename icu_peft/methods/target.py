@@ -73,11 +73,11 @@ def follow_unseen(state, now: UnseenNow, config) -> None:
 
     The loss targets were rank-matched to the never-seen tokens' losses under the base and shifted to
     the band's middle; the adapter moves text of the request's kind too (on a fresh Llama memoriser it
-    lowered never-seen records by 0.4 nats in the 4-bit view it trained in), and a forgotten set aimed
-    at the base's never-seen text ended above the never-seen text an attacker compares it with (loss
-    AUC 0.32). With `follow_unseen_loss` the ranks, the shift and the cap are matched again each
-    scoring; the moves the loop made since (retarget, recentre) stay. The entropy targets follow the
-    same pass (TokenTargets.follow_unseen)."""
+    lowered never-seen records by 0.4 nats in the 4-bit view it trained in). With `follow_unseen_loss`
+    (off by default: it left the hardest tokens further from never-seen text's than the loop's centring
+    does, docs/BENCHMARKS.md) the ranks, the shift and the cap are matched again each scoring; the moves
+    the loop made since (retarget, recentre) stay. The entropy targets always follow the same pass
+    (TokenTargets.follow_unseen)."""
     if config.follow_unseen_loss and state.remake is not None:
         state.rematch(state.remake(now.token_nll, nll_goal=now.goal, nll_cap=now.cap))
         if now.token_entropy is not None and state.unseen_order is not None:
