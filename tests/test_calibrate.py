@@ -496,6 +496,7 @@ def test_centring_reads_the_shipped_view_and_moves_targets_towards_the_never_see
     run.target.band = band
     for name in ("attack_reference", "views_scored", "shipped_auc", "centre_now", "off_centre"):
         setattr(run, name, getattr(U._Run, name).__get__(run))
+    run.forgotten = lambda: [True, True]  # every sample inside the band in every view
     run.scores = SimpleNamespace(nll=[3.0, 1.5, 3.0, 1.5])  # view 0 then view 1, samples 0 and 1
     run.unseen_now = [1.8, 1.9, 2.1, 2.2, 3.5, 3.6, 3.7, 3.8]  # view 0: median 2.0; view 1: 3.65
     assert run.shipped_auc(run.scores.nll) == pytest.approx(0.5)  # view 0: one sample under all, one over all
@@ -503,6 +504,10 @@ def test_centring_reads_the_shipped_view_and_moves_targets_towards_the_never_see
     assert moves == []  # centred in the shipped view (view 1 finds both samples familiar: not counted)
     run.scores.nll = [3.0, 2.5, 3.0, 2.5]  # both above every never-seen sample in the shipped view: AUC 0
     assert run.off_centre() == -1
+    run.forgotten = lambda: [True, False]
+    U._Run.recentre(run)
+    assert moves == []  # the band first: no centring while a sample is outside it in some view
+    run.forgotten = lambda: [True, True]
     U._Run.recentre(run)
     assert moves == [(0, -0.5, 6.0), (1, -0.25, 6.0)]  # half way to 2.0, within one band width
 
