@@ -963,10 +963,7 @@ class _Run:
         # over the views here, not the shipped view's alone: one view's AUC on a few samples swings from
         # round to round, and the control read each swing as an overshoot and halved the rate until nothing
         # moved (a fresh GPT-2 request sat at 5e-5 with 20 of 24 samples outside until its budget ended)
-        reference = self.attack_reference()
-        if not (reference and scores.nll):
-            return gap
-        return gap + len(scores.ma) * max(0.0, abs(loss_auc(scores.nll, reference) - 0.5) - self.config.settle_auc)
+        return gap + len(scores.ma) * self.auc_excess(scores.nll, pooled=True)
 
     def attack_reference(self) -> Optional[List[float]]:
         """The never-seen NLLs a loss attack compares the forget set with, one block per view like the
@@ -995,10 +992,14 @@ class _Run:
             return None
         return view_aucs(nll, reference, self.views_scored())[0]
 
-    def auc_excess(self, nll: Optional[List[float]]) -> float:
-        """How far the shipped view's loss-attack AUC on `nll` is outside 0.5 +- settle_auc (0 where not
-        applicable)."""
-        auc = self.shipped_auc(nll)
+    def auc_excess(self, nll: Optional[List[float]], pooled: bool = False) -> float:
+        """How far the shipped view's loss-attack AUC on `nll` (with `pooled`, the AUC over every view's
+        blocks at once) is outside 0.5 +- settle_auc (0 where not applicable)."""
+        if pooled:
+            reference = self.attack_reference()
+            auc = loss_auc(nll, reference) if reference and nll else None
+        else:
+            auc = self.shipped_auc(nll)
         return 0.0 if auc is None else max(0.0, abs(auc - 0.5) - self.config.settle_auc)
 
     def attack_aucs(self) -> dict:
@@ -1018,8 +1019,12 @@ class _Run:
         """The never-seen samples' median NLL in the shipped view as the model has them now: the point
         a centring set aims at (the band's middle is the base's, and the adapter moves text of the
         request's kind: the fresh Llama request's never-seen text sat 0.5 nats under it)."""
-        reference = self.attack_reference()
-        return float(statistics.median(reference[:len(reference) // self.views_scored()]))
+        return float(statistics.median(self.shipped_reference()))
+
+    def shipped_reference(self) -> List[float]:
+        """The shipped view's block of attack_reference (the never-seen NLLs under the first view)."""
+        reference = self.attack_reference() or []
+        return reference[:len(reference) // self.views_scored()]
 
     def retain_ma(self) -> Optional[float]:
         if not len(self.retain_eval):
@@ -1091,8 +1096,7 @@ class _Run:
         tolerance = self.config.settle_auc
         if self.centring:
             tolerance = max(tolerance / 2, 1.0 / (len(self.forget_set) * self.target.band.count))
-        n, m = len(self.forget_set), len(reference) // self.views_scored()
-        side = off_centre(self.scores.nll[:n], reference[:m], tolerance)  # the shipped view
+        side = off_centre(self.scores.nll[:len(self.forget_set)], self.shipped_reference(), tolerance)
         self.centring = side != 0
         return side
 

@@ -412,6 +412,7 @@ def test_centring_hysteresis_never_asks_for_less_than_the_aucs_own_step():
                               scores=SimpleNamespace(nll=list(forget_nll)), centring=False)
         run.attack_reference = lambda: list(unseen_nll)
         run.views_scored = lambda: 1
+        run.shipped_reference = U._Run.shipped_reference.__get__(run)
         return run
 
     # 8 forget vs 16 never-seen (AUC steps of 1/128)
@@ -494,7 +495,7 @@ def test_centring_reads_the_shipped_view_and_moves_targets_towards_the_never_see
                           two_sided=True, forget_set=[0, 1], method_state=state, retargeted=0, centring=False,
                           tail_auc=None)
     run.target.band = band
-    for name in ("attack_reference", "views_scored", "shipped_auc", "centre_now", "off_centre"):
+    for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "centre_now", "off_centre"):
         setattr(run, name, getattr(U._Run, name).__get__(run))
     run.forgotten = lambda: [True, True]  # every sample inside the band in every view
     run.scores = SimpleNamespace(nll=[3.0, 1.5, 3.0, 1.5])  # view 0 then view 1, samples 0 and 1
