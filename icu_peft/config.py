@@ -43,6 +43,7 @@ class ICUConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% slower; worth it for 7B+."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the model repository (off unless you trust it)."})
     precision_check: str = field(default="auto", metadata={"help": "With a 4-bit base, also train and score the adapter through a full-precision copy of the base (what a merge gives), so samples count as forgotten only when forgotten in both: 'auto' (when the copy fits in free memory), 'on' or 'off'."})
+    view_retain: bool = field(default=True, metadata={"help": "With precision_check, the retain terms (neighbour NLL and KL to that view's own base) also go through the other precision of each step, not the forget term alone: held in the 4-bit view only, the adapter raised never-seen text of the request's kind by 0.6 nats in the full-precision view (0.1 in the 4-bit one) and the views ended 0.8 nats apart on the forget set, too far for every sample to sit inside the band in all of them (docs/BENCHMARKS.md, 'Every view held'). About 1.3x the step's work."})
 
     # --- LoRA ---
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})

@@ -110,6 +110,53 @@ def test_between_refreshes_the_merged_view_follows_the_adapter(views):
         view.merged.refresh()
 
 
+def test_each_view_keeps_the_kept_text_against_its_own_base(views):
+    """view_retain: the retain terms' KL in the full-precision view compares with the full-precision base
+    (adapter off); in the merged NF4 view with the 4-bit base, since switching the adapter off there
+    leaves it merged in (a KL to the model itself, which holds nothing)."""
+    from types import SimpleNamespace
+
+    from icu_peft import ICUConfig
+    from icu_peft.unlearner import _parts, _Run, adapter_disabled_reference
+
+    trained, view = views
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    lora_b = [p for n, p in trained.named_parameters() if p.requires_grad and "lora_B" in n]
+    four_bit = adapter_disabled_reference(trained)
+    run = SimpleNamespace(view=view, reference=four_bit, config=ICUConfig(), view_refs=None,
+                          view_names=lambda: ["nf4"] + view.names())
+    try:
+        with torch.no_grad():
+            for p in lora_b:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(6)) * 0.05)
+        view.merged.refresh()
+
+        def hidden(model):
+            with torch.no_grad():
+                return _parts(model)[0](input_ids=ids, attention_mask=mask).last_hidden_state
+
+        with torch.no_grad():
+            with view.model.disable_adapter():
+                fp_base = hidden(view.model)
+            with view.as_view(1):
+                merged_self = adapter_disabled_reference(view.model)(ids, mask)
+            base4 = four_bit(ids, mask)
+        assert _Run.view_reference(run, 0) is four_bit
+        with view.as_view(0):
+            got = _Run.view_reference(run, 1)(ids, mask)
+        assert torch.allclose(got, fp_base, atol=1e-5) and not torch.allclose(got, hidden(view.model), atol=1e-3)
+        assert _Run.view_reference(run, 1) is _Run.view_reference(run, 1)  # built once (cached)
+        assert _Run.view_reference(run, 2) is four_bit
+        # what the naive reference would have been in the merged view: the adapter still in, not the base
+        assert not torch.allclose(merged_self, base4, atol=1e-3)
+    finally:
+        with torch.no_grad():
+            for p in lora_b:
+                p.zero_()
+        view.merged.refresh()
+
+
 def test_on_a_gpt2_conv1d_model_the_merged_view_is_a_saved_merge_reloaded(tmp_path):
     """GPT-2's projections are transformers' Conv1D (weights stored (in, out)): the merged view must
     quantize them too, adapter included (it once skipped them and ran the plain base)."""
