@@ -43,6 +43,7 @@ class ICUConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward: less memory, ~30% slower; worth it for 7B+."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the model repository (off unless you trust it)."})
     precision_check: str = field(default="auto", metadata={"help": "With a 4-bit base, also train and score the adapter through a full-precision copy of the base (what a merge gives), so samples count as forgotten only when forgotten in both: 'auto' (when the copy fits in free memory), 'on' or 'off'."})
+    view_schedule: str = field(default="turns", metadata={"help": "With precision_check, which other view each step's second pass goes through: 'turns' (full precision and merged NF4 in turn) or 'lag' (the view whose forget set was furthest from the band's inner part at the last scoring; in turn when they are level)."})
     view_retain: bool = field(default=True, metadata={"help": "With precision_check, the retain terms (neighbour NLL and KL to that view's own base) also go through the other precision of each step, not the forget term alone: held in the 4-bit view only, the adapter raised never-seen text of the request's kind by 0.6 nats in the full-precision view (0.1 in the 4-bit one) and the views ended 0.8 nats apart on the forget set, too far for every sample to sit inside the band in all of them (docs/BENCHMARKS.md, 'Every view held'). About 1.3x the step's work."})
 
     # --- LoRA ---
@@ -198,6 +199,7 @@ class ICUConfig:
         need(self.dequant_cache_mb in ("auto", 0) or _is_number(self.dequant_cache_mb),
              "dequant_cache_mb must be 'auto' or a number >= 0")
         need(self.no_retain in ("generate", "refuse"), "no_retain must be 'generate' or 'refuse'")
+        need(self.view_schedule in ("turns", "lag"), "view_schedule must be 'turns' or 'lag'")
         need(self.precision_check in PRECISION_CHECKS, f"precision_check must be one of {', '.join(PRECISION_CHECKS)}")
         need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")
         need(self.train_dtype in ("auto", "float32", "bfloat16"), "train_dtype must be auto, float32 or bfloat16")

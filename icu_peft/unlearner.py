@@ -839,6 +839,25 @@ class _Run:
                    else str(next(self.model.parameters()).dtype).replace("torch.", ""))
         return [trained] + (self.view.names() if self.view is not None else [])
 
+    def next_view(self) -> int:
+        """The other view this step's second pass goes through (index into view_names(), >= 1): in turn, or
+        with view_schedule 'lag' the one whose forget set sat furthest from the band's inner part at the
+        last scoring (calibrate.band_gap summed over its samples). The trained view has the forget term
+        every step and the merged NF4 view computes nearly as it does, so in turn the full-precision view
+        had a third of the forget passes; on the quick demo (SmolLM2) it lagged 0.5-0.6 nats behind the
+        other two, half the band's width."""
+        views = len(self.view_names())
+        turn = 1 + self.steps % (views - 1)
+        band, n = self.target.band, len(self.forget_set)
+        if self.config.view_schedule != "lag" or band is None or views < 3 or len(self.scores.ma) < views * n:
+            return turn
+        nll = self.scores.nll or [None] * len(self.scores.ma)
+        lag = [sum(band_gap(x, m, band) for x, m in zip(nll[k * n:(k + 1) * n], self.scores.ma[k * n:(k + 1) * n]))
+               for k in range(1, views)]
+        if max(lag) - min(lag) < 1e-9:
+            return turn
+        return 1 + lag.index(max(lag))
+
     def view_reference(self, k: int):
         """The frozen base as view k computes it, for the retain terms' KL there: the full-precision view's
         own base with the adapter off; for the merged NF4 view the 4-bit base (NF4 of the same weights,
@@ -1353,7 +1372,7 @@ class _Run:
                                 backbone=self.backbone, rows=mine, method_state=self.method_state)
         if not math.isfinite(out["loss"]):
             return out
-        k = 1 + self.steps % (len(self.view_names()) - 1) if self.view is not None else 0
+        k = self.next_view() if self.view is not None else 0
         view_retain = bool(k and cfg.view_retain and n_seqs)
         if k:
             # the same forget term through another precision, in turn (full precision, merged NF4): the

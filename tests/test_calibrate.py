@@ -126,6 +126,30 @@ def test_the_finishing_phase_moves_the_targets_of_samples_outside_the_band_towar
     assert moves == []
 
 
+def test_the_views_second_pass_goes_in_turn_or_to_the_view_furthest_from_the_band():
+    """_Run.next_view on a stand-in run: 2 samples x 3 views (trained, full precision, merged NF4)."""
+    from types import SimpleNamespace
+
+    import icu_peft.unlearner as U
+    from icu_peft import ICUConfig
+
+    band = Band(nll_lo=3.0, nll_hi=5.0, nll_mid=4.0, inner_lo=3.5, inner_hi=4.5, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
+                count=16, quantile=0.1, settle_quantile=0.25)
+    run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band), forget_set=[0, 1], steps=0,
+                          view_names=lambda: ["nf4", "float32", "nf4_merged"])
+    # the full-precision view lags (both samples under the band), the merged one sits inside
+    run.scores = SimpleNamespace(nll=[4.0, 4.1, 2.6, 3.0, 4.0, 4.2], ma=[0.3] * 6)
+    assert [U._Run.next_view(run) for run.steps in range(4)] == [1, 2, 1, 2]  # 'turns' (default)
+    run.config = ICUConfig(view_schedule="lag")
+    assert [U._Run.next_view(run) for run.steps in range(4)] == [1, 1, 1, 1]
+    run.scores.nll = [4.0, 4.1, 4.0, 4.0, 4.0, 5.6]  # now the merged view has a sample pushed past the band
+    assert U._Run.next_view(run) == 2
+    run.scores.nll = [4.0] * 6  # level: in turn again
+    assert [U._Run.next_view(run) for run.steps in range(2)] == [1, 2]
+    with pytest.raises(Exception, match="view_schedule"):
+        ICUConfig(view_schedule="sometimes")
+
+
 def test_token_targets_never_aim_past_the_cap_even_where_ma_asks_for_more():
     # the runner-up is far behind everywhere: only a huge shift would end the argmax (MA 0 asked)
     nll, other = [torch.full((10,), 0.01)], [torch.full((10,), -30.0)]
