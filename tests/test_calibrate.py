@@ -241,11 +241,12 @@ def test_a_sample_pushed_past_the_band_is_pulled_back(tiny_model_dir, tiny_corpu
 
     # (a run hands back its best state when the budget ends somewhere worse: switched off here, the
     # overshoot is what this test needs; since the merged-NF4 view follows the adapter between
-    # refreshes, 60 ascent steps at 3e-3 ended inside the band, so the ascent runs at 1e-2)
+    # refreshes, 60 ascent steps at 3e-3 ended inside the band, so the ascent runs at 1e-2; and with the
+    # retain terms in every precision view the ascent stayed inside it too, so they are off for this set-up)
     with monkeypatch.context() as mp:
         mp.setattr(U._Run, "quality", lambda self: (0, 0.0))
         over = U.forget(quick_config(tiny_model_dir, forget_loss="ga", learning_rate=1e-2, max_steps=60, min_epochs=60,
-                                     retain_floor=0.0), tiny_corpus["forget"][:2], tiny_corpus["retain"],
+                                     retain_floor=0.0, view_retain=False), tiny_corpus["forget"][:2], tiny_corpus["retain"],
                         tiny_corpus["unseen"])
     assert any(s["band"] == "pushed_past" for s in over.report["samples"]), over.report["samples"]
     state = {k: v.clone() for k, v in get_peft_model_state_dict(over.model).items()}
