@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import quick_config
 
 from icu_peft.metrics import Scores
 
@@ -155,6 +156,28 @@ def test_each_view_keeps_the_kept_text_against_its_own_base(views):
             for p in lora_b:
                 p.zero_()
         view.merged.refresh()
+
+
+@pytest.mark.parametrize("view_retain", [True, False])
+def test_the_retain_terms_go_through_the_other_view_only_with_view_retain(tiny_model_dir, tiny_corpus, monkeypatch,
+                                                                          view_retain):
+    """Each step's first backward pass is the trained view's (forget and retain terms), the second another
+    precision view's: with view_retain it carries the same kept text, without it the forget term alone."""
+    import icu_peft.unlearner as U
+
+    calls, real = [], U.icu_step_backward
+
+    def spy(model, forget_seqs, neighbour_seqs, *a, **k):
+        calls.append((id(model), len(neighbour_seqs)))
+        return real(model, forget_seqs, neighbour_seqs, *a, **k)
+
+    monkeypatch.setattr(U, "icu_step_backward", spy)
+    U.forget(quick_config(tiny_model_dir, max_steps=2, min_epochs=0, precision_check="on", view_retain=view_retain),
+             tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    assert len(calls) == 4  # two steps, two passes each
+    trained, other = calls[0::2], calls[1::2]
+    assert all(n > 0 for _, n in trained) and {m for m, _ in trained}.isdisjoint({m for m, _ in other})
+    assert all((n > 0) == view_retain for _, n in other)
 
 
 def test_on_a_gpt2_conv1d_model_the_merged_view_is_a_saved_merge_reloaded(tmp_path):
