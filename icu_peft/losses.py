@@ -136,18 +136,54 @@ def _kl_chunk(head: Callable, h: torch.Tensor, ref_h: torch.Tensor, valid: torch
     return (kl * valid).sum()
 
 
-def _run_chunk(fn, *args, grad: bool):
+class _EagerChunk(torch.autograd.Function):
+    """A chunk's scalar loss whose gradient with respect to the hidden states (the first tensor) is taken
+    in the forward pass itself, while the chunk's logits are alive; backward only scales it.
+
+    Checkpointing a chunk (the fallback) runs the vocabulary-wide work three times: the forward, its
+    recomputation in backward, and the backward. Here it runs twice (forward and backward, once each),
+    and the peak memory is the same: one chunk's logits and their gradient, freed before the next chunk.
+    Valid only when nothing but the hidden states needs a gradient from the chunk (a frozen head,
+    `_frozen`); the rest of the arguments (reference states, targets, weights) carry none."""
+
+    @staticmethod
+    def forward(ctx, fn, hidden, *rest):
+        with torch.enable_grad():
+            leaf = hidden.detach().requires_grad_(True)
+            value = fn(leaf, *rest)
+            (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
+        ctx.save_for_backward(torch.zeros_like(hidden) if grad is None else grad)
+        ctx.rest = len(rest)
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return (None, grad * upstream.to(grad.dtype)) + (None,) * ctx.rest
+
+
+def _frozen(head) -> bool:
+    """Whether `head` is a module none of whose parameters train (then a chunk's only gradient is the
+    hidden states'); any other callable may hide trainable tensors and takes the checkpointed path."""
+    return isinstance(head, torch.nn.Module) and not any(p.requires_grad for p in head.parameters())
+
+
+def _run_chunk(fn, *args, grad: bool, head=None):
+    if grad and _frozen(head):
+        return _EagerChunk.apply(fn, *args)
     if grad:
         return checkpoint(fn, *args, use_reentrant=False, context_fn=checkpoint_contexts)
     return fn(*args)
 
 
 def _chunked_sum(fn: Callable, tensors: Sequence[torch.Tensor], chunk_size: int, grad: bool,
-                 total: torch.Tensor) -> torch.Tensor:
+                 total: torch.Tensor, head=None) -> torch.Tensor:
     """`total` plus fn(*chunk) over chunks of the time axis (dim 1, sliced alike in every tensor); with
-    `grad` each chunk is checkpointed, so only one chunk's vocabulary-sized logits are alive at a time."""
+    `grad` each chunk's gradient is taken at once (a frozen `head`, _EagerChunk: fn must return a scalar and
+    the first tensor must be the hidden states) or the chunk is checkpointed, so only one chunk's
+    vocabulary-sized logits are alive at a time."""
     for s in range(0, tensors[0].shape[1], chunk_size):
-        total = total + _run_chunk(fn, *(t[:, s:s + chunk_size] for t in tensors), grad=grad)
+        total = total + _run_chunk(fn, *(t[:, s:s + chunk_size] for t in tensors), grad=grad, head=head)
     return total
 
 
@@ -174,7 +210,8 @@ def chunked_token_nll(hidden: torch.Tensor, head: Callable, labels: torch.Tensor
         v = valid[:, s:e]
         if only_predicted:
             v = v * _still_predicted(head, h[:, s:e].detach(), targets[:, s:e])
-        total = total + _run_chunk(lambda a, b, c: _nll_chunk(head, a, b, c), h[:, s:e], targets[:, s:e], v, grad=grad)
+        total = total + _run_chunk(lambda a, b, c: _nll_chunk(head, a, b, c), h[:, s:e], targets[:, s:e], v, grad=grad,
+                                   head=head)
         count = count + v.sum()
     return total, count
 
@@ -186,8 +223,46 @@ def chunked_kl_to_reference(hidden: torch.Tensor, ref_hidden: torch.Tensor, head
     valid = (mask[:, 1:] * mask[:, :-1]).to(torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
     total = _chunked_sum(lambda a, b, c: _kl_chunk(head, a, b, c), (hidden, ref_hidden, valid), chunk_size, grad,
-                         hidden.new_zeros((), dtype=torch.float32))
+                         hidden.new_zeros((), dtype=torch.float32), head)
     return total, valid.sum()
+
+
+def _retain_chunk(head: Callable, h: torch.Tensor, ref_h: Optional[torch.Tensor], targets: torch.Tensor,
+                  valid: torch.Tensor, nll_weight: float, kl_weight: float, parts: list) -> torch.Tensor:
+    lp = F.log_softmax(head(h).float(), dim=-1)
+    nll = -(lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * valid).sum() if nll_weight else lp.new_zeros(())
+    kl = lp.new_zeros(())
+    if kl_weight and ref_h is not None:
+        with torch.no_grad():
+            ref_lp = F.log_softmax(head(ref_h).float(), dim=-1)
+        kl = ((ref_lp.exp() * (ref_lp - lp)).sum(-1) * valid).sum()
+    parts.append((nll.detach(), kl.detach()))
+    return nll_weight * nll + kl_weight * kl
+
+
+def chunked_retain_terms(hidden: torch.Tensor, ref_hidden: Optional[torch.Tensor], head: Callable, labels: torch.Tensor,
+                         mask: torch.Tensor, nll_weight: float, kl_weight: float,
+                         chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ICU's two retain terms in one pass over the vocabulary: (nll_weight * NLL + kl_weight * KL(p_ref ||
+    p_model), with grad; the NLL sum; the KL sum; both detached), summed over positions whose next token is
+    real. The same numbers as chunked_token_nll and chunked_kl_to_reference, for one log-softmax per chunk
+    instead of two (on SmolLM2's 49k-token head the retain terms were most of a training step)."""
+    h, targets, valid = _shift(hidden, labels, mask)
+    ref_h, valid = (ref_hidden[:, :-1] if ref_hidden is not None else None), valid.to(torch.float32)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    parts: list = []
+    n = -(-h.shape[1] // chunk_size) if h.shape[1] else 0
+    if ref_h is None:
+        fn = lambda a, b, c: _retain_chunk(head, a, None, b, c, nll_weight, kl_weight, parts)  # noqa: E731
+        tensors = (h, targets, valid)
+    else:
+        fn = lambda a, r, b, c: _retain_chunk(head, a, r, b, c, nll_weight, kl_weight, parts)  # noqa: E731
+        tensors = (h, ref_h, targets, valid)
+    total = _chunked_sum(fn, tensors, chunk_size, grad, hidden.new_zeros((), dtype=torch.float32), head)
+    # a checkpointed chunk runs fn again in backward and appends again: the first n entries are the forward's
+    first = parts[:n]
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    return total, sum((x for x, _ in first), zero), sum((y for _, y in first), zero)
 
 
 def chunked_sequence_logprob(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
@@ -257,7 +332,7 @@ def chunked_relabelled_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: 
     ref_h, valid = ref_hidden[:, :-1], valid.to(torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
     total = _chunked_sum(lambda a, b, c, d: _relabel_kl_chunk(head, a, b, c, new_logp, d), (h, ref_h, targets, valid),
-                         chunk_size, grad, hidden.new_zeros((), dtype=torch.float32))
+                         chunk_size, grad, hidden.new_zeros((), dtype=torch.float32), head)
     return total, valid.sum()
 
 
@@ -317,5 +392,5 @@ def chunked_target_bce(hidden: torch.Tensor, head: Callable, labels: torch.Tenso
     else:
         fn = lambda a, b, c, d: _target_bce_chunk(head, a, b, c, d, log_weight)  # noqa: E731
         tensors = (h, targets, tl, valid)
-    total = _chunked_sum(fn, tensors, chunk_size, grad, hidden.new_zeros((), dtype=torch.float32))
+    total = _chunked_sum(fn, tensors, chunk_size, grad, hidden.new_zeros((), dtype=torch.float32), head)
     return total, valid.sum()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -97,6 +98,9 @@ def backbone_and_head(model):
     backbone, head = getattr(causal, "base_model", None), causal.get_output_embeddings()
     if backbone is None or backbone is causal or head is None:
         return None
+    override = getattr(causal, "_icu_backbone_override", None)
+    if override is not None and cached:
+        return override, head
     if cached is None:
         device = model_device(model)
         ids = torch.tensor([[1, 2, 3, 4]], device=device) % causal.config.vocab_size
@@ -106,6 +110,24 @@ def backbone_and_head(model):
         cached = bool(torch.allclose(full, mine, atol=1e-4, rtol=1e-4))
         causal._icu_backbone_ok = cached
     return (backbone, head) if cached else None
+
+
+@contextmanager
+def backbone_override(model, backbone):
+    """Within: the teacher-forced passes over `model` (teacher_forced, next_token_stats, score_samples' MA and
+    NLL) compute its final hidden states with `backbone` (a caches.FrozenPrefixBackbone: the same hidden
+    states, the frozen layers below the adapter run once per sample) and its own head. Greedy roll-outs call
+    the model itself. `backbone` None: no change."""
+    causal = _causal_lm(model)
+    if backbone is None or backbone_and_head(model) is None:
+        yield
+        return
+    before = getattr(causal, "_icu_backbone_override", None)
+    causal._icu_backbone_override = backbone
+    try:
+        yield
+    finally:
+        causal._icu_backbone_override = before
 
 
 @dataclass

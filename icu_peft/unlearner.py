@@ -31,10 +31,10 @@ from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence
 from .errors import ICUError, InputError
 from .idkeys import key_id, store_key
 from .calibrate import Band, StepSize, band_gap, band_position, loss_auc, off_centre, quantile, view_aucs
-from .losses import chunked_kl_to_reference, chunked_token_nll, distinct_token_mask, ngram_set, shared_context
+from .losses import chunked_retain_terms, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, UnseenNow, resolve
 from .mia import min_k_score, roc_auc
-from .metrics import (Scores, backbone_and_head, model_device, next_token_entropies, next_token_stats,
+from .metrics import (Scores, backbone_and_head, backbone_override, model_device, next_token_entropies, next_token_stats,
                       score_samples)
 from .models import (attach_lora, base_dropout_off, base_fingerprint, hidden_size, load_base_model, load_tokenizer,
                      lora_config, resolve_compute_dtype)
@@ -303,11 +303,12 @@ def icu_step_loss(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Se
     l_fgt = method.forget_loss(batch, config)
     zero = l_fgt.new_zeros(())
     l_lrn, l_kl = zero, zero
+    loss = config.forget_weight * l_fgt
     if len(neighbour_seqs) and (config.learn_weight or config.kl_weight):
-        s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs, pad_id, config, reference, backbone)
+        s_retain, s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs, pad_id, config, reference, backbone)
         count = _target_count(neighbour_seqs)
         l_lrn, l_kl = s_lrn / count, s_kl / count
-    loss = config.forget_weight * l_fgt + config.learn_weight * l_lrn + config.kl_weight * l_kl
+        loss = loss + s_retain / count
     return {"loss": loss, "l_fgt": float(l_fgt.detach()), "l_lrn": float(l_lrn.detach()), "l_kl": float(l_kl.detach())}
 
 
@@ -318,21 +319,19 @@ def _target_count(seqs: Sequence[torch.Tensor]) -> int:
 
 def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: ICUConfig, reference,
                     backbone=None, nll: bool = True) -> tuple:
-    """(sum of NLL, sum of KL to the reference) over the neighbours' targets, with grad; `nll=False`:
-    the KL only (the NLL sum is 0)."""
+    """(learn_weight * NLL + kl_weight * KL to the reference, summed over the neighbours' targets, with grad;
+    the NLL sum; the KL sum; both detached). `nll=False`: the KL only (the NLL sum is 0)."""
     device = model_device(model)
     own, head = _parts(model)
     backbone = backbone or own
     nids, nmask = (t.to(device) for t in pad_batch(seqs, pad_id))
     nh = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
-    s_lrn = s_kl = nh.new_zeros((), dtype=torch.float32)
-    if nll and config.learn_weight:
-        s_lrn = chunked_token_nll(nh, head, nids, nmask, config.loss_chunk_size)[0]
+    a = config.learn_weight if nll else 0.0
+    ref_h = None
     if config.kl_weight:
         with torch.no_grad():
             ref_h = reference(nids, nmask)
-        s_kl = chunked_kl_to_reference(nh, ref_h, head, nmask, config.loss_chunk_size)[0]
-    return s_lrn, s_kl
+    return chunked_retain_terms(nh, ref_h, head, nids, nmask, a, config.kl_weight, config.loss_chunk_size)
 
 
 def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,
@@ -378,8 +377,8 @@ def neighbour_backward(model, neighbour_seqs: Sequence[torch.Tensor], pad_id: in
     count = _target_count(neighbour_seqs)
     lrn = kl = 0.0
     for i in range(0, len(neighbour_seqs), micro):
-        s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs[i:i + micro], pad_id, config, reference, backbone)
-        piece = (config.learn_weight * s_lrn + config.kl_weight * s_kl) / count
+        s_retain, s_lrn, s_kl = _neighbour_sums(model, neighbour_seqs[i:i + micro], pad_id, config, reference, backbone)
+        piece = s_retain / count
         if not torch.isfinite(piece):
             return {"loss": float("nan"), "l_lrn": lrn, "l_kl": kl}
         (piece * scale).backward()
@@ -878,6 +877,18 @@ class _Run:
             with self.view.as_view(k - 1) as m:
                 yield m
 
+    def prefix_backbone(self, k: int):
+        """View k's frozen-prefix backbone (None where there is none)."""
+        return self.backbone if k == 0 else (self.view_backbones or {}).get(k - 1)
+
+    @contextmanager
+    def scoring_as(self, k: int):
+        """The model computing as view k, its teacher-forced scoring passes through the view's frozen-prefix
+        cache: the layers below the adapter gave the same hidden states at every round (on the quick demo a
+        scoring round's forward passes ran 30 layers where the steps run 10)."""
+        with self.run_as(k) as m, backbone_override(m, self.prefix_backbone(k)):
+            yield m
+
     def score(self, desc: str, complete: bool = False) -> Scores:
         """The forget set under every view, one after another (Scores.concat): the stop rule treats a
         sample in each precision as one more sample to bring inside the band.
@@ -897,7 +908,7 @@ class _Run:
             self.view.merged.refresh()  # re-quantize the merged weights from the adapter as it is now
         parts, now = [], []
         for k, name in enumerate(self.view_names()):
-            with self.run_as(k) as m:
+            with self.scoring_as(k) as m:
                 s = reuse if k == 0 and reuse is not None else _score(
                     m, self.forget_set, self.pad_id, self.config, desc if k == 0 else f"{desc} ({name})",
                     **(lazy if complete or k == 0 else dict(el_max_ma=-1.0)))
@@ -1060,8 +1071,9 @@ class _Run:
     def retain_ma(self) -> Optional[float]:
         if not len(self.retain_eval):
             return None
-        return _score(self.model, self.retain_eval, self.pad_id, self.config, "scoring retain set",
-                      el_max_ma=-1.0).mean()["ma"]  # MA only: no EL roll-outs
+        with self.scoring_as(0) as m:
+            return _score(m, self.retain_eval, self.pad_id, self.config, "scoring retain set",
+                          el_max_ma=-1.0).mean()["ma"]  # MA only: no EL roll-outs
 
     def update_active(self, previous: Optional[List[bool]] = None) -> None:
         n, views = len(self.forget_set), len(self.view_names())
@@ -1415,12 +1427,13 @@ class _Run:
             pick = torch.randint(len(anchor), (cfg.unseen_kl_samples,), generator=self.gen).tolist()
             a_seqs = [anchor.input_ids[j] for j in pick]
             lc = self.loss_config()
-            _, s_kl = _neighbour_sums(self.model, a_seqs, self.pad_id, lc, self.reference, self.backbone, nll=False)
-            l_anchor = s_kl / _target_count(a_seqs)
-            if not torch.isfinite(l_anchor):
+            s_anchor, _, s_kl = _neighbour_sums(self.model, a_seqs, self.pad_id, lc, self.reference, self.backbone,
+                                                nll=False)
+            count = _target_count(a_seqs)
+            if not torch.isfinite(s_anchor):
                 return {**out, "loss": float("nan")}
-            (lc.kl_weight * l_anchor * weight).backward()
-            out["l_kl_unseen"] = float(l_anchor.detach())
+            (s_anchor / count * weight).backward()  # s_anchor = kl_weight * the KL sum
+            out["l_kl_unseen"] = float(s_kl / count)
         if world > 1:
             # LoRA gradients are tiny: average them explicitly rather than wrap in DDP, because
             # the loss calls the backbone directly (chunked logits), which DDP's forward hook misses.

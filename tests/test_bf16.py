@@ -107,8 +107,8 @@ def test_a_request_with_bf16_training_products_forgets_and_scores_in_fp32(tiny_m
                                                                           extra):
     from icu_peft.unlearner import forget
 
-    # activation checkpointing (the loss chunks always, the decoder layers with gradient_checkpointing)
-    # recomputes in backward: it must recompute with the same bf16 products (lowp.checkpoint_contexts)
+    # activation checkpointing (the decoder layers with gradient_checkpointing; the loss chunks where the head
+    # trains) recomputes in backward: it must recompute with the same bf16 products (lowp.checkpoint_contexts)
     cfg = quick_config(tiny_model_dir, train_dtype="bfloat16", **extra)
     r = forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"], output_dir=tmp_path / "a")
     rep = r.report

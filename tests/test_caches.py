@@ -53,6 +53,31 @@ def test_prefix_backbone_gives_the_same_hidden_states_and_gradients(tiny_model_d
     assert pref.prefix.hits > 0  # the step re-used the prefix states of the first comparison
 
 
+def test_scoring_through_the_prefix_backbone_gives_the_same_scores(tiny_model_dir, tiny_corpus):
+    from icu_peft.metrics import backbone_and_head, backbone_override, next_token_stats, score_samples
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = _top_lora(tiny_model_dir, quantize=True)
+    model.eval()
+    backbone = _parts(model)[0]
+    pref = FrozenPrefixBackbone.build(backbone, max_bytes=1 << 24)
+    seqs = _seqs(tok, tiny_corpus["forget"][:3] + tiny_corpus["unseen"][:3])
+    plain = score_samples(model, seqs, tok.pad_token_id, el_n=4)
+    plain_nll = next_token_stats(model, seqs, tok.pad_token_id)[0]
+    with backbone_override(model, pref):
+        assert backbone_and_head(model)[0] is pref
+        cached = score_samples(model, seqs, tok.pad_token_id, el_n=4)
+        cached_nll = next_token_stats(model, seqs, tok.pad_token_id)[0]
+    assert backbone_and_head(model)[0] is backbone  # restored on leaving
+    assert pref.prefix.misses == len(seqs) and pref.prefix.hits >= len(seqs)  # the second pass hit the cache
+    assert cached.ma == plain.ma and cached.el == pytest.approx(plain.el)
+    assert cached.nll == pytest.approx(plain.nll, abs=1e-5)
+    for a, b in zip(plain_nll, cached_nll):
+        assert torch.allclose(a, b, atol=1e-5)
+    with backbone_override(model, None):  # no backbone: nothing changes
+        assert backbone_and_head(model)[0] is backbone
+
+
 def test_prefix_cache_is_off_when_nothing_below_is_frozen(tiny_model_dir):
     all_layers = attach_lora(load_base_model(str(tiny_model_dir), quantize=False), 4, 8, 0.0, "all-linear", False)
     assert first_trained_layer(_parts(all_layers)[0]) == 0

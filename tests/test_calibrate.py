@@ -259,8 +259,9 @@ def test_a_sample_pushed_past_the_band_is_pulled_back(tiny_model_dir, tiny_corpu
 
     monkeypatch.setattr(U, "attach_lora", attach_overshot)
     back = U.forget(quick_config(tiny_model_dir), tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
-    start = back.report["history"][0]
-    assert start["nll_mean"] > back.report["band"]["nll_hi"]  # it did start past the band
+    # it did start past the band: a sample's NLL before the first step over the band's top (the set's mean
+    # need not be: the ascent pushes one sample further than the other)
+    assert max(s["before"]["nll"] for s in back.report["samples"]) > back.report["band"]["nll_hi"]
     assert all(s["band"] == "inside" for s in back.report["samples"]), back.report["samples"]
 
 

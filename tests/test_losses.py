@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icu_peft.losses import (chunked_kl_to_reference, chunked_sequence_logprob, chunked_token_nll, icu_loss,
-                             kl_to_reference, npo_loss, per_sample_nll, token_nll)
+from icu_peft.losses import (chunked_kl_to_reference, chunked_retain_terms, chunked_sequence_logprob,
+                             chunked_target_bce, chunked_token_nll, icu_loss, kl_to_reference, npo_loss,
+                             per_sample_nll, token_nll)
+from icu_peft.lowp import FrozenBf16Matmuls
 
 
 def test_token_nll_matches_hand_computation_and_ignores_padding():
@@ -81,6 +83,92 @@ def test_chunked_forms_equal_plain_forms_and_their_gradients(chunk):
 
     lp = chunked_sequence_logprob(hidden, head, labels, mask, chunk)
     assert torch.allclose(lp, -per_sample_nll(head(hidden), labels, mask) * (mask[:, 1:] * mask[:, :-1]).sum(1), atol=1e-5)
+
+
+def _frozen_head(vocab=11, width=8):
+    head = torch.nn.Linear(width, vocab, bias=True)
+    head.requires_grad_(False)
+    calls = []
+    head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    return head, calls
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 3.0), (0.0, 2.0), (1.0, 0.0)])
+def test_the_retain_terms_in_one_pass_equal_the_two_plain_terms_and_their_gradients(chunk, weights):
+    torch.manual_seed(2)
+    a, b = weights
+    head, calls = _frozen_head()
+    hidden = torch.randn(3, 6, 8, requires_grad=True)
+    ref_hidden = torch.randn(3, 6, 8)
+    labels = torch.randint(0, 11, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+
+    total, s_nll, s_kl = chunked_retain_terms(hidden, ref_hidden if b else None, head, labels, mask, a, b, chunk)
+    count = (mask[:, 1:] * mask[:, :-1]).sum()
+    plain_nll = token_nll(head(hidden), labels, mask) * count
+    plain_kl = kl_to_reference(head(ref_hidden), head(hidden), mask) * count
+    assert s_nll.item() == pytest.approx(plain_nll.item() if a else 0.0, rel=1e-5, abs=1e-6)
+    assert s_kl.item() == pytest.approx(plain_kl.item() if b else 0.0, rel=1e-5, abs=1e-6)
+    plain = a * plain_nll + b * plain_kl
+    assert total.item() == pytest.approx(plain.item(), rel=1e-5)
+    g1, = torch.autograd.grad(3.0 * total, hidden)  # backward scales the gradient taken in the forward pass
+    g2, = torch.autograd.grad(3.0 * plain, hidden)
+    assert torch.allclose(g1, g2, atol=1e-5)
+    assert not s_nll.requires_grad and not s_kl.requires_grad
+
+
+def test_a_frozen_head_runs_once_per_chunk_and_the_gradient_matches_the_checkpointed_path():
+    torch.manual_seed(3)
+    head, calls = _frozen_head()
+    hidden = torch.randn(2, 9, 8, requires_grad=True)
+    ref_hidden = torch.randn(2, 9, 8)
+    labels = torch.randint(0, 11, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    chunks = 3  # 8 targets in chunks of 3
+    total, _, _ = chunked_retain_terms(hidden, ref_hidden, head, labels, mask, 1.0, 1.0, 3)
+    total.backward()
+    # one head product for the model and one for the reference per chunk: nothing recomputed in backward
+    assert len(calls) == 2 * chunks
+    eager = hidden.grad.clone()
+
+    hidden.grad = None
+    trainable = torch.nn.Linear(8, 11, bias=True)  # the same head, trainable: the checkpointed path
+    trainable.load_state_dict(head.state_dict())
+    again, _, _ = chunked_retain_terms(hidden, ref_hidden, trainable, labels, mask, 1.0, 1.0, 3)
+    again.backward()
+    assert again.item() == pytest.approx(total.item(), rel=1e-6)
+    assert torch.allclose(hidden.grad, eager, atol=1e-6)
+    assert trainable.weight.grad is not None  # a trainable head still gets its gradient
+
+    # the calibrated forget term takes the same path
+    hidden.grad, calls[:] = None, []
+    target = torch.full((2, 9), -2.0)
+    s, _ = chunked_target_bce(hidden, head, labels, mask, target, 3, 0.3)
+    s.backward()
+    assert len(calls) == chunks
+    g_eager = hidden.grad.clone()
+    hidden.grad = None
+    s2, _ = chunked_target_bce(hidden, trainable, labels, mask, target, 3, 0.3)
+    s2.backward()
+    assert torch.allclose(hidden.grad, g_eager, atol=1e-6)
+
+
+def test_the_gradient_taken_in_the_forward_pass_keeps_the_bf16_products():
+    torch.manual_seed(4)
+    head, _ = _frozen_head(vocab=64, width=32)
+    hidden = torch.randn(2, 7, 32, requires_grad=True)
+    ref_hidden = torch.randn(2, 7, 32)
+    labels = torch.randint(0, 64, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    with FrozenBf16Matmuls():
+        total, _, _ = chunked_retain_terms(hidden, ref_hidden, head, labels, mask, 1.0, 1.0, 4)
+        low = head(hidden)
+    assert low.dtype == torch.float32 and not torch.equal(low, head(hidden))  # the mode did compute in bf16
+    total.backward()
+    exact, _, _ = chunked_retain_terms(hidden.detach().requires_grad_(True), ref_hidden, head, labels, mask, 1.0, 1.0, 4)
+    assert total.item() == pytest.approx(exact.item(), rel=2e-2)
+    assert torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
 
 
 def test_only_predicted_counts_only_tokens_still_produced():
