@@ -119,7 +119,7 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
         t = _fallback_thresholds(config, explicit)
         band, tok_nll, nll = None, None, None
     else:
-        tset = tokenize_texts(unseen, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1, name="unseen")
+        tset = never_seen_tokens(unseen, tokenizer, config, salt)
         per_token = next_token_stats(model, tset.input_ids, tokenizer.pad_token_id, config.score_batch_size)[0]
         tok_nll = torch.cat(per_token)
         nll = [float(x.mean()) for x in per_token]
@@ -127,14 +127,7 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
             band = Band.from_scores(nll, [config.ma_threshold], [config.el_threshold], q, config.settle_quantile)
             ma_mean, el_mean, source = config.ma_threshold, config.el_threshold, "config"
         else:
-            def compute():
-                with _bar(len(tset), "scoring unseen", progress) as bar:
-                    return score_samples(model, tset.input_ids, tokenizer.pad_token_id, config.el_n, config.el_start,
-                                         config.score_batch_size, with_bleu=config.criterion == "bleu",
-                                         bleu_prefix=config.bleu_prefix_tokens, bleu_suffix=config.bleu_suffix_tokens,
-                                         progress=bar)
-
-            s = stored_scores(_unseen_key(model, tset, config, fingerprint), compute)
+            s = never_seen_scores(model, tset, tokenizer.pad_token_id, config, fingerprint, progress)
             band = Band.from_scores(s.nll, s.ma, s.el, q, config.settle_quantile, tset.lengths)
             m = s.mean()
             ma_mean, el_mean, source = m["ma"], m["el"], "unseen"
@@ -151,6 +144,29 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
         t.nll = float(config.nll_target)
     return Target(thresholds=t, band=band, unseen_token_nll=tok_nll, unseen_nll=nll,
                   unseen_set=tset if unseen else None)
+
+
+def never_seen_tokens(texts: Sequence[str], tokenizer, config: ICUConfig, salt: str) -> TokenizedSet:
+    """The never-seen text as a request tokenizes it (the ids its scores are remembered under)."""
+    return tokenize_texts(texts, tokenizer, config.max_length, salt, min_tokens=config.el_n + 1, name="unseen")
+
+
+def never_seen_scores(model, tset: TokenizedSet, pad_id: int, config: ICUConfig, fingerprint: Optional[dict],
+                      progress: bool = False, computed: Optional[list] = None, desc: str = "scoring unseen") -> Scores:
+    """MA, EL_n (and BLEU with that criterion) and NLL of the never-seen samples under the untouched `model`,
+    remembered on disk per base, precision and token ids when `fingerprint` names the base's weight files
+    (caches.stored_scores). Shared by a request's band (measure_target) and a caller who wants the same
+    numbers first: the demo scores its never-planted people here, so its request finds them cached instead
+    of repeating the roll-outs. `computed`: a list that gets one entry when the scores were computed now."""
+    def compute():
+        if computed is not None:
+            computed.append(True)
+        with _bar(len(tset), desc, progress) as bar:
+            return score_samples(model, tset.input_ids, pad_id, config.el_n, config.el_start, config.score_batch_size,
+                                 with_bleu=config.criterion == "bleu", bleu_prefix=config.bleu_prefix_tokens,
+                                 bleu_suffix=config.bleu_suffix_tokens, progress=bar)
+
+    return stored_scores(_unseen_key(model, tset, config, fingerprint), compute)
 
 
 def _unseen_key(model, tset: TokenizedSet, config: ICUConfig, fingerprint: Optional[dict]) -> Optional[dict]:

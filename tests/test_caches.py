@@ -159,3 +159,30 @@ def test_never_seen_scores_are_measured_once_per_base_precision_and_set(tiny_mod
             return False
 
     assert sum(parses(p) for p in (tmp_path / "cache" / "scores").glob("*.json")) == 1  # rewritten whole
+
+
+def test_scores_taken_first_by_never_seen_scores_serve_the_request_band(tiny_model_dir, tiny_corpus, tmp_path,
+                                                                       monkeypatch):
+    """What the demo does: score its never-planted people through never_seen_scores (with a salt of its
+    own), then file the request; the request's band reads those scores instead of rolling out again."""
+    import icu_peft.unlearner as U
+    from icu_peft.data import new_salt
+    from icu_peft.models import base_fingerprint, load_base_model, load_tokenizer
+
+    monkeypatch.setenv("ICU_PEFT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = U.score_samples
+    monkeypatch.setattr(U, "score_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = quick_config(tiny_model_dir)
+    model = load_base_model(str(tiny_model_dir), quantize=True)
+    fresh = []
+    tset = U.never_seen_tokens(tiny_corpus["unseen"], tok, cfg, new_salt())
+    first = U.never_seen_scores(model, tset, tok.pad_token_id, cfg, base_fingerprint(model), computed=fresh)
+    assert fresh == [True] and len(calls) == 1
+    target = U.measure_target(model, tok, tiny_corpus["unseen"], cfg, new_salt(), fingerprint=base_fingerprint(model))
+    assert len(calls) == 1  # read, not measured again
+    assert target.band.el_hi == pytest.approx(max(first.el)) and target.thresholds.source == "unseen"
+    fresh.clear()
+    U.never_seen_scores(model, tset, tok.pad_token_id, cfg, base_fingerprint(model), computed=fresh)
+    assert fresh == [] and len(calls) == 1

@@ -21,7 +21,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..atomicfile import atomic_write
 from ..config import ICUConfig
 from ..errors import ICUError, OutputExistsError
 from .plant import PlantSettings, extract_secrets, planted_dir, read_plant_info
@@ -199,31 +198,28 @@ def measure_all(model, tokenizer, corpus: DemoCorpus, general: Sequence[str], el
     return out
 
 
-def unseen_level(model, tokenizer, planted: Path, corpus: DemoCorpus, el_n: int, progress: bool = False) -> tuple:
-    """(the unseen people's scores on the 4-bit planted model, whether they came from the cache).
+def unseen_level(model, tokenizer, corpus: DemoCorpus, config: ICUConfig, progress: bool = False) -> tuple:
+    """(the never-planted people's scores on the 4-bit planted model, whether they came from the cache).
 
-    EL_n of text the model never saw needs a greedy roll-out at every position, the costliest
-    measurement of the demo; it depends only on the planted weights and the unseen texts, so it is
-    kept beside the planted model (counts and means, no text) and later runs skip it.
+    EL_n of text the model never saw needs a greedy roll-out at every position, the costliest measurement
+    of the demo. The people are scored as the forget request scores its never-seen text
+    (unlearner.never_seen_scores) and remembered under the same key (the planted weights' hashes, the
+    token ids, the settings; numbers only, in the icu-peft cache): the request then reads them instead of
+    rolling out again, and later runs skip the roll-outs altogether. Only the secrets are extracted here
+    each time (a few greedy decodes).
     """
-    import hashlib
+    from ..data import new_salt
+    from ..models import base_fingerprint
+    from ..unlearner import never_seen_scores, never_seen_tokens
 
-    h = hashlib.sha256(json.dumps({"el_n": el_n, "quantized": True}).encode())
-    for t in corpus.unseen_texts:
-        h.update(hashlib.sha256(t.encode()).digest())
-    path = Path(planted) / f"unseen_level-{h.hexdigest()[:16]}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text()), True
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass  # a damaged cache entry: measure again and overwrite it
-    level = measure_group(model, tokenizer, corpus.unseen_texts, corpus.probes(corpus.unseen), el_n,
-                          desc="scoring never-planted people (once; cached)" if progress else None)
-    try:
-        atomic_write(path, json.dumps(level, indent=2) + "\n")
-    except OSError as e:  # a read-only cache still lets the demo run
-        logger.warning("could not cache the unseen level in %s: %s", planted, e)
-    return level, False
+    # the salt names samples in reports only; the remembered scores are keyed by token ids
+    tset = never_seen_tokens(corpus.unseen_texts, tokenizer, config, salt=new_salt())
+    fresh: list = []
+    scores = never_seen_scores(model, tset, tokenizer.pad_token_id, config, base_fingerprint(model),
+                               progress=progress, computed=fresh, desc="scoring never-planted people (once; cached)")
+    level = measure_group(model, tokenizer, corpus.unseen_texts, corpus.probes(corpus.unseen), config.el_n,
+                          scores=(scores.ma, scores.el))
+    return level, not fresh
 
 
 def _logical_numel(p) -> int:
@@ -331,18 +327,13 @@ def _run_on_base(opts: DemoOptions, say, t_start: float, out: Path, corpus, cfg,
     general = general_texts(opts.general_texts)
     t0 = time.time()
     before = measure_all(base, tok, corpus, general, cfg.el_n, unseen=False, progress=opts.progress)
-    before["unseen"], cached = unseen_level(base, tok, planted, corpus, cfg.el_n, progress=opts.progress)
+    before["unseen"], cached = unseen_level(base, tok, corpus, cfg, progress=opts.progress)
     measure_s = time.time() - t0
-    # The forget request's MA / EL limits are the unseen level just measured (cached); passing them spares
-    # ICU the EL roll-outs on the unseen text (it still scores its NLL for the band, and the MIA report).
-    # The band's limits are the highest never-seen values, not the means: with the means, the quick demo's
-    # two samples sat mid-band (NLL 2.78 in 2.47..3.08) yet "outside the target" for 60 steps. Letting the
-    # request measure its own band, as for a user, would add one token of MA slack and the chance
-    # allowance (one record's MA sat at 0.71-0.77 against this edge of 0.70 late in a run), but on a first
-    # run it repeats the never-seen roll-outs (6 minutes on 2 busy cores, seen once); sharing the demo's
-    # measurement with the request's score cache would give both (not done yet).
-    if cfg.ma_threshold is None and cfg.el_threshold is None:
-        cfg = dataclasses.replace(cfg, ma_threshold=before["unseen"]["ma_max"], el_threshold=before["unseen"]["el_max"])
+    # The request measures its own never-seen band from the same people, as it does for a user (one token
+    # of MA slack, the chance allowance for the MA / EL_n edges), reading the scores just remembered rather
+    # than rolling out again. With the never-planted maxima passed as explicit thresholds instead (no
+    # allowance), a quick demo's two records sat inside the band's NLL and under its MA edge from step 56
+    # and still counted "outside the target" to step 76, the learning rate halved to its floor (2026-12-06).
     # the loaded base is passed in; the path lets the request load its full-precision view (precision.py)
     cfg = dataclasses.replace(cfg, model=cfg.model or str(planted))
 
