@@ -20,6 +20,7 @@ import ctypes.util
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 logger = logging.getLogger("icu_peft")
 
@@ -27,12 +28,14 @@ M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 THRESHOLD_BYTES = 64 * 1024
 
 _done = False
+_fixed = THRESHOLD_BYTES  # the threshold return_freed_memory_to_os set
+_depth = 0  # heap_blocks nesting
 
 
 def return_freed_memory_to_os(threshold: int = THRESHOLD_BYTES) -> bool:
     """Fix glibc's mmap threshold for this process (once); False where it does not apply (not glibc,
     not Linux, or the environment already sets it)."""
-    global _done
+    global _done, _fixed
     if _done or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
@@ -40,6 +43,37 @@ def return_freed_memory_to_os(threshold: int = THRESHOLD_BYTES) -> bool:
         ok = bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
-    _done = ok
+    _done, _fixed = ok, threshold
     logger.debug("glibc mmap threshold fixed at %d bytes: %s", threshold, ok)
     return ok
+
+
+# glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+HEAP_BLOCKS_BYTES = 32 * 1024 * 1024
+
+
+@contextmanager
+def heap_blocks(threshold: int = HEAP_BLOCKS_BYTES):
+    """Within: blocks up to `threshold` bytes come from the heap again, where a freed block is reused
+    without the kernel; on leaving, the fixed threshold is back and malloc_trim hands the freed heap
+    pages back to the system (so the phase's working set is not kept, the reason for the fixed threshold).
+
+    For phases that allocate and free the same mid-sized tensors thousands of times: greedy roll-outs grow
+    each layer's KV cache by one position per token (a new tensor each time), and with every block over
+    64 KiB mapped afresh the kernel zeroed and faulted in every page of it: three never-seen records' EL10
+    took 45-53 s, 9-10 s of it system time, against 37-39 s and under 1 s within this (docs/BENCHMARKS.md,
+    "CPU speed"). A no-op where return_freed_memory_to_os did not fix the threshold (not glibc, or the
+    environment chose)."""
+    global _depth
+    if not _done or _depth:  # not fixed here, or already inside
+        yield
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold))
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(_fixed))
+        libc.malloc_trim(ctypes.c_size_t(0))

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .allocator import heap_blocks
 from .data import pad_batch
 
 
@@ -244,6 +245,11 @@ def greedy_continue(model, contexts: Sequence[torch.Tensor], num_new: Sequence[i
     A hand-written loop rather than `generate`: no early stop at EOS and no logits processors, so the
     continuation is exactly the argmax path the EL_n definition asks for.
     """
+    with heap_blocks():  # each token grows every layer's KV cache by a new tensor: reuse, not fresh pages
+        return _greedy_continue(model, contexts, num_new, pad_id, batch_size, progress)
+
+
+def _greedy_continue(model, contexts, num_new, pad_id, batch_size, progress) -> List[List[int]]:
     device = model_device(model)
     order = sorted(range(len(contexts)), key=lambda i: (-num_new[i], -len(contexts[i])))
     result: List[Optional[List[int]]] = [None] * len(contexts)

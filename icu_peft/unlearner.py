@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .adapters import MANIFEST_FORMAT, atomic_output_dir, check_output_dir, utc_now, write_manifest
-from .allocator import return_freed_memory_to_os
+from .allocator import heap_blocks, return_freed_memory_to_os
 from .caches import CachedReference, FrozenPrefixBackbone, stored_scores
 from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
@@ -990,6 +990,20 @@ class _Run:
                 goal=quantile(nll, 0.5), cap=quantile(nll, 1 - band.settle_quantile)), self.config)
         return nll if self.two_sided else None
 
+    def by_view(self) -> str:
+        """Where the samples sit in each precision view, for the round's log line: ' (nf4 0/2/0, ...)' counts
+        too familiar / inside / pushed past the band ('' with one view or no band). The line's MA and NLL are
+        means over every view; a sample held back in one view is found here."""
+        band, names = self.target.band, self.view_names()
+        if band is None or len(names) < 2 or not self.scores.nll:
+            return ""
+        n, parts = len(self.forget_set), []
+        for k, name in enumerate(names):
+            pos = [band_position(self.scores.nll[i], self.scores.ma[i], self.scores.el[i], band)
+                   for i in range(k * n, (k + 1) * n)]
+            parts.append(f"{name} {pos.count(-1)}/{pos.count(0)}/{pos.count(1)}")
+        return " (too familiar / inside / past, by view: " + ", ".join(parts) + ")"
+
     def forgotten(self, scores: Optional[Scores] = None) -> List[bool]:
         """Per forget sample: forgotten under every view."""
         n = len(self.forget_set)
@@ -1242,10 +1256,10 @@ class _Run:
                                      action=action, retain_ma=retain_ma, **terms, **attacks,
                                      **{f"{k}_mean": v for k, v in m.items()}))
             logger.info("step %d (epoch %d): loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f NLL %.3f retain MA %s, "
-                        "%d outside the target; lr %.2e (%s)%s", self.steps, self.epoch, terms["loss"], terms["l_fgt"],
+                        "%d outside the target%s; lr %.2e (%s)%s", self.steps, self.epoch, terms["loss"], terms["l_fgt"],
                         terms["l_lrn"], terms["l_kl"], m["ma"], m["nll"],
-                        "-" if retain_ma is None else f"{retain_ma:.3f}", sum(self.active), self.step_size.lr, action,
-                        "".join(f"; {k} {v:.2f}" for k, v in attacks.items()))
+                        "-" if retain_ma is None else f"{retain_ma:.3f}", sum(self.active), self.by_view(),
+                        self.step_size.lr, action, "".join(f"; {k} {v:.2f}" for k, v in attacks.items()))
             bar.set_postfix(active=sum(self.active), ma=f"{m['ma']:.3f}", lr=f"{self.step_size.lr:.1e}")
         bar.close()
         for m in self.models():
@@ -1375,7 +1389,10 @@ class _Run:
         return terms, False
 
     def step(self, batch: List[int]) -> dict:
-        with self.lowp if self.lowp is not None else nullcontext():
+        # cpu_heap_steps: a step frees and allocates the same tensors over and over; from the heap they are
+        # reused, where with each one mapped afresh the kernel faulted in every page again (allocator.py)
+        with self.lowp if self.lowp is not None else nullcontext(), \
+                heap_blocks() if self.config.cpu_heap_steps else nullcontext():
             return self._step(batch)
 
     def _step(self, batch: List[int]) -> dict:

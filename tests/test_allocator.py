@@ -1,0 +1,104 @@
+"""The C allocator settings (allocator.py): the fixed mmap threshold and the heap for roll-outs."""
+
+import pytest
+import torch
+
+import icu_peft.allocator as A
+
+
+class _FakeLibc:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param.value, value.value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad.value))
+        return 1
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    calls = []
+    monkeypatch.setattr(A.ctypes, "CDLL", lambda *a, **k: _FakeLibc(calls))
+    monkeypatch.setattr(A, "_depth", 0)
+    return calls
+
+
+def test_heap_blocks_raises_the_threshold_then_restores_it_and_trims(fake_libc, monkeypatch):
+    monkeypatch.setattr(A, "_done", True)
+    monkeypatch.setattr(A, "_fixed", 65536)
+    with A.heap_blocks():
+        assert fake_libc == [("mallopt", A.M_MMAP_THRESHOLD, A.HEAP_BLOCKS_BYTES)]
+        with A.heap_blocks():  # nested: nothing more, and the outer one is not undone early
+            pass
+        assert len(fake_libc) == 1
+    assert fake_libc[1:] == [("mallopt", A.M_MMAP_THRESHOLD, 65536), ("malloc_trim", 0)]
+    with pytest.raises(RuntimeError):  # restored on an error too
+        with A.heap_blocks():
+            raise RuntimeError("boom")
+    assert fake_libc[-2:] == [("mallopt", A.M_MMAP_THRESHOLD, 65536), ("malloc_trim", 0)]
+    assert A._depth == 0
+
+
+def test_heap_blocks_does_nothing_where_the_threshold_was_not_fixed_here(fake_libc, monkeypatch):
+    monkeypatch.setattr(A, "_done", False)  # not glibc, or MALLOC_MMAP_THRESHOLD_ in the environment
+    with A.heap_blocks():
+        pass
+    assert fake_libc == []
+
+
+def test_greedy_roll_outs_run_inside_heap_blocks(monkeypatch):
+    from icu_peft import metrics
+
+    inside = []
+
+    class Spy:
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.append(False)
+
+    monkeypatch.setattr(metrics, "heap_blocks", lambda: Spy())
+    seen = []
+    real = metrics._greedy_continue
+    monkeypatch.setattr(metrics, "_greedy_continue", lambda *a, **k: seen.append(list(inside)) or real(*a, **k))
+
+    class Tiny(torch.nn.Module):  # logits favour token (last + 1) % 5
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # where model_device looks
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                    logits_to_keep=None):
+            logits = torch.nn.functional.one_hot((input_ids + 1) % 5, 5).float()
+            return type("Out", (), {"logits": logits, "past_key_values": None})()
+
+    out = metrics.greedy_continue(Tiny(), [torch.tensor([0, 1]), torch.tensor([3])], [3, 2], pad_id=0)
+    assert out == [[2, 3, 4], [4, 0]]
+    assert seen == [[True]] and inside == [True, False]
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_steps_take_their_blocks_from_the_heap_only_with_cpu_heap_steps(tiny_model_dir, tiny_corpus, monkeypatch, on):
+    from conftest import quick_config
+
+    import icu_peft.unlearner as U
+
+    entered = []
+
+    class Spy:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(U, "heap_blocks", lambda *a, **k: Spy())
+    r = U.forget(quick_config(tiny_model_dir, max_steps=3, min_epochs=3, cpu_heap_steps=on),
+                 tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    assert r.report["steps"] >= 1
+    assert (len(entered) == r.report["steps"]) if on else not entered
