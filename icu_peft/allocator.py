@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -32,6 +33,12 @@ _fixed = THRESHOLD_BYTES  # the threshold return_freed_memory_to_os set
 _depth = 0  # heap_blocks nesting
 
 
+@functools.lru_cache(maxsize=None)
+def _libc():
+    """The C library, loaded once (find_library asks the system linker's cache: not for every step)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def return_freed_memory_to_os(threshold: int = THRESHOLD_BYTES) -> bool:
     """Fix glibc's mmap threshold for this process (once); False where it does not apply (not glibc,
     not Linux, or the environment already sets it)."""
@@ -39,8 +46,7 @@ def return_freed_memory_to_os(threshold: int = THRESHOLD_BYTES) -> bool:
     if _done or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
+        ok = bool(_libc().mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
     _done, _fixed = ok, threshold
@@ -68,7 +74,7 @@ def heap_blocks(threshold: int = HEAP_BLOCKS_BYTES):
     if not _done or _depth:  # not fixed here, or already inside
         yield
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
     libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold))
     _depth += 1
     try:

@@ -997,10 +997,9 @@ class _Run:
         band, names = self.target.band, self.view_names()
         if band is None or len(names) < 2 or not self.scores.nll:
             return ""
-        n, parts = len(self.forget_set), []
-        for k, name in enumerate(names):
-            pos = [band_position(self.scores.nll[i], self.scores.ma[i], self.scores.el[i], band)
-                   for i in range(k * n, (k + 1) * n)]
+        parts = []
+        for name, s in zip(names, self.scores.split(len(self.forget_set))):
+            pos = [band_position(x, m, e, band) for x, m, e in zip(s.nll, s.ma, s.el)]
             parts.append(f"{name} {pos.count(-1)}/{pos.count(0)}/{pos.count(1)}")
         return " (too familiar / inside / past, by view: " + ", ".join(parts) + ")"
 

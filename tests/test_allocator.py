@@ -22,7 +22,7 @@ class _FakeLibc:
 @pytest.fixture
 def fake_libc(monkeypatch):
     calls = []
-    monkeypatch.setattr(A.ctypes, "CDLL", lambda *a, **k: _FakeLibc(calls))
+    monkeypatch.setattr(A, "_libc", lambda: _FakeLibc(calls))
     monkeypatch.setattr(A, "_depth", 0)
     return calls
 

@@ -155,14 +155,15 @@ def test_the_rounds_log_line_says_where_each_view_holds_its_samples():
     from types import SimpleNamespace
 
     import icu_peft.unlearner as U
+    from icu_peft.metrics import Scores
 
     band = Band(nll_lo=3.0, nll_hi=5.0, nll_mid=4.0, inner_lo=3.5, inner_hi=4.5, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
                 count=16, quantile=0.1, settle_quantile=0.25)
     run = SimpleNamespace(target=SimpleNamespace(band=band), forget_set=[0, 1],
                           view_names=lambda: ["nf4", "float32", "nf4_merged"])
     # float32: one sample under the band, one with MA over its edge; merged: one pushed past the band's top
-    run.scores = SimpleNamespace(nll=[4.0, 4.1, 2.6, 4.0, 4.0, 5.6], ma=[0.3, 0.3, 0.3, 0.7, 0.3, 0.3],
-                                 el=[0.0, 0.01, 0.0, 0.0, 0.0, 0.0])
+    run.scores = Scores(nll=[4.0, 4.1, 2.6, 4.0, 4.0, 5.6], ma=[0.3, 0.3, 0.3, 0.7, 0.3, 0.3],
+                        el=[0.0, 0.01, 0.0, 0.0, 0.0, 0.0])
     assert U._Run.by_view(run) == " (too familiar / inside / past, by view: nf4 0/2/0, float32 2/0/0, nf4_merged 0/1/1)"
     run.scores.el[1] = None  # EL_n not rolled out (lazy): not known to be inside
     assert "nf4 1/1/0" in U._Run.by_view(run)
