@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .offline import import_bitsandbytes
+
 logger = logging.getLogger("icu_peft")
 
 # `auto` budget on the CPU: this share of the memory available when the copies are made (the rest is
@@ -32,7 +34,7 @@ AUTO_SHARE = 0.25
 def four_bit_layers(model) -> list:
     """bitsandbytes Linear4bit modules of `model`, in module order (bottom of the network first)."""
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
     except ImportError:  # no bitsandbytes: no 4-bit layers either
         return []
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -16,6 +16,7 @@ import torch
 from .atomicfile import atomic_write
 from .errors import InputError, ModelLoadError
 from .lowp import checkpoint_contexts
+from .offline import import_bitsandbytes
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def load_base_model(model_name: str, quantize: bool = True, compute_dtype: str =
     if gguf_file:
         kw["gguf_file"] = gguf_file
     if quantize:
+        import_bitsandbytes()  # before transformers imports it: no kernel fetched from the Hub
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

@@ -33,6 +33,7 @@ from .idkeys import key_id, store_key
 from .calibrate import Band, StepSize, band_gap, band_position, loss_auc, off_centre, quantile, view_aucs
 from .losses import chunked_retain_terms, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, UnseenNow, resolve
+from .offline import import_bitsandbytes
 from .mia import min_k_score, roc_auc
 from .metrics import (Scores, backbone_and_head, backbone_override, model_device, next_token_entropies, next_token_stats,
                       score_samples)
@@ -79,9 +80,7 @@ def library_versions() -> dict:
     out = {"icu_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
     try:
-        import bitsandbytes
-
-        out["bitsandbytes"] = bitsandbytes.__version__
+        out["bitsandbytes"] = import_bitsandbytes().__version__
     except Exception:  # bitsandbytes is optional when --no-quantize
         pass
     return out

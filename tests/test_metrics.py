@@ -165,6 +165,63 @@ def test_el_tail_variant_scores_only_late_prefixes(tiny, rollouts):
     assert extraction_likelihood(model, [x], 10, tok.pad_token_id, start=T) == [0.0]  # nothing to score
 
 
+def _random_lm(arch: str):
+    """A small randomly initialised causal LM of another architecture than the tiny trained one."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=4, n_positions=128)).eval()
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=96, max_position_embeddings=128)).eval()
+
+
+@pytest.mark.parametrize("arch", ["tiny", "gpt2", "gpt_neox"])
+def test_roll_outs_from_the_texts_cache_equal_fresh_roll_outs(tiny, rollouts, arch):
+    """rollouts_from_text (each context's keys and values sliced from one pass over its text, the first token
+    from the teacher-forced pass) gives the tokens greedy_continue gives from each context's own pass, with
+    contexts of different lengths from different texts in one batch."""
+    from icu_peft.metrics import greedy_continue, rollouts_from_text
+
+    model = tiny[0] if arch == "tiny" else _random_lm(arch)
+    seqs = rollouts[0] if arch == "tiny" else [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n))
+                                               for n in (23, 17)]
+    rows = [(0, 1), (1, 5), (0, 9), (1, 2), (0, len(seqs[0]) - 3), (1, len(seqs[1]) - 1), (0, 4)]
+    num_new = [len(seqs[b]) - d for b, d in rows]
+    tf = teacher_forced(model, seqs, 0)
+    first = [int(tf.predictions[b, d - 1]) for b, d in rows]
+    fresh = greedy_continue(model, [seqs[b][:d] for b, d in rows], num_new, pad_id=0, batch_size=3)
+    assert [f[0] for f in fresh] == first  # the premise: the teacher-forced argmax is the roll-out's first token
+    assert rollouts_from_text(model, seqs, rows, first, num_new, pad_id=0, batch_size=3) == fresh
+
+
+def test_el_runs_no_context_again_and_falls_back_where_the_cache_is_not_plain(tiny, rollouts, monkeypatch):
+    """On never-seen text (a roll-out at nearly every position) EL_n runs two passes of more than one token
+    (the teacher-forced one and the one over the text whose cache the roll-outs share); where the model's
+    cache is not a plain per-layer KV cache, every context runs again and EL_n is unchanged."""
+    import icu_peft.metrics as metrics
+
+    model, tok = tiny
+    seqs = rollouts[0][1:]
+    teacher_forced(model, seqs, tok.pad_token_id)  # backbone_and_head's one-off check, before counting
+    widths = []  # every pass runs the decoder stack, the teacher-forced one (its own head) included
+    hook = model.base_model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        shared = extraction_likelihood(model, seqs, 10, tok.pad_token_id, batch_size=4)
+        assert sum(w > 1 for w in widths) == 2 and len(widths) > len(seqs[0])
+        widths.clear()
+        monkeypatch.setattr(metrics, "_plain_kv", lambda cache: None)
+        again = extraction_likelihood(model, seqs, 10, tok.pad_token_id, batch_size=4)
+    finally:
+        hook.remove()
+    assert again == shared
+    x, preds = seqs[0], teacher_forced(model, seqs, tok.pad_token_id).predictions[0]
+    deviations = sum(int(preds[d - 1]) != int(x[d]) for d in range(1, len(x)))
+    assert deviations > 8  # the premise: never-seen text needs many roll-outs
+    # the teacher-forced pass, the text's (its cache refused), then one pass per batch of 4 contexts
+    assert sum(w > 1 for w in widths) == 2 + math.ceil(deviations / 4)
+
+
 @torch.no_grad()
 def test_windowed_perplexity_matches_a_window_by_window_computation(tiny, tiny_corpus):
     model, tok = tiny
