@@ -455,6 +455,8 @@ class Scores:
     el: List[Optional[float]]  # None: not computed (lazy scoring skips EL where MA already fails)
     bleu: Optional[List[float]] = None
     nll: Optional[List[float]] = None  # mean next-token NLL of each sample (what a loss attack sees)
+    # per sample: its EL_n was taken as under the edge, not measured (the forget loop's deferred EL_n)
+    presumed: Optional[List[bool]] = None
 
     def mean(self) -> Dict[str, Optional[float]]:
         """Means over the set; EL's mean covers the samples it was computed for (None if none)."""
@@ -490,11 +492,13 @@ class Scores:
 @torch.no_grad()
 def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 10, el_start: int = 1,
                   batch_size: int = 16, with_bleu: bool = False, bleu_prefix: int = 50, bleu_suffix: int = 50,
-                  progress=None, el_max_ma: Optional[float] = None, el_min_nll: Optional[float] = None) -> Scores:
+                  progress=None, el_max_ma: Optional[float] = None, el_min_nll: Optional[float] = None,
+                  el_for: Optional[Sequence[bool]] = None) -> Scores:
     """MA and EL_n (and optionally suffix BLEU) of every sequence, in batches.
 
     el_max_ma: compute EL_n only for sequences whose MA is at or below this value, None elsewhere;
-    el_min_nll likewise skips sequences whose mean NLL is below it (still too likely to be forgotten).
+    el_min_nll likewise skips sequences whose mean NLL is below it (still too likely to be forgotten);
+    el_for (one flag per sequence) skips those whose flag is False.
     EL_n on text the model no longer reproduces costs a greedy roll-out per position (quadratic in
     the length), so IUR skips it where the cheap MA already says "not forgotten yet".
     """
@@ -509,13 +513,14 @@ def score_samples(model, seqs: Sequence[torch.Tensor], pad_id: int, el_n: int = 
         # can take minutes); the rest moves when the chunk is done
         share = 0.9 * len(chunk) if progress is not None else None
         moved = 0.0
-        if el_max_ma is None and el_min_nll is None:
+        if el_max_ma is None and el_min_nll is None and el_for is None:
             el.extend(extraction_likelihood(model, chunk, el_n, pad_id, start=el_start, batch_size=batch_size, tf=tf,
                                             progress=progress, progress_share=share))
             moved = share or 0.0
         else:
             keep = [i for i, (m, n) in enumerate(zip(chunk_ma, chunk_nll))
-                    if (el_max_ma is None or m <= el_max_ma) and (el_min_nll is None or n >= el_min_nll)]
+                    if (el_max_ma is None or m <= el_max_ma) and (el_min_nll is None or n >= el_min_nll)
+                    and (el_for is None or el_for[s + i])]
             values: List[Optional[float]] = [None] * len(chunk)
             if keep:
                 sub = TeacherForced(tf.predictions[keep], tf.target_logprobs[keep], tf.mask[keep], tf.labels[keep])

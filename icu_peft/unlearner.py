@@ -261,13 +261,14 @@ def find_neighbours(model, tokenizer, forget_set: TokenizedSet, retain_set: Toke
 
 
 def _score(model, tset: TokenizedSet, pad_id: int, config: ICUConfig, desc: str,
-           el_max_ma: Optional[float] = None, el_min_nll: Optional[float] = None) -> Scores:
+           el_max_ma: Optional[float] = None, el_min_nll: Optional[float] = None,
+           el_for: Optional[List[bool]] = None) -> Scores:
     model.eval()
     with _bar(len(tset), desc, config.progress) as bar:
         return score_samples(model, tset.input_ids, pad_id, config.el_n, config.el_start, config.score_batch_size,
                              with_bleu=config.criterion == "bleu", bleu_prefix=config.bleu_prefix_tokens,
                              bleu_suffix=config.bleu_suffix_tokens, progress=bar, el_max_ma=el_max_ma,
-                             el_min_nll=el_min_nll)
+                             el_min_nll=el_min_nll, el_for=el_for)
 
 
 def _parts(model):
@@ -819,6 +820,7 @@ class _Run:
     lowp: Optional[FrozenBf16Matmuls] = None  # frozen weights' products in bf16 during steps (lowp.py)
     last_scored: Optional[tuple] = None  # (weights signature, Scores) of the last score() (reuse in confirmations)
     view_refs: Optional[CachedReference] = None  # the full-precision view's own base, for its retain terms
+    el_watch: Optional[List[bool]] = None  # per sample: once found over the EL_n edge with MA and NLL inside
 
     def __post_init__(self) -> None:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -839,6 +841,11 @@ class _Run:
         # likewise a sample whose NLL is still under the band (on SmolLM2's records the roll-outs of such
         # samples took 30-60 s of every scoring round)
         self.lazy_nll = band.nll_lo if self.lazy_ma is not None and band is not None else None
+        # deferred EL: between complete scorings a sample inside by MA and NLL is taken as under the EL_n
+        # edge (on the quick demo the trained view's roll-outs were ~36 of the ~60 s of each round once the
+        # records were near the band)
+        self.defer_el = (self.lazy_nll is not None and band.el_hi is not None and not cfg.el_each_round)
+        self.el_watch = [False] * len(self.forget_set)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.max_steps = cfg.step_budget(len(self.forget_set))
 
@@ -904,7 +911,7 @@ class _Run:
         with self.run_as(k) as m, backbone_override(m, self.prefix_backbone(k)):
             yield m
 
-    def score(self, desc: str, complete: bool = False) -> Scores:
+    def score(self, desc: str, complete: bool = False, presume: bool = False) -> Scores:
         """The forget set under every view, one after another (Scores.concat): the stop rule treats a
         sample in each precision as one more sample to bring inside the band.
 
@@ -914,8 +921,15 @@ class _Run:
         loop does before it stops (`confirmed`) and the report always does. A complete scoring right
         after a lazy one of the same weights reuses the trained view's scores when they already hold
         every sample's EL_n (the confirmation of a settled round ran the trained view's roll-outs twice in
-        a row; on the quick demo that was one of 13 EL_n passes, a few seconds)."""
+        a row; on the quick demo that was one of 13 EL_n passes, a few seconds).
+
+        `presume` (the loop's rounds, with deferred EL_n: defer_el): roll-outs only for the samples watched
+        (el_watch); any other sample whose MA and NLL are inside in the trained view is taken as under the
+        EL_n edge (Scores.presumed; recorded as None, measured by the next complete scoring)."""
+        presume = presume and self.defer_el and not complete
         lazy = {} if complete else dict(el_max_ma=self.lazy_ma, el_min_nll=self.lazy_nll)
+        if presume:
+            lazy["el_for"] = list(self.el_watch)
         reuse = self._trained_view_scores() if complete else None
         if self.lowp is not None:
             self.lowp.clear()  # the merged view's weights are re-quantized below: no stale bf16 copies
@@ -927,6 +941,10 @@ class _Run:
                 s = reuse if k == 0 and reuse is not None else _score(
                     m, self.forget_set, self.pad_id, self.config, desc if k == 0 else f"{desc} ({name})",
                     **(lazy if complete or k == 0 else dict(el_max_ma=-1.0)))
+                if k == 0 and presume:
+                    presumed = [e is None and not w and m_ <= self.lazy_ma and n_ >= self.lazy_nll
+                                for e, w, m_, n_ in zip(s.el, self.el_watch, s.ma, s.nll)]
+                    s.el = [0.0 if p else e for p, e in zip(presumed, s.el)]
                 if k and not complete:
                     s.el = list(parts[0].el)
                 parts.append(s)
@@ -934,8 +952,34 @@ class _Run:
         self.unseen_now = None if any(x is None for x in now) else [v for x in now for v in x]
         self.el_borrowed = self.view is not None and not complete
         scores = Scores.concat(parts)
+        if presume:
+            scores.presumed = presumed * len(parts)
+        if complete:
+            self.watch_el(scores)
         self.last_scored = (self._weights_signature(), scores)
         return scores
+
+    def watch_el(self, scores: Scores) -> None:
+        """After a complete scoring: a sample whose MA and NLL are inside in some view but whose EL_n is over
+        the edge there is measured at every round from now on (its EL_n is what keeps it out)."""
+        band, n = self.target.band, len(self.forget_set)
+        if band is None or band.el_hi is None or not scores.nll:
+            return
+        for j, (x, m, e) in enumerate(zip(scores.nll, scores.ma, scores.el)):
+            if e is not None and band_position(x, m, 0.0, band) == 0 and band_position(x, m, e, band) < 0:
+                self.el_watch[j % n] = True
+
+    @staticmethod
+    def recorded(scores: Scores) -> Scores:
+        """`scores` as the report keeps them: EL_n None where it was presumed, not measured."""
+        if scores.presumed is None:
+            return scores
+        return replace(scores, el=[None if p else e for p, e in zip(scores.presumed, scores.el)], presumed=None)
+
+    def unmeasured(self) -> bool:
+        """Some EL_n of the current scores is not the sample's own in its view: borrowed from the trained
+        view or presumed."""
+        return self.el_borrowed or self.scores.presumed is not None
 
     def _weights_signature(self) -> tuple:
         """Sums of each trainable tensor and of its squares: they change as soon as a step moves the adapter."""
@@ -951,13 +995,15 @@ class _Run:
             return None
         if self.last_scored[0] != self._weights_signature():
             return None
+        if self.scores.presumed is not None:
+            return None  # its EL_n were presumed, not measured
         first = self.scores.split(len(self.forget_set))[0]
         return first if first.el is not None and all(e is not None for e in first.el) else None
 
     def confirmed(self) -> bool:
         """Before stopping as settled: with borrowed EL_n in the other views, score every view completely
         and say whether the set is still settled (if not, the new scores send training on)."""
-        if not self.el_borrowed:
+        if not self.unmeasured():
             return True
         self.scores = self.score(f"confirming step {self.steps}", complete=True)
         self.update_active(self.active)
@@ -1012,7 +1058,7 @@ class _Run:
         """After training: complete scores (lazy scoring skipped EL), then split per view. `scores` and
         `before` become the training view's (`views_after` / `views_before` hold every view's by name),
         `done` the per-sample verdict over all of them."""
-        if self.el_borrowed or any(e is None for e in self.scores.el):
+        if self.unmeasured() or any(e is None for e in self.scores.el):
             self.scores = self.score("scoring forget set", complete=True)
             self.per_epoch[-1] = self.scores
         self.done = self.forgotten()
@@ -1211,7 +1257,7 @@ class _Run:
                 self.status = "nan_restored"
                 logger.error("non-finite loss or weights at step %d: restored the last good adapter and stopped", self.steps)
                 break
-            self.scores = self.score(f"scoring step {self.steps}")
+            self.scores = self.score(f"scoring step {self.steps}", presume=True)
             retain_ma = self.retain_ma() if self.step_size.retain_floor > 0 else None
             gap_after = self.gap(self.scores)
             action = self.step_size.update(gap_before, gap_after, retain_ma, retain_ma_before)
@@ -1234,7 +1280,7 @@ class _Run:
                 # floor's edge the next round slides under it again
                 if self.step_size.retain_safe(retain_ma, retain_ma_before):
                     quality = self.quality()
-                    if quality > best[0] and quality[0] == len(self.forget_set) and self.el_borrowed:
+                    if quality > best[0] and quality[0] == len(self.forget_set) and self.unmeasured():
                         # a new best with every sample inside on borrowed EL_n: check it with every
                         # view's own before the run may stop on it (patience) or return to it
                         self.scores = self.score(f"confirming step {self.steps}", complete=True)
@@ -1247,8 +1293,8 @@ class _Run:
                             inside_step = self.steps
             for g in self.optimizer.param_groups:
                 g["lr"] = self.step_size.lr
-            m = self.scores.mean()
-            self.per_epoch.append(self.scores)
+            m = self.recorded(self.scores).mean()
+            self.per_epoch.append(self.recorded(self.scores))
             attacks = self.attack_aucs()
             self.history.append(dict(epoch=self.epoch, step=self.steps, active=sum(self.active), lr=self.step_size.lr,
                                      action=action, retain_ma=retain_ma, **terms, **attacks,
@@ -1269,7 +1315,7 @@ class _Run:
             self.scores, self.active = best[1][1], best[1][2]
             self.unseen_now = None
             self.el_borrowed = self.view is not None  # whatever that state's scores were: score it afresh
-            self.per_epoch.append(self.scores)  # the report's per-sample series end where the adapter is
+            self.per_epoch.append(self.recorded(self.scores))  # the report's per-sample series end where the adapter is
             self.history.append(dict(epoch=self.epoch, step=self.steps, active=sum(self.active), lr=self.step_size.lr,
                                      action="best_restored", **{f"{k}_mean": v for k, v in self.scores.mean().items()}))
             logger.info("restored the best state seen (%d of %d samples inside the band)",

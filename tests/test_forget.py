@@ -443,7 +443,9 @@ def test_log_push_brings_the_hardest_targets_within_reach(tiny_model_dir, tiny_c
 
 def test_a_confirmation_reuses_the_trained_views_scores_of_the_same_weights(tiny_model_dir, tiny_corpus, monkeypatch):
     """The confirmation right after a settled round scored the trained view already (every EL_n known, the
-    same weights): it reuses those scores, and the request ends exactly where it ends without the reuse."""
+    same weights): it reuses those scores, and the request ends exactly where it ends without the reuse.
+    (Rounds measure every EL_n with el_each_round, or where every sample is watched; deferred EL_n, the
+    default, leaves nothing to reuse.)"""
     import icu_peft.unlearner as U
 
     original = U._Run._trained_view_scores
@@ -455,7 +457,7 @@ def test_a_confirmation_reuses_the_trained_views_scores_of_the_same_weights(tiny
         return out
 
     def run():
-        cfg = quick_config(tiny_model_dir, precision_check="on")
+        cfg = quick_config(tiny_model_dir, precision_check="on", el_each_round=True)
         return forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"]).report
 
     monkeypatch.setattr(U._Run, "_trained_view_scores", spy)
@@ -474,6 +476,69 @@ def test_a_confirmation_reuses_the_trained_views_scores_of_the_same_weights(tiny
     before = U._Run._weights_signature(state)
     state.trainable[0][1, 2] += 1e-6
     assert U._Run._weights_signature(state) != before
+
+
+def test_deferred_el_rounds_roll_out_nothing_and_the_stop_is_measured(tiny_model_dir, tiny_corpus, monkeypatch):
+    """By default (el_each_round off) a scoring round between complete scorings runs no EL_n roll-out: a sample
+    inside by MA and NLL counts as under the EL_n edge, the report records its EL_n there as not measured, and
+    the request stops only on complete scores. With el_each_round the rounds measure EL_n where MA and NLL
+    pass, as before. On the tiny memoriser no sample is held back by its EL_n alone, so both end alike."""
+    import icu_peft.unlearner as U
+
+    calls = []
+    real = U.score_samples
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        cut = -1.0 if kw.get("el_for") is not None and not any(kw["el_for"]) else kw.get("el_max_ma")
+        calls.append((cut, sum(e is not None for e in out.el)))
+        return out
+
+    monkeypatch.setattr(U, "score_samples", spy)
+    reports, seen = {}, {}
+    for each_round in (False, True):
+        calls.clear()
+        cfg = quick_config(tiny_model_dir, precision_check="off", el_each_round=each_round)
+        reports[each_round] = forget(cfg, tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"]).report
+        seen[each_round] = list(calls)
+    for r in reports.values():
+        assert r["status"] == "forgotten"
+        assert all(s["after"]["el"] is not None for s in r["samples"])  # the verdict's EL_n measured
+    # deferred: EL_n only in complete scorings (no cut); no round's scoring asks for any (nothing watched)
+    assert all(cut is None or (cut == -1.0 and measured == 0) for cut, measured in seen[False])
+    assert sum(cut is None for cut, _ in seen[False]) >= 2  # before training and before stopping
+    # each round: rounds measure EL_n of the samples inside by MA and NLL
+    assert any(cut is not None and cut >= 0 and measured for cut, measured in seen[True])
+
+    def unmeasured(r):
+        return sum(e is None for h in r["per_sample_history"].values() for e in h["el"])
+
+    assert unmeasured(reports[False]) > unmeasured(reports[True])
+    assert reports[False]["steps"] == reports[True]["steps"]
+    assert [s["after"] for s in reports[False]["samples"]] == [s["after"] for s in reports[True]["samples"]]
+
+
+def test_a_complete_scoring_watches_a_sample_held_out_by_its_el_only():
+    """watch_el: a sample inside by NLL and MA but over the EL_n edge in some view is measured at every round
+    after; one too familiar by MA, or inside by all three, is not."""
+    from types import SimpleNamespace
+
+    from icu_peft.calibrate import Band
+    from icu_peft.metrics import Scores
+    from icu_peft.unlearner import _Run
+
+    band = Band(nll_lo=2.0, nll_hi=3.0, nll_mid=2.5, inner_lo=2.2, inner_hi=2.8, ma_hi=0.7, ma_mid=0.5, el_hi=0.05, count=8, quantile=0.1, settle_quantile=0.2)
+    state = SimpleNamespace(target=SimpleNamespace(band=band), forget_set=[0, 1, 2], el_watch=[False] * 3)
+    # two views of three samples: sample 0 over the EL edge in the second view only, sample 1 over MA,
+    # sample 2 inside everywhere
+    scores = Scores(ma=[0.5, 0.9, 0.5, 0.5, 0.9, 0.5], el=[0.01, 0.2, 0.01, 0.08, 0.2, 0.02],
+                    nll=[2.5, 2.5, 2.5, 2.5, 2.5, 2.5])
+    _Run.watch_el(state, scores)
+    assert state.el_watch == [True, False, False]
+    presumed = Scores(ma=[0.5], el=[0.0], nll=[2.5], presumed=[True])
+    assert _Run.recorded(presumed).el == [None] and _Run.recorded(presumed).presumed is None
+    measured = Scores(ma=[0.5], el=[0.0], nll=[2.5])
+    assert _Run.recorded(measured) is measured
 
 
 def test_project_conflict_removes_only_the_part_against_the_retain_gradient():

@@ -310,6 +310,17 @@ def test_lazy_el_also_skips_samples_whose_nll_is_still_under_the_band(tiny, tiny
     assert lazy.el[1] == pytest.approx(full.el[1], abs=1e-12)
 
 
+def test_el_for_measures_only_the_flagged_samples(tiny, tiny_corpus):
+    """el_for: EL_n only where the flag is set (and the MA / NLL cuts pass), exact there."""
+    model, tok = tiny
+    seqs = [_ids(tok, tiny_corpus["unseen"][0]), _ids(tok, tiny_corpus["unseen"][1]), _ids(tok, tiny_corpus["forget"][0])]
+    full = score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2)
+    some = score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2, el_for=[False, True, True])
+    assert some.ma == full.ma and some.el[0] is None and some.el[1:] == pytest.approx(full.el[1:], abs=1e-12)
+    none = score_samples(model, seqs, tok.pad_token_id, el_n=10, batch_size=2, el_max_ma=1.0, el_for=[False] * 3)
+    assert none.el == [None] * 3
+
+
 def test_the_scoring_bar_moves_during_the_roll_outs_and_ends_at_the_sample_count(tiny, tiny_corpus):
     """A chunk of never-seen text can take minutes of EL roll-outs: the bar must move inside the chunk,
     and still count exactly one per sample at the end (also where lazy scoring skips the roll-outs)."""
