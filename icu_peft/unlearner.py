@@ -551,6 +551,17 @@ def _lora_state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@dataclass
+class _Kept:
+    """A restore point of the forget loop (_Run.keep / go_back)."""
+
+    lora: dict
+    scores: Scores
+    active: List[bool]
+    unseen_now: Optional[List[float]]
+    measured: bool  # every EL_n of `scores` is the sample's own in its view (a complete scoring)
+
+
 def _restore(model, state: dict) -> None:
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -981,6 +992,20 @@ class _Run:
         view or presumed."""
         return self.el_borrowed or self.scores.presumed is not None
 
+    def keep(self) -> "_Kept":
+        """The adapter as it is now, with what the last scoring found about it (a restore point)."""
+        return _Kept(_lora_state(self.model), self.scores, list(self.active), self.unseen_now,
+                     measured=not self.unmeasured() and all(e is not None for e in self.scores.el))
+
+    def go_back(self, kept: "_Kept") -> None:
+        """Back to a restore point: its adapter, scores and never-seen NLLs. Scores measured completely (a
+        best state is confirmed before it is kept) are not measured again: on the quick demo that re-scoring
+        of the best state, EL_n roll-outs in three views, was ~90 s of the request's end; any other EL_n
+        counts as borrowed, so the stop rule and the report measure it first."""
+        _restore(self.model, kept.lora)
+        self.scores, self.active, self.unseen_now = kept.scores, list(kept.active), kept.unseen_now
+        self.el_borrowed = not kept.measured
+
     def _weights_signature(self) -> tuple:
         """Sums of each trainable tensor and of its squares: they change as soon as a step moves the adapter."""
         with torch.no_grad():
@@ -1232,7 +1257,7 @@ class _Run:
         self.per_epoch = [self.scores]  # per-sample scores at every scoring, for the report's plots
         logger.info("start: MA %.4f NLL %.3f, %d of %d samples outside the target", self.scores.mean()["ma"],
                     self.scores.mean()["nll"], sum(self.active), len(self.forget_set))
-        good = (_lora_state(model), self.scores, list(self.active))
+        good = self.keep()
         best = (self.quality(), good)  # the best state seen: handed back if the budget ends somewhere worse
         best_step, inside_step = 0, None  # step of the best state; first step with every sample inside
         bar = _bar(self.max_steps, "steps", self.show)
@@ -1252,8 +1277,7 @@ class _Run:
             gap_before = self.gap(self.scores)
             terms, nan = self.round(bar)
             if nan or any(not torch.isfinite(p).all() for p in self.trainable):
-                _restore(model, good[0])
-                self.scores, self.active = good[1], good[2]
+                self.go_back(good)
                 self.status = "nan_restored"
                 logger.error("non-finite loss or weights at step %d: restored the last good adapter and stopped", self.steps)
                 break
@@ -1262,8 +1286,7 @@ class _Run:
             gap_after = self.gap(self.scores)
             action = self.step_size.update(gap_before, gap_after, retain_ma, retain_ma_before)
             if action in ("restore", "stop"):
-                _restore(model, good[0])
-                self.scores, self.active = good[1], good[2]
+                self.go_back(good)
                 self.optimizer.state.clear()  # Adam's moments point the way that did the damage
                 logger.warning("retain MA %.3f fell below %.0f%% of its %.3f before: restored the last good adapter%s",
                                retain_ma, 100 * cfg.retain_floor, retain_ma_before,
@@ -1286,7 +1309,7 @@ class _Run:
                         self.scores = self.score(f"confirming step {self.steps}", complete=True)
                         self.update_active(self.active)
                         quality = self.quality()
-                    good = (_lora_state(model), self.scores, list(self.active))
+                    good = self.keep()
                     if quality > best[0]:
                         best, best_step = (quality, good), self.steps
                         if inside_step is None and best[0][0] == len(self.forget_set):
@@ -1311,13 +1334,11 @@ class _Run:
         if self.status == "partial" and best[0] > self.quality():
             # the budget ended in a worse place than one already reached (samples can wander back out
             # of the band while the set is being centred): return to the best state
-            _restore(model, best[1][0])
-            self.scores, self.active = best[1][1], best[1][2]
-            self.unseen_now = None
-            self.el_borrowed = self.view is not None  # whatever that state's scores were: score it afresh
+            self.go_back(best[1])
             self.per_epoch.append(self.recorded(self.scores))  # the report's per-sample series end where the adapter is
             self.history.append(dict(epoch=self.epoch, step=self.steps, active=sum(self.active), lr=self.step_size.lr,
-                                     action="best_restored", **{f"{k}_mean": v for k, v in self.scores.mean().items()}))
+                                     action="best_restored",
+                                     **{f"{k}_mean": v for k, v in self.recorded(self.scores).mean().items()}))
             logger.info("restored the best state seen (%d of %d samples inside the band)",
                         best[0][0], len(self.forget_set))
         if self.status == "partial" and all(self.forgotten()):

@@ -541,6 +541,33 @@ def test_a_complete_scoring_watches_a_sample_held_out_by_its_el_only():
     assert _Run.recorded(measured) is measured
 
 
+def test_a_restore_point_keeps_its_scores_and_says_whether_they_were_measured():
+    """keep / go_back: the adapter, scores, active flags and never-seen NLLs come back; scores of a complete
+    scoring are not measured again (el_borrowed off), presumed or borrowed EL_n are (el_borrowed on)."""
+    from types import SimpleNamespace
+
+    from icu_peft.metrics import Scores
+    from icu_peft.unlearner import _Run
+
+    lin = torch.nn.Linear(2, 2)
+    state = SimpleNamespace(model=lin, active=[True], unseen_now=[2.5], el_borrowed=False,
+                            scores=Scores(ma=[0.5], el=[0.01], nll=[2.6]))
+    state.unmeasured = lambda: _Run.unmeasured(state)
+    measured = _Run.keep(state)
+    state.scores = Scores(ma=[0.5], el=[0.0], nll=[2.6], presumed=[True])
+    presumed = _Run.keep(state)
+    assert measured.measured and not presumed.measured
+    weight = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    state.unseen_now, state.active = [9.9], [False]
+    _Run.go_back(state, presumed)
+    assert state.el_borrowed and state.scores.presumed == [True]
+    _Run.go_back(state, measured)
+    assert torch.equal(lin.weight, weight) and state.scores.el == [0.01] and state.unseen_now == [2.5]
+    assert state.active == [True] and not state.el_borrowed and not _Run.unmeasured(state)
+
+
 def test_project_conflict_removes_only_the_part_against_the_retain_gradient():
     from icu_peft.unlearner import project_conflict
 
