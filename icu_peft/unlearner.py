@@ -59,10 +59,16 @@ class ForgetResult:
     output_dir: Optional[Path] = None
 
 
+# the count rounded: roll-outs move a bar that counts samples by fractions (metrics._Share), which tqdm's
+# default format printed as "2.1838862559241705/8"
+BAR_FORMAT = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
 def _bar(total, desc, enabled, **kw):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, **kw)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
+                bar_format=BAR_FORMAT if total else None, **kw)
 
 
 def peak_memory_mb() -> dict:

@@ -606,3 +606,17 @@ def test_retain_projection_runs_in_the_loop_and_keeps_each_step_from_opposing_th
     assert all(dot >= -1e-6 for _, dot in seen)  # the forget part never opposes the kept text after projection
     assert any(cos < 0 for cos, _ in seen)  # and there was something to project
     assert all("grad_cos" in h for h in r.report["history"][1:])
+
+
+def test_a_bar_moved_by_fractions_prints_whole_counts():
+    """Roll-outs move a bar that counts samples by fractions: it shows '2/8', not '2.18388.../8'."""
+    import io
+
+    from icu_peft.unlearner import _bar
+
+    out = io.StringIO()
+    bar = _bar(8, "scoring", True, file=out)
+    bar.update(2.1838862559241705)
+    bar.refresh()
+    bar.close()
+    assert "2/8" in out.getvalue() and "2.18" not in out.getvalue()

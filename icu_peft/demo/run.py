@@ -182,7 +182,9 @@ def _group_bar(total: int, desc: Optional[str]):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="text", leave=False)
+    from ..unlearner import BAR_FORMAT
+
+    return tqdm(total=total, desc=desc, unit="text", leave=False, bar_format=BAR_FORMAT)
 
 
 def measure_all(model, tokenizer, corpus: DemoCorpus, general: Sequence[str], el_n: int = 10,
