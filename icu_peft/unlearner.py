@@ -67,8 +67,8 @@ BAR_FORMAT = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fm
 def _bar(total, desc, enabled, **kw):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
-                bar_format=BAR_FORMAT if total else None, **kw)
+    kw.setdefault("bar_format", BAR_FORMAT if total else None)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, **kw)
 
 
 def peak_memory_mb() -> dict:
@@ -1266,7 +1266,10 @@ class _Run:
         good = self.keep()
         best = (self.quality(), good)  # the best state seen: handed back if the budget ends somewhere worse
         best_step, inside_step = 0, None  # step of the best state; first step with every sample inside
-        bar = _bar(self.max_steps, "steps", self.show)
+        # no ETA: the budget is an upper limit (the quick demo stops at 72 of 400)
+        bar = _bar(self.max_steps, "steps", self.show,
+                   bar_format="{desc}: {n}, at most {total} (stops when every sample is forgotten) "
+                              "[{elapsed}, {rate_fmt}{postfix}]")
         retain_ma = retain_ma_before
         while True:
             # settled with the retain set between its floor and safe: not yet. The next rounds hold the

@@ -161,21 +161,28 @@ def test_never_seen_scores_are_measured_once_per_base_precision_and_set(tiny_mod
     assert sum(parses(p) for p in (tmp_path / "cache" / "scores").glob("*.json")) == 1  # rewritten whole
 
 
+def _counted_base_scoring(tiny_model_dir, tmp_path, monkeypatch):
+    """(calls, tokenizer, config, 4-bit tiny model) with an empty icu-peft cache and every score_samples call
+    of the unlearner counted in `calls`."""
+    import icu_peft.unlearner as U
+
+    monkeypatch.setenv("ICU_PEFT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = U.score_samples
+    monkeypatch.setattr(U, "score_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls, load_tokenizer(str(tiny_model_dir)), quick_config(tiny_model_dir), load_base_model(
+        str(tiny_model_dir), quantize=True)
+
+
 def test_scores_taken_first_by_never_seen_scores_serve_the_request_band(tiny_model_dir, tiny_corpus, tmp_path,
                                                                        monkeypatch):
     """What the demo does: score its never-planted people through never_seen_scores (with a salt of its
     own), then file the request; the request's band reads those scores instead of rolling out again."""
     import icu_peft.unlearner as U
     from icu_peft.data import new_salt
-    from icu_peft.models import base_fingerprint, load_base_model, load_tokenizer
+    from icu_peft.models import base_fingerprint
 
-    monkeypatch.setenv("ICU_PEFT_CACHE", str(tmp_path / "cache"))
-    calls = []
-    real = U.score_samples
-    monkeypatch.setattr(U, "score_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
-    tok = load_tokenizer(str(tiny_model_dir))
-    cfg = quick_config(tiny_model_dir)
-    model = load_base_model(str(tiny_model_dir), quantize=True)
+    calls, tok, cfg, model = _counted_base_scoring(tiny_model_dir, tmp_path, monkeypatch)
     fresh = []
     tset = U.never_seen_tokens(tiny_corpus["unseen"], tok, cfg, new_salt())
     first = U.never_seen_scores(model, tset, tok.pad_token_id, cfg, base_fingerprint(model), computed=fresh)
@@ -186,3 +193,22 @@ def test_scores_taken_first_by_never_seen_scores_serve_the_request_band(tiny_mod
     fresh.clear()
     U.never_seen_scores(model, tset, tok.pad_token_id, cfg, base_fingerprint(model), computed=fresh)
     assert fresh == [] and len(calls) == 1
+
+
+def test_the_demo_scores_its_planted_people_once_and_then_reads_them(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    """demo.run.base_scores: the planted people's MA / EL_n on the untouched base equal what measure_group
+    measures itself; a second run reads them from the cache (no scoring) and gets the same numbers; a text a
+    request would cut at max_length is left to measure_group (None)."""
+    from icu_peft.demo.run import base_scores, measure_group
+
+    calls, tok, cfg, model = _counted_base_scoring(tiny_model_dir, tmp_path, monkeypatch)
+    texts = tiny_corpus["retain"][:3] + tiny_corpus["unseen"][:2]
+    first = base_scores(model, tok, texts, cfg)
+    assert len(calls) == 1
+    again = base_scores(model, tok, texts, cfg)
+    assert len(calls) == 1 and again == first
+    own = measure_group(model, tok, texts, [], el_n=cfg.el_n)
+    assert own["ma"] == pytest.approx(sum(first[0]) / len(texts), abs=1e-6)
+    assert own["el"] == pytest.approx(sum(first[1]) / len(texts), abs=1e-6)
+    short = ICUConfig(**{**cfg.__dict__, "max_length": 12})
+    assert base_scores(model, tok, texts, short) is None

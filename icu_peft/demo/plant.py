@@ -129,7 +129,11 @@ def _train(model, tokenizer, texts: Sequence[str], probes: Sequence[Probe], sett
     history, leaked_at, hits, done = [], None, None, False
     epoch = 0
     model.train()
-    bar = tqdm(total=settings.max_epochs, desc="planting", disable=not progress, leave=False, dynamic_ncols=True)
+    # no ETA: planting stops once every secret comes out (the quick demo's 12 people at epoch 17 of 40), so
+    # one counted to max_epochs overstated the wait 2-3x
+    bar = tqdm(total=settings.max_epochs, desc="planting", disable=not progress, leave=False, dynamic_ncols=True,
+               bar_format="{desc}: epoch {n}, at most {total} (stops once every secret comes out) "
+                          "[{elapsed}, {rate_fmt}{postfix}]")
     for epoch in range(1, settings.max_epochs + 1):
         order = torch.randperm(len(seqs), generator=gen).tolist()
         total = 0.0
