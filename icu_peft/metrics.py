@@ -259,7 +259,7 @@ def _greedy_continue(model, contexts, num_new, pad_id, batch_size, progress) -> 
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = _forward_last(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        gen_t = _decode(model, out.logits[:, -1].argmax(-1), mask, pos[:, -1:], out.past_key_values,
+        gen_t = _decode(model, out.logits[:, -1].argmax(-1), mask, pos[:, -1:], _out_cache(out),
                         max(num_new[i] for i in idx))
         for row, i in enumerate(idx):
             result[i] = gen_t[row, : num_new[i]].tolist()
@@ -268,17 +268,32 @@ def _greedy_continue(model, contexts, num_new, pad_id, batch_size, progress) -> 
     return result  # type: ignore[return-value]
 
 
+def _cache_arg(model) -> str:
+    """The forward argument that takes a KV cache: `cache` from transformers 5 (where `past_key_values` is
+    deprecated, to be removed in 5.40), `past_key_values` before."""
+    import inspect
+
+    forward = type(_causal_lm(model)).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _out_cache(out):
+    """The KV cache a forward returned (`cache` from transformers 5, `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def _decode(model, first: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor, past, steps: int) -> torch.Tensor:
     """(rows, steps) greedy tokens: `first`, then steps - 1 more, each fed back with the KV cache `past`
     (which holds the contexts, left-padded as `mask` says; `last_pos` (rows, 1) is each context's last
     position)."""
-    nxt, gen = first, [first]
+    nxt, gen, arg = first, [first], _cache_arg(model)
     for _ in range(steps - 1):
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
         last_pos = last_pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos, use_cache=True,
+                    **{arg: past})
+        past = _out_cache(out)
         nxt = out.logits[:, -1].argmax(-1)
         gen.append(nxt)
     return torch.stack(gen, 1).cpu()
@@ -323,7 +338,7 @@ def rollouts_from_text(model, seqs: Sequence[torch.Tensor], rows: Sequence[Tuple
             part = texts[s:s + batch_size]
             ids, mask = pad_batch([seqs[b][: need[b]] for b in part], pad_id)
             out = _forward_last(model, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
-            layers = _plain_kv(out.past_key_values)
+            layers = _plain_kv(_out_cache(out))
             if layers is None:
                 return None
             for r, b in enumerate(part):

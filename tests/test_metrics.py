@@ -120,10 +120,12 @@ def _ids(tok, text):
 @torch.no_grad()
 def naive_greedy(model, prefix: torch.Tensor, steps: int):
     """Greedy decoding of one prefix, unbatched and unpadded: the textbook loop on HF's own cache."""
+    from icu_peft.metrics import _cache_arg, _out_cache
+
     out = model(input_ids=prefix[None], use_cache=True)
     gen = [int(out.logits[0, -1].argmax())]
     for _ in range(steps - 1):
-        out = model(input_ids=torch.tensor([[gen[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([[gen[-1]]]), use_cache=True, **{_cache_arg(model): _out_cache(out)})
         gen.append(int(out.logits[0, -1].argmax()))
     return gen
 
