@@ -251,16 +251,27 @@ def greedy_continue(model, contexts: Sequence[torch.Tensor], num_new: Sequence[i
 
 def _greedy_continue(model, contexts, num_new, pad_id, batch_size, progress) -> List[List[int]]:
     device = model_device(model)
-    order = sorted(range(len(contexts)), key=lambda i: (-num_new[i], -len(contexts[i])))
-    result: List[Optional[List[int]]] = [None] * len(contexts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+
+    def start(idx):  # each context's own pass, left-padded: its cache and the first token
         ids, mask = pad_batch([contexts[i] for i in idx], pad_id, side="left")
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = _forward_last(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        gen_t = _decode(model, out.logits[:, -1].argmax(-1), mask, pos[:, -1:], _out_cache(out),
-                        max(num_new[i] for i in idx))
+        return out.logits[:, -1].argmax(-1), mask, pos[:, -1:], _out_cache(out)
+
+    return _decode_in_batches(model, num_new, [len(c) for c in contexts], batch_size, progress, start)
+
+
+def _decode_in_batches(model, num_new: Sequence[int], lengths: Sequence[int], batch_size: int, progress,
+                       start) -> List[List[int]]:
+    """num_new[i] greedy tokens for each roll-out i, in batches of similar length (the longest first, so a
+    batch pads little). `start(idx)` gives a batch's (first tokens, mask, last positions, KV cache) as
+    _decode takes them; `progress` moves by each batch's size."""
+    order = sorted(range(len(num_new)), key=lambda i: (-num_new[i], -lengths[i]))
+    result: List[Optional[List[int]]] = [None] * len(num_new)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        gen_t = _decode(model, *start(idx), max(num_new[i] for i in idx))
         for row, i in enumerate(idx):
             result[i] = gen_t[row, : num_new[i]].tolist()
         if progress is not None:
@@ -343,10 +354,8 @@ def rollouts_from_text(model, seqs: Sequence[torch.Tensor], rows: Sequence[Tuple
                 return None
             for r, b in enumerate(part):
                 kv[b] = [(k[r], v[r]) for k, v in layers]
-        order = sorted(range(len(rows)), key=lambda i: (-num_new[i], -rows[i][1]))
-        result: List[Optional[List[int]]] = [None] * len(rows)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+
+        def start(idx):  # the texts' cache slices, left-padded; the first tokens from the teacher-forced pass
             width = max(rows[i][1] for i in idx)
             mask = torch.zeros((len(idx), width), dtype=torch.long, device=device)
             layers = []
@@ -362,13 +371,9 @@ def rollouts_from_text(model, seqs: Sequence[torch.Tensor], rows: Sequence[Tuple
                 mask[r, width - rows[i][1]:] = 1
             last_pos = torch.tensor([[rows[i][1] - 1] for i in idx], device=device)
             first_t = torch.tensor([first[i] for i in idx], device=device)
-            gen_t = _decode(model, first_t, mask, last_pos, DynamicCache(ddp_cache_data=layers),
-                            max(num_new[i] for i in idx))
-            for r, i in enumerate(idx):
-                result[i] = gen_t[r, : num_new[i]].tolist()
-            if progress is not None:
-                progress.update(len(idx))
-        return result  # type: ignore[return-value]
+            return first_t, mask, last_pos, DynamicCache(ddp_cache_data=layers)
+
+        return _decode_in_batches(model, num_new, [d for _, d in rows], batch_size, progress, start)
 
 
 class _Share:

@@ -1032,8 +1032,9 @@ class _Run:
         return first if first.el is not None and all(e is not None for e in first.el) else None
 
     def confirmed(self) -> bool:
-        """Before stopping as settled: with borrowed EL_n in the other views, score every view completely
-        and say whether the set is still settled (if not, the new scores send training on)."""
+        """Before stopping as settled: with EL_n borrowed in the other views or presumed (unmeasured), score
+        every view completely and say whether the set is still settled (if not, the new scores send training
+        on)."""
         if not self.unmeasured():
             return True
         self.scores = self.score(f"confirming step {self.steps}", complete=True)
@@ -1325,8 +1326,9 @@ class _Run:
                             inside_step = self.steps
             for g in self.optimizer.param_groups:
                 g["lr"] = self.step_size.lr
-            m = self.recorded(self.scores).mean()
-            self.per_epoch.append(self.recorded(self.scores))
+            shown = self.recorded(self.scores)
+            m = shown.mean()
+            self.per_epoch.append(shown)
             attacks = self.attack_aucs()
             self.history.append(dict(epoch=self.epoch, step=self.steps, active=sum(self.active), lr=self.step_size.lr,
                                      action=action, retain_ma=retain_ma, **terms, **attacks,
