@@ -620,3 +620,23 @@ def test_a_bar_moved_by_fractions_prints_whole_counts():
     bar.refresh()
     bar.close()
     assert "2/8" in out.getvalue() and "2.18" not in out.getvalue()
+
+
+def test_a_new_best_state_is_confirmed_only_where_the_run_could_stop_on_it():
+    """confirm_new_best: EL_n roll-outs in every view for a new best state with every sample inside on
+    unmeasured EL_n, only when the set is also centred; off centre (the run cannot stop there), or not
+    better, or not every sample inside, or already measured: no roll-outs."""
+    from types import SimpleNamespace
+
+    from icu_peft.unlearner import _Run
+
+    def state(centring: bool, unmeasured: bool = True):
+        s = SimpleNamespace(forget_set=[0, 1], centring=centring)
+        s.unmeasured = lambda: unmeasured
+        return s
+
+    assert _Run.confirm_new_best(state(False), (2, -0.0), (1, -0.2))
+    assert not _Run.confirm_new_best(state(True), (2, -0.05), (1, -0.2))  # off centre: kept unmeasured
+    assert not _Run.confirm_new_best(state(False, unmeasured=False), (2, 0.0), (1, -0.2))
+    assert not _Run.confirm_new_best(state(False), (1, 0.0), (0, -0.2))  # a sample still outside
+    assert not _Run.confirm_new_best(state(False), (2, -0.1), (2, -0.05))  # not better
