@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         row["ledger"] = evaluate(stack_adapters(load(), [snaps[n]]), tok, corpus, requests[:n], kept, prompts)
         m = read_manifest(snaps[n])
         row["ledger"].update(steps=m["steps"], status=m["status"], rank=m["config"]["lora_r"])
-        row["cat"]["rank"] = read_manifest(cat)["config"].get("lora_r")
+        row["cat"]["rank"] = json.loads((cat / "adapter_config.json").read_text())["r"]  # a combination: 8N
         results[f"N={n}"] = row
         log.info("N=%d: %s", n, json.dumps(row))
 
