@@ -20,7 +20,8 @@ people, and the time of greedy generation (32 new tokens, 8 prompts) with that a
 --revoke is revoked from the ledger and the rest re-consolidated with its text passed to restore: it must
 come back to its before level while the others stay forgotten.
 
-Adapters and the ledger are kept in --work: a rerun measures again without training.
+Adapters and the ledger are kept in --work: a rerun measures again without training (with a smaller
+--requests it reuses what the first run trained, whose retain set was that run's stayers).
 """
 
 from __future__ import annotations
