@@ -183,13 +183,18 @@ def _check_restore(directory: Path, ledger: dict, restore: Sequence[str], id_key
 
 def consolidate(directory: str | Path, config, texts: Sequence[str], retain: Optional[Sequence[str]] = None,
                 unseen: Optional[Sequence[str]] = None, id_keys: Sequence[str] = (),
-                restore: Optional[Sequence[str]] = None):
+                restore: Optional[Sequence[str]] = None, warm: bool = True):
     """Train the served adapter on the union of the active requests, warm-started from the last one.
 
     `restore`: texts that must come back, a revoked request's: they join the retain anchors, so the new
     adapter is held to the base on them. Without them an adapter trained on the other requests of the
     same kind still lowered the revoked one (MA 0.75 against 0.97 before; docs/BENCHMARKS.md). Refused
     where one is a sample of an active request.
+
+    `warm=False` trains from zero even where a warm start applies: on SmolLM2 a warm-started consolidation
+    of a second one-person request took 2343 s against 661 s from zero (both records went past the
+    never-seen band first; docs/BENCHMARKS.md, "Forget ledger and stacking"), while on the tiny memoriser the
+    warm start was the cheaper one.
 
     Returns the ForgetResult. The new adapter replaces `consolidated/` only once it is written; the
     ledger then records the requests it covers (id and adapter hash) and its status."""
@@ -204,7 +209,7 @@ def consolidate(directory: str | Path, config, texts: Sequence[str], retain: Opt
         _check_restore(directory, ledger, restore, id_keys)
         retain = list(restore) + list(retain or [])
     previous = directory / CONSOLIDATED
-    if previous.is_dir() and config.init_adapter is None:
+    if previous.is_dir() and config.init_adapter is None and warm:
         was = read_manifest(previous).get("config", {})
         same = all(was.get(k) == getattr(config, k) for k in ("lora_r", "lora_alpha", "lora_layers", "target_modules"))
         # warm start only while requests have only been added: the served adapter's weights hold every

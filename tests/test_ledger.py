@@ -92,8 +92,17 @@ def test_ledger_adds_consolidates_revokes_and_says_when_it_is_stale(tiny_model_d
     assert json.loads((led / "ledger.json").read_text())["consolidated"]["warm_start"] is True
     assert res.report["config"]["init_adapter"].endswith("consolidated")
     assert L.status(led)["up_to_date"]
+    # `--from-zero` (warm=False): trained from zero although a warm start applies
+    recipe.write_text("batch_size: 4\nretain_kl_samples: 12\nseed: 0\nmax_steps: 4\n")
+    main(["ledger", "consolidate", str(led), "--model", str(tiny_model_dir),
+          "--forget", _jsonl(data / "f2.jsonl", fg[2:] + tiny_corpus["unseen"][:2]),
+          "--retain", _jsonl(data / "r2.jsonl", tiny_corpus["retain"]),
+          "--unseen", _jsonl(data / "u2.jsonl", tiny_corpus["unseen"][2:]), "--no-progress", "--config", str(recipe),
+          "--from-zero"])
+    assert json.loads((led / "ledger.json").read_text())["consolidated"]["warm_start"] is False
+    assert json.loads((led / "consolidated" / "forget_manifest.json").read_text())["config"]["init_adapter"] is None
     assert [h["op"] for h in json.loads((led / "ledger.json").read_text())["history"]] == [
-        "add", "add", "consolidate", "revoke", "consolidate", "add", "consolidate"]
+        "add", "add", "consolidate", "revoke", "consolidate", "add", "consolidate", "consolidate"]
 
 
 def test_warm_start_loads_the_adapter_and_refuses_another_layout(tiny_model_dir, tiny_forget_adapter):

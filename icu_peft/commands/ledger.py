@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     c.add_argument("--restore", help="texts that must come back (a revoked request's): held to the base as retain "
                                      "anchors in this consolidation")
     c.add_argument("--config", help="recipe YAML (ICUConfig fields) for the consolidation")
+    c.add_argument("--from-zero", action="store_true",
+                   help="train the served adapter from zero, not warm-started from the last one (docs/LIFECYCLE.md)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -69,7 +71,7 @@ def run(args) -> int:
     retain = read_texts(args.retain, cfg.text_field) if args.retain else None
     unseen = read_texts(args.unseen, cfg.text_field) if args.unseen else None
     restore = read_texts(args.restore, cfg.text_field) if args.restore else None
-    res = L.consolidate(args.ledger, cfg, texts, retain, unseen, restore=restore)
+    res = L.consolidate(args.ledger, cfg, texts, retain, unseen, restore=restore, warm=not args.from_zero)
     r = res.report
     print(f"consolidated {len(L.status(args.ledger)['active'])} requests into {res.output_dir}: {r['status']}, "
           f"{r['forget']['forgotten']} of {r['forget']['count']} samples forgotten after {r['steps']} steps")
