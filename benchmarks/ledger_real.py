@@ -27,7 +27,6 @@ Adapters and the ledger are kept in --work: a rerun measures again without train
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shutil
@@ -36,6 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -78,25 +78,39 @@ def latency(model, tok, prompts, new_tokens: int = 32, repeats: int = 3) -> floa
     return statistics.median(times)
 
 
-def evaluate(model, tok, corpus, requests: list, kept: list, prompts) -> dict:
-    """The table's cells for one adapter set serving `requests` (indices into corpus.people)."""
-    model.eval()
-    texts = [corpus.people[i].text for i in requests]
+def never_seen(model, tok, corpus) -> tuple:
+    """(the never-planted people's NLLs, their band) under `model`: what a request is compared with."""
     u_nll, u_ma = scores(model, tok, corpus.unseen_texts)
     lengths = [len(tok(t)["input_ids"]) for t in corpus.unseen_texts]
-    band = Band.from_scores(u_nll, u_ma, None, lengths=lengths)
+    return u_nll, Band.from_scores(u_nll, u_ma, None, lengths=lengths)
+
+
+def request_cells(model, tok, corpus, requests: list, u_nll, band) -> dict:
+    """How forgotten the people of `requests` are under `model`, against the never-planted people."""
+    texts = [corpus.people[i].text for i in requests]
+    leaves = collect_leaves(model) if hasattr(model, "icu_adapters") else []
+    # each sample against the edges its own adapter's manifest recorded (EL_n included); none on the base
+    v = verify_forget_set(model, tok, texts, leaves) if leaves else None
+    f_nll, f_ma = scores(model, tok, texts)
+    inside = [band_position(n, m, None, band) == 0 for n, m in zip(f_nll, f_ma)]
+    hits = extract_secrets(model, tok, corpus.probes([corpus.people[i] for i in requests]))
+    return dict(forgotten_verify=v["summary"]["forgotten"] if v else None, inside_band=sum(inside),
+                request_secrets=sum(hits), request_secrets_total=len(hits),
+                request_nll=statistics.mean(f_nll), request_ma=statistics.mean(f_ma), loss_auc=loss_auc(f_nll, u_nll))
+
+
+def evaluate(model, tok, corpus, requests: list, kept: list, prompts, revoked: Optional[int] = None) -> dict:
+    """The table's cells for one adapter set serving `requests` (indices into corpus.people); with `revoked`,
+    also that person's cells under the same model."""
+    model.eval()
+    u_nll, band = never_seen(model, tok, corpus)
     row = {"requests": len(requests)}
-    if texts:
-        leaves = collect_leaves(model) if hasattr(model, "icu_adapters") else []
-        # each sample against the edges its own adapter's manifest recorded (EL_n included); none on the base
-        v = verify_forget_set(model, tok, texts, leaves) if leaves else None
-        f_nll, f_ma = scores(model, tok, texts)
-        inside = [band_position(n, m, None, band) == 0 for n, m in zip(f_nll, f_ma)]
-        hits = extract_secrets(model, tok, corpus.probes([corpus.people[i] for i in requests]))
-        row.update(forgotten_verify=v["summary"]["forgotten"] if v else None, inside_band=sum(inside),
-                   request_secrets=sum(hits), request_secrets_total=len(hits),
-                   request_nll=statistics.mean(f_nll), request_ma=statistics.mean(f_ma),
-                   loss_auc=loss_auc(f_nll, u_nll))
+    if requests:
+        row.update(request_cells(model, tok, corpus, requests, u_nll, band))
+    if revoked is not None:
+        back = request_cells(model, tok, corpus, [revoked], u_nll, band)
+        row["revoked"] = {k: back[k] for k in ("request_nll", "request_ma", "request_secrets",
+                                               "request_secrets_total", "inside_band")}
     k_nll, k_ma = scores(model, tok, [corpus.people[i].text for i in kept])
     k_hits = extract_secrets(model, tok, corpus.probes([corpus.people[i] for i in kept]))
     row.update(kept_ma=statistics.mean(k_ma), kept_secrets=sum(k_hits), kept_secrets_total=len(k_hits),
@@ -135,7 +149,10 @@ def main(argv=None) -> int:
     results = {"corpus": corpus.settings, "requests": R, "kept": len(kept), "revoke": revoke}
 
     t0 = time.time()
-    results["base"] = evaluate(load(), tok, corpus, requests, kept, prompts)
+    base = load()
+    results["base"] = evaluate(base, tok, corpus, requests, kept, prompts)
+    before_nll, before_ma = scores(base, tok, [corpus.people[i].text for i in requests])  # for the revocation
+    del base
     log.info("base: %s (%.0f s)", json.dumps(results["base"]), time.time() - t0)
 
     # independent adapters, one per request, each on the bare base
@@ -191,24 +208,18 @@ def main(argv=None) -> int:
 
     # revoke one request from the full ledger; its text passed to restore
     rv = work / "ledger-revoked"
+    rest = [i for i in requests if i != revoke]
     if not (rv / L.CONSOLIDATED / "forget_manifest.json").is_file() or not (rv / "revoke.seconds").is_file():
         if rv.exists():
             shutil.rmtree(rv)
         shutil.copytree(led, rv)
         L.revoke_request(rv, f"req-{revoke}")
         t0 = time.time()
-        rest = [i for i in requests if i != revoke]
         L.consolidate(rv, config(planted, "consolidated-revoke", 300), [corpus.people[i].text for i in rest],
                       kept_texts, corpus.unseen_texts, restore=[corpus.people[revoke].text])
         (rv / "revoke.seconds").write_text(f"{time.time() - t0:.1f}")
-    model = stack_adapters(load(), [rv / L.CONSOLIDATED])
-    rest = [i for i in requests if i != revoke]
-    row = evaluate(model, tok, corpus, rest, kept, prompts)
-    back = evaluate(model, tok, corpus, [revoke], kept, prompts)
-    row["revoked"] = {k: back[k] for k in ("request_nll", "request_ma", "request_secrets", "request_secrets_total",
-                                           "inside_band")}
-    b_nll, b_ma = scores(load(), tok, [corpus.people[revoke].text])
-    row["revoked_before"] = {"nll": b_nll[0], "ma": b_ma[0]}
+    row = evaluate(stack_adapters(load(), [rv / L.CONSOLIDATED]), tok, corpus, rest, kept, prompts, revoked=revoke)
+    row["revoked_before"] = {"nll": before_nll[revoke], "ma": before_ma[revoke]}
     row["revoke_s"] = float((rv / "revoke.seconds").read_text())
     row["status"] = read_manifest(rv / L.CONSOLIDATED)["status"]
     results[f"N={R} minus req-{revoke}"] = row
