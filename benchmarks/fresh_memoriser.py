@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--forget", type=int, default=8)
     ap.add_argument("--retain", type=int, default=24)
     ap.add_argument("--unseen", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=400, help="training steps of the memoriser (full batch); more steps, firmer memory")
     args = ap.parse_args()
     from icu_peft.testing import build_tiny_memorizer
 
@@ -58,7 +59,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name, xs in (("forget", texts[:a]), ("retain", texts[a:b]), ("unseen", texts[b:c])):
         (out / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in xs))
-    build_tiny_memorizer(out / "model", texts[:b], texts[b:], steps=400, layers=args.layers, hidden=args.hidden,
+    build_tiny_memorizer(out / "model", texts[:b], texts[b:], steps=args.steps, layers=args.layers, hidden=args.hidden,
                          seed=args.seed, arch=args.arch)
     print(f"{out}: {a} to forget, {b - a} to keep, {c - b} never seen; model in {out / 'model'}")
     return 0

@@ -68,6 +68,7 @@ class ICUConfig:
     simnpo_gamma: float = field(default=0.0, metadata={"help": "SimNPO reward margin gamma."})
     rank_by_sharing: int = field(default=0, metadata={"help": "Method icu: rank each forget token for its target by how long a context it shares with the retain / never-seen text (up to this many tokens; shared = template = easy target), then by the base's NLL (0, the default: by the NLL alone). 4 lets a large request of one template forget without taking the kept records along (64 of 256 prescriptions: 18/64 and kept secrets 191/192 against a stop at 0/64), but raises never-seen same-kind perplexity and kept the demo's MA at its edge (docs/BENCHMARKS.md)."})
     target_log_weight: float = field(default=0.3, metadata={"help": "Method icu: weight of the log-space push on tokens still more likely than their target (the BCE alone stalls short of very unlikely targets, and forgotten text keeps its hardest tokens easier than never-seen text's, which Min-K% reads: 0.1 left them 2-3 nats short on tiny memorisers). 0.3 since the loop centres the set in the shipped view, which reins in the loss overshoot that made 0.3 a trade-off before (docs/BENCHMARKS.md, 'Centring in the shipped view'); 1.0 overshot."})
+    target_pull_weight: float = field(default=0.3, metadata={"help": "Method icu: weight of the same log-space term pulling back the tokens of a sample pushed past the never-seen band (less likely than their targets): the BCE's own pull fades with the probability, and a warm-started ledger consolidation on SmolLM2 sat past the band for 140 steps without it. Only samples past the band: on every sample it slowed the matrix's code request. 0: off."})
     undial_gamma: float = field(default=10.0, metadata={"help": "UNDIAL: how far the true token's logit is lowered in the distillation target."})
     forget_tokens: str = field(default="predicted", metadata={"help": "Tokens the forget term pushes on: 'predicted' (only those the model still gets right) or 'all' (ICU's code)."})
     forget_distinct_ngram: int = field(default=0, metadata={"help": "Forget term skips tokens whose n-gram (token + n-1 before) occurs in the retain pool: shared template, not private text (0: off; 4 suits records)."})
@@ -194,6 +195,8 @@ class ICUConfig:
         need(self.nll_tolerance >= 0 and self.nll_max_scale >= 1 and self.nll_probes >= 0,
              "nll_tolerance and nll_probes must be >= 0, nll_max_scale >= 1")
         need(self.entropy_weight >= 0, "entropy_weight must be >= 0")
+        need(self.target_log_weight >= 0 and self.target_pull_weight >= 0,
+             "target_log_weight and target_pull_weight must be >= 0")
         need(0 <= self.tail_gain <= 10, "tail_gain must be in [0, 10]")
         need(self.retain_kl_samples >= 0 and self.unseen_kl_samples >= 0, "retain_kl_samples and unseen_kl_samples must be >= 0")
         need(self.neighbour_micro_batch >= 0, "neighbour_micro_batch must be >= 0")

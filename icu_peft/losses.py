@@ -336,7 +336,8 @@ def chunked_relabelled_kl(hidden: torch.Tensor, ref_hidden: torch.Tensor, head: 
     return total, valid.sum()
 
 
-def target_token_bce(logp: torch.Tensor, target_logp: torch.Tensor, log_weight: float = 0.0) -> torch.Tensor:
+def target_token_bce(logp: torch.Tensor, target_logp: torch.Tensor, log_weight: float = 0.0,
+                     pull_weight=0.0) -> torch.Tensor:
     """Binary cross-entropy between the target token's probability and its target, per position.
 
     -[p* log p + (1 - p*) log(1 - p)] with p = exp(logp), p* = exp(target_logp): minimal at p = p*,
@@ -350,11 +351,22 @@ def target_token_bce(logp: torch.Tensor, target_logp: torch.Tensor, log_weight: 
     # under the band. A one-sided Huber term on how far log p is still above log p* keeps pushing
     # such tokens; `log_weight` keeps it from drowning the retain anchors (at weight 1 it did: retain
     # MA fell below 90% within 12 steps on two tiny memorisers, docs/METHOD.md).
+    # The same fading works the other way: a token pushed past its target (less likely than p*) is pulled
+    # back by p* - p only, next to nothing for a target of a few nats. `pull_weight` is the same Huber term
+    # on how far log p has fallen under log p*: without it a warm-started ledger consolidation on SmolLM2
+    # left both records 0.2-0.3 nats past the never-seen band for 140 steps while the BCE went on falling.
     bce = -(p_star * logp + (1 - p_star) * log1mexp(logp))
-    if not log_weight:
-        return bce
-    excess = (logp - target_logp).clamp(min=0)
-    return bce + log_weight * torch.where(excess < 1, 0.5 * excess ** 2, excess - 0.5)
+    gap = logp - target_logp
+    if log_weight:
+        bce = bce + log_weight * _huber(gap.clamp(min=0))
+    if isinstance(pull_weight, torch.Tensor) or pull_weight:  # a number, or a tensor shaped like logp
+        bce = bce + pull_weight * _huber((-gap).clamp(min=0))
+    return bce
+
+
+def _huber(x: torch.Tensor) -> torch.Tensor:
+    """Huber of a non-negative gap (nats): quadratic under 1, linear beyond."""
+    return torch.where(x < 1, 0.5 * x ** 2, x - 0.5)
 
 
 def entropy_error(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -366,10 +378,10 @@ def entropy_error(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _target_bce_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, target_logp: torch.Tensor,
                       valid: torch.Tensor, log_weight: float, target_entropy: Optional[torch.Tensor] = None,
-                      entropy_weight: float = 0.0) -> torch.Tensor:
+                      entropy_weight: float = 0.0, pull_weight=0.0) -> torch.Tensor:
     full = F.log_softmax(head(h).float(), dim=-1)
     lp = full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    loss = target_token_bce(lp, target_logp, log_weight)
+    loss = target_token_bce(lp, target_logp, log_weight, pull_weight)
     if entropy_weight and target_entropy is not None:
         loss = loss + entropy_weight * entropy_error(full, target_entropy)
     return (loss * valid).sum()
@@ -377,20 +389,22 @@ def _target_bce_chunk(head: Callable, h: torch.Tensor, targets: torch.Tensor, ta
 
 def chunked_target_bce(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, mask: torch.Tensor,
                        target_logp: torch.Tensor, chunk_size: int = 64, log_weight: float = 0.0,
-                       target_entropy: Optional[torch.Tensor] = None,
-                       entropy_weight: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                       target_entropy: Optional[torch.Tensor] = None, entropy_weight: float = 0.0,
+                       pull_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sum and count of target_token_bce over real targets; `target_logp` (B, T) is aligned with `labels`.
     With `entropy_weight` and `target_entropy` (B, T, aligned the same way), each position also pays
-    that weight times entropy_error against its target entropy."""
+    that weight times entropy_error against its target entropy. `pull_weight` (B, T, aligned the same
+    way; None: 0): target_token_bce's pull_weight per position."""
     h, targets, valid = _shift(hidden, labels, mask)
     tl, valid = target_logp[:, 1:], valid.to(torch.float32)
     grad = torch.is_grad_enabled() and hidden.requires_grad
+    pull = torch.zeros_like(tl) if pull_weight is None else pull_weight[:, 1:].to(tl)
     if entropy_weight and target_entropy is not None:
         te = target_entropy[:, 1:]
-        fn = lambda a, b, c, e, d: _target_bce_chunk(head, a, b, c, d, log_weight, e, entropy_weight)  # noqa: E731
-        tensors = (h, targets, tl, te, valid)
+        fn = lambda a, b, c, p, e, d: _target_bce_chunk(head, a, b, c, d, log_weight, e, entropy_weight, p)  # noqa: E731
+        tensors = (h, targets, tl, pull, te, valid)
     else:
-        fn = lambda a, b, c, d: _target_bce_chunk(head, a, b, c, d, log_weight)  # noqa: E731
-        tensors = (h, targets, tl, valid)
+        fn = lambda a, b, c, p, d: _target_bce_chunk(head, a, b, c, d, log_weight, pull_weight=p)  # noqa: E731
+        tensors = (h, targets, tl, pull, valid)
     total = _chunked_sum(fn, tensors, chunk_size, grad, hidden.new_zeros((), dtype=torch.float32), head)
     return total, valid.sum()

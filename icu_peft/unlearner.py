@@ -1306,6 +1306,7 @@ class _Run:
                     self.status = "retain_damaged"
                     break
             else:
+                self.mark_past()
                 self.retarget(gap_after)
                 self.recentre()
                 self.update_active(self.active)
@@ -1383,6 +1384,16 @@ class _Run:
             if delta:
                 method.retarget(self.method_state, i, delta, limit)
                 self.retargeted += 1
+
+    def mark_past(self) -> None:
+        """Tell the method which samples sit past the band (NLL over its top) in some view now, for methods
+        that pull those back harder (Method.mark_past). A warm-started ledger consolidation on SmolLM2 had
+        both records 0.2-0.3 nats past the band for 140 steps while the forget term's own pull faded."""
+        method, band = resolve(self.config), self.target.band
+        if method.mark_past is None or band is None or not self.two_sided or not self.scores.nll:
+            return
+        n = len(self.forget_set)
+        method.mark_past(self.method_state, [max(self.scores.nll[i::n]) > band.nll_hi for i in range(n)])
 
     def loss_config(self) -> ICUConfig:
         """The config the step's loss reads: the retain terms' weights times the step-size control's

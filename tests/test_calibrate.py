@@ -1,6 +1,7 @@
 """Calibrated forgetting: the never-seen band, per-token targets, the step size, and the loop that uses them."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -150,6 +151,42 @@ def test_the_views_second_pass_goes_in_turn_or_to_the_view_furthest_from_the_ban
         ICUConfig(view_schedule="sometimes")
 
 
+def test_samples_past_the_band_in_any_view_get_the_log_space_pull_back():
+    """_Run.mark_past on a stand-in run (2 samples x 3 views) feeds the target method's loss: the same batch
+    costs more, and is pulled back harder, once its sample is marked past."""
+    from types import SimpleNamespace
+
+    import icu_peft.unlearner as U
+    from icu_peft import ICUConfig
+    from icu_peft.calibrate import TokenTargets
+    from icu_peft.methods.base import ForgetBatch
+    from icu_peft.methods.target import target_forget_loss
+
+    band = Band(nll_lo=3.0, nll_hi=5.0, nll_mid=4.0, inner_lo=3.5, inner_hi=4.5, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
+                count=16, quantile=0.1, settle_quantile=0.25)
+    state = TokenTargets(logp=[torch.full((3,), -1.0)] * 2, shift=[0.0] * 2, nll=[1.0] * 2, ma=[0.0] * 2)
+    run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band), forget_set=[0, 1], two_sided=True,
+                          method_state=state)
+    run.scores = SimpleNamespace(nll=[4.0, 4.1, 4.0, 4.0, 4.0, 5.6])  # sample 1 past the band in the merged view only
+    U._Run.mark_past(run)
+    assert state.past == {1}
+    # one sample of 4 tokens whose next tokens all sit at log 5 = 1.61 nats against a 1-nat target
+    hidden = torch.zeros(1, 4, 5, requires_grad=True)
+    head = lambda h: h  # noqa: E731 - logits 0: every token at 1 / 5
+    ids, mask = torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4)
+
+    def loss(row):
+        batch = ForgetBatch(hidden=hidden, head=head, ids=ids, mask=mask, reference=None, rows=[row], state=state)
+        return target_forget_loss(batch, ICUConfig(entropy_weight=0.0))
+
+    kept, pulled = loss(0), loss(1)
+    gap = math.log(5) - 1.0  # 0.61 nats past the target, inside the Huber's quadratic part
+    assert float(pulled - kept) == pytest.approx(0.3 * 0.5 * gap ** 2, rel=1e-4)
+    run.scores.nll = [4.0] * 6
+    U._Run.mark_past(run)
+    assert state.past == set() and float(loss(1)) == pytest.approx(float(kept))
+
+
 def test_the_rounds_log_line_says_where_each_view_holds_its_samples():
     """_Run.by_view on a stand-in run: 2 samples x 3 views; (too familiar / inside / past) per view."""
     from types import SimpleNamespace
@@ -189,6 +226,31 @@ def test_target_bce_is_minimal_at_the_target_in_both_directions():
         assert float(grid[int(losses.argmin())]) == pytest.approx(-2.0, abs=0.05)
 
 
+def test_target_bce_pulls_a_token_back_from_past_its_target_in_log_space():
+    # a token meant to sit 3 nats down, pushed to 4.5: the BCE's own pull is p* - p, about 0.04
+    target, past = torch.tensor([-3.0]), torch.tensor([-4.5], requires_grad=True)
+
+    def pull(**kw):
+        past.grad = None
+        target_token_bce(past, target, **kw).sum().backward()
+        return -float(past.grad)  # how hard a descent step raises log p
+
+    p, p_star = math.exp(-4.5), math.exp(-3.0)
+    bce_only = pull(log_weight=0.3)
+    assert bce_only == pytest.approx((p_star - p) / (1 - p), rel=1e-4)  # the push term does not act here
+    # the pull term: Huber of the 1.5-nat deficit, linear past 1 nat, so its slope is the weight itself
+    assert pull(log_weight=0.3, pull_weight=0.3) == pytest.approx(bce_only + 0.3, rel=1e-4)
+    # a token short of its target (too likely) is untouched by the pull term
+    short = torch.tensor([-1.0], requires_grad=True)
+    a = torch.autograd.grad(target_token_bce(short, target, 0.3).sum(), short)[0]
+    b = torch.autograd.grad(target_token_bce(short, target, 0.3, 0.3).sum(), short)[0]
+    assert float(a) == pytest.approx(float(b))
+    # still minimal at the target from both sides
+    grid = torch.linspace(-8, -0.01, 400)
+    losses = target_token_bce(grid, torch.full_like(grid, -2.0), 0.3, 0.3)
+    assert float(grid[int(losses.argmin())]) == pytest.approx(-2.0, abs=0.05)
+
+
 def test_relabelled_log_probs_is_a_distribution_with_the_new_target():
     ref = torch.log_softmax(torch.tensor([[4.0, 1.0, 0.5, -1.0]]), -1)
     out = relabelled_log_probs(ref, torch.tensor([0]), torch.tensor([-3.0]))
@@ -217,6 +279,19 @@ def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
     assert s.update(5.0, 5.0, 0.97, 0.97) == "keep" and s.lr == pytest.approx(1e-4)  # the ceiling holds
     assert s.retain_pressure == pytest.approx(8.0)
     assert s.update(5.0, 4.0, 0.50, 0.97) == "stop"
+    # the retain set sliding for a few rounds after a raise, then damaged: the raise is undone, not the
+    # direction blamed (the retain terms stay as they were)
+    late = StepSize(lr=1e-3)
+    assert late.update(10.0, 9.9, 0.99, 1.0) == "escalate" and late.lr == pytest.approx(2e-3)
+    assert late.update(10.0, 8.0, 0.975, 1.0) == "keep" and late.update(8.0, 6.0, 0.97, 1.0) == "keep"
+    assert late.update(6.0, 5.0, 0.95, 1.0) == "restore" and late.lr == pytest.approx(1e-3)
+    assert late.retain_pressure == 1 and late.lr_max == pytest.approx(1e-3)
+    # long after the raise (patience rounds) the direction is blamed again
+    long_after = StepSize(lr=1e-3, patience=2)
+    long_after.update(10.0, 9.9, 0.99, 1.0)
+    long_after.update(10.0, 8.0, 0.99, 1.0), long_after.update(8.0, 6.0, 0.99, 1.0)
+    assert long_after.update(6.0, 5.0, 0.95, 1.0) == "restore" and long_after.retain_pressure == pytest.approx(4.0)
+    assert long_after.lr == pytest.approx(2e-3)
     off = StepSize(lr=1e-4, pressure_factor=1.0)  # no pressure to raise: every restore halves the rate
     assert off.update(5.0, 4.0, 0.50, 0.97) == "restore" and off.lr == pytest.approx(5e-5) and off.retain_pressure == 1
     sliding = StepSize(lr=1e-3)  # stuck while the retain set slides towards the floor (0.96): no raise

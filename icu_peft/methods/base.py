@@ -61,6 +61,9 @@ class Method:
     # (state, tilt) -> None: scale the spread of every sample's per-token targets around their mean by
     # 1 + tilt (methods with per-token targets; the loop steers it by the Min-K% attack)
     reshape: Optional[Callable[[Any, float], None]] = None
+    # (state, past) -> None: per sample, whether it sits past the band in some view after the last scoring
+    # (methods whose forget term can pull a sample back, and pulls harder once one is past)
+    mark_past: Optional[Callable[[Any, List[bool]], None]] = None
 
 
 @dataclass
