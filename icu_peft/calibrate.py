@@ -470,7 +470,7 @@ class StepSize:
                 # set went back from 2.9 to 1.1 nats and the request stopped on the guard (0/64)
                 raised = self.since_raise is not None and self.since_raise < self.patience
                 if raised or self.last == "restore" or self.pressure_factor == 1:
-                    # the round right after a raise (undo the raise), or damage again straight after
+                    # a round within `patience` of a raise (undo the raise), or damage again straight after
                     # heavier retain terms, or no pressure to raise: the rate is at fault; halve it and
                     # never climb past it again
                     self.lr /= self.factor
