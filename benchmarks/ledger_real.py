@@ -60,6 +60,18 @@ def config(planted: Path, name: str, seed: int):
     return demo_icu_config(model=str(planted), progress=False, seed=seed, request_id=name)
 
 
+def people():
+    """The quick demo's 12 people (5 never planted): its planted model is reused."""
+    return make_corpus(12, 5, 0.17, 0)
+
+
+def planted_model(corpus) -> tuple:
+    """(planted model directory, tokenizer): `corpus` planted into SmolLM2, from the icu-peft cache (planted on
+    a first run, minutes)."""
+    planted, _ = ensure_planted(corpus, demo_plant_settings(), progress=False)
+    return planted, load_tokenizer(str(planted))
+
+
 def scores(model, tok, texts):
     """(NLL list, MA list) of `texts`, teacher-forced (no EL_n: roll-outs on forgotten text cost minutes)."""
     seqs = [torch.tensor(tok(t)["input_ids"], dtype=torch.long) for t in texts]
@@ -132,15 +144,14 @@ def main(argv=None) -> int:
     logging.getLogger("icu_peft").setLevel(logging.WARNING)
     if a.threads:
         torch.set_num_threads(a.threads)
-    corpus = make_corpus(12, 5, 0.17, 0)  # the quick demo's people: its planted model is reused
+    corpus = people()
     R = a.requests
     if not 1 <= R < len(corpus.people):
         ap.error(f"--requests must be between 1 and {len(corpus.people) - 1}")
     at = sorted({int(x) for x in a.at.split(",") if x.strip()})
     requests, kept = list(range(R)), list(range(R, len(corpus.people)))
     revoke = a.revoke if a.revoke is not None else R // 2
-    planted, _ = ensure_planted(corpus, demo_plant_settings(), progress=False)
-    tok = load_tokenizer(str(planted))
+    planted, tok = planted_model(corpus)
     kept_texts = [corpus.people[i].text for i in kept]
     prompts = [p.prefix for p in corpus.probes(corpus.people[:8])][:8]
     work = a.work

@@ -25,9 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ledger_real as LR  # noqa: E402
 
-from icu_peft.demo.records import make_corpus  # noqa: E402
-from icu_peft.demo.run import demo_plant_settings, ensure_planted  # noqa: E402
-from icu_peft.models import load_base_model, load_tokenizer  # noqa: E402
+from icu_peft.models import load_base_model  # noqa: E402
 from icu_peft.unlearner import forget  # noqa: E402
 
 
@@ -42,9 +40,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    corpus = make_corpus(12, 5, 0.17, 0)  # ledger_real's people
-    planted, _ = ensure_planted(corpus, demo_plant_settings(), progress=False)
-    tok = load_tokenizer(str(planted))
+    corpus = LR.people()
+    planted, tok = LR.planted_model(corpus)
     cfg = dataclasses.replace(LR.config(planted, "consolidated-2", 102), init_adapter=str(start))
     t0 = time.time()
     with tempfile.TemporaryDirectory() as out:
