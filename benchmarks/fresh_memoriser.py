@@ -7,8 +7,9 @@
 
 The check the issue "Calibrated forgetting" asks for: the defaults, no tuning flag, on data and a model
 they were not tuned on. Kinds: `lab` (lab results: sample number, ward, test, value, day, technician) and
-`ship` (container lines: id, ports, tonnes, seal). 8 more texts of the kind join the tokenizer's
-vocabulary only (as the matrix's general texts). Results: docs/BENCHMARKS.md, "Between refreshes".
+`ship` (container lines: id, ports, tonnes, seal), `badge` (door-access log lines: badge, person, door,
+time, date). 8 more texts of the kind join the tokenizer's
+vocabulary only (as the matrix's general texts). Results: docs/CHANGELOG.md, "Between refreshes".
 """
 
 from __future__ import annotations
@@ -33,7 +34,17 @@ def ship(rng: random.Random) -> str:
             f"left {rng.choice(PORTS)} for {rng.choice(PORTS)} with {rng.randint(2, 40)} tonnes, seal {rng.randint(10000, 99999)}.")
 
 
-KINDS = {"lab": lab, "ship": ship}
+FIRST = "Mira Tove Aziz Noor Kalle Ines Sora Bram Liv Odile".split()
+LAST = "Solberg Marchetti Okafor Lindqvist Haddad Varga Moreau Tanaka".split()
+
+
+def badge(rng: random.Random) -> str:
+    return (f"Badge {rng.randint(1000, 9999)} of {rng.choice(FIRST)} {rng.choice(LAST)} opened door "
+            f"{rng.choice('ABCDEF')}-{rng.randint(1, 40)} at {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d} "
+            f"on 2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}.")
+
+
+KINDS = {"lab": lab, "ship": ship, "badge": badge}
 
 
 def main() -> int:
@@ -47,6 +58,8 @@ def main() -> int:
     ap.add_argument("--forget", type=int, default=8)
     ap.add_argument("--retain", type=int, default=24)
     ap.add_argument("--unseen", type=int, default=16)
+    ap.add_argument("--tokenizer", default=None,
+                    help="a tokenizer directory (e.g. a real model's 49k-token BPE) instead of a small one trained on the texts")
     ap.add_argument("--steps", type=int, default=400, help="training steps of the memoriser (full batch); more steps, firmer memory")
     args = ap.parse_args()
     from icu_peft.testing import build_tiny_memorizer
@@ -59,9 +72,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name, xs in (("forget", texts[:a]), ("retain", texts[a:b]), ("unseen", texts[b:c])):
         (out / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in xs))
-    build_tiny_memorizer(out / "model", texts[:b], texts[b:], steps=args.steps, layers=args.layers, hidden=args.hidden,
-                         seed=args.seed, arch=args.arch)
-    print(f"{out}: {a} to forget, {b - a} to keep, {c - b} never seen; model in {out / 'model'}")
+    fit = build_tiny_memorizer(out / "model", texts[:b], texts[b:], steps=args.steps, layers=args.layers, hidden=args.hidden,
+                         seed=args.seed, arch=args.arch, tokenizer=args.tokenizer)
+    print(f"{out}: {a} to forget, {b - a} to keep, {c - b} never seen; model in {out / 'model'} "
+          f"(final training loss {fit['final_loss']:.3f})")
     return 0
 
 

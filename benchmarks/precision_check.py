@@ -5,7 +5,7 @@
 Reads the memoriser and adapter that `benchmarks/validation_matrix.py --workdir WORKDIR` left for
 SCENARIO (records, prose, code) and prints, for the base in NF4 and in float32, each forget sample's
 NLL, MA and verdict (against the adapter's manifest) with and without the adapter. Results:
-docs/BENCHMARKS.md ("Validation matrix").
+docs/CHANGELOG.md ("Validation matrix").
 """
 
 import sys

@@ -66,13 +66,15 @@ ARCHITECTURES = ("llama", "llama_tied", "gpt2", "gpt_neox")
 def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_texts: Sequence[str] = (),
                          steps: int = 300, lr: float = 3e-3, seed: int = 0, hidden: int = 64,
                          layers: int = 2, arch: str = "llama", llama_shape: Optional[dict] = None,
-                         device: str = "cpu") -> Dict[str, float]:
+                         device: str = "cpu", tokenizer: Optional[str | Path] = None) -> Dict[str, float]:
     """Train a tiny causal LM from scratch on `memorize` until it reproduces them; save it to out_dir.
 
     `arch`: llama (default), llama_tied (tied input/output embeddings), gpt2 (Conv1D projections,
     learned positions), gpt_neox (fused QKV, parallel residual). `llama_shape`: LlamaConfig fields that
     replace the tiny ones (e.g. a real model's widths, `vocab_size` larger than the tokenizer's); `device`:
-    where it trains (the saved weights are on the CPU). Returns the final training loss. The
+    where it trains (the saved weights are on the CPU); `tokenizer`: a tokenizer directory to use (a
+    real model's, e.g. its 49k-token BPE) instead of a small BPE trained on the texts. Returns the
+    final training loss. The
     model is saved in safetensors with its tokenizer, so `--model out_dir` works like any local model.
     """
     import transformers as T
@@ -80,7 +82,13 @@ def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_tex
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tok = build_tokenizer(list(memorize) + list(vocab_texts), out_dir)
+    if tokenizer is None:
+        tok = build_tokenizer(list(memorize) + list(vocab_texts), out_dir)
+    else:
+        tok = T.AutoTokenizer.from_pretrained(str(tokenizer))
+        if tok.pad_token is None:  # padding is only for the training batch; the mask hides it
+            tok.pad_token = tok.eos_token
+        tok.save_pretrained(out_dir)
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
     if arch in ("llama", "llama_tied"):

@@ -163,7 +163,7 @@ def resolve_layer(model, layer: Optional[int]) -> int:
 
     Why early by default: there a name's tokens still carry it at their own positions, so masking
     their codes hides it from every layer above; by the middle layers the model has already copied
-    it to the positions that use it (docs/BENCHMARKS.md, "CodeUnlearn ... fifth session").
+    it to the positions that use it (docs/CHANGELOG.md, "CodeUnlearn vs ICU").
     """
     n = len(decoder_layers(model))
     i = n // 10 if layer is None else layer

@@ -99,7 +99,7 @@ def demo_icu_config(**overrides) -> ICUConfig:
     precision view furthest from the band (`view_schedule: lag`): on SmolLM2 the full-precision view
     forgot 0.5-0.6 nats behind the 4-bit one with the passes in turn, half the never-seen band's width,
     and a quick demo with them in turn had neither record inside the band at step 48; with `lag` the views
-    stayed within 0.1-0.25 nats and it finished in 80 steps (docs/BENCHMARKS.md, "Every view held"; on
+    stayed within 0.1-0.25 nats and it finished in 80 steps (docs/CHANGELOG.md, "Every view held"; on
     the tiny memorisers `lag` was worse, so the library's default stays `turns`). And the steps take their
     blocks from the heap (`cpu_heap_steps`): 0.57x a step's time for 13% more peak memory, which a demo on a
     24 GB machine can spend.
