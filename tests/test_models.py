@@ -184,3 +184,19 @@ def test_the_loop_trains_with_the_bases_dropout_off(tiny_model_dir, tiny_corpus,
     assert first_kl() == pytest.approx(0.0, abs=1e-7)
     monkeypatch.setattr(un, "base_dropout_off", lambda *models: contextlib.nullcontext(0))
     assert first_kl() > 1e-4
+
+
+def test_tiny_memorizer_takes_a_given_tokenizer(tmp_path):
+    """`tokenizer=DIR` (fresh_memoriser --tokenizer: a real model's BPE) is saved beside the model and sizes its
+    vocabulary, instead of a small BPE trained on the texts."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from icu_peft.testing import build_tiny_memorizer, build_tokenizer, random_sentences
+
+    texts = random_sentences(4, seed=3)
+    given = build_tokenizer(texts + ["an unrelated vocabulary source text, longer than the others"], tmp_path / "tok",
+                            vocab_size=400)
+    build_tiny_memorizer(tmp_path / "m", texts, steps=2, hidden=32, tokenizer=tmp_path / "tok")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert saved.get_vocab() == given.get_vocab()
+    assert AutoConfig.from_pretrained(tmp_path / "m").vocab_size == len(given)
