@@ -191,11 +191,18 @@ def render_markdown(report: dict, plots: Sequence[str] = (), plot_note: Optional
         L += _table(["when", "attack", "ROC-AUC", "TPR at 5% FPR"], rows) + [""]
     samples = report.get("samples") or []
     if samples:
-        L += ["## Samples (salted ids, no text)", ""]
-        rows = [[s.get("id"), s.get("tokens"), s["before"].get("ma"), s["after"].get("ma"), s["before"].get("el"),
-                 s["after"].get("el"), s.get("forgotten"), s.get("epochs_active")] for s in samples]
-        L += _table(["id", "tokens", "MA before", "MA after", f"EL{el_n} before", f"EL{el_n} after", "forgotten",
-                     "epochs active"], rows) + [""]
+        # a shipped report has no per-sample scores (disclosure.py); an operator's full report has them
+        L += ["## Samples (keyed ids, no text)", ""]
+        if all("before" in s and "after" in s for s in samples):
+            rows = [[s.get("id"), s.get("tokens"), s["before"].get("ma"), s["after"].get("ma"), s["before"].get("el"),
+                     s["after"].get("el"), s.get("forgotten"), s.get("epochs_active")] for s in samples]
+            L += _table(["id", "tokens", "MA before", "MA after", f"EL{el_n} before", f"EL{el_n} after", "forgotten",
+                         "epochs active"], rows) + [""]
+        else:
+            rows = [[s.get("id"), s.get("forgotten"), s.get("band"), s.get("epochs_active")] for s in samples]
+            L += _table(["id", "forgotten", "against the never-seen band", "epochs active"], rows)
+            L += ["", "Per-sample scores are not shipped: with the public base they would confirm a candidate text "
+                      "was in the request.", ""]
     history = report.get("history") or []
     if history:
         L += ["## IUR history (means over the forget set)", ""]

@@ -40,6 +40,7 @@ from .metrics import (Scores, backbone_and_head, backbone_override, model_device
 from .models import (attach_lora, base_dropout_off, base_fingerprint, hidden_size, load_base_model, load_tokenizer,
                      lora_config, resolve_compute_dtype)
 from .dequant import dense_weights
+from .disclosure import public_report
 from .lowp import FrozenBf16Matmuls, resolve_train_dtype
 from .precision import PrecisionView, build_view, view_bytes, wanted
 from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
@@ -1686,15 +1687,22 @@ def _precisions(run: _Run) -> dict:
 
 
 def save_forget_adapter(model, report: dict, output_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the PEFT adapter (safetensors) and its manifest, atomically."""
+    """Write the PEFT adapter (safetensors) and its manifest, atomically.
+
+    What is written is `disclosure.public_report(report)`: no per-sample score of the forgotten text, the
+    request-level ones rounded (a third party holding the adapter, the base and a candidate text must not be
+    able to confirm the text was in the request). `report` itself keeps everything, for the operator; it
+    gains the manifest's file hashes and digest."""
+    shipped = public_report(report)
     with atomic_output_dir(output_dir, overwrite) as tmp:
         if hasattr(model, "peft_config"):
             # only this request's adapter: in a sequential stack the others are already saved
             model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
-        write_report(report, tmp)  # before the manifest, so the report files are hashed too
-        report.update(write_manifest(tmp, report))
+        write_report(shipped, tmp)  # before the manifest, so the report files are hashed too
+        written = write_manifest(tmp, shipped)
+    report.update(format=written["format"], files=written["files"], manifest_sha256=written["manifest_sha256"])
     return Path(output_dir)
 
 

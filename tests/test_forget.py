@@ -24,14 +24,13 @@ def test_forget_reaches_thresholds_and_keeps_retain(tiny_forget_adapter, tiny_mo
     thr = m["thresholds"]
     assert thr["source"] == "unseen"
     assert m["status"] == "forgotten"
-    for s in m["samples"]:
-        assert s["forgotten"] and s["after"]["ma"] <= thr["ma"] and s["after"]["el"] <= thr["el"]
-        assert s["before"]["ma"] > thr["ma"]  # it was memorised to begin with
-    # recompute retain MA ourselves from the saved adapter rather than trusting the report
+    assert all(s["forgotten"] and s["band"] == "inside" for s in m["samples"])
+    # recompute the scores ourselves from the saved adapter rather than trusting the report (which ships none)
     from icu_peft.adapters import load_forget_adapters
 
     tok = load_tokenizer(str(tiny_model_dir))
     base = load_base_model(str(tiny_model_dir), quantize=True)
+    assert min(_scores(base, tok, tiny_corpus["forget"][:2]).ma) > thr["ma"]  # it was memorised to begin with
     before = _scores(base, tok, tiny_corpus["retain"]).mean()["ma"]
     model = load_forget_adapters(base, [tiny_forget_adapter])
     after = _scores(model, tok, tiny_corpus["retain"]).mean()["ma"]

@@ -47,8 +47,8 @@ def describe(directory: str | Path) -> dict:
         out["precisions"] = m.get("precisions")
         out["epochs"] = m.get("epochs")
         out["wall_time_s"] = m.get("wall_time_s")
-        out["samples"] = [{"id": s["id"], "before": s.get("before"), "after": s.get("after"),
-                           "forgotten": s.get("forgotten")} for s in m.get("samples", [])]
+        out["samples"] = [{k: s[k] for k in ("id", "forgotten", "band", "before", "after") if k in s}
+                          for s in m.get("samples", [])]  # before / after: only in manifests older than disclosure.py
     else:
         parts = m.get("adapters" if kind == "merged" else "components", [])
         out["forget"] = {"count": sum(int(p["forget"]["count"] or 0) for p in parts),
