@@ -147,3 +147,19 @@ def test_a_signal_says_so_and_leaves_nothing(tmp_path, tiny_model_dir, tiny_file
     assert not out.exists()
     leftovers = list((tmp_path / "outdir").glob(".*")) if (tmp_path / "outdir").exists() else []
     assert leftovers == []
+
+
+def test_a_forgotten_request_still_off_centre_says_so():
+    """Every sample inside the band but the set to one side of never-seen text: a warning line, not silence
+    (the exit code stays the per-sample rule's)."""
+    from icu_peft.commands.forget import off_centre_warning
+
+    report = {"status": "forgotten", "steps": 500, "step_budget": 500,
+              "mia": {"after": {"loss": {"auc": 0.14}, "min_k": {"auc": 0.11}}}}
+    line = off_centre_warning(report, 0.1)
+    assert "past never-seen text" in line and "AUC 0.14" in line and "500-step budget" in line
+    assert "short of" in off_centre_warning({**report, "mia": {"after": {"loss": {"auc": 0.7}}}}, 0.1)
+    assert off_centre_warning({**report, "mia": {"after": {"loss": {"auc": 0.55}}}}, 0.1) is None  # centred
+    assert off_centre_warning({**report, "status": "partial"}, 0.1) is None  # the partial message says enough
+    assert off_centre_warning({"status": "forgotten"}, 0.1) is None  # no never-seen text: no attack measured
+    assert off_centre_warning(report, 0.5) is None  # the check turned off
