@@ -158,6 +158,9 @@ def test_a_forgotten_request_still_off_centre_says_so():
               "mia": {"after": {"loss": {"auc": 0.14}, "min_k": {"auc": 0.11}}}}
     line = off_centre_warning(report, 0.1)
     assert "past never-seen text" in line and "AUC 0.14" in line and "500-step budget" in line
+    assert "--max-steps 1000" in line  # one view: more steps
+    views = {"precisions": {"checked": {"nf4": {}, "float32": {}}}}
+    assert "--precision-check off" in off_centre_warning({**report, **views}, 0.1)  # views that may disagree
     assert "short of" in off_centre_warning({**report, "mia": {"after": {"loss": {"auc": 0.7}}}}, 0.1)
     assert off_centre_warning({**report, "mia": {"after": {"loss": {"auc": 0.55}}}}, 0.1) is None  # centred
     assert off_centre_warning({**report, "status": "partial"}, 0.1) is None  # the partial message says enough

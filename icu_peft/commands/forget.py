@@ -157,9 +157,13 @@ def off_centre_warning(report: dict, settle_auc: float) -> Optional[str]:
     side = "past" if auc < 0.5 else "short of"
     steps, budget = report.get("steps"), report.get("step_budget")
     ran_out = f", at the end of its {budget}-step budget" if budget and steps and steps >= budget else ""
+    views = len((report.get("precisions") or {}).get("checked") or {}) > 1
+    advice = ("the precision views may disagree on this model: if the adapter is served on this 4-bit base only, "
+              "try --precision-check off (then `icu-peft eval --attack quantize` before any merge), else "
+              "`view_schedule: lag` in --config" if views else f"try --max-steps {2 * max(steps or 1, 1)}")
     return (f"icu-peft: warning: every sample is inside the never-seen band, but as a set it sits {side} never-seen "
             f"text (loss-attack AUC {auc:.2f}, the goal 0.5 +- {settle_auc:g}{ran_out}); a loss attack can still pick "
-            f"it out. Try --max-steps {2 * max(steps or 1, 1)}, or `view_schedule: lag` in --config")
+            f"it out; {advice}")
 
 
 def _num(v) -> str:
