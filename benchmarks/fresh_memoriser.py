@@ -8,8 +8,9 @@
 The check the issue "Calibrated forgetting" asks for: the defaults, no tuning flag, on data and a model
 they were not tuned on. Kinds: `lab` (lab results: sample number, ward, test, value, day, technician) and
 `ship` (container lines: id, ports, tonnes, seal), `badge` (door-access log lines: badge, person, door,
-time, date). 8 more texts of the kind join the tokenizer's
-vocabulary only (as the matrix's general texts). Results: docs/CHANGELOG.md, "Between refreshes".
+time, date). 8 more texts of the kind join the tokenizer's vocabulary only (as the matrix's general texts; not
+with --tokenizer).
+Results: docs/BENCHMARKS.md, "Calibrated forgetting" (fresh memorisers).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name, xs in (("forget", texts[:a]), ("retain", texts[a:b]), ("unseen", texts[b:c])):
         (out / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in xs))
-    fit = build_tiny_memorizer(out / "model", texts[:b], texts[b:], steps=args.steps, layers=args.layers, hidden=args.hidden,
-                         seed=args.seed, arch=args.arch, tokenizer=args.tokenizer)
+    fit = build_tiny_memorizer(out / "model", texts[:b], texts[b:], steps=args.steps, layers=args.layers,
+                               hidden=args.hidden, seed=args.seed, arch=args.arch, tokenizer=args.tokenizer)
     print(f"{out}: {a} to forget, {b - a} to keep, {c - b} never seen; model in {out / 'model'} "
           f"(final training loss {fit['final_loss']:.3f})")
     return 0
