@@ -22,8 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 CONFIGS = {  # (config class, fields beyond the shared ones); `common` is added where the class takes it
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
@@ -61,30 +59,19 @@ def build_config(arch: str, hidden: int, ids: dict):
 
 def build(arch: str, w: Path, a) -> float:
     """Write W/{forget,retain,unseen,held_out}.jsonl and the trained memoriser in W/model; its final loss."""
-    import transformers as T
+    from functools import partial
 
-    from icu_peft.testing import build_tokenizer, random_sentences
+    from icu_peft.testing import build_tiny_memorizer, random_sentences
 
     texts = random_sentences(a.forget + a.retain + 2 * a.unseen, seed=a.seed)
     cut = [0, a.forget, a.forget + a.retain, a.forget + a.retain + a.unseen, len(texts)]
     w.mkdir(parents=True, exist_ok=True)
     for k, name in enumerate(("forget", "retain", "unseen", "held_out")):
         (w / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[cut[k]:cut[k + 1]]))
-    tok = build_tokenizer(texts, w / "model")
-    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id)
-    torch.manual_seed(a.seed)
-    model = T.AutoModelForCausalLM.from_config(build_config(arch, a.hidden, ids))
-    enc = tok(texts[:cut[2]], padding=True, return_tensors="pt")
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(a.steps):
-        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval().save_pretrained(w / "model", safe_serialization=True)
-    return float(loss.detach())
+    # the never-seen records join the tokenizer's vocabulary only, as in fresh_memoriser.py
+    fit = build_tiny_memorizer(w / "model", texts[:cut[2]], texts[cut[2]:], steps=a.steps, seed=a.seed,
+                               model_config=partial(build_config, arch, a.hidden))
+    return fit["final_loss"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -66,15 +66,17 @@ ARCHITECTURES = ("llama", "llama_tied", "gpt2", "gpt_neox")
 def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_texts: Sequence[str] = (),
                          steps: int = 300, lr: float = 3e-3, seed: int = 0, hidden: int = 64,
                          layers: int = 2, arch: str = "llama", llama_shape: Optional[dict] = None,
-                         device: str = "cpu", tokenizer: Optional[str | Path] = None) -> Dict[str, float]:
+                         device: str = "cpu", tokenizer: Optional[str | Path] = None,
+                         model_config: Optional[Callable[[dict], Any]] = None) -> Dict[str, float]:
     """Train a tiny causal LM from scratch on `memorize` until it reproduces them; save it to out_dir.
 
     `arch`: llama (default), llama_tied (tied input/output embeddings), gpt2 (Conv1D projections,
     learned positions), gpt_neox (fused QKV, parallel residual). `llama_shape`: LlamaConfig fields that
     replace the tiny ones (e.g. a real model's widths, `vocab_size` larger than the tokenizer's); `device`:
     where it trains (the saved weights are on the CPU); `tokenizer`: a tokenizer directory to use (a
-    real model's, e.g. its 49k-token BPE) instead of a small BPE trained on the texts. Returns the
-    final training loss. The
+    real model's, e.g. its 49k-token BPE) instead of a small BPE trained on the texts; `model_config`:
+    for a family `arch` does not name, a function from the tokenizer's ids (vocab_size, bos / eos / pad
+    token ids) to a transformers config (benchmarks/architectures.py). Returns the final training loss. The
     model is saved in safetensors with its tokenizer, so `--model out_dir` works like any local model.
     """
     import transformers as T
@@ -91,7 +93,9 @@ def build_tiny_memorizer(out_dir: str | Path, memorize: Sequence[str], vocab_tex
         tok.save_pretrained(out_dir)
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
-    if arch in ("llama", "llama_tied"):
+    if model_config is not None:
+        model = T.AutoModelForCausalLM.from_config(model_config(ids))
+    elif arch in ("llama", "llama_tied"):
         fields = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                       tie_word_embeddings=arch == "llama_tied", **ids)
