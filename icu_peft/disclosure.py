@@ -73,13 +73,13 @@ def public_report(report: dict) -> dict:
     for key in FORGET_SECTIONS:
         if key in out:
             out[key] = rounded(out[key])
-    if isinstance(out.get("history"), list):
-        out["history"] = [{k: (v if k in HISTORY_EXACT else rounded(v)) for k, v in row.items()}
-                          if isinstance(row, dict) else row for row in out["history"]]
-    checked = (out.get("precisions") or {}).get("checked")
-    if isinstance(checked, dict):
-        out["precisions"]["checked"] = {name: {k: (rounded(v) if k in ("before", "after") else v) for k, v in view.items()}
-                                        if isinstance(view, dict) else view for name, view in checked.items()}
+    # `out` is a copy: the rows and views below are rounded in place
+    for row in out.get("history") or []:
+        if isinstance(row, dict):
+            row.update({k: rounded(v) for k, v in row.items() if k not in HISTORY_EXACT})
+    for view in ((out.get("precisions") or {}).get("checked") or {}).values():
+        if isinstance(view, dict):
+            view.update({k: rounded(view[k]) for k in ("before", "after") if k in view})
     out["disclosure"] = {"per_sample_scores": False, "digits": DIGITS}
     return out
 
