@@ -1334,9 +1334,12 @@ class _Run:
                                      action=action, retain_ma=retain_ma, **terms, **attacks,
                                      **{f"{k}_mean": v for k, v in m.items()}))
             logger.info("step %d (epoch %d): loss %.4f (fgt %.4f lrn %.4f kl %.4f) MA %.4f NLL %.3f retain MA %s, "
-                        "%d outside the target%s; lr %.2e (%s)%s", self.steps, self.epoch, terms["loss"], terms["l_fgt"],
-                        terms["l_lrn"], terms["l_kl"], m["ma"], m["nll"],
-                        "-" if retain_ma is None else f"{retain_ma:.3f}", sum(self.active), self.by_view(),
+                        "%d training, %d outside the band%s; lr %.2e (%s)%s", self.steps, self.epoch, terms["loss"],
+                        terms["l_fgt"], terms["l_lrn"], terms["l_kl"], m["ma"], m["nll"],
+                        "-" if retain_ma is None else f"{retain_ma:.3f}", sum(self.active),
+                        # training counts the samples being centred too (inside the band, the set still found
+                        # by the loss attack): "12 outside the target" with all 12 inside misled
+                        sum(not f for f in self.forgotten()) if self.scores.nll else sum(self.active), self.by_view(),
                         self.step_size.lr, action, "".join(f"; {k} {v:.2f}" for k, v in attacks.items()))
             bar.set_postfix(active=sum(self.active), ma=f"{m['ma']:.3f}", lr=f"{self.step_size.lr:.1e}")
         bar.close()
