@@ -19,7 +19,9 @@
   frozen-prefix hidden states (`prefix_cache_mb`), each as large as the samples make it, up to its cap.
 - **step**: the activations autograd keeps for one training pass (forget batch, or a neighbour micro
   batch, whichever is larger) through every layer the gradient crosses, one layer's backward
-  temporaries, the largest dequantized weight, and one chunk of logits in the loss.
+  temporaries, the largest dequantized weight, one chunk of logits in the loss, and under bf16 products
+  (`train_dtype`, lowp.py) the bf16 cast of every frozen weight in those layers, which autograd keeps
+  for the backward pass (one layer's with gradient checkpointing).
 - **scoring**: one scoring batch's chunk of logits (log-softmax and its gather), no autograd.
 - **load** (CPU, 4-bit, when the weight files' size is known): the checkpoint's mapped pages while
   bitsandbytes packs them, beside the packed base.
@@ -327,10 +329,18 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     else:
         kept = grad_layers * per_layer
     dequant = largest_linear * act_bytes if quantize else 0.0
+    # lowp.py: under bf16 products a frozen weight is cast at each call, and autograd keeps the cast for the
+    # backward pass of every layer the gradient crosses (one layer's at a time with checkpointing): on the
+    # 1.7B shape the step took 3.8 GB over the static memory where one largest weight was counted (1.2 GB)
+    saved_casts = 0.0
+    if low is not None:
+        grad_linears = sum(_numel(m) for name, m in _linears(model)
+                           if (_layer_index(name) is not None and _layer_index(name) >= first))
+        saved_casts = grad_linears * _dtype_bytes(low) / (grad_layers if config.gradient_checkpointing else 1)
     # the entropy targets (entropy_weight) hold two more vocabulary-sized tensors: p and p log p
     copies = LOGIT_COPIES + (2 if config.entropy_weight and config.forget_loss == "target" else 0)
     logits_chunk = pass_rows * min(config.loss_chunk_size, length) * vocab * 4 * copies
-    parts["step"] = kept + per_layer + dequant + logits_chunk
+    parts["step"] = kept + per_layer + dequant + saved_casts + logits_chunk
     score_rows = min(config.score_batch_size, max(forget_samples, retain_samples))
     parts["scoring"] = score_rows * min(64, length) * vocab * 4 * LOGIT_COPIES + dequant
     parts["runtime"] = runtime_bytes(device_type) if runtime is None else runtime

@@ -1,6 +1,7 @@
 """`icu-peft forget` on bad input: one line on stderr, exit code 2, nothing written."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ def files(tmp_path, tiny_files):
     (tmp_path / "bad.jsonl").write_text("{oops\n")
     (tmp_path / "short.txt").write_text("oak\n")
     (tmp_path / "wrongcol.csv").write_text("body\nsome text here that is long\n")
+    (tmp_path / "one.txt").write_text("one never seen sentence, long enough to be scored by any tokenizer here\n")
     return tmp_path
 
 
@@ -33,6 +35,7 @@ def files(tmp_path, tiny_files):
     ("missing file", ["--forget", "{tmp}/nope.jsonl"], "file not found"),
     ("bad nll target", ["--nll-target", "high"], "nll_target must be"),
     ("nll target without unseen", ["--nll-target", "unseen"], "needs unseen text"),
+    ("one never-seen sample", ["--unseen", "{tmp}/one.txt"], "has 1 sample: its band is a single point"),
 ])
 def test_bad_input_exits_2_with_one_line(case, extra, message, files, tiny_files, tiny_model_dir, capsys):
     argv = {"--model": str(tiny_model_dir), "--forget": str(tiny_files["forget"]), "--out": str(files / "out")}
@@ -94,8 +97,6 @@ def test_config_yaml_errors(tmp_path, capsys):
 def test_cli_forget_on_top_of_records_the_stack(tmp_path, tiny_model_dir, tiny_corpus, tiny_forget_adapter, caplog):
     """Sequential training from the CLI: the new manifest names the request it was trained on top of,
     and stacking the new adapter without it warns."""
-    import json
-    import logging
 
     from icu_peft.adapters import read_manifest
     from icu_peft.lifecycle import stack_adapters
@@ -166,3 +167,19 @@ def test_a_forgotten_request_still_off_centre_says_so():
     assert off_centre_warning({**report, "status": "partial"}, 0.1) is None  # the partial message says enough
     assert off_centre_warning({"status": "forgotten"}, 0.1) is None  # no never-seen text: no attack measured
     assert off_centre_warning(report, 0.5) is None  # the check turned off
+
+
+def test_a_small_never_seen_set_is_warned_about(caplog):
+    """check_unseen_count: one sample refused (a point band), fewer than ADVISED_UNSEEN warned about, none or
+    enough silent."""
+    from icu_peft.errors import InputError
+    from icu_peft.unlearner import ADVISED_UNSEEN, check_unseen_count
+
+    with pytest.raises(InputError, match="1 sample"):
+        check_unseen_count(1)
+    with caplog.at_level(logging.WARNING, logger="icu_peft"):
+        check_unseen_count(0)
+        check_unseen_count(ADVISED_UNSEEN)
+        assert caplog.text == ""
+        check_unseen_count(ADVISED_UNSEEN - 1)
+    assert f"rests on {ADVISED_UNSEEN - 1} samples" in caplog.text

@@ -56,6 +56,26 @@ def test_precision_view_and_lora_layers_change_the_plan(tiny_model_dir):
     assert small.fits is False and small.parts["precision_view"] == 0
 
 
+def test_bf16_products_add_the_casts_autograd_keeps_for_each_trained_layer(tiny_model_dir):
+    """train_dtype bfloat16: every frozen linear weight of each layer the gradient crosses is cast per call and
+    saved for backward (2 bytes a weight); with checkpointing one layer's at a time; float32: none."""
+    from icu_peft.planner import _linears, load_model_config, meta_model, plan_memory
+
+    mc = load_model_config(str(tiny_model_dir))
+    kw = dict(seq_len=32, runtime=0.0)
+    layer_weights = sum(m.weight.numel() for n, m in _linears(meta_model(mc)) if ".layers.1." in n)
+
+    def step(**c):
+        return plan_memory(mc, quick_config(tiny_model_dir, precision_check="off", **c), "cpu", **kw).parts["step"]
+
+    fp32 = step(train_dtype="float32")
+    assert step(train_dtype="bfloat16") - fp32 == pytest.approx(2 * 2 * layer_weights)  # 2 layers, 2 bytes
+    assert step(train_dtype="bfloat16", lora_layers=1) - step(train_dtype="float32", lora_layers=1) == pytest.approx(
+        2 * layer_weights)
+    ckpt = step(train_dtype="bfloat16", gradient_checkpointing=True) - step(train_dtype="float32", gradient_checkpointing=True)
+    assert ckpt == pytest.approx(2 * layer_weights)
+
+
 def test_activation_probe_grows_with_width_and_length():
     from transformers import LlamaConfig
 
