@@ -331,7 +331,7 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     dequant = largest_linear * act_bytes if quantize else 0.0
     # lowp.py: under bf16 products a frozen weight is cast at each call, and autograd keeps the cast for the
     # backward pass of every layer the gradient crosses (one layer's at a time with checkpointing): on the
-    # 1.7B shape the step took 3.8 GB over the static memory where one largest weight was counted (1.2 GB)
+    # 1.7B shape the step took 3.8 GB over the static memory, where the plan's step (one weight counted) was 1.2 GB
     saved_casts = 0.0
     if low is not None:
         grad_linears = sum(_numel(m) for name, m in _linears(model)
