@@ -1466,8 +1466,18 @@ class _Run:
         band = self.target.band
         if not self.two_sided or band is None or not self.scores.nll:
             return False
+        lo, hi = band.inner_lo, band.inner_hi
         mean_nll = sum(self.scores.nll) / len(self.scores.nll)
-        return (band.inner_lo <= mean_nll <= band.inner_hi and self.off_centre() == 0
+        reference = self.shipped_reference() if self.unseen_now else []
+        if len(reference) > 1:
+            # the inner band as the shipped view has the never-seen text now, as the loss attack reads it: the
+            # adapter moves that text, and a set centred on it by the attack sat over the base's inner band (a
+            # long-record Llama request: AUC 0.56-0.62 with its mean 0.01-0.07 nats over it, to the budget)
+            q = band.settle_quantile
+            lo, hi = quantile(reference, q), quantile(reference, 1 - q)
+            shipped = self.scores.nll[:len(self.forget_set)]
+            mean_nll = sum(shipped) / len(shipped)
+        return (lo <= mean_nll <= hi and self.off_centre() == 0
                 and all(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion,
                                        len(self.forget_set))))
 

@@ -635,6 +635,29 @@ def test_centring_reads_the_shipped_view_and_moves_targets_towards_the_never_see
     assert moves == [(0, -0.5, 6.0), (1, -0.25, 6.0)]  # half way to 2.0, within one band width
 
 
+def test_a_set_centred_on_the_never_seen_text_now_settles_over_the_bases_inner_band(monkeypatch):
+    """_Run.settled on a stand-in run: 4 samples x 2 views, every sample forgotten. The adapter moved the
+    never-seen text up; the set sits where the loss attack finds it centred (AUC 0.56) but over the base's
+    inner band: judged against the never-seen text as the shipped view has it now, it settles."""
+    from types import SimpleNamespace
+
+    import icu_peft.unlearner as U
+    from icu_peft import ICUConfig
+
+    band = Band(nll_lo=2.0, nll_hi=6.0, nll_mid=3.25, inner_lo=3.0, inner_hi=3.5, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
+                count=8, quantile=0.1, settle_quantile=0.25)
+    run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band, unseen_nll=[3.25] * 8, thresholds=None),
+                          two_sided=True, forget_set=[0, 1, 2, 3], active=[True] * 4, centring=False, unseen_now=None)
+    for name in ("attack_reference", "views_scored", "shipped_reference", "off_centre", "settled"):
+        setattr(run, name, getattr(U._Run, name).__get__(run))
+    monkeypatch.setattr(U, "forgotten_mask", lambda *a, **k: [True] * 8)
+    run.scores = SimpleNamespace(nll=[3.9, 4.0, 4.1, 4.2] * 2)
+    run.unseen_now = [3.6, 3.8, 3.95, 4.05, 4.15, 4.3, 4.4, 4.6] * 2
+    assert run.settled()  # inner band now 3.91..4.33, the shipped view's mean 4.05, AUC 0.5625
+    run.unseen_now = [3.0, 3.1, 3.2, 3.25, 3.3, 3.4, 3.5, 4.6] * 2  # never-seen text where the base had it
+    assert not run.settled()  # the set past most of it
+
+
 def test_tilted_targets_keep_the_mean_and_scale_the_spread():
     from icu_peft.calibrate import tilted
 
