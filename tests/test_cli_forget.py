@@ -97,7 +97,6 @@ def test_config_yaml_errors(tmp_path, capsys):
 def test_cli_forget_on_top_of_records_the_stack(tmp_path, tiny_model_dir, tiny_corpus, tiny_forget_adapter, caplog):
     """Sequential training from the CLI: the new manifest names the request it was trained on top of,
     and stacking the new adapter without it warns."""
-
     from icu_peft.adapters import read_manifest
     from icu_peft.lifecycle import stack_adapters
     from icu_peft.models import load_base_model
