@@ -62,12 +62,14 @@ def main() -> int:
     ap.add_argument("--tokenizer", default=None,
                     help="a tokenizer directory (e.g. a real model's 49k-token BPE) instead of a small one trained on the texts")
     ap.add_argument("--steps", type=int, default=400, help="training steps of the memoriser (full batch); more steps, firmer memory")
+    ap.add_argument("--lines", type=int, default=1, help="records of the kind joined into one sample (4: ~150-token samples)")
     args = ap.parse_args()
     from icu_peft.testing import build_tiny_memorizer
 
     rng, make = random.Random(args.seed), KINDS[args.kind]
     n = args.forget + args.retain + args.unseen + 8
-    texts = list(dict.fromkeys(make(rng) for _ in range(4 * n)))[:n]  # distinct texts, in the order drawn
+    texts = list(dict.fromkeys(" ".join(make(rng) for _ in range(args.lines))
+                               for _ in range(4 * n)))[:n]  # distinct texts, in the order drawn
     a, b, c = args.forget, args.forget + args.retain, args.forget + args.retain + args.unseen
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
