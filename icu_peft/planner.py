@@ -335,7 +335,7 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     saved_casts = 0.0
     if low is not None:
         grad_linears = sum(_numel(m) for name, m in _linears(model)
-                           if (_layer_index(name) is not None and _layer_index(name) >= first))
+                           if (i := _layer_index(name)) is not None and i >= first)
         saved_casts = grad_linears * _dtype_bytes(low) / (grad_layers if config.gradient_checkpointing else 1)
     # the entropy targets (entropy_weight) hold two more vocabulary-sized tensors: p and p log p
     copies = LOGIT_COPIES + (2 if config.entropy_weight and config.forget_loss == "target" else 0)

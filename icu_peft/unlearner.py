@@ -1358,7 +1358,7 @@ class _Run:
                         "-" if retain_ma is None else f"{retain_ma:.3f}", sum(self.active),
                         # training counts the samples being centred too (inside the band, the set still found
                         # by the loss attack): "12 outside the target" with all 12 inside misled
-                        sum(not f for f in self.forgotten()) if self.scores.nll else sum(self.active), self.by_view(),
+                        sum(not f for f in self.forgotten()), self.by_view(),
                         self.step_size.lr, action, "".join(f"; {k} {v:.2f}" for k, v in attacks.items()))
             bar.set_postfix(active=sum(self.active), ma=f"{m['ma']:.3f}", lr=f"{self.step_size.lr:.1e}")
         bar.close()
@@ -1466,8 +1466,6 @@ class _Run:
         band = self.target.band
         if not self.two_sided or band is None or not self.scores.nll:
             return False
-        lo, hi = band.inner_lo, band.inner_hi
-        mean_nll = sum(self.scores.nll) / len(self.scores.nll)
         reference = self.shipped_reference() if self.unseen_now else []
         if len(reference) > 1:
             # the inner band as the shipped view has the never-seen text now, as the loss attack reads it: the
@@ -1475,8 +1473,10 @@ class _Run:
             # long-record Llama request: AUC 0.56-0.62 with its mean 0.01-0.07 nats over it, to the budget)
             q = band.settle_quantile
             lo, hi = quantile(reference, q), quantile(reference, 1 - q)
-            shipped = self.scores.nll[:len(self.forget_set)]
-            mean_nll = sum(shipped) / len(shipped)
+            nll = self.scores.nll[:len(self.forget_set)]
+        else:
+            lo, hi, nll = band.inner_lo, band.inner_hi, self.scores.nll
+        mean_nll = sum(nll) / len(nll)
         return (lo <= mean_nll <= hi and self.off_centre() == 0
                 and all(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion,
                                        len(self.forget_set))))
