@@ -8,7 +8,7 @@
 The check the issue "Calibrated forgetting" asks for: the defaults, no tuning flag, on data and a model
 they were not tuned on. Kinds: `lab` (lab results: sample number, ward, test, value, day, technician) and
 `ship` (container lines: id, ports, tonnes, seal), `badge` (door-access log lines: badge, person, door,
-time, date). 8 more texts of the kind join the tokenizer's vocabulary only (as the matrix's general texts; not
+time, date), `sql` (INSERT rows: id, name, birth date, city, a 7-digit number). 8 more texts of the kind join the tokenizer's vocabulary only (as the matrix's general texts; not
 with --tokenizer).
 Results: docs/BENCHMARKS.md, "Calibrated forgetting" (fresh memorisers).
 """
@@ -45,7 +45,16 @@ def badge(rng: random.Random) -> str:
             f"on 2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}.")
 
 
-KINDS = {"lab": lab, "ship": ship, "badge": badge}
+CITIES = "Leeds Turku Graz Lyon Brno Cork Aarhus Bilbao".split()
+
+
+def sql(rng: random.Random) -> str:
+    return (f"INSERT INTO patients VALUES ({rng.randint(10000, 99999)}, '{rng.choice(FIRST)} {rng.choice(LAST)}', "
+            f"'19{rng.randint(40, 99)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}', '{rng.choice(CITIES)}', "
+            f"{rng.randint(100, 999)}{rng.randint(1000, 9999)});")
+
+
+KINDS = {"lab": lab, "ship": ship, "badge": badge, "sql": sql}
 
 
 def main() -> int:

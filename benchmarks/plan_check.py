@@ -141,6 +141,7 @@ def measure(job: dict) -> dict:
     cfg = ICUConfig(model=job["model"], progress=False, seed=0, min_epochs=job["steps"], max_steps=job["steps"],
                     precision_check=job["precision_check"], ma_threshold=0.5, el_threshold=0.05,
                     el_start=max(1, seq_len - 12),
+                    **({} if job.get("heap_steps") is None else {"cpu_heap_steps": job["heap_steps"]}),
                     **({"use_lora": False, "quantize": False, "method": "icu_paper", "forget_loss": "ga",
                         "learning_rate": 5e-5} if full else {}))
     plan = plan_memory(load_model_config(job["model"]), cfg, "cpu", seq_len=seq_len, forget_samples=n_forget,
@@ -151,7 +152,7 @@ def measure(job: dict) -> dict:
     wall = time.time() - t0
     measured = s.peak_rss * 1024
     return {"size": job["size"], "mode": job["mode"], "params": plan.setting["parameters"], "seq_len": seq_len,
-            "steps": result.report.get("steps"), "precision_view": plan.setting["precision_view"],
+            "steps": result.report.get("steps"), "cpu_heap_steps": cfg.cpu_heap_steps, "precision_view": plan.setting["precision_view"],
             "predicted_mb": round(plan.peak_bytes / 2**20), "measured_mb": round(measured / 2**20),
             "ratio": round(plan.peak_bytes / measured, 3), "peak_anon_mb": round((s.peak_anon * 1024 + after_import["rss"] - after_import["anon"]) / 2**20),
             "parts_mb": {k: round(v / 2**20) for k, v in plan.parts.items()}, "wall_s": round(wall, 1),
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--retain", type=int, default=32, help="records to keep (the retain set)")
     p.add_argument("--unseen", type=int, default=16, help="never-seen records")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--heap-steps", choices=["auto", "on", "off"], default=None,
+                   help="cpu_heap_steps for the request (default: the library's default)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.job:
@@ -189,7 +192,8 @@ def main(argv=None) -> int:
                     continue
             job = dict(size=size, mode=mode, model=model, steps=args.steps, threads=args.threads,
                        precision_check=args.precision_check, forget=args.forget, retain=args.retain,
-                       unseen=args.unseen)
+                       unseen=args.unseen,
+                       heap_steps=None if args.heap_steps is None else {"on": True, "off": False}.get(args.heap_steps, "auto"))
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             proc = subprocess.run([sys.executable, __file__, "--workdir", str(args.workdir), "--job", json.dumps(job)],
                                   capture_output=True, text=True, env=env)

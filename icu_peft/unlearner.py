@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .adapters import MANIFEST_FORMAT, atomic_output_dir, check_output_dir, utc_now, write_manifest
-from .allocator import heap_blocks, return_freed_memory_to_os
+from .allocator import HeapSteps, heap_blocks, return_freed_memory_to_os
 from .caches import CachedReference, FrozenPrefixBackbone, stored_scores
 from .config import DEFAULT_EL_THRESHOLD, DEFAULT_MA_THRESHOLD, ICUConfig
 from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence_transformers, nearest_neighbours,
@@ -42,7 +42,7 @@ from .models import (attach_lora, base_dropout_off, base_fingerprint, hidden_siz
 from .dequant import dense_weights
 from .disclosure import public_report
 from .lowp import FrozenBf16Matmuls, resolve_train_dtype
-from .precision import PrecisionView, build_view, view_bytes, wanted
+from .precision import PrecisionView, build_view, free_memory_bytes, view_bytes, wanted
 from .refine import Thresholds, calibrate_nll, forgotten_mask, is_forgotten
 from .evaluation import forget_mia
 from .report import write_report
@@ -885,6 +885,7 @@ class _Run:
         self.el_watch = [False] * len(self.forget_set)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.max_steps = cfg.step_budget(len(self.forget_set))
+        self.heap = HeapSteps(cfg.cpu_heap_steps, model_device(self.model).type)
 
     # -- scoring
     def models(self) -> list:
@@ -1521,8 +1522,13 @@ class _Run:
         # cpu_heap_steps: a step frees and allocates the same tensors over and over; from the heap they are
         # reused, where with each one mapped afresh the kernel faulted in every page again (allocator.py)
         with self.lowp if self.lowp is not None else nullcontext(), \
-                heap_blocks() if self.config.cpu_heap_steps else nullcontext():
-            return self._step(batch)
+                heap_blocks() if self.heap.begin() else nullcontext():
+            out = self._step(batch)
+        self.heap.after_step(lambda: free_memory_bytes(torch.device("cpu")))
+        if self.heap.decision is not None:
+            logger.info("training steps' blocks from the heap (cpu_heap_steps auto): %s", self.heap.decision)
+            self.heap.decision = None
+        return out
 
     def _step(self, batch: List[int]) -> dict:
         cfg = self.config

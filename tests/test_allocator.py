@@ -102,3 +102,50 @@ def test_steps_take_their_blocks_from_the_heap_only_with_cpu_heap_steps(tiny_mod
                  tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
     assert r.report["steps"] >= 1
     assert (len(entered) == r.report["steps"]) if on else not entered
+
+
+@pytest.mark.parametrize("available_mb, later_steps_on_heap", [(10**6, True), (0, False)])
+def test_auto_heap_steps_decide_after_the_first_step(tiny_model_dir, tiny_corpus, monkeypatch, available_mb,
+                                                     later_steps_on_heap):
+    """'auto': the first step runs with the fixed threshold and is measured; the later ones take the heap only
+    where the memory available then holds HEAP_AUTO_MARGIN times that step's peak."""
+    from conftest import quick_config
+
+    import icu_peft.allocator as A
+    import icu_peft.unlearner as U
+
+    entered = []
+
+    class Spy:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(A, "_done", True)  # as after the CLI fixed the threshold
+    monkeypatch.setattr(U, "heap_blocks", lambda *a, **k: Spy())
+    monkeypatch.setattr(U, "free_memory_bytes", lambda device: available_mb * 2**20)
+    r = U.forget(quick_config(tiny_model_dir, max_steps=3, min_epochs=3, cpu_heap_steps="auto"),
+                 tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+    assert r.report["steps"] >= 2
+    assert len(entered) == (r.report["steps"] - 1 if later_steps_on_heap else 0)
+
+
+def test_heap_steps_auto_is_off_on_cuda_and_where_the_threshold_is_not_fixed(monkeypatch):
+    import icu_peft.allocator as A
+
+    monkeypatch.setattr(A, "_done", True)
+    assert A.HeapSteps("auto", "cuda").pending is False and A.HeapSteps("auto", "cuda").begin() is False
+    assert A.HeapSteps("auto", "cpu").pending is True
+    assert A.HeapSteps(True, "cuda").begin() is True and A.HeapSteps(False, "cpu").begin() is False
+    monkeypatch.setattr(A, "_done", False)
+    assert A.HeapSteps("auto", "cpu").pending is False
+
+
+def test_cpu_heap_steps_setting_is_checked():
+    from icu_peft.config import ICUConfig
+    from icu_peft.errors import InputError
+
+    with pytest.raises(InputError, match="cpu_heap_steps"):
+        ICUConfig(cpu_heap_steps="sometimes")

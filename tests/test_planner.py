@@ -117,7 +117,8 @@ def test_plan_cli(tiny_model_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["peak_bytes"] > 0 and out["predicted_seconds"] > 0
     parts = out["parts"]
-    run = sum(v for k, v in parts.items() if k not in ("step", "scoring", "load")) + max(parts["step"], parts["scoring"])
+    run = (sum(v for k, v in parts.items() if k not in ("step", "heap_steps", "scoring", "load"))
+           + max(parts["step"] + parts["heap_steps"], parts["scoring"]))
     assert out["peak_bytes"] == pytest.approx(max(run, parts.get("load", 0)))
     assert parts["load"] > parts["base"]  # a local directory: its weight files are mapped while a 4-bit load packs them
     rc = main(["plan", "--model", str(tiny_model_dir), "--device-memory", "0.001"])
@@ -143,3 +144,27 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_tiny_shapes(tmp_path):
     big = res["big"]
     assert big["steps"] == 4 and big["planned_peak_mb"] > 0 and big["tokens_per_s_incl_scoring"] > 0
     assert torch.cuda.is_available() or big["peak_cuda_mb"] is None
+
+
+def test_heap_steps_count_one_more_step_where_the_steps_take_the_heap(tiny_model_dir):
+    """cpu_heap_steps: the heap keeps about one step's freed blocks at the step's peak (allocator.HeapSteps);
+    'auto' takes it only where the memory beside the static parts holds HEAP_AUTO_MARGIN steps."""
+    from icu_peft.allocator import HEAP_AUTO_MARGIN
+    from icu_peft.planner import load_model_config, plan_memory
+
+    mc = load_model_config(str(tiny_model_dir))
+    kw = dict(seq_len=32, runtime=0.0)
+
+    def plan(setting, device="cpu", **k):
+        return plan_memory(mc, quick_config(tiny_model_dir, precision_check="off", cpu_heap_steps=setting), device,
+                           **kw, **k)
+
+    off, on, auto = plan(False), plan(True), plan("auto")
+    assert off.parts["heap_steps"] == 0 and on.parts["heap_steps"] == on.parts["step"] > 0
+    assert on.peak_bytes == pytest.approx(off.peak_bytes + on.parts["step"])  # the step outweighs scoring here
+    assert auto.parts["heap_steps"] == on.parts["step"]  # no device size: counted
+    static = sum(v for k, v in off.parts.items() if k not in ("step", "heap_steps", "scoring", "load"))
+    step = off.parts["step"]
+    assert plan("auto", device_memory=static + HEAP_AUTO_MARGIN * step * 1.01).parts["heap_steps"] == step
+    assert plan("auto", device_memory=static + HEAP_AUTO_MARGIN * step * 0.99).parts["heap_steps"] == 0
+    assert plan(True, device="cuda").parts["heap_steps"] == 0  # the activations live on the device

@@ -101,8 +101,8 @@ def demo_icu_config(**overrides) -> ICUConfig:
     and a quick demo with them in turn had neither record inside the band at step 48; with `lag` the views
     stayed within 0.1-0.25 nats and it finished in 80 steps (docs/CHANGELOG.md, "Every view held"; on
     the tiny memorisers `lag` was worse, so the library's default stays `turns`). And the steps take their
-    blocks from the heap (`cpu_heap_steps`): 0.57x a step's time for 13% more peak memory, which a demo on a
-    24 GB machine can spend.
+    blocks from the heap from the first one (`cpu_heap_steps: true`; the library's `auto` measures one step
+    first, then decides the same on any machine the demo fits): 0.57x a step's time for 13% more peak memory.
     """
     base = dict(forget_distinct_ngram=4, lora_layers=10, seed=0, progress=True, el_n=10, max_length=128,
                 view_schedule="lag", cpu_heap_steps=True)
