@@ -226,6 +226,10 @@ def worker(job: dict) -> dict:
         preset, over, _ = METHODS[job["method"]]
         kw = dict(learning_rate=args.lr, max_epochs=args.max_epochs, batch_size=args.batch_size, seed=0, progress=False, el_n=10,
                   max_length=sc["max_length"], el_start=sc["el_start"])
+        if job["method"] == "icu-defaults":
+            # what a user gets with no flags: the rate, the batch and the budget are the library's (auto), not
+            # the shared --lr / --batch-size / --max-epochs the baselines run with; only the data's shape is set
+            kw = dict(seed=0, progress=False, max_length=sc["max_length"], el_start=sc["el_start"])
         if not over.get("use_lora", True):
             kw.update(learning_rate=args.full_lr)
         kw.update(over)  # a method's own settings (e.g. icu's learning rate) win over the shared --lr
@@ -374,7 +378,9 @@ def run(args) -> dict:
                                                                  "secrets_total", "wall_time_s")}
         job.update(row=name, args=vars(args))
         base_row = data["rows"].get("before-4bit" if job["quantize"] else "before-fp32")
-        if job.get("method") and base_row and not args.measure_thresholds:
+        # icu-defaults measures its own never-seen band, as a user's request does (explicit thresholds have no
+        # band around them); the scores are remembered per base in the icu-peft cache after the first time
+        if job.get("method") and job["method"] != "icu-defaults" and base_row and not args.measure_thresholds:
             job["thresholds"] = {k: base_row["measure"]["unseen"][k] for k in ("ma", "el")}
         t = time.time()
         print(f"{name} ...", flush=True)
