@@ -121,7 +121,6 @@ class HeapSteps:
         self.on = bool(setting) and not self.auto
         self.pending = self.auto and device_type == "cpu" and _done
         self._before: Optional[int] = None
-        self.decision: Optional[str] = None  # 'auto's verdict in words, for the log
 
     def begin(self) -> bool:
         """Before a step: whether it runs inside heap_blocks."""
@@ -129,17 +128,17 @@ class HeapSteps:
             self._before = _status_bytes("VmRSS")
         return self.on
 
-    def after_step(self, available: Callable[[], int]) -> None:
-        """After a step: 'auto' decides, once, from what that step took."""
+    def after_step(self, available: Callable[[], int]) -> Optional[str]:
+        """After a step: 'auto' decides, once, from what that step took. Returns the verdict in words the
+        one time it is made (for the log), else None."""
         if not self.pending:
-            return
+            return None
         self.pending = False
         peak = _status_bytes("VmHWM")
         if self._before is None or peak is None:
-            self.decision = "off (this system does not report its resident memory)"
-            return
+            return "off (this system does not report its resident memory)"
         step = max(peak - self._before, 0)
         free = available()
         self.on = free >= HEAP_AUTO_MARGIN * step
-        self.decision = (f"{'on' if self.on else 'off'}: a step's peak {step / 2**20:.0f} MB over the resident "
-                         f"memory, {free / 2**20:.0f} MB available")
+        return (f"{'on' if self.on else 'off'}: a step's peak {step / 2**20:.0f} MB over the resident memory, "
+                f"{free / 2**20:.0f} MB available")

@@ -1524,10 +1524,9 @@ class _Run:
         with self.lowp if self.lowp is not None else nullcontext(), \
                 heap_blocks() if self.heap.begin() else nullcontext():
             out = self._step(batch)
-        self.heap.after_step(lambda: free_memory_bytes(torch.device("cpu")))
-        if self.heap.decision is not None:
-            logger.info("training steps' blocks from the heap (cpu_heap_steps auto): %s", self.heap.decision)
-            self.heap.decision = None
+        verdict = self.heap.after_step(lambda: free_memory_bytes(torch.device("cpu")))
+        if verdict is not None:
+            logger.info("training steps' blocks from the heap (cpu_heap_steps auto): %s", verdict)
         return out
 
     def _step(self, batch: List[int]) -> dict:

@@ -149,3 +149,17 @@ def test_cpu_heap_steps_setting_is_checked():
 
     with pytest.raises(InputError, match="cpu_heap_steps"):
         ICUConfig(cpu_heap_steps="sometimes")
+
+
+@pytest.mark.parametrize("available_mb, on", [(700, True), (500, False)])
+def test_heap_steps_auto_compares_the_first_steps_peak_with_the_memory_available(monkeypatch, available_mb, on):
+    import icu_peft.allocator as A
+
+    status = {"VmRSS": 100 * 2**20, "VmHWM": 300 * 2**20}  # the first step peaked 200 MB over the resident memory
+    monkeypatch.setattr(A, "_done", True)
+    monkeypatch.setattr(A, "_status_bytes", lambda field: status[field])
+    h = A.HeapSteps("auto", "cpu")
+    assert h.begin() is False  # the measured step runs with the fixed threshold
+    verdict = h.after_step(lambda: available_mb * 2**20)
+    assert h.on is on and h.begin() is on and verdict.startswith("on" if on else "off") and "200 MB" in verdict
+    assert h.after_step(lambda: 0) is None and h.on is on  # decided once
