@@ -24,7 +24,8 @@
   for the backward pass (one layer's with gradient checkpointing).
 - **heap_steps** (CPU, `cpu_heap_steps`): the freed blocks the heap keeps during a step when the steps
   take their blocks from it (allocator.HeapSteps): one more step's worth. 'auto' takes the heap when the
-  memory left beside the static parts holds three steps; without `device_memory` it is counted.
+  memory left beside the static parts holds three steps (without `device_memory`: counted), and never
+  in a one-step budget (its one step is the measured one).
 - **scoring**: one scoring batch's chunk of logits (log-softmax and its gather), no autograd.
 - **load** (CPU, 4-bit, when the weight files' size is known): the checkpoint's mapped pages while
   bitsandbytes packs them, beside the packed base.
@@ -354,8 +355,10 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
     # cpu_heap_steps (allocator.HeapSteps): the heap keeps about one step's freed blocks at the step's peak
     # (SmolLM2-135M, 4-bit, one view: +592 MB measured, the step counted here 626 MB); 'auto' takes the heap
     # when the memory left after the static part holds HEAP_AUTO_MARGIN steps (without a device size: counted)
+    # (and only after its first, measured step: a one-step budget never takes it)
     heap = device_type == "cpu" and (config.cpu_heap_steps is True or config.cpu_heap_steps == "auto" and (
-        device_memory is None or device_memory - static >= HEAP_AUTO_MARGIN * parts["step"]))
+        config.step_budget(forget_samples) > 1
+        and (device_memory is None or device_memory - static >= HEAP_AUTO_MARGIN * parts["step"])))
     parts["heap_steps"] = parts["step"] if heap else 0.0
     # a step's activations are freed before scoring runs (on CPU with glibc's mmap threshold fixed, as the
     # CLI does: allocator.py; without it the heap keeps them and the two add up)

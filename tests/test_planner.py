@@ -168,3 +168,6 @@ def test_heap_steps_count_one_more_step_where_the_steps_take_the_heap(tiny_model
     assert plan("auto", device_memory=static + HEAP_AUTO_MARGIN * step * 1.01).parts["heap_steps"] == step
     assert plan("auto", device_memory=static + HEAP_AUTO_MARGIN * step * 0.99).parts["heap_steps"] == 0
     assert plan(True, device="cuda").parts["heap_steps"] == 0  # the activations live on the device
+    one = plan_memory(mc, quick_config(tiny_model_dir, precision_check="off", cpu_heap_steps="auto", max_steps=1),
+                      "cpu", **kw)
+    assert one.parts["heap_steps"] == 0  # 'auto' measures the first step outside the heap: one step never takes it
