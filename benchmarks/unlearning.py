@@ -35,6 +35,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
@@ -234,6 +236,7 @@ def worker(job: dict) -> dict:
             kw.update(learning_rate=args.full_lr)
         kw.update(over)  # a method's own settings (e.g. icu's learning rate) win over the shared --lr
         kw.update(job.get("overrides") or {})
+        kw.update({k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in getattr(args, "set", None) or [])})
         if job.get("thresholds"):
             kw.update(ma_threshold=job["thresholds"]["ma"], el_threshold=job["thresholds"]["el"])
         cfg = ICUConfig.for_method(preset, **kw)
@@ -527,6 +530,8 @@ def main(argv=None) -> int:
                    help="with --merge: these rows of FILE replace the ones already there")
     p.add_argument("--plant-only", choices=["plant", "oracle", "both"], default=None,
                    help="only make sure the planted (and/or oracle) model is cached, then exit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an ICUConfig field for every method row (after the method's own settings), e.g. lora_layers=10")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
