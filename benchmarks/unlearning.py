@@ -230,8 +230,10 @@ def worker(job: dict) -> dict:
                   max_length=sc["max_length"], el_start=sc["el_start"])
         if job["method"] == "icu-defaults":
             # what a user gets with no flags: the rate, the batch and the budget are the library's (auto), not
-            # the shared --lr / --batch-size / --max-epochs the baselines run with; only the data's shape is set
-            kw = dict(seed=0, progress=False, max_length=sc["max_length"], el_start=sc["el_start"])
+            # the shared --lr / --batch-size / --max-epochs the baselines run with; only the data's shape is set,
+            # and the model's path, from which a request loads its full-precision view (precision_check auto)
+            kw = dict(seed=0, progress=False, max_length=sc["max_length"], el_start=sc["el_start"],
+                      model=job["model_dir"])
         if not over.get("use_lora", True):
             kw.update(learning_rate=args.full_lr)
         kw.update(over)  # a method's own settings (e.g. icu's learning rate) win over the shared --lr
