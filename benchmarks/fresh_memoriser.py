@@ -6,10 +6,10 @@
         --unseen OUT/unseen.jsonl --out OUT/adapter
 
 The check the issue "Calibrated forgetting" asks for: the defaults, no tuning flag, on data and a model
-they were not tuned on. Kinds: `lab` (lab results: sample number, ward, test, value, day, technician) and
+they were not tuned on. Kinds: `lab` (lab results: sample number, ward, test, value, day, technician),
 `ship` (container lines: id, ports, tonnes, seal), `badge` (door-access log lines: badge, person, door,
-time, date), `sql` (INSERT rows: id, name, birth date, city, a 7-digit number). 8 more texts of the kind join the tokenizer's vocabulary only (as the matrix's general texts; not
-with --tokenizer).
+time, date) and `sql` (INSERT rows: id, name, birth date, city, a 7-digit number). 8 more texts of the kind
+join the tokenizer's vocabulary only (as the matrix's general texts; not with --tokenizer).
 Results: docs/BENCHMARKS.md, "Calibrated forgetting" (fresh memorisers).
 """
 
