@@ -34,6 +34,7 @@ SHAPES = {
     "smollm2-1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                          num_key_value_heads=32),
 }
+HEAP_SETTINGS = {"auto": "auto", "on": True, "off": False}  # --heap-steps -> cpu_heap_steps (absent: the default)
 FULL_FT_MAX_PARAMS = 600e6  # full fine-tuning in fp32 with Adam needs ~20 bytes per weight: 24 GB machines
 
 
@@ -152,7 +153,8 @@ def measure(job: dict) -> dict:
     wall = time.time() - t0
     measured = s.peak_rss * 1024
     return {"size": job["size"], "mode": job["mode"], "params": plan.setting["parameters"], "seq_len": seq_len,
-            "steps": result.report.get("steps"), "cpu_heap_steps": cfg.cpu_heap_steps, "precision_view": plan.setting["precision_view"],
+            "steps": result.report.get("steps"), "cpu_heap_steps": cfg.cpu_heap_steps,
+            "precision_view": plan.setting["precision_view"],
             "predicted_mb": round(plan.peak_bytes / 2**20), "measured_mb": round(measured / 2**20),
             "ratio": round(plan.peak_bytes / measured, 3), "peak_anon_mb": round((s.peak_anon * 1024 + after_import["rss"] - after_import["anon"]) / 2**20),
             "parts_mb": {k: round(v / 2**20) for k, v in plan.parts.items()}, "wall_s": round(wall, 1),
@@ -192,8 +194,7 @@ def main(argv=None) -> int:
                     continue
             job = dict(size=size, mode=mode, model=model, steps=args.steps, threads=args.threads,
                        precision_check=args.precision_check, forget=args.forget, retain=args.retain,
-                       unseen=args.unseen,
-                       heap_steps=None if args.heap_steps is None else {"on": True, "off": False}.get(args.heap_steps, "auto"))
+                       unseen=args.unseen, heap_steps=HEAP_SETTINGS.get(args.heap_steps))
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             proc = subprocess.run([sys.executable, __file__, "--workdir", str(args.workdir), "--job", json.dumps(job)],
                                   capture_output=True, text=True, env=env)

@@ -533,7 +533,8 @@ def main(argv=None) -> int:
     p.add_argument("--plant-only", choices=["plant", "oracle", "both"], default=None,
                    help="only make sure the planted (and/or oracle) model is cached, then exit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an ICUConfig field for every method row (after the method's own settings), e.g. lora_layers=10")
+                   help="an ICUConfig field for every method row (after the method's own settings), "
+                        "e.g. lora_layers=10")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 

@@ -82,12 +82,8 @@ def test_greedy_roll_outs_run_inside_heap_blocks(monkeypatch):
     assert seen == [[True]] and inside == [True, False]
 
 
-@pytest.mark.parametrize("on", [False, True])
-def test_steps_take_their_blocks_from_the_heap_only_with_cpu_heap_steps(tiny_model_dir, tiny_corpus, monkeypatch, on):
-    from conftest import quick_config
-
-    import icu_peft.unlearner as U
-
+def _spy_heap_blocks(monkeypatch, unlearner_module) -> list:
+    """Replace the loop's heap_blocks with a context that records each entry (one item per step inside it)."""
     entered = []
 
     class Spy:
@@ -97,7 +93,17 @@ def test_steps_take_their_blocks_from_the_heap_only_with_cpu_heap_steps(tiny_mod
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(U, "heap_blocks", lambda *a, **k: Spy())
+    monkeypatch.setattr(unlearner_module, "heap_blocks", lambda *a, **k: Spy())
+    return entered
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_steps_take_their_blocks_from_the_heap_only_with_cpu_heap_steps(tiny_model_dir, tiny_corpus, monkeypatch, on):
+    from conftest import quick_config
+
+    import icu_peft.unlearner as U
+
+    entered = _spy_heap_blocks(monkeypatch, U)
     r = U.forget(quick_config(tiny_model_dir, max_steps=3, min_epochs=3, cpu_heap_steps=on),
                  tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
     assert r.report["steps"] >= 1
@@ -114,17 +120,8 @@ def test_auto_heap_steps_decide_after_the_first_step(tiny_model_dir, tiny_corpus
     import icu_peft.allocator as A
     import icu_peft.unlearner as U
 
-    entered = []
-
-    class Spy:
-        def __enter__(self):
-            entered.append(1)
-
-        def __exit__(self, *exc):
-            return False
-
     monkeypatch.setattr(A, "_done", True)  # as after the CLI fixed the threshold
-    monkeypatch.setattr(U, "heap_blocks", lambda *a, **k: Spy())
+    entered = _spy_heap_blocks(monkeypatch, U)
     monkeypatch.setattr(U, "free_memory_bytes", lambda device: available_mb * 2**20)
     r = U.forget(quick_config(tiny_model_dir, max_steps=3, min_epochs=3, cpu_heap_steps="auto"),
                  tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
