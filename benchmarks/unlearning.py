@@ -238,7 +238,7 @@ def worker(job: dict) -> dict:
             kw.update(learning_rate=args.full_lr)
         kw.update(over)  # a method's own settings (e.g. icu's learning rate) win over the shared --lr
         kw.update(job.get("overrides") or {})
-        kw.update({k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in getattr(args, "set", None) or [])})
+        kw.update(dict(getattr(args, "set", None) or []))  # --set, parsed in main
         if job.get("thresholds"):
             kw.update(ma_threshold=job["thresholds"]["ma"], el_threshold=job["thresholds"]["el"])
         cfg = ICUConfig.for_method(preset, **kw)
@@ -495,6 +495,15 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _key_value(text: str) -> list:
+    """--set KEY=VALUE as [key, value] (the value read as YAML), refused at once when malformed: the worker that
+    would apply it runs after the before-rows' minutes of work."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return [key.strip(), yaml.safe_load(value)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenario", choices=["A", "B"], default="A")
@@ -532,7 +541,7 @@ def main(argv=None) -> int:
                    help="with --merge: these rows of FILE replace the ones already there")
     p.add_argument("--plant-only", choices=["plant", "oracle", "both"], default=None,
                    help="only make sure the planted (and/or oracle) model is cached, then exit")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="an ICUConfig field for every method row (after the method's own settings), "
                         "e.g. lora_layers=10")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
