@@ -117,9 +117,9 @@ class HeapSteps:
     activations live on the device), nor where return_freed_memory_to_os did not fix the threshold."""
 
     def __init__(self, setting, device_type: str):
-        self.auto = setting == "auto"
-        self.on = bool(setting) and not self.auto
-        self.pending = self.auto and device_type == "cpu" and _done
+        auto = setting == "auto"
+        self.on = bool(setting) and not auto
+        self.pending = auto and device_type == "cpu" and _done  # the first step is still to be measured
         self._before: Optional[int] = None
 
     def begin(self) -> bool:
