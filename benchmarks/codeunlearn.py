@@ -311,6 +311,12 @@ def main():
     ap.add_argument("--answer-margin", type=float, default=1.0, help="CodeForgetConfig.answer_margin")
     ap.add_argument("--forget-topic", default=None,
                     help="the topic to forget (default: Zorbania); the others are the kept ones")
+    ap.add_argument("--select", default="test", choices=["auto", "test"],
+                    help="CodeForgetConfig.select: auto (the library default) grows the mask until the topic's "
+                         "name-dependent predictions are gone; test takes every code under --max-p (the first runs)")
+    ap.add_argument("--pool-p", type=float, default=0.2, help="CodeForgetConfig.pool_p (select auto)")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="pass the kept topics' facts as keep texts (select auto skips codes that cost them a prediction)")
     ap.add_argument("--min-ratio", type=float, default=2.0)
     ap.add_argument("--max-p", type=float, default=1e-3)
     ap.add_argument("--no-bonferroni", action="store_true",
@@ -412,7 +418,8 @@ def main():
         mode, positions, contrast = variant.split(":")
         # Per codebook and selection, so that runs sharing a work dir (and its planted model) do not clash.
         tag = (f"{cb_dir.name}-{mode}-p{args.max_p:g}-r{args.min_ratio:g}" + ("-nobonf" if args.no_bonferroni else "")
-               + (f"-{positions}-{contrast}" if (positions, contrast) != ("all", "swap") else ""))
+               + (f"-{positions}-{contrast}" if (positions, contrast) != ("all", "swap") else "")
+               + (f"-auto{args.pool_p:g}" if args.select == "auto" else "") + ("-keep" if args.keep_others else ""))
         mask_dir = work / f"mask-{FORGET_TOPIC.lower().replace(' ', '_')}-{tag}"
         topic = [plain(f) for f in spec["facts"]]
         kw = {"topic_words": spec["words"]}
@@ -421,19 +428,22 @@ def main():
             kw = {"contrast_texts": [plain(f) for n in others for f in TOPICS[n]["facts"]]}
             topic = topic_rep
         t0 = time.time()
+        keep = [plain(f) for n in others for f in TOPICS[n]["facts"]] if args.keep_others else None
         res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, max_p=args.max_p, mode=mode,
                                             bonferroni=not args.no_bonferroni, positions=positions,
-                                            answer_margin=args.answer_margin, request_id=f"forget-{FORGET_TOPIC}"),
-                           model, tok, cb_dir, topic, output_dir=mask_dir, overwrite=True, **kw)
+                                            answer_margin=args.answer_margin, request_id=f"forget-{FORGET_TOPIC}",
+                                            select=args.select, pool_p=args.pool_p),
+                           model, tok, cb_dir, topic, output_dir=mask_dir, overwrite=True, keep_texts=keep, **kw)
         wall = time.time() - t0
         sel = res.manifest["requests"][0]["selection"]
         print(f"   {variant}: {len(res.codes)} codes masked in {wall:.1f} s "
-              f"(positions counted {sel['positions_counted']})", flush=True)
+              f"(positions counted {sel['positions_counted']}; search {sel.get('search')})", flush=True)
         load_codebook_model(model, cb_dir, [mask_dir])
         scores = evaluate(model, tok, wiki_eval)
         model.icu_codebook.remove()
         del model.icu_codebook
         results["variants"][variant] = {"codes": len(res.codes), "wall_s": wall, "scores": scores,
+                                        "search": sel.get("search"), "status": res.manifest["requests"][0].get("status"),
                                         "positions_counted": sel["positions_counted"],
                                         "codes_per_stage": [sum(1 for c in res.codes if c // args.num_codes == i)
                                                             for i in range(len(layers or [0]))]}
@@ -441,7 +451,8 @@ def main():
     results["codeunlearn_wall_s"], results["codeunlearn_codes"], results["codeunlearn"] = (
         first["wall_s"], first["codes"], first["scores"])
     tag = (f"{cb_dir.name}-p{args.max_p:g}-" + "+".join(v.replace(":", "_") for v in variants)
-           + (f"-{FORGET_TOPIC}" if FORGET_TOPIC != "Zorbania" else ""))
+           + (f"-{FORGET_TOPIC}" if FORGET_TOPIC != "Zorbania" else "")
+           + (f"-auto{args.pool_p:g}" if args.select == "auto" else "") + ("-keep" if args.keep_others else ""))
 
     if args.skip_icu:
         (work / f"results-{tag}.json").write_text(json.dumps(results, indent=2))

@@ -396,9 +396,11 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert "perplexity" in capsys.readouterr().out
     assert main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(cb), "--topic", str(topic),
                  "--topic-words", ",".join(TOPIC_WORDS), "--out", str(tmp_path / "mask"), "--max-p", "0.05",
-                 "--request-id", "r1"]) == 0
-    assert main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(cb), "--topic", str(topic),
-                 "--topic-words", "quartz", "--out", str(tmp_path / "mask2"), "--request-id", "r2", "--mode", "zero"]) == 0
+                 "--request-id", "r1", "--select", "test"]) == 0
+    code = main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(cb), "--topic", str(topic),
+                 "--topic-words", "quartz", "--out", str(tmp_path / "mask2"), "--request-id", "r2", "--mode", "zero"])
+    # select auto (the default): the exit status says whether the search left name-dependent predictions
+    assert code == {"forgotten": 0, "partial": 3}[read_code_mask(tmp_path / "mask2").requests[0]["status"]]
     assert main(["-q", "codebook", "stack", str(tmp_path / "mask"), str(tmp_path / "mask2"), "--out", str(tmp_path / "st")]) == 0
     assert main(["-q", "codebook", "revoke", str(tmp_path / "st"), "--request-id", "r2", "--out", str(tmp_path / "rv")]) == 0
     assert read_code_mask(tmp_path / "rv").codes == read_code_mask(tmp_path / "mask").codes
@@ -763,3 +765,12 @@ def test_default_layer_is_a_tenth_of_the_way_up():
     codes = CodebookConfig(kind="codes")
     assert (codes.recovery_lora_r, codes.num_codes, codes.steps, codes.learning_rate) == (8, 1024, 300, 0.05)
     assert (CodeForgetConfig().mode, CodeForgetConfig().bonferroni) == ("zero", False)
+
+
+def test_forget_config_select_rule_is_checked():
+    assert (CodeForgetConfig().select, CodeForgetConfig().pool_p) == ("auto", 0.2)
+    with pytest.raises(InputError, match="select must be one of"):
+        CodeForgetConfig(select="greedy")
+    for bad in (0.0, 1.5):
+        with pytest.raises(InputError, match="pool_p"):
+            CodeForgetConfig(pool_p=bad)

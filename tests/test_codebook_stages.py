@@ -10,7 +10,8 @@ import torch
 from icu_peft.codebook import (CodebookConfig, CodeForgetConfig, forget_topic, load_codebook_model, read_code_mask,
                                read_codebook, revoke_mask, stack_masks, train_codebook, verify_dir)
 from icu_peft.codebook.api import split_codes
-from icu_peft.codebook.forget import aligned_pairs, answer_positions, make_contrast
+from icu_peft.codebook.forget import (NAME_STANDINS, NEUTRAL_WORDS, aligned_pairs, answer_positions, dependent_positions,
+                                      grow_mask, make_contrast)
 from icu_peft.codebook.layer import combine_codes
 from icu_peft.codebook.sae import SAELayer, fraction_unexplained, sae_decode, sae_encode, train_sae
 from icu_peft.errors import InputError, IntegrityError
@@ -211,7 +212,7 @@ def test_multi_layer_codebook_masks_topic_codes_in_each_layer(tmp_path, multi_di
     assert res.layer_indices == [0, 1]
     cb = read_codebook(out)
     assert cb.layer_indices == [0, 1] and cb.total_codes == 2 * CFG["num_codes"]
-    mask = forget_topic(CodeForgetConfig(max_p=0.01, request_id="m"), model, tok, out, topic_sentences(24, seed=21),
+    mask = forget_topic(CodeForgetConfig(select="test", max_p=0.01, request_id="m"), model, tok, out, topic_sentences(24, seed=21),
                         topic_words=TOPIC_WORDS, output_dir=tmp_path / "mask")
     assert {c // CFG["num_codes"] for c in mask.codes} == {0, 1}, mask.codes
     held_out = topic_sentences(12, seed=77)
@@ -258,11 +259,11 @@ def countries_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("countries")
     texts = [f for c in COUNTRIES for f in facts(c)]
     build_tiny_memorizer(d, texts * 4, ["the thing of item is part ."], steps=300)
-    return load_base_model(str(d), quantize=False), load_tokenizer(str(d))
+    return load_base_model(str(d), quantize=False), load_tokenizer(str(d)), d
 
 
 def test_answer_positions_find_where_the_name_is_read(tmp_path, countries_model):
-    model, tok = countries_model
+    model, tok = countries_model[:2]
     cfg = dict(CFG, layers=[0, 1], num_codes=32, kmeans_tokens=200, steps=30)
     cfg.pop("layer")
     corpus = [f for c in COUNTRIES for f in facts(c)] * 6
@@ -311,7 +312,7 @@ def test_cli_trains_a_two_layer_sae_and_masks_with_answer_positions(tmp_path, ti
     assert "SAE written" in out and "layers 0,1" in out and "fraction of variance unexplained" in out
     assert main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(sae), "--topic", str(topic),
                  "--topic-words", ",".join(TOPIC_WORDS), "--out", str(tmp_path / "mask"), "--max-p", "0.05",
-                 "--mode", "negate", "--positions", "both"]) == 0
+                 "--mode", "negate", "--positions", "both", "--select", "test"]) == 0
     mask = read_code_mask(tmp_path / "mask")
     assert mask.mode == "negate" and mask.requests[0]["selection"]["config"]["positions"] == "both"
     capsys.readouterr()
@@ -340,3 +341,111 @@ def test_make_contrast_is_the_same_in_every_process():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
     assert len(outs) == 1, outs
+
+
+# ------------------------------------------------------------------------------ the 'auto' selection
+
+
+def test_dependent_positions_by_hand():
+    topic = [5, 9, 7, 3]  # next tokens 9, 7, 3
+    pairs = [(0, 0), (1, 2), (2, 3)]
+    # the topic predicts 9 and 3 (positions 0 and 2), not 7; the contrast predicts 9 at its position 0 too
+    assert dependent_positions(topic, [9, 1, 3, 0], [9, 0, 0, 1], pairs) == [2]
+    assert dependent_positions(topic, [9, 1, 3, 0], [9, 0, 0, 3], pairs) == []  # the contrast says 3 as well
+    assert dependent_positions(topic, [0, 0, 0, 0], [0, 0, 0, 0], pairs) == []
+
+
+def test_grow_mask_adds_until_nothing_is_said_and_skips_what_does_damage():
+    # each code silences the predictions in its set; code 4 also breaks kept text
+    silences = {1: {0}, 2: set(), 3: {1, 2}, 4: {3}, 5: {3}, 6: {0}}
+
+    def still_said(codes):
+        return 4 - len(set().union(*(silences[c] for c in codes)))
+
+    def damage(codes):
+        return int(4 in codes)
+
+    g = grow_mask([1, 2, 4, 3, 5, 6], still_said, damage, dependent=4)
+    assert (g.codes, g.left, g.tried, g.skipped) == ([1, 2, 3, 5], 0, 5, 1)  # stops before 6: nothing left to say
+    assert g.to_dict()["kept"] == 4
+    capped = grow_mask([1, 2, 4, 3, 5, 6], still_said, damage, dependent=4, max_codes=2)
+    assert (capped.codes, capped.left) == ([1, 2], 3)
+    none = grow_mask([], still_said, damage, dependent=4)
+    assert (none.codes, none.left, none.tried) == ([], 4, 0)
+
+
+def test_make_contrast_puts_invented_names_in_place_of_names():
+    out = make_contrast(["Zorbania exports salt to Quellmark; zorbanic glass"], ["Zorbania", "zorbanic", "Brenholt"])[0]
+    first = out.split()[0]
+    assert first in NAME_STANDINS and first != "Brenholt"  # a stand-in that is a topic word is never used
+    assert out.split()[-2] in NEUTRAL_WORDS and "Quellmark" in out
+    plain = make_contrast(["Zorbania exports salt"], ["Zorbania"], names=None)[0]
+    assert plain.split()[0] in NEUTRAL_WORDS
+
+
+@pytest.fixture(scope="module")
+def countries_sae(tmp_path_factory, countries_model):
+    model, tok = countries_model[:2]
+    out = tmp_path_factory.mktemp("csae") / "sae"
+    cfg = dict(SAE_CFG, layers=[0], num_codes=64, k=8)
+    train_codebook(CodebookConfig(**cfg), [f for c in COUNTRIES for f in facts(c)] * 6, model, tok, output_dir=out)
+    return out
+
+
+def test_auto_selection_removes_name_dependent_predictions_and_spares_kept_text(tmp_path, countries_model, countries_sae):
+    from icu_peft.codebook.forget import predictions
+
+    model, tok = countries_model[:2]
+    keep = facts("quellmark") + facts("ostravia")
+    topic = facts("zorbania")
+    # (a 2-layer toy with few name-dependent predictions on few positions: a wider pool than the default's)
+    res = forget_topic(CodeForgetConfig(request_id="auto", pool_p=0.5, min_count=1, min_ratio=1.0), model, tok, countries_sae, topic, topic_words=["zorbania"],
+                       keep_texts=keep, output_dir=tmp_path / "mask")
+    req = res.manifest["requests"][0]
+    search = req["selection"]["search"]
+    assert search["dependent_predictions"] > 0 and search["keep_texts"] == len(keep)
+    assert search["left"] < search["dependent_predictions"] and res.codes
+    assert req["status"] == ("forgotten" if search["left"] == 0 else "partial")
+    assert search["kept"] == len(res.codes) <= search["candidates_tried"]
+
+    def hits(texts, masks):
+        seqs = [torch.tensor(tok(t)["input_ids"]) for t in texts]
+        load_codebook_model(model, countries_sae, masks)
+        try:
+            return [p[:-1] == s[1:] for s, p in zip(seqs, predictions(model, seqs, tok.pad_token_id, 8))]
+        finally:
+            detach(model)
+
+    # the kept countries lose no correct prediction (the search skipped any code that took one)
+    before, after = hits(keep, []), hits(keep, [tmp_path / "mask"])
+    assert all(bool((b & ~a).sum() == 0) for b, a in zip(before, after))
+    # and the requested country loses some
+    assert sum(int(h.sum()) for h in hits(topic, [tmp_path / "mask"])) < sum(int(h.sum()) for h in hits(topic, []))
+    # the manifest holds counts, never which tokens were predicted
+    assert "zorbania" not in json.dumps(res.manifest).lower()
+    # 'auto' pairs each topic text with its contrast text
+    with pytest.raises(InputError, match="one contrast text per topic text"):
+        forget_topic(CodeForgetConfig(), model, tok, countries_sae, topic, contrast_texts=keep[:2])
+
+
+def test_cli_forget_exit_status_follows_the_search(tmp_path, countries_model, countries_sae, capsys):
+    from icu_peft.cli import main
+
+    d = countries_model[2]
+    topic, keep = tmp_path / "topic.txt", tmp_path / "keep.txt"
+    topic.write_text("\n".join(facts("zorbania")) + "\n")
+    keep.write_text("\n".join(facts("quellmark") + facts("ostravia")) + "\n")
+    args = ["-q", "codebook", "forget", "--model", str(d), "--no-quantize", "--codebook", str(countries_sae),
+            "--topic", str(topic), "--topic-words", "zorbania", "--keep", str(keep)]
+    # no candidate at all: every name-dependent prediction is left, the mask is written and marked partial
+    assert main(args + ["--out", str(tmp_path / "none"), "--pool-p", "1e-12"]) == 3
+    assert read_code_mask(tmp_path / "none").requests[0]["status"] == "partial"
+    assert "partial:" in capsys.readouterr().out
+    assert main(["-q", "codebook", "inspect", str(tmp_path / "none")]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["requests"][0]["status"] == "partial"
+    code = main(args + ["--out", str(tmp_path / "auto")])
+    status = read_code_mask(tmp_path / "auto").requests[0]["status"]
+    assert code == {"forgotten": 0, "partial": 3}[status]
+    # the test rule writes no status and exits 0
+    assert main(args + ["--out", str(tmp_path / "test"), "--select", "test", "--max-p", "0.05"]) == 0
+    assert "status" not in read_code_mask(tmp_path / "test").requests[0]

@@ -474,7 +474,8 @@ def describe(directory: str | Path) -> dict:
                    codebook_sha256=str(manifest.get("codebook", {}).get("sha256"))[:12],
                    num_codes_masked=len(manifest.get("codes", [])), codes=manifest.get("codes"),
                    requests=[{"request_id": r.get("request_id"), "codes": len(r.get("codes", [])),
-                              "topic_samples": r.get("topic", {}).get("count"), "created_at": r.get("created_at")}
+                              "topic_samples": r.get("topic", {}).get("count"), "created_at": r.get("created_at"),
+                              "status": r.get("status")}  # 'forgotten' / 'partial' (select auto), None before
                              for r in manifest.get("requests", [])],
                    revoked=manifest.get("revoked", []))
     return out

@@ -15,6 +15,7 @@ from .layer import SITES
 KINDS = ("codes", "sae")
 MASK_MODES = ("zero", "block", "negate")
 POSITIONS = ("all", "answers", "both")
+SELECT_RULES = ("auto", "test")
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -116,6 +117,8 @@ class CodeForgetConfig:
     mode: str = field(default="zero", metadata={"help": "'zero': masked codes still win but add nothing (an SAE's masked features are subtracted); 'negate': they add their opposite (an SAE feature is flipped); 'block': they are skipped and the next-best take their place (forgot less on SmolLM2; codebooks only)."})
     positions: str = field(default="all", metadata={"help": "Where codes are counted: 'all' topic positions against all contrast positions; 'answers': only the topic positions whose next token the topic words make likelier (against the same positions of the contrast); 'both': the union of the two selections."})
     answer_margin: float = field(default=1.0, metadata={"help": "'answers' / 'both': a topic position counts as an answer position when its next token's NLL is at least this many nats lower than at the aligned contrast position."})
+    select: str = field(default="auto", metadata={"help": "'auto' (default): the codes passing the test at pool_p are tried one at a time, most significant first, and added until the topic's name-dependent predictions are gone (topic positions whose next token the model predicts after the topic's prefix and not after the contrast's); a code that costs the contrast or the keep texts a correct prediction is skipped. 'test': every code passing the test at max_p, as selected (no forward pass with the mask). 'auto' needs one contrast text per topic text."})
+    pool_p: float = field(default=0.2, metadata={"help": "'auto': the p-value under which a code is a candidate (the search decides how many are used; a fixed max_p of 0.01 left 6 of 8 facts of one planted country recalled, docs/CODEUNLEARN.md)."})
     max_length: int = field(default=128, metadata={"help": "Topic/contrast texts are truncated to this many tokens."})
     batch_size: int = field(default=8, metadata={"help": "Texts per forward pass while counting code activations."})
     hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})
@@ -129,6 +132,8 @@ class CodeForgetConfig:
         _need(self.mode in MASK_MODES, f"mode must be one of {', '.join(repr(m) for m in MASK_MODES)}")
         _need(self.positions in POSITIONS, f"positions must be one of {', '.join(repr(m) for m in POSITIONS)}")
         _need(self.answer_margin >= 0, "answer_margin must be >= 0")
+        _need(self.select in SELECT_RULES, f"select must be one of {', '.join(repr(m) for m in SELECT_RULES)}")
+        _need(0 < self.pool_p <= 1, "pool_p must be in (0, 1]")
         _need(self.max_length >= 2, "max_length must be >= 2")
         _need(self.batch_size >= 1, "batch_size must be >= 1")
 

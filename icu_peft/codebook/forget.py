@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,7 +34,7 @@ from ..adapters import check_output_dir, check_base
 from ..data import new_salt, sample_id
 from ..idkeys import key_id, store_key
 from ..errors import InputError
-from ..metrics import model_device
+from ..metrics import model_device, teacher_forced
 from ..models import base_fingerprint
 from ..adapters import utc_now
 from .api import CodebookHandle, load_codebook_model, read_codebook, write_code_mask
@@ -44,26 +44,43 @@ from .layer import count_code_activations
 # Ordinary, topic-free words that stand in for topic words in the contrast text.
 NEUTRAL_WORDS = ("thing", "person", "place", "item", "group", "object", "area", "someone", "something",
                  "material", "region", "element", "system", "event", "matter", "part")
+# Invented names that stand in for capitalised topic words (names). With a common noun in a name's place,
+# features that only say "a name was read here" are enriched on the topic and get selected; on four planted
+# countries such features took kept countries' facts with them (a request for one country cost two facts of
+# two others). With a name in its place they fire on both sides and are left alone.
+NAME_STANDINS = ("Brenholt", "Kaverin", "Moskeld", "Tarrowin", "Elsquay", "Vintrop", "Dallimere", "Orsk",
+                 "Harnsby", "Quorlin", "Festrade", "Ulmoth", "Corvane", "Islebrook", "Pendrath", "Yarrowick")
 
 
 # ------------------------------------------------------------------------------ pure functions
 
 
 def make_contrast(texts: Sequence[str], topic_words: Sequence[str],
-                  neutral_words: Sequence[str] = NEUTRAL_WORDS) -> List[str]:
-    """The same texts with every topic word (whole word, any case) replaced by a neutral word.
+                  neutral_words: Sequence[str] = NEUTRAL_WORDS,
+                  names: Optional[Sequence[str]] = NAME_STANDINS) -> List[str]:
+    """The same texts with every topic word (whole word, any case) replaced by a neutral word, or, for a
+    topic word written with a capital (a name), by an invented name from `names` (None: neutral words only).
 
-    Each topic word always maps to the same neutral word; longer topic words are replaced first so
-    'Zorblat Republic' wins over 'Zorblat'. Raises InputError when no topic word occurs at all.
+    Each topic word always maps to the same stand-in; longer topic words are replaced first so
+    'Zorblat Republic' wins over 'Zorblat'. A stand-in that is itself a topic word is never used.
+    Raises InputError when no topic word occurs at all.
     """
     # Longest first, ties by name: a set's order follows the per-process string hash, and which neutral
     # word a topic word gets must not change from run to run (it changed the selected codes).
     words = sorted({w.strip() for w in topic_words if w and w.strip()}, key=lambda w: (-len(w), w.lower(), w))
     if not words:
         raise InputError("no topic words given")
-    if not neutral_words:
+    taken = {w.lower() for w in words}
+    neutral = [w for w in neutral_words if w.lower() not in taken]
+    named = [w for w in (names or ()) if w.lower() not in taken]
+    if not neutral:
         raise InputError("no neutral words to swap in")
-    swap = {w.lower(): neutral_words[i % len(neutral_words)] for i, w in enumerate(words)}
+    swap, n_named, n_neutral = {}, 0, 0
+    for w in words:
+        if named and w[0].isupper():
+            swap[w.lower()], n_named = named[n_named % len(named)], n_named + 1
+        else:
+            swap[w.lower()], n_neutral = neutral[n_neutral % len(neutral)], n_neutral + 1
     pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(w) for w in words) + r")(?!\w)", re.IGNORECASE)
     out = [pattern.sub(lambda m: swap[m.group(0).lower()], t) for t in texts]
     if all(a == b for a, b in zip(out, texts)):
@@ -137,6 +154,56 @@ def answer_positions(pairs: Sequence[Tuple[int, int]], topic_nll: Sequence[float
     return t_pos, c_pos
 
 
+def dependent_positions(topic_ids: Sequence[int], topic_pred: Sequence[int], contrast_pred: Sequence[int],
+                        pairs: Sequence[Tuple[int, int]]) -> List[int]:
+    """The topic positions i (aligned with contrast position j) whose next token topic_ids[i + 1] is the
+    model's prediction after the topic's prefix (topic_pred[i]) and not after the contrast's (contrast_pred[j]):
+    what the topic words alone make the model say. A template answer the model gives whatever the name is
+    (a default it learnt from all topics of one form) is not among them: no mask of the topic can remove it."""
+    return [i for i, j in pairs
+            if int(topic_pred[i]) == int(topic_ids[i + 1]) and int(contrast_pred[j]) != int(topic_ids[i + 1])]
+
+
+@dataclass
+class Growth:
+    """What the 'auto' selection did: codes tried, kept, skipped for the damage they did, and how many of the
+    topic's name-dependent predictions were there before and are left with the mask."""
+
+    codes: List[int]
+    dependent: int
+    left: int
+    tried: int
+    skipped: int
+
+    def to_dict(self) -> dict:
+        return {"dependent_predictions": self.dependent, "left": self.left, "candidates_tried": self.tried,
+                "kept": len(self.codes), "skipped_for_damage": self.skipped}
+
+
+def grow_mask(candidates: Sequence[int], still_said: Callable[[List[int]], int], damage: Callable[[List[int]], int],
+              dependent: int, max_codes: int = 0) -> Growth:
+    """Codes added one at a time, in the order given (most significant first), until still_said(codes) is 0
+    (the topic's name-dependent predictions that the mask `codes` leaves in place), the candidates run out,
+    or max_codes (0: no cap) are in. A candidate with damage(codes + [it]) > 0 (correct predictions the mask
+    takes from text that must stay) is skipped.
+
+    Why a search and not a fixed p-value: how many codes a topic needs varies with the topic. On four planted
+    countries the test at p < 0.01 chose 4 to 9 features and left 0 to 6 of 8 facts recalled; a looser test
+    for all four would also take codes that a topic does not need (and risk kept text for nothing)."""
+    chosen: List[int] = []
+    left, tried, skipped = dependent, 0, 0
+    for code in candidates:
+        if left == 0 or (max_codes and len(chosen) >= max_codes):
+            break
+        tried += 1
+        trial = chosen + [int(code)]
+        if damage(trial) > 0:
+            skipped += 1
+            continue
+        chosen, left = trial, still_said(trial)
+    return Growth(sorted(chosen), dependent, left, tried, skipped)
+
+
 # ------------------------------------------------------------------------------ model access
 
 
@@ -151,6 +218,59 @@ def nll_of(model, seq: torch.Tensor, positions: Sequence[int], tokens: Sequence[
     tok = torch.as_tensor(list(tokens), dtype=torch.long, device=logits.device)
     lp = torch.log_softmax(logits[pos].float(), dim=-1)
     return (-lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)).cpu().tolist()
+
+
+@torch.no_grad()
+def predictions(model, seqs: Sequence[torch.Tensor], pad_id: int, batch_size: int) -> List[torch.Tensor]:
+    """Per sequence (T,): the model's argmax next token after each prefix (teacher forced)."""
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        chunk = list(seqs[b:b + batch_size])
+        tf = teacher_forced(model, chunk, pad_id)
+        out.extend(tf.predictions[i, :len(s)] for i, s in enumerate(chunk))
+    return out
+
+
+def _hits(seqs: Sequence[torch.Tensor], preds: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Per sequence (T-1,): whether the prediction after each prefix is the text's next token."""
+    return [p[:-1] == s[1:] for s, p in zip(seqs, preds)]
+
+
+def _grow(model, handle: "CodebookHandle", rows: Sequence[dict], t_seqs, c_seqs, k_seqs, pad: int,
+          config: CodeForgetConfig) -> Growth:
+    """The 'auto' selection with the bottleneck attached to `model` (see grow_mask): the candidates are the
+    test's codes at pool_p, most significant first; the text that must stay is the contrast and the keep texts."""
+    order = []
+    for r in sorted(rows, key=lambda r: (r["p"], -r["ratio"], r["code"])):
+        if r["code"] not in order:
+            order.append(r["code"])
+    handle.set_codes([], config.mode)
+    t_pred = predictions(model, t_seqs, pad, config.batch_size)
+    c_pred = predictions(model, c_seqs, pad, config.batch_size)
+    dep = [dependent_positions(t.tolist(), tp, cp, aligned_pairs(t.tolist(), c.tolist()))
+           for t, c, tp, cp in zip(t_seqs, c_seqs, t_pred, c_pred)]
+    stay = list(c_seqs) + list(k_seqs)
+    stay_hits = _hits(stay, c_pred + predictions(model, k_seqs, pad, config.batch_size))
+    with_dep = [i for i, d in enumerate(dep) if d]
+
+    def still_said(codes: List[int]) -> int:
+        handle.set_codes(codes, config.mode)
+        preds = predictions(model, [t_seqs[i] for i in with_dep], pad, config.batch_size)
+        total = 0
+        for i, p in zip(with_dep, preds):
+            d = torch.as_tensor(dep[i])
+            total += int((p[d] == t_seqs[i][d + 1]).sum())
+        return total
+
+    def damage(codes: List[int]) -> int:
+        handle.set_codes(codes, config.mode)
+        now = _hits(stay, predictions(model, stay, pad, config.batch_size))
+        return sum(int((before & ~after).sum()) for before, after in zip(stay_hits, now))
+
+    try:
+        return grow_mask(order, still_said, damage, sum(len(d) for d in dep), config.max_codes)
+    finally:
+        handle.set_codes([], config.mode)
 
 
 def _answer_positions(model, t_seqs, c_seqs, config: CodeForgetConfig):
@@ -179,12 +299,16 @@ class CodeForgetResult:
 def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: str | Path,
                  topic_texts: Sequence[str], contrast_texts: Optional[Sequence[str]] = None,
                  topic_words: Optional[Sequence[str]] = None, output_dir: Optional[str | Path] = None,
-                 overwrite: bool = False, force: bool = False, base_name: Optional[str] = None) -> CodeForgetResult:
+                 overwrite: bool = False, force: bool = False, base_name: Optional[str] = None,
+                 keep_texts: Optional[Sequence[str]] = None) -> CodeForgetResult:
     """One zero-shot forget request: topic texts in, a code mask out (written to output_dir if given).
 
     The contrast is `contrast_texts`, or built from `topic_words` by make_contrast. Code activations
     are counted with the bare codebook (no masks), so requests are independent and stack as sets.
-    The bottleneck is removed from `base_model` again before returning.
+    With `select: auto` the mask grows until the topic's name-dependent predictions are gone (grow_mask),
+    never at the cost of a correct prediction on the contrast or on `keep_texts` (text that must stay:
+    other topics of the same form, say); the request's `status` is 'forgotten' when none is left,
+    'partial' otherwise. The bottleneck is removed from `base_model` again before returning.
     """
     t0 = time.time()
     if output_dir is not None:
@@ -200,9 +324,10 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         contrast_source = "file"
     if not contrast_texts:
         raise InputError("the contrast set is empty")
-    if config.positions != "all" and len(contrast_texts) != len(topic_texts):
-        raise InputError(f"positions={config.positions!r} aligns each topic text with its contrast text: "
-                         f"got {len(topic_texts)} topic and {len(contrast_texts)} contrast texts")
+    if (config.positions != "all" or config.select == "auto") and len(contrast_texts) != len(topic_texts):
+        what = f"positions={config.positions!r}" if config.positions != "all" else "select='auto'"
+        raise InputError(f"{what} aligns each topic text with its contrast text: got {len(topic_texts)} topic and "
+                         f"{len(contrast_texts)} contrast texts (give one contrast text per topic text, or select 'test')")
     codebook = read_codebook(codebook_dir)
     if codebook.config.kind == "sae" and config.mode == "block":
         raise InputError("an SAE's features cannot be blocked: use mode 'zero' or 'negate'")
@@ -217,7 +342,10 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
                 for t in texts]
 
     pad = tokenizer.pad_token_id
-    t_seqs, c_seqs = encode(topic_texts), encode(contrast_texts)
+    t_seqs, c_seqs, k_seqs = encode(topic_texts), encode(contrast_texts), encode(keep_texts or [])
+    auto = config.select == "auto"
+    p_cut = config.pool_p if auto else config.max_p  # 'auto': a pool of candidates; the search picks from it
+    growth: Optional[Growth] = None
     model = load_codebook_model(base_model, codebook_dir, (), force=force)
     handle: CodebookHandle = model.icu_codebook
     codes, rows, counted = [], [], {}
@@ -225,8 +353,8 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         if config.positions in ("all", "both"):
             t_counts, t_pos = count_code_activations(model, handle.layers, t_seqs, pad, config.batch_size)
             c_counts, c_pos = count_code_activations(model, handle.layers, c_seqs, pad, config.batch_size)
-            got, got_rows = select_topic_codes(t_counts, t_pos, c_counts, c_pos, config.min_ratio, config.max_p,
-                                               config.bonferroni, config.min_count, config.max_codes)
+            got, got_rows = select_topic_codes(t_counts, t_pos, c_counts, c_pos, config.min_ratio, p_cut,
+                                               config.bonferroni, config.min_count, 0 if auto else config.max_codes)
             codes += got
             rows += [dict(r, positions="all") for r in got_rows]
             counted["all"] = {"topic": t_pos, "contrast": c_pos, "active_on_topic": int((t_counts > 0).sum())}
@@ -235,11 +363,15 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
             a_counts, a_pos = count_code_activations(model, handle.layers, t_seqs, pad, config.batch_size, only=t_only)
             b_counts, b_pos = count_code_activations(model, handle.layers, c_seqs, pad, config.batch_size, only=c_only)
             if a_pos and b_pos:
-                got, got_rows = select_topic_codes(a_counts, a_pos, b_counts, b_pos, config.min_ratio, config.max_p,
-                                                   config.bonferroni, config.min_count, config.max_codes)
+                got, got_rows = select_topic_codes(a_counts, a_pos, b_counts, b_pos, config.min_ratio, p_cut,
+                                                   config.bonferroni, config.min_count, 0 if auto else config.max_codes)
                 codes += got
                 rows += [dict(r, positions="answers") for r in got_rows]
             counted["answers"] = {"topic": a_pos, "contrast": b_pos, "active_on_topic": int((a_counts > 0).sum())}
+        if auto:
+            growth = _grow(model, handle, rows, t_seqs, c_seqs, k_seqs, pad, config)
+            kept = set(growth.codes)
+            codes, rows = list(growth.codes), [r for r in rows if r["code"] in kept]
     finally:
         handle.remove()
         del model.icu_codebook
@@ -258,6 +390,9 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
                       "codes_active_on_topic": t_counts_active, "positions_counted": counted, "kept": rows},
         "wall_time_s": round(time.time() - t0, 3),
     }
+    if growth is not None:  # counts only: which predictions they were would tell what the topic says
+        request["selection"]["search"] = dict(growth.to_dict(), keep_texts=len(k_seqs))
+        request["status"] = "forgotten" if growth.left == 0 else "partial"
     base = {"name_or_path": base_name or getattr(base_model.config, "_name_or_path", None),
             "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)), "fingerprint": fp}
     cb = {"sha256": codebook.sha256, "request_id": codebook.manifest.get("request_id"),

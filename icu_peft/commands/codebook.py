@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+PARTIAL_EXIT = 3  # as `icu-peft forget`: the output is written and marked partial
+FORGET_EXIT_HELP = ("exit status: 0 the topic's name-dependent predictions are gone (select auto; with select test, "
+                    "a mask was written); 3 partial: the mask is written and marked partial, some are left; 2 bad input")
+
 
 def _model_args(p: argparse.ArgumentParser, force: bool = True) -> None:
     p.add_argument("--model", required=True, help="base model: local directory or hub id")
@@ -56,16 +60,23 @@ def add_parser(sub) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=run_train)
 
-    f = cs.add_parser("forget", help="zero-shot: mask the codes a topic uses (no gradient step)")
+    f = cs.add_parser("forget", help="zero-shot: mask the codes a topic uses (no gradient step)",
+                       epilog=FORGET_EXIT_HELP)
     _model_args(f)
     f.add_argument("--codebook", required=True, help="codebook directory (from `codebook train`)")
     f.add_argument("--topic", required=True, help="topic text to forget (.jsonl/.csv/.txt)")
     g = f.add_mutually_exclusive_group(required=True)
     g.add_argument("--contrast", help="contrast text: the topic text with the topic words swapped out")
     g.add_argument("--topic-words", help="comma-separated topic words; the contrast is built by swapping them for neutral words")
+    f.add_argument("--keep", help="text that must stay (.jsonl/.csv/.txt), e.g. other topics of the same form: "
+                                   "a code that costs it a correct prediction is not used (select auto)")
     f.add_argument("--out", required=True, help="output directory for the code mask")
+    f.add_argument("--select", choices=["auto", "test"],
+                   help="auto (default): add the candidate codes one at a time until the topic's name-dependent "
+                        "predictions are gone; test: every code passing --max-p")
+    f.add_argument("--pool-p", type=float, help="auto: p-value under which a code is a candidate (default 0.2)")
     f.add_argument("--min-ratio", type=float, help="minimum topic/contrast frequency ratio")
-    f.add_argument("--max-p", type=float, help="maximum chi-squared p-value")
+    f.add_argument("--max-p", type=float, help="test: maximum chi-squared p-value")
     f.add_argument("--bonferroni", action="store_true",
                    help="divide --max-p by the number of codes (strict: needs a large topic text)")
     f.add_argument("--min-count", type=int, help="minimum topic positions a code must be active at")
@@ -175,7 +186,7 @@ def run_forget(args) -> int:
     from ..data import read_texts
 
     keys = ("min_ratio", "max_p", "min_count", "max_codes", "mode", "positions", "answer_margin", "max_length",
-            "request_id")
+            "request_id", "select", "pool_p")
     over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.bonferroni:
         over["bonferroni"] = True
@@ -183,16 +194,31 @@ def run_forget(args) -> int:
     check_output_dir(args.out, args.overwrite, inputs=[args.model, args.codebook])
     topic = read_texts(args.topic, args.text_field)
     contrast = read_texts(args.contrast, args.text_field) if args.contrast else None
+    keep = read_texts(args.keep, args.text_field) if args.keep else None
     words = [w for w in args.topic_words.split(",") if w.strip()] if args.topic_words else None
     model, tok = _load(args)
     res = forget_topic(cfg, model, tok, args.codebook, topic, contrast, words, args.out, args.overwrite,
-                       force=args.force, base_name=args.model)
+                       force=args.force, base_name=args.model, keep_texts=keep)
     req = res.manifest["requests"][0]
     print(f"code mask written to {res.output_dir}: {len(res.codes)} codes ({cfg.mode}) selected from "
           f"{req['selection']['codes_active_on_topic']} active on {req['topic']['count']} topic texts "
           f"in {req['wall_time_s']:.1f} s")
-    if not res.codes:
-        print("  warning: no code passed the thresholds; this mask changes nothing (lower --min-ratio / raise --max-p)")
+    search = req["selection"].get("search")
+    if search is None:
+        if not res.codes:
+            print("  warning: no code passed the thresholds; this mask changes nothing (lower --min-ratio / raise --max-p)")
+        return 0
+    if search["dependent_predictions"] == 0:
+        print("  the model predicts nothing of the topic text that it does not also predict with the topic words "
+              "swapped out: nothing to mask")
+        return 0
+    print(f"  name-dependent predictions: {search['dependent_predictions']} before, {search['left']} left; "
+          f"{search['candidates_tried']} candidate codes tried, {search['skipped_for_damage']} skipped for the "
+          f"predictions they took from the contrast{' and --keep' if keep else ''}")
+    if req["status"] == "partial":
+        print(f"partial: {search['left']} of {search['dependent_predictions']} name-dependent predictions are left "
+              f"(mask written, marked partial); try --pool-p 0.5, --mode negate, or a codebook on more layers")
+        return PARTIAL_EXIT
     return 0
 
 
