@@ -369,9 +369,14 @@ def test_grow_mask_adds_until_nothing_is_said_and_skips_what_does_damage():
     assert (g.codes, g.left, g.tried, g.skipped) == ([1, 2, 3, 5], 0, 5, 1)  # stops before 6: nothing left to say
     assert g.to_dict()["kept"] == 4
     capped = grow_mask([1, 2, 4, 3, 5, 6], still_said, damage, dependent=4, max_codes=2)
-    assert (capped.codes, capped.left) == ([1, 2], 3)
+    assert (capped.codes, capped.left) == ([1], 3)  # 2 silenced nothing
     none = grow_mask([], still_said, damage, dependent=4)
     assert (none.codes, none.left, none.tried) == ([], 4, 0)
+    # codes after the last one that silenced anything are dropped: 2 acts with nothing, 6 only repeats 1
+    trimmed = grow_mask([1, 2, 6], still_said, damage, dependent=4)
+    assert (trimmed.codes, trimmed.left, trimmed.tried) == ([1], 3, 3)
+    useless = grow_mask([2], still_said, damage, dependent=4)
+    assert (useless.codes, useless.left) == ([], 4)
 
 
 def test_make_contrast_puts_invented_names_in_place_of_names():
