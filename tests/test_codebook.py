@@ -209,7 +209,7 @@ def topic_mask(tmp_path_factory, codebook_dir, base):
     out, _ = codebook_dir
     model, tok = base
     mask_dir = tmp_path_factory.mktemp("masks") / "topic"
-    cfg = CodeForgetConfig(min_ratio=2.0, max_p=0.01, request_id="topic-req")
+    cfg = CodeForgetConfig(select="test", min_ratio=2.0, max_p=0.01, request_id="topic-req")
     res = forget_topic(cfg, model, tok, out, topic_sentences(24, seed=21), topic_words=TOPIC_WORDS, output_dir=mask_dir)
     return mask_dir, res
 
@@ -604,7 +604,7 @@ def test_mlp_site_is_saved_reloaded_and_masking_hits_topic_more_than_contrast(tm
     assert torch.equal(mem, disk)
     # zero-shot forget at the mlp site, as in test_masking_topic_codes_hits_topic_text_more_than_contrast
     mask_dir = tmp_path / "mask"
-    cfg = CodeForgetConfig(min_ratio=2.0, max_p=0.01, request_id="topic-mlp")
+    cfg = CodeForgetConfig(select="test", min_ratio=2.0, max_p=0.01, request_id="topic-mlp")
     fr = forget_topic(cfg, model, tok, out, topic_sentences(24, seed=21), topic_words=TOPIC_WORDS, output_dir=mask_dir)
     assert fr.codes, "no topic code was selected at the mlp site"
     assert read_code_mask(mask_dir).manifest["codebook"]["site"] == "mlp"
@@ -697,7 +697,7 @@ def test_recovery_codebook_masks_and_forgets_as_before(tmp_path, recovery_codebo
     out, _ = recovery_codebook_dir
     model, tok = base
     mask_dir = tmp_path / "mask"
-    forget_topic(CodeForgetConfig(min_ratio=1.0, max_p=1.0, bonferroni=False, max_codes=4, request_id="r"),
+    forget_topic(CodeForgetConfig(select="test", min_ratio=1.0, max_p=1.0, bonferroni=False, max_codes=4, request_id="r"),
                  model, tok, out, topic_sentences(12, seed=21), topic_words=TOPIC_WORDS, output_dir=mask_dir)
     assert not _has_lora(model)  # forget_topic detaches what it attached
     text = topic_sentences(3, seed=5)

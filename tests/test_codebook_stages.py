@@ -133,7 +133,7 @@ def test_unmasked_sae_is_the_base_exactly_and_reloads(sae_dir, base):
 def sae_mask(tmp_path_factory, sae_dir, base):
     model, tok = base
     mask_dir = tmp_path_factory.mktemp("sae_masks") / "topic"
-    res = forget_topic(CodeForgetConfig(max_p=0.01, request_id="sae-req"), model, tok, sae_dir[0],
+    res = forget_topic(CodeForgetConfig(select="test", max_p=0.01, request_id="sae-req"), model, tok, sae_dir[0],
                        topic_sentences(24, seed=21), topic_words=TOPIC_WORDS, output_dir=mask_dir)
     return mask_dir, res
 
@@ -156,7 +156,7 @@ def test_sae_masks_follow_the_mask_contract(tmp_path, sae_mask, sae_dir, base):
     model, tok = base
     text = json.dumps(read_code_mask(mask_dir).manifest)
     assert not any(w in text for w in TOPIC_WORDS)
-    other = forget_topic(CodeForgetConfig(max_p=0.05, request_id="other"), model, tok, sae_dir[0],
+    other = forget_topic(CodeForgetConfig(select="test", max_p=0.05, request_id="other"), model, tok, sae_dir[0],
                          topic_sentences(16, seed=5), topic_words=["raven"], output_dir=tmp_path / "other")
     st = stack_masks([mask_dir, tmp_path / "other"], tmp_path / "st")
     assert st["codes"] == sorted(set(res.codes) | set(other.codes))
@@ -271,7 +271,7 @@ def test_answer_positions_find_where_the_name_is_read(tmp_path, countries_model)
     # the contrast: the kept countries' facts of the same form, one per topic text
     topic = facts("zorbania") * 2
     contrast = facts("quellmark") + facts("ostravia")
-    res = forget_topic(CodeForgetConfig(positions="both", max_p=0.05, min_count=2, request_id="z"), model, tok,
+    res = forget_topic(CodeForgetConfig(select="test", positions="both", max_p=0.05, min_count=2, request_id="z"), model, tok,
                        tmp_path / "cb", topic, contrast_texts=contrast, output_dir=tmp_path / "mask")
     counted = res.manifest["requests"][0]["selection"]["positions_counted"]
     # the answer tokens follow "is" / "the": the topic's prefix predicts them, another country's cannot
