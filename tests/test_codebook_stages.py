@@ -450,7 +450,14 @@ def test_cli_forget_exit_status_follows_the_search(tmp_path, countries_model, co
     assert json.loads(capsys.readouterr().out)[0]["requests"][0]["status"] == "partial"
     code = main(args + ["--out", str(tmp_path / "auto")])
     status = read_code_mask(tmp_path / "auto").requests[0]["status"]
-    assert code == {"forgotten": 0, "partial": 3}[status]
+    assert code == {"forgotten": 0, "partial": 3, "not_name_bound": 3}[status]
+    # a topic word whose text nothing is predicted from (it comes last): nothing name-bound, an empty mask, exit 3
+    plain = tmp_path / "plain.txt"
+    plain.write_text("the capital of the town is velk .\n")
+    assert main(args[:8] + ["--topic", str(plain), "--topic-words", "velk", "--out", str(tmp_path / "plain")]) == 3
+    req = read_code_mask(tmp_path / "plain").requests[0]
+    assert (req["status"], req["codes"], req["selection"]["search"]["dependent_predictions"]) == ("not_name_bound", [], 0)
+    assert "not name-bound" in capsys.readouterr().out
     # the test rule writes no status and exits 0
     assert main(args + ["--out", str(tmp_path / "test"), "--select", "test", "--max-p", "0.05"]) == 0
     assert "status" not in read_code_mask(tmp_path / "test").requests[0]

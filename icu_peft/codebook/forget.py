@@ -315,7 +315,7 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
     With `select: auto` the mask grows until the topic's name-dependent predictions are gone (grow_mask),
     never at the cost of a correct prediction on the contrast or on `keep_texts` (text that must stay:
     other topics of the same form, say); the request's `status` is 'forgotten' when none is left,
-    'partial' otherwise. The bottleneck is removed from `base_model` again before returning.
+    'partial' when some are, 'not_name_bound' when there were none to begin with. The bottleneck is removed from `base_model` again before returning.
     """
     t0 = time.time()
     if output_dir is not None:
@@ -399,7 +399,10 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
     }
     if growth is not None:  # counts only: which predictions they were would tell what the topic says
         request["selection"]["search"] = dict(growth.to_dict(), keep_texts=len(k_seqs))
-        request["status"] = "forgotten" if growth.left == 0 else "partial"
+        # nothing name-dependent to begin with: the model says the same with the topic words swapped out (or does
+        # not know the text at all); a mask cannot act on that, and "forgotten" would claim what was not checked
+        request["status"] = ("not_name_bound" if growth.dependent == 0 else
+                             "forgotten" if growth.left == 0 else "partial")
     base = {"name_or_path": base_name or getattr(base_model.config, "_name_or_path", None),
             "quantized": bool(getattr(base_model, "is_loaded_in_4bit", False)), "fingerprint": fp}
     cb = {"sha256": codebook.sha256, "request_id": codebook.manifest.get("request_id"),

@@ -7,7 +7,9 @@ from pathlib import Path
 
 PARTIAL_EXIT = 3  # as `icu-peft forget`: the output is written and marked partial
 FORGET_EXIT_HELP = ("exit status: 0 the topic's name-dependent predictions are gone (select auto; with select test, "
-                    "a mask was written); 3 partial: the mask is written and marked partial, some are left; 2 bad input")
+                    "a mask was written); 3 not forgotten in full: the mask is written and its status says why "
+                    "(partial: some are left; not_name_bound: there were none, nothing a mask of the topic words "
+                    "can change); 2 bad input")
 
 
 def _model_args(p: argparse.ArgumentParser, force: bool = True) -> None:
@@ -208,10 +210,11 @@ def run_forget(args) -> int:
         if not res.codes:
             print("  warning: no code passed the thresholds; this mask changes nothing (lower --min-ratio / raise --max-p)")
         return 0
-    if search["dependent_predictions"] == 0:
-        print("  the model predicts nothing of the topic text that it does not also predict with the topic words "
-              "swapped out: nothing to mask")
-        return 0
+    if req["status"] == "not_name_bound":
+        print("not name-bound: the model predicts nothing of the topic text that it does not also predict with the "
+              "topic words swapped out, so no mask of them changes what it says (mask written, empty); "
+              "`icu-peft forget` trains an adapter for such text")
+        return PARTIAL_EXIT
     print(f"  name-dependent predictions: {search['dependent_predictions']} before, {search['left']} left; "
           f"{search['candidates_tried']} candidate codes tried, {search['skipped_for_damage']} skipped for the "
           f"predictions they took from the contrast{' and --keep' if keep else ''}")
