@@ -220,7 +220,8 @@ def run_forget(args) -> int:
           f"predictions they took from the contrast{' and --keep' if keep else ''}")
     if req["status"] == "partial":
         print(f"partial: {search['left']} of {search['dependent_predictions']} name-dependent predictions are left "
-              f"(mask written, marked partial); try --pool-p 0.5, --mode negate, or a codebook on more layers")
+              f"(mask written, marked partial); try --mode negate with --keep (text of other topics to protect), "
+              f"or `icu-peft forget` for what is left")
         return PARTIAL_EXIT
     return 0
 
