@@ -458,6 +458,9 @@ def test_cli_forget_exit_status_follows_the_search(tmp_path, countries_model, co
     req = read_code_mask(tmp_path / "plain").requests[0]
     assert (req["status"], req["codes"], req["selection"]["search"]["dependent_predictions"]) == ("not_name_bound", [], 0)
     assert "not name-bound" in capsys.readouterr().out
+    # keep texts with the test rule: refused before any work (the test never reads them)
+    assert main(args + ["--out", str(tmp_path / "bad"), "--select", "test"]) == 2
+    assert not (tmp_path / "bad").exists() and "select 'auto' only" in capsys.readouterr().err
     # the test rule writes no status and exits 0
-    assert main(args + ["--out", str(tmp_path / "test"), "--select", "test", "--max-p", "0.05"]) == 0
+    assert main(args[:-2] + ["--out", str(tmp_path / "test"), "--select", "test", "--max-p", "0.05"]) == 0
     assert "status" not in read_code_mask(tmp_path / "test").requests[0]

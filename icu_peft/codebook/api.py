@@ -475,7 +475,7 @@ def describe(directory: str | Path) -> dict:
                    num_codes_masked=len(manifest.get("codes", [])), codes=manifest.get("codes"),
                    requests=[{"request_id": r.get("request_id"), "codes": len(r.get("codes", [])),
                               "topic_samples": r.get("topic", {}).get("count"), "created_at": r.get("created_at"),
-                              "status": r.get("status")}  # 'forgotten' / 'partial' (select auto), None before
+                              "status": r.get("status")}  # select auto: 'forgotten' / 'partial' / 'not_name_bound'
                              for r in manifest.get("requests", [])],
                    revoked=manifest.get("revoked", []))
     return out

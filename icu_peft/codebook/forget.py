@@ -315,7 +315,8 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
     With `select: auto` the mask grows until the topic's name-dependent predictions are gone (grow_mask),
     never at the cost of a correct prediction on the contrast or on `keep_texts` (text that must stay:
     other topics of the same form, say); the request's `status` is 'forgotten' when none is left,
-    'partial' when some are, 'not_name_bound' when there were none to begin with. The bottleneck is removed from `base_model` again before returning.
+    'partial' when some are, 'not_name_bound' when there were none to begin with. The bottleneck is
+    removed from `base_model` again before returning.
     """
     t0 = time.time()
     if output_dir is not None:
@@ -331,6 +332,8 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         contrast_source = "file"
     if not contrast_texts:
         raise InputError("the contrast set is empty")
+    if keep_texts and config.select != "auto":
+        raise InputError("keep texts are read by select 'auto' only (select 'test' runs no forward pass with the mask)")
     if (config.positions != "all" or config.select == "auto") and len(contrast_texts) != len(topic_texts):
         what = f"positions={config.positions!r}" if config.positions != "all" else "select='auto'"
         raise InputError(f"{what} aligns each topic text with its contrast text: got {len(topic_texts)} topic and "

@@ -69,7 +69,8 @@ def add_parser(sub) -> None:
     f.add_argument("--topic", required=True, help="topic text to forget (.jsonl/.csv/.txt)")
     g = f.add_mutually_exclusive_group(required=True)
     g.add_argument("--contrast", help="contrast text: the topic text with the topic words swapped out")
-    g.add_argument("--topic-words", help="comma-separated topic words; the contrast is built by swapping them for neutral words")
+    g.add_argument("--topic-words", help="comma-separated topic words; the contrast is built by swapping them for neutral words "
+                                        "(a capitalised word, a name: for an invented name)")
     f.add_argument("--keep", help="text that must stay (.jsonl/.csv/.txt), e.g. other topics of the same form: "
                                    "a code that costs it a correct prediction is not used (select auto)")
     f.add_argument("--out", required=True, help="output directory for the code mask")
