@@ -365,7 +365,7 @@ def test_grow_mask_adds_until_nothing_is_said_and_skips_what_does_damage():
     def damage(codes):
         return int(4 in codes)
 
-    g = grow_mask([1, 2, 4, 3, 5, 6], still_said, damage, dependent=4)
+    g = grow_mask([1, 2, 4, 3, 5, 6], still_said, damage, dependent=4, progress=True)
     assert (g.codes, g.left, g.tried, g.skipped) == ([1, 2, 3, 5], 0, 5, 1)  # stops before 6: nothing left to say
     assert g.to_dict()["kept"] == 4
     capped = grow_mask([1, 2, 4, 3, 5, 6], still_said, damage, dependent=4, max_codes=2)

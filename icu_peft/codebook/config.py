@@ -123,6 +123,7 @@ class CodeForgetConfig:
     batch_size: int = field(default=8, metadata={"help": "Texts per forward pass while counting code activations."})
     hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})
     request_id: Optional[str] = field(default=None, metadata={"help": "Identifier of the forget request; a UUID when unset."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar over the candidates 'auto' tries (4-38 s on SmolLM2-135M, CPU)."})
 
     def __post_init__(self) -> None:
         _need(self.min_ratio >= 1.0, "min_ratio must be >= 1")

@@ -181,7 +181,7 @@ class Growth:
 
 
 def grow_mask(candidates: Sequence[int], still_said: Callable[[List[int]], int], damage: Callable[[List[int]], int],
-              dependent: int, max_codes: int = 0) -> Growth:
+              dependent: int, max_codes: int = 0, progress: bool = False) -> Growth:
     """Codes added one at a time, in the order given (most significant first), until still_said(codes) is 0
     (the topic's name-dependent predictions that the mask `codes` leaves in place), the candidates run out,
     or max_codes (0: no cap) are in. A candidate with damage(codes + [it]) > 0 (correct predictions the mask
@@ -191,12 +191,17 @@ def grow_mask(candidates: Sequence[int], still_said: Callable[[List[int]], int],
     Why a search and not a fixed p-value: how many codes a topic needs varies with the topic. On four planted
     countries the test at p < 0.01 chose 4 to 9 features and left 0 to 6 of 8 facts recalled; a looser test
     for all four would also take codes that a topic does not need (and risk kept text for nothing)."""
+    from tqdm.auto import tqdm
+
     chosen: List[int] = []
     left, tried, skipped, useful = dependent, 0, 0, 0
+    bar = tqdm(total=len(candidates), desc="trying codes", disable=not progress or not dependent, leave=False,
+               dynamic_ncols=True)
     for code in candidates:
         if left == 0 or (max_codes and len(chosen) >= max_codes):
             break
         tried += 1
+        bar.update(1)
         trial = chosen + [int(code)]
         if damage(trial) > 0:
             skipped += 1
@@ -205,6 +210,8 @@ def grow_mask(candidates: Sequence[int], still_said: Callable[[List[int]], int],
         chosen = trial
         if now < left:
             left, useful = now, len(chosen)
+        bar.set_postfix(left=left)
+    bar.close()
     # codes added after the last one that silenced a prediction changed nothing the search can see: they go
     # (on a topic whose facts do not need its name, every candidate was added for nothing and cost two facts
     # of other topics)
@@ -275,7 +282,7 @@ def _grow(model, handle: "CodebookHandle", rows: Sequence[dict], t_seqs, c_seqs,
         return sum(int((before & ~after).sum()) for before, after in zip(stay_hits, now))
 
     try:
-        return grow_mask(order, still_said, damage, sum(len(d) for d in dep), config.max_codes)
+        return grow_mask(order, still_said, damage, sum(len(d) for d in dep), config.max_codes, config.progress)
     finally:
         handle.set_codes([], config.mode)
 

@@ -95,6 +95,7 @@ def add_parser(sub) -> None:
     f.add_argument("--request-id", help="identifier of the request (default: a UUID)")
     f.add_argument("--text-field", default="text", help="jsonl field / csv column holding the text")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=run_forget)
 
     s = cs.add_parser("stack", help="one mask holding the union of several masks' requests")
@@ -193,6 +194,8 @@ def run_forget(args) -> int:
     over = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.bonferroni:
         over["bonferroni"] = True
+    if args.no_progress:
+        over["progress"] = False
     cfg = CodeForgetConfig(**over)
     check_output_dir(args.out, args.overwrite, inputs=[args.model, args.codebook])
     topic = read_texts(args.topic, args.text_field)
