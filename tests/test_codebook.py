@@ -764,7 +764,7 @@ def test_default_layer_is_a_tenth_of_the_way_up():
     assert (cfg.kind, cfg.site, cfg.layer, cfg.recovery_lora_r, cfg.num_codes, cfg.steps) == ("sae", "residual", None, 0, 2048, 1500)
     codes = CodebookConfig(kind="codes")
     assert (codes.recovery_lora_r, codes.num_codes, codes.steps, codes.learning_rate) == (8, 1024, 300, 0.05)
-    assert (CodeForgetConfig().mode, CodeForgetConfig().bonferroni) == ("zero", False)
+    assert (CodeForgetConfig().mode, CodeForgetConfig().bonferroni) == ("auto", False)
 
 
 def test_forget_config_select_rule_is_checked():

@@ -11,7 +11,7 @@ from icu_peft.codebook import (CodebookConfig, CodeForgetConfig, forget_topic, l
                                read_codebook, revoke_mask, stack_masks, train_codebook, verify_dir)
 from icu_peft.codebook.api import split_codes
 from icu_peft.codebook.forget import (NAME_STANDINS, NEUTRAL_WORDS, aligned_pairs, answer_positions, dependent_positions,
-                                      grow_mask, make_contrast)
+                                      grow_mask, make_contrast, mask_modes)
 from icu_peft.codebook.layer import combine_codes
 from icu_peft.codebook.sae import SAELayer, fraction_unexplained, sae_decode, sae_encode, train_sae
 from icu_peft.errors import InputError, IntegrityError
@@ -379,6 +379,13 @@ def test_grow_mask_adds_until_nothing_is_said_and_skips_what_does_damage():
     assert (useless.codes, useless.left) == ([], 4)
 
 
+def test_mask_modes_try_negate_only_where_kept_text_can_show_its_damage():
+    assert mask_modes("auto", "auto", has_keep=True) == ["zero", "negate"]
+    assert mask_modes("auto", "auto", has_keep=False) == ["zero"]
+    assert mask_modes("auto", "test", has_keep=True) == ["zero"]
+    assert mask_modes("negate", "auto", has_keep=False) == ["negate"]
+
+
 def test_make_contrast_puts_invented_names_in_place_of_names():
     out = make_contrast(["Zorbania exports salt to Quellmark; zorbanic glass"], ["Zorbania", "zorbanic", "Brenholt"])[0]
     first = out.split()[0]
@@ -412,6 +419,9 @@ def test_auto_selection_removes_name_dependent_predictions_and_spares_kept_text(
     assert search["left"] < search["dependent_predictions"] and res.codes
     assert req["status"] == ("forgotten" if search["left"] == 0 else "partial")
     assert search["kept"] == len(res.codes) <= search["candidates_tried"]
+    # zero first; negate only because zero left something (keep texts given), and the mask acts as the search chose
+    assert search["modes_tried"] == (["zero"] if search["left"] == 0 and search["mode"] == "zero" else ["zero", "negate"])
+    assert res.manifest["mode"] == search["mode"] == read_code_mask(tmp_path / "mask").mode
 
     def hits(texts, masks):
         seqs = [torch.tensor(tok(t)["input_ids"]) for t in texts]

@@ -250,15 +250,24 @@ def _hits(seqs: Sequence[torch.Tensor], preds: Sequence[torch.Tensor]) -> List[t
     return [p[:-1] == s[1:] for s, p in zip(seqs, preds)]
 
 
+def mask_modes(mode: str, select: str, has_keep: bool) -> List[str]:
+    """The mask modes a request tries, in order: the configured one, or for 'auto' 'zero', then 'negate' where
+    the search can see its side effects (select 'auto' with keep texts)."""
+    if mode != "auto":
+        return [mode]
+    return ["zero", "negate"] if select == "auto" and has_keep else ["zero"]
+
+
 def _grow(model, handle: "CodebookHandle", rows: Sequence[dict], t_seqs, c_seqs, k_seqs, pad: int,
-          config: CodeForgetConfig) -> Growth:
-    """The 'auto' selection with the bottleneck attached to `model` (see grow_mask): the candidates are the
-    test's codes at pool_p, most significant first; the text that must stay is the contrast and the keep texts."""
+          config: CodeForgetConfig, mode: str) -> Growth:
+    """The 'auto' selection with the bottleneck attached to `model` (see grow_mask) and the mask acting in `mode`:
+    the candidates are the test's codes at pool_p, most significant first; the text that must stay is the
+    contrast and the keep texts."""
     order = []
     for r in sorted(rows, key=lambda r: (r["p"], -r["ratio"], r["code"])):
         if r["code"] not in order:
             order.append(r["code"])
-    handle.set_codes([], config.mode)
+    handle.set_codes([], mode)
     t_pred = predictions(model, t_seqs, pad, config.batch_size)
     c_pred = predictions(model, c_seqs, pad, config.batch_size)
     dep = [dependent_positions(t.tolist(), tp, cp, aligned_pairs(t.tolist(), c.tolist()))
@@ -268,7 +277,7 @@ def _grow(model, handle: "CodebookHandle", rows: Sequence[dict], t_seqs, c_seqs,
     with_dep = [i for i, d in enumerate(dep) if d]
 
     def still_said(codes: List[int]) -> int:
-        handle.set_codes(codes, config.mode)
+        handle.set_codes(codes, mode)
         preds = predictions(model, [t_seqs[i] for i in with_dep], pad, config.batch_size)
         total = 0
         for i, p in zip(with_dep, preds):
@@ -277,14 +286,14 @@ def _grow(model, handle: "CodebookHandle", rows: Sequence[dict], t_seqs, c_seqs,
         return total
 
     def damage(codes: List[int]) -> int:
-        handle.set_codes(codes, config.mode)
+        handle.set_codes(codes, mode)
         now = _hits(stay, predictions(model, stay, pad, config.batch_size))
         return sum(int((before & ~after).sum()) for before, after in zip(stay_hits, now))
 
     try:
         return grow_mask(order, still_said, damage, sum(len(d) for d in dep), config.max_codes, config.progress)
     finally:
-        handle.set_codes([], config.mode)
+        handle.set_codes([], mode)
 
 
 def _answer_positions(model, t_seqs, c_seqs, config: CodeForgetConfig):
@@ -346,6 +355,8 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         raise InputError(f"{what} aligns each topic text with its contrast text: got {len(topic_texts)} topic and "
                          f"{len(contrast_texts)} contrast texts (give one contrast text per topic text, or select 'test')")
     codebook = read_codebook(codebook_dir)
+    modes, tried_modes = mask_modes(config.mode, config.select, bool(keep_texts)), []
+    mode = modes[0]
     if codebook.config.kind == "sae" and config.mode == "block":
         raise InputError("an SAE's features cannot be blocked: use mode 'zero' or 'negate'")
     fp = base_fingerprint(base_model)
@@ -386,7 +397,13 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
                 rows += [dict(r, positions="answers") for r in got_rows]
             counted["answers"] = {"topic": a_pos, "contrast": b_pos, "active_on_topic": int((a_counts > 0).sum())}
         if auto:
-            growth = _grow(model, handle, rows, t_seqs, c_seqs, k_seqs, pad, config)
+            for m in modes:  # 'negate' only where 'zero' left something and only if it leaves less
+                if growth is not None and growth.left == 0:
+                    break
+                tried_modes.append(m)
+                g = _grow(model, handle, rows, t_seqs, c_seqs, k_seqs, pad, config, m)
+                if growth is None or g.left < growth.left:
+                    growth, mode = g, m
             kept = set(growth.codes)
             codes, rows = list(growth.codes), [r for r in rows if r["code"] in kept]
     finally:
@@ -408,7 +425,7 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         "wall_time_s": round(time.time() - t0, 3),
     }
     if growth is not None:  # counts only: which predictions they were would tell what the topic says
-        request["selection"]["search"] = dict(growth.to_dict(), keep_texts=len(k_seqs))
+        request["selection"]["search"] = dict(growth.to_dict(), keep_texts=len(k_seqs), modes_tried=tried_modes, mode=mode)
         # nothing name-dependent to begin with: the model says the same with the topic words swapped out (or does
         # not know the text at all); a mask cannot act on that, and "forgotten" would claim what was not checked
         request["status"] = ("not_name_bound" if growth.dependent == 0 else
@@ -418,10 +435,10 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
     cb = {"sha256": codebook.sha256, "request_id": codebook.manifest.get("request_id"),
           "num_codes": codebook.config.num_codes, "layer_index": codebook.layer_index,
           "layer_indices": codebook.layer_indices, "kind": codebook.config.kind, "site": codebook.config.site}
-    manifest = {"request_id": request_id, "mode": config.mode, "codebook": cb, "base": base, "codes": codes,
+    manifest = {"request_id": request_id, "mode": mode, "codebook": cb, "base": base, "codes": codes,
                 "requests": [request], "id_key": key_id(salt)}
     out = None
     if output_dir is not None:
-        manifest = write_code_mask([request], config.mode, cb, base, output_dir, overwrite, extra={"id_key": key_id(salt)})
+        manifest = write_code_mask([request], mode, cb, base, output_dir, overwrite, extra={"id_key": key_id(salt)})
         out = Path(output_dir)
     return CodeForgetResult(codes, manifest, out)

@@ -84,9 +84,10 @@ def add_parser(sub) -> None:
                    help="divide --max-p by the number of codes (strict: needs a large topic text)")
     f.add_argument("--min-count", type=int, help="minimum topic positions a code must be active at")
     f.add_argument("--max-codes", type=int, help="keep at most this many codes (0: no cap)")
-    f.add_argument("--mode", choices=["zero", "negate", "block"],
-                   help="zero (default: masked codes / SAE features add nothing), negate (they add their opposite) "
-                        "or block (next-best codes replace them; codebooks only)")
+    f.add_argument("--mode", choices=["auto", "zero", "negate", "block"],
+                   help="zero (masked codes / SAE features add nothing), negate (they add their opposite), block "
+                        "(next-best codes replace them; codebooks only), or auto (default): zero, and with --keep also "
+                        "negate where zero leaves something, whichever leaves less")
     f.add_argument("--positions", choices=["all", "answers", "both"],
                    help="count codes at every topic position (default), only where the topic words make the next "
                         "token likelier (the answers), or both")
@@ -206,7 +207,7 @@ def run_forget(args) -> int:
     res = forget_topic(cfg, model, tok, args.codebook, topic, contrast, words, args.out, args.overwrite,
                        force=args.force, base_name=args.model, keep_texts=keep)
     req = res.manifest["requests"][0]
-    print(f"code mask written to {res.output_dir}: {len(res.codes)} codes ({cfg.mode}) selected from "
+    print(f"code mask written to {res.output_dir}: {len(res.codes)} codes ({res.manifest['mode']}) selected from "
           f"{req['selection']['codes_active_on_topic']} active on {req['topic']['count']} topic texts "
           f"in {req['wall_time_s']:.1f} s")
     search = req["selection"].get("search")
@@ -223,9 +224,11 @@ def run_forget(args) -> int:
           f"{search['candidates_tried']} candidate codes tried, {search['skipped_for_damage']} skipped for the "
           f"predictions they took from the contrast{' and --keep' if keep else ''}")
     if req["status"] == "partial":
+        hint = ("`icu-peft forget` (an adapter) for what is left" if keep else
+                "--keep with text of other topics to protect (the search then also tries --mode negate), "
+                "or `icu-peft forget` (an adapter) for what is left")
         print(f"partial: {search['left']} of {search['dependent_predictions']} name-dependent predictions are left "
-              f"(mask written, marked partial); try --mode negate with --keep (text of other topics to protect), "
-              f"or `icu-peft forget` for what is left")
+              f"(mask written, marked partial); try {hint}")
         return PARTIAL_EXIT
     return 0
 
