@@ -318,6 +318,7 @@ def main():
     ap.add_argument("--keep-others", action="store_true",
                     help="pass the kept topics' facts as keep texts (select auto skips codes that cost them a prediction)")
     ap.add_argument("--min-ratio", type=float, default=2.0)
+    ap.add_argument("--min-count", type=int, default=3, help="CodeForgetConfig.min_count")
     ap.add_argument("--max-p", type=float, default=1e-3)
     ap.add_argument("--no-bonferroni", action="store_true",
                     help="test each code at --max-p as is (default: --max-p / number of codes)")
@@ -419,7 +420,8 @@ def main():
         # Per codebook and selection, so that runs sharing a work dir (and its planted model) do not clash.
         tag = (f"{cb_dir.name}-{mode}-p{args.max_p:g}-r{args.min_ratio:g}" + ("-nobonf" if args.no_bonferroni else "")
                + (f"-{positions}-{contrast}" if (positions, contrast) != ("all", "swap") else "")
-               + (f"-auto{args.pool_p:g}" if args.select == "auto" else "") + ("-keep" if args.keep_others else ""))
+               + (f"-auto{args.pool_p:g}" if args.select == "auto" else "") + ("-keep" if args.keep_others else "")
+               + (f"-c{args.min_count}" if args.min_count != 3 else ""))
         mask_dir = work / f"mask-{FORGET_TOPIC.lower().replace(' ', '_')}-{tag}"
         topic = [plain(f) for f in spec["facts"]]
         kw = {"topic_words": spec["words"]}
@@ -429,7 +431,7 @@ def main():
             topic = topic_rep
         t0 = time.time()
         keep = [plain(f) for n in others for f in TOPICS[n]["facts"]] if args.keep_others else None
-        res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, max_p=args.max_p, mode=mode,
+        res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, min_count=args.min_count, max_p=args.max_p, mode=mode,
                                             bonferroni=not args.no_bonferroni, positions=positions,
                                             answer_margin=args.answer_margin, request_id=f"forget-{FORGET_TOPIC}",
                                             select=args.select, pool_p=args.pool_p),
@@ -452,7 +454,8 @@ def main():
         first["wall_s"], first["codes"], first["scores"])
     tag = (f"{cb_dir.name}-p{args.max_p:g}-" + "+".join(v.replace(":", "_") for v in variants)
            + (f"-{FORGET_TOPIC}" if FORGET_TOPIC != "Zorbania" else "")
-           + (f"-auto{args.pool_p:g}" if args.select == "auto" else "") + ("-keep" if args.keep_others else ""))
+           + (f"-auto{args.pool_p:g}" if args.select == "auto" else "") + ("-keep" if args.keep_others else "")
+           + (f"-c{args.min_count}" if args.min_count != 3 else ""))
 
     if args.skip_icu:
         (work / f"results-{tag}.json").write_text(json.dumps(results, indent=2))
