@@ -431,7 +431,8 @@ def main():
             topic = topic_rep
         t0 = time.time()
         keep = [plain(f) for n in others for f in TOPICS[n]["facts"]] if args.keep_others else None
-        res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, min_count=args.min_count, max_p=args.max_p, mode=mode,
+        res = forget_topic(CodeForgetConfig(min_ratio=args.min_ratio, min_count=args.min_count, max_p=args.max_p,
+                                            mode=mode,
                                             bonferroni=not args.no_bonferroni, positions=positions,
                                             answer_margin=args.answer_margin, request_id=f"forget-{FORGET_TOPIC}",
                                             select=args.select, pool_p=args.pool_p),

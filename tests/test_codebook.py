@@ -400,7 +400,8 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
     code = main(["-q", "codebook", "forget", "--model", m, "--no-quantize", "--codebook", str(cb), "--topic", str(topic),
                  "--topic-words", "quartz", "--out", str(tmp_path / "mask2"), "--request-id", "r2", "--mode", "zero"])
     # select auto (the default): the exit status says whether the search left name-dependent predictions
-    assert code == {"forgotten": 0, "partial": 3, "not_name_bound": 3}[read_code_mask(tmp_path / "mask2").requests[0]["status"]]
+    status = read_code_mask(tmp_path / "mask2").requests[0]["status"]
+    assert code == {"forgotten": 0, "partial": 3, "not_name_bound": 3}[status]
     assert main(["-q", "codebook", "stack", str(tmp_path / "mask"), str(tmp_path / "mask2"), "--out", str(tmp_path / "st")]) == 0
     assert main(["-q", "codebook", "revoke", str(tmp_path / "st"), "--request-id", "r2", "--out", str(tmp_path / "rv")]) == 0
     assert read_code_mask(tmp_path / "rv").codes == read_code_mask(tmp_path / "mask").codes

@@ -411,7 +411,8 @@ def test_auto_selection_removes_name_dependent_predictions_and_spares_kept_text(
     keep = facts("quellmark") + facts("ostravia")
     topic = facts("zorbania")
     # (a 2-layer toy with few name-dependent predictions on few positions: a wider pool than the default's)
-    res = forget_topic(CodeForgetConfig(request_id="auto", pool_p=0.5, min_count=1, min_ratio=1.0), model, tok, countries_sae, topic, topic_words=["zorbania"],
+    res = forget_topic(CodeForgetConfig(request_id="auto", pool_p=0.5, min_count=1, min_ratio=1.0), model, tok,
+                       countries_sae, topic, topic_words=["zorbania"],
                        keep_texts=keep, output_dir=tmp_path / "mask")
     req = res.manifest["requests"][0]
     search = req["selection"]["search"]

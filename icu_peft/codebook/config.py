@@ -123,14 +123,15 @@ class CodeForgetConfig:
     batch_size: int = field(default=8, metadata={"help": "Texts per forward pass while counting code activations."})
     hash_salt: Optional[str] = field(default=None, metadata={"help": "Salt for sample ids (hex); random per request when unset."})
     request_id: Optional[str] = field(default=None, metadata={"help": "Identifier of the forget request; a UUID when unset."})
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar over the candidates 'auto' tries (4-38 s on SmolLM2-135M, CPU)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar over the candidates 'auto' tries (4-63 s on SmolLM2-135M, CPU)."})
 
     def __post_init__(self) -> None:
         _need(self.min_ratio >= 1.0, "min_ratio must be >= 1")
         _need(0 < self.max_p <= 1, "max_p must be in (0, 1]")
         _need(self.min_count >= 1, "min_count must be >= 1")
         _need(self.max_codes >= 0, "max_codes must be >= 0")
-        _need(self.mode in MASK_MODES + ("auto",), f"mode must be one of {', '.join(repr(m) for m in MASK_MODES + ('auto',))}")
+        modes = MASK_MODES + ("auto",)
+        _need(self.mode in modes, f"mode must be one of {', '.join(repr(m) for m in modes)}")
         _need(self.positions in POSITIONS, f"positions must be one of {', '.join(repr(m) for m in POSITIONS)}")
         _need(self.answer_margin >= 0, "answer_margin must be >= 0")
         _need(self.select in SELECT_RULES, f"select must be one of {', '.join(repr(m) for m in SELECT_RULES)}")

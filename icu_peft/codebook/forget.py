@@ -425,7 +425,8 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         "wall_time_s": round(time.time() - t0, 3),
     }
     if growth is not None:  # counts only: which predictions they were would tell what the topic says
-        request["selection"]["search"] = dict(growth.to_dict(), keep_texts=len(k_seqs), modes_tried=tried_modes, mode=mode)
+        request["selection"]["search"] = dict(growth.to_dict(), keep_texts=len(k_seqs), modes_tried=tried_modes,
+                                              mode=mode)
         # nothing name-dependent to begin with: the model says the same with the topic words swapped out (or does
         # not know the text at all); a mask cannot act on that, and "forgotten" would claim what was not checked
         request["status"] = ("not_name_bound" if growth.dependent == 0 else
