@@ -438,7 +438,7 @@ def main():
                                             select=args.select, pool_p=args.pool_p),
                            model, tok, cb_dir, topic, output_dir=mask_dir, overwrite=True, keep_texts=keep, **kw)
         wall = time.time() - t0
-        sel = res.manifest["requests"][0]["selection"]
+        sel = res.stats  # the selection's counts (not in the mask file)
         print(f"   {variant}: {len(res.codes)} codes masked in {wall:.1f} s "
               f"(positions counted {sel['positions_counted']}; search {sel.get('search')})", flush=True)
         load_codebook_model(model, cb_dir, [mask_dir])

@@ -273,11 +273,11 @@ def test_answer_positions_find_where_the_name_is_read(tmp_path, countries_model)
     contrast = facts("quellmark") + facts("ostravia")
     res = forget_topic(CodeForgetConfig(select="test", positions="both", max_p=0.05, min_count=2, request_id="z"), model, tok,
                        tmp_path / "cb", topic, contrast_texts=contrast, output_dir=tmp_path / "mask")
-    counted = res.manifest["requests"][0]["selection"]["positions_counted"]
+    counted = res.stats["positions_counted"]
     # the answer tokens follow "is" / "the": the topic's prefix predicts them, another country's cannot
     assert counted["answers"]["topic"] >= 4 and counted["answers"]["topic"] == counted["answers"]["contrast"]
     assert counted["all"]["topic"] > counted["answers"]["topic"]
-    kept = res.manifest["requests"][0]["selection"]["kept"]
+    kept = res.stats["kept"]
     assert {r["positions"] for r in kept} <= {"all", "answers"} and any(r["positions"] == "answers" for r in kept)
     # the mask raises the requested country's facts' NLL more than the kept countries'
     from icu_peft.codebook.evaluate import lm_scores, truncated
@@ -415,7 +415,7 @@ def test_auto_selection_removes_name_dependent_predictions_and_spares_kept_text(
                        countries_sae, topic, topic_words=["zorbania"],
                        keep_texts=keep, output_dir=tmp_path / "mask")
     req = res.manifest["requests"][0]
-    search = req["selection"]["search"]
+    search = res.stats["search"]
     assert search["dependent_predictions"] > 0 and search["keep_texts"] == len(keep)
     assert search["left"] < search["dependent_predictions"] and res.codes
     assert req["status"] == ("forgotten" if search["left"] == 0 else "partial")
@@ -437,8 +437,14 @@ def test_auto_selection_removes_name_dependent_predictions_and_spares_kept_text(
     assert all(bool((b & ~a).sum() == 0) for b, a in zip(before, after))
     # and the requested country loses some
     assert sum(int(h.sum()) for h in hits(topic, [tmp_path / "mask"])) < sum(int(h.sum()) for h in hits(topic, []))
-    # the manifest holds counts, never which tokens were predicted
-    assert "zorbania" not in json.dumps(res.manifest).lower()
+    # the mask file holds no text and no count a holder of the base could recompute from a candidate text
+    written = (tmp_path / "mask" / "forget_manifest.json").read_text()
+    assert "zorbania" not in written.lower()
+    for key in ("positions_counted", "topic_positions", "topic_count", "contrast_count", "dependent_predictions",
+                "active_on_topic"):
+        assert key not in written, key
+    assert "positions" not in req["topic"] and "positions" not in req["contrast"]
+    assert req["selection"]["mode"] == search["mode"] and req["selection"]["keep_texts"] == len(keep)
     # 'auto' pairs each topic text with its contrast text
     with pytest.raises(InputError, match="one contrast text per topic text"):
         forget_topic(CodeForgetConfig(), model, tok, countries_sae, topic, contrast_texts=keep[:2])
@@ -467,7 +473,7 @@ def test_cli_forget_exit_status_follows_the_search(tmp_path, countries_model, co
     plain.write_text("the capital of the town is velk .\n")
     assert main(args[:8] + ["--topic", str(plain), "--topic-words", "velk", "--out", str(tmp_path / "plain")]) == 3
     req = read_code_mask(tmp_path / "plain").requests[0]
-    assert (req["status"], req["codes"], req["selection"]["search"]["dependent_predictions"]) == ("not_name_bound", [], 0)
+    assert (req["status"], req["codes"]) == ("not_name_bound", [])
     assert "not name-bound" in capsys.readouterr().out
     # keep texts with the test rule: refused before any work (the test never reads them)
     assert main(args + ["--out", str(tmp_path / "bad"), "--select", "test"]) == 2

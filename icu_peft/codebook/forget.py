@@ -24,7 +24,7 @@ import difflib
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -317,6 +317,10 @@ class CodeForgetResult:
     codes: List[int]
     manifest: dict
     output_dir: Optional[Path] = None
+    # the selection's statistics (positions counted, each code's topic / contrast counts, the search's counts):
+    # returned to the caller, never written, since a holder of the base, the codebook and a candidate text
+    # could recompute them and compare
+    stats: dict = field(default_factory=dict)
 
 
 def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: str | Path,
@@ -413,20 +417,22 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
     t_pos = counted.get("all", counted.get("answers"))["topic"]
     c_pos = counted.get("all", counted.get("answers"))["contrast"]
     t_counts_active = max(v["active_on_topic"] for v in counted.values())
+    stats = {"topic_positions": t_pos, "contrast_positions": c_pos, "codes_active_on_topic": t_counts_active,
+             "positions_counted": counted, "kept": rows}
+    # the file names the request, its codes and how they were chosen; no count of the topic's tokens, positions or
+    # predictions (stats, returned only): with the base and the codebook they would let a holder test a candidate
     request = {
         "request_id": request_id,
         "created_at": utc_now(),
         "codes": codes,
-        "topic": {"count": len(topic_texts), "positions": t_pos, "ids": [sample_id(t, salt) for t in topic_texts]},
-        "contrast": {"source": contrast_source, "count": len(contrast_texts), "positions": c_pos,
-                     "topic_words": len(topic_words or [])},
-        "selection": {"config": config.to_dict(), "tested_codes": codebook.total_codes,
-                      "codes_active_on_topic": t_counts_active, "positions_counted": counted, "kept": rows},
+        "topic": {"count": len(topic_texts), "ids": [sample_id(t, salt) for t in topic_texts]},
+        "contrast": {"source": contrast_source, "count": len(contrast_texts), "topic_words": len(topic_words or [])},
+        "selection": {"config": config.to_dict(), "tested_codes": codebook.total_codes, "rule": config.select},
         "wall_time_s": round(time.time() - t0, 3),
     }
-    if growth is not None:  # counts only: which predictions they were would tell what the topic says
-        request["selection"]["search"] = dict(growth.to_dict(), keep_texts=len(k_seqs), modes_tried=tried_modes,
-                                              mode=mode)
+    if growth is not None:
+        stats["search"] = dict(growth.to_dict(), keep_texts=len(k_seqs), modes_tried=tried_modes, mode=mode)
+        request["selection"].update(mode=mode, keep_texts=len(k_seqs))
         # nothing name-dependent to begin with: the model says the same with the topic words swapped out (or does
         # not know the text at all); a mask cannot act on that, and "forgotten" would claim what was not checked
         request["status"] = ("not_name_bound" if growth.dependent == 0 else
@@ -442,4 +448,4 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
     if output_dir is not None:
         manifest = write_code_mask([request], mode, cb, base, output_dir, overwrite, extra={"id_key": key_id(salt)})
         out = Path(output_dir)
-    return CodeForgetResult(codes, manifest, out)
+    return CodeForgetResult(codes, manifest, out, stats)

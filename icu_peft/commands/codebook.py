@@ -208,9 +208,9 @@ def run_forget(args) -> int:
                        force=args.force, base_name=args.model, keep_texts=keep)
     req = res.manifest["requests"][0]
     print(f"code mask written to {res.output_dir}: {len(res.codes)} codes ({res.manifest['mode']}) selected from "
-          f"{req['selection']['codes_active_on_topic']} active on {req['topic']['count']} topic texts "
+          f"{res.stats['codes_active_on_topic']} active on {req['topic']['count']} topic texts "
           f"in {req['wall_time_s']:.1f} s")
-    search = req["selection"].get("search")
+    search = res.stats.get("search")  # counts for the operator's terminal; the mask file holds none
     if search is None:
         if not res.codes:
             print("  warning: no code passed the thresholds; this mask changes nothing (lower --min-ratio / raise --max-p)")
