@@ -44,10 +44,10 @@ from .layer import count_code_activations
 # Ordinary, topic-free words that stand in for topic words in the contrast text.
 NEUTRAL_WORDS = ("thing", "person", "place", "item", "group", "object", "area", "someone", "something",
                  "material", "region", "element", "system", "event", "matter", "part")
-# Invented names that stand in for capitalised topic words (names). With a common noun in a name's place,
-# features that only say "a name was read here" are enriched on the topic and get selected; on four planted
-# countries such features took kept countries' facts with them (a request for one country cost two facts of
-# two others). With a name in its place they fire on both sides and are left alone.
+# Invented names that stand in for capitalised topic words (names). With a common noun in a name's place, one
+# planted country's mask cost two other countries a fact each; with invented names it kept them all. Our reading,
+# not measured feature by feature: features that only say "a name was read here" look enriched against a common
+# noun, and a name in its place makes them fire on both sides.
 NAME_STANDINS = ("Brenholt", "Kaverin", "Moskeld", "Tarrowin", "Elsquay", "Vintrop", "Dallimere", "Orsk",
                  "Harnsby", "Quorlin", "Festrade", "Ulmoth", "Corvane", "Islebrook", "Pendrath", "Yarrowick")
 
@@ -258,16 +258,18 @@ def mask_modes(mode: str, select: str, has_keep: bool) -> List[str]:
     return ["zero", "negate"] if select == "auto" and has_keep else ["zero"]
 
 
-def _grow(model, handle: "CodebookHandle", rows: Sequence[dict], t_seqs, c_seqs, k_seqs, pad: int,
-          config: CodeForgetConfig, mode: str) -> Growth:
-    """The 'auto' selection with the bottleneck attached to `model` (see grow_mask) and the mask acting in `mode`:
-    the candidates are the test's codes at pool_p, most significant first; the text that must stay is the
-    contrast and the keep texts."""
+def _search(model, handle: "CodebookHandle", rows: Sequence[dict], t_seqs, c_seqs, k_seqs, pad: int,
+            config: CodeForgetConfig, modes: Sequence[str]) -> Tuple[Growth, str, List[str]]:
+    """The 'auto' selection with the bottleneck attached to `model` (see grow_mask), once per mask mode in `modes`
+    until one leaves nothing (a later mode is kept only if it leaves less). The candidates are the test's codes at
+    pool_p, most significant first; the text that must stay is the contrast and the keep texts. What the unmasked
+    model predicts does not depend on the mode, so it is measured once. Returns (the search kept, its mode, the
+    modes tried)."""
     order = []
     for r in sorted(rows, key=lambda r: (r["p"], -r["ratio"], r["code"])):
         if r["code"] not in order:
             order.append(r["code"])
-    handle.set_codes([], mode)
+    handle.set_codes([], modes[0])
     t_pred = predictions(model, t_seqs, pad, config.batch_size)
     c_pred = predictions(model, c_seqs, pad, config.batch_size)
     dep = [dependent_positions(t.tolist(), tp, cp, aligned_pairs(t.tolist(), c.tolist()))
@@ -275,6 +277,7 @@ def _grow(model, handle: "CodebookHandle", rows: Sequence[dict], t_seqs, c_seqs,
     stay = list(c_seqs) + list(k_seqs)
     stay_hits = _hits(stay, c_pred + predictions(model, k_seqs, pad, config.batch_size))
     with_dep = [i for i, d in enumerate(dep) if d]
+    mode = modes[0]
 
     def still_said(codes: List[int]) -> int:
         handle.set_codes(codes, mode)
@@ -290,10 +293,18 @@ def _grow(model, handle: "CodebookHandle", rows: Sequence[dict], t_seqs, c_seqs,
         now = _hits(stay, predictions(model, stay, pad, config.batch_size))
         return sum(int((before & ~after).sum()) for before, after in zip(stay_hits, now))
 
+    best, best_mode, tried = None, modes[0], []
     try:
-        return grow_mask(order, still_said, damage, sum(len(d) for d in dep), config.max_codes, config.progress)
+        for mode in modes:  # read by still_said / damage
+            if best is not None and best.left == 0:
+                break
+            tried.append(mode)
+            growth = grow_mask(order, still_said, damage, sum(len(d) for d in dep), config.max_codes, config.progress)
+            if best is None or growth.left < best.left:
+                best, best_mode = growth, mode
     finally:
-        handle.set_codes([], mode)
+        handle.set_codes([], modes[0])
+    return best, best_mode, tried
 
 
 def _answer_positions(model, t_seqs, c_seqs, config: CodeForgetConfig):
@@ -359,8 +370,8 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
         raise InputError(f"{what} aligns each topic text with its contrast text: got {len(topic_texts)} topic and "
                          f"{len(contrast_texts)} contrast texts (give one contrast text per topic text, or select 'test')")
     codebook = read_codebook(codebook_dir)
-    modes, tried_modes = mask_modes(config.mode, config.select, bool(keep_texts)), []
-    mode = modes[0]
+    modes = mask_modes(config.mode, config.select, bool(keep_texts))
+    mode, tried_modes = modes[0], []
     if codebook.config.kind == "sae" and config.mode == "block":
         raise InputError("an SAE's features cannot be blocked: use mode 'zero' or 'negate'")
     fp = base_fingerprint(base_model)
@@ -401,13 +412,7 @@ def forget_topic(config: CodeForgetConfig, base_model, tokenizer, codebook_dir: 
                 rows += [dict(r, positions="answers") for r in got_rows]
             counted["answers"] = {"topic": a_pos, "contrast": b_pos, "active_on_topic": int((a_counts > 0).sum())}
         if auto:
-            for m in modes:  # 'negate' only where 'zero' left something and only if it leaves less
-                if growth is not None and growth.left == 0:
-                    break
-                tried_modes.append(m)
-                g = _grow(model, handle, rows, t_seqs, c_seqs, k_seqs, pad, config, m)
-                if growth is None or g.left < growth.left:
-                    growth, mode = g, m
+            growth, mode, tried_modes = _search(model, handle, rows, t_seqs, c_seqs, k_seqs, pad, config, modes)
             kept = set(growth.codes)
             codes, rows = list(growth.codes), [r for r in rows if r["code"] in kept]
     finally:
