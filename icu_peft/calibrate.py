@@ -168,6 +168,8 @@ class TokenTargets:
     tilt: float = 0.0  # the spread of every target around its mean, scaled by 1 + tilt (reshape)
     remake: Optional[Callable[..., "TokenTargets"]] = None  # token_targets again with (unseen_token_nll, nll_goal=, nll_cap=)
     past: set = field(default_factory=set)  # samples pushed past the band at the last scoring (mark_past)
+    tail: List[torch.Tensor] = field(default_factory=list)  # per sample: its hardest fifth of free tokens by target (hardest_fifth)
+    tail_moved: List[float] = field(default_factory=list)  # per sample: nats added to the tail's targets (move_tail)
 
     def summary(self) -> dict:
         n = max(len(self.nll), 1)
@@ -176,6 +178,8 @@ class TokenTargets:
             out["moved"] = sum(1 for m in self.moved if m)
         if self.tilt:
             out["tilt"] = self.tilt
+        if any(self.tail_moved):
+            out["tail_moved"] = sum(1 for m in self.tail_moved if m)
         if self.entropy:
             ent = torch.cat(self.entropy)
             out["mean_entropy"] = float(ent.mean()) if ent.numel() else 0.0
@@ -192,6 +196,27 @@ class TokenTargets:
         self._aim(i)
         return self.moved[i]
 
+    def move_tail(self, i: int, delta: float, limit: float) -> float:
+        """Shift the targets of sample i's hardest fifth of tokens by `delta` nats and its other free tokens
+        the opposite way, so the sample's mean target stays (kept within +-`limit`); returns the shift now
+        in force. The loop steers it by the Min-K% attack (_Run.steer_tail): that attack reads a sample's
+        hardest fifth, which the mean-level controls (move, the centring) leave where the tokens could go."""
+        if not self.tail_moved:
+            return 0.0
+        self.tail_moved[i] = max(-limit, min(limit, self.tail_moved[i] + delta))
+        self._aim(i)
+        return self.tail_moved[i]
+
+    def pull_tokens(self, i: int) -> Optional[torch.Tensor]:
+        """Which of sample i's next tokens the log-space pull back acts on (float (T-1,), 1 = pulled; None:
+        none): every token of a sample past the band (mark_past); the tail of a sample whose tail the loop
+        made easier (move_tail < 0), since the BCE's own pull on a token 8 nats down is ~1e-4."""
+        if i in self.past:
+            return torch.ones_like(self.logp[i])
+        if self.tail_moved and self.tail_moved[i] < 0:
+            return self.tail[i].float()
+        return None
+
     def mark_past(self, past: Sequence[bool]) -> None:
         """Which samples sit past the band now: their tokens are also pulled back in log space
         (losses.target_token_bce's pull_weight), the others keep the BCE's own, fading pull."""
@@ -206,12 +231,15 @@ class TokenTargets:
     def _aim(self, i: int) -> None:
         """Sample i's target log-probs from its matched targets, the moves and the tilt."""
         t = torch.where(self.free[i], (self.shifted[i] + self.moved[i]).clamp(min=0.0), self.shifted[i])
+        if self.tail_moved and self.tail_moved[i]:
+            t = tail_shifted(t, self.free[i], self.tail[i], self.tail_moved[i])
         self.logp[i] = -torch.maximum(self.ref[i], tilted(t, self.free[i], self.tilt))
 
     def rematch(self, fresh: "TokenTargets") -> None:
         """Take the loss targets of `fresh` (token_targets run again on the same forget samples against the
         never-seen text as the model has it now), keeping the moves and the tilt the loop gave them."""
         self.shifted, self.shift, self.nll, self.ma, self.rank = fresh.shifted, fresh.shift, fresh.nll, fresh.ma, fresh.rank
+        self.tail = fresh.tail
         for i in range(len(self.logp)):
             self._aim(i)
 
@@ -246,6 +274,38 @@ def tilted(target_nll: torch.Tensor, free: torch.Tensor, tilt: float) -> torch.T
         return t
     m = t[free].mean()
     return torch.where(free, (m + (t - m) * (1.0 + tilt)).clamp(min=0.0), t)
+
+
+def hardest_fifth(target_nll: torch.Tensor, free: torch.Tensor, k: float = 0.2) -> torch.Tensor:
+    """The ceil(k x T) free tokens with the highest target NLL (ties: the later token), as a bool mask:
+    the tokens a Min-K% attack reads once the sample sits at its targets."""
+    t = target_nll.float()
+    out = torch.zeros(t.numel(), dtype=torch.bool)
+    idx = torch.nonzero(free, as_tuple=False).flatten()
+    if idx.numel() == 0:
+        return out
+    m = max(1, math.ceil(k * t.numel()))
+    order = torch.argsort(t[idx], stable=True)
+    out[idx[order[-m:]]] = True
+    return out
+
+
+def tail_shifted(target_nll: torch.Tensor, free: torch.Tensor, tail: torch.Tensor, delta: float) -> torch.Tensor:
+    """A sample's target NLLs with its `tail` tokens `delta` nats harder and its other free tokens scaled the
+    other way so that the sum over the free tokens, hence their mean, is unchanged (never under 0 nats: at
+    most every other token's target goes to 0). Scaled, not shifted: the easy tokens of a memorised record sit
+    near 0 nats and cannot give up a shift, which then raised the sample's level. Tokens not free are
+    returned as they are."""
+    t = target_nll.float()
+    tail = tail & free
+    rest = free & ~tail
+    if not bool(tail.any()) or delta == 0:
+        return t
+    raised = (t + delta).clamp(min=0.0)
+    given = float((raised - t)[tail].sum())  # what the tail took (less than delta x size where it met 0)
+    room = float(t[rest].sum())
+    factor = max(0.0, 1.0 - given / room) if room > 0 else 1.0
+    return torch.where(tail, raised, torch.where(rest, t * factor, t))
 
 
 def sorted_order(nll: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
@@ -360,6 +420,8 @@ def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Ten
         out.shifted.append(target_at(hi))
         out.free.append(free)
         out.moved.append(0.0)
+        out.tail.append(hardest_fifth(target_at(hi), free & (target_at(hi) > nll)))
+        out.tail_moved.append(0.0)
         out.logp.append(-tgt)
         out.shift.append(float(hi))
         out.nll.append(m)

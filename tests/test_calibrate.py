@@ -615,9 +615,10 @@ def test_centring_reads_the_shipped_view_and_moves_targets_towards_the_never_see
     state = SimpleNamespace(move=lambda i, d, limit: moves.append((i, round(d, 6), limit)), tilt=0.0)
     run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band, unseen_nll=[4.0] * 4),
                           two_sided=True, forget_set=[0, 1], method_state=state, retargeted=0, centring=False,
-                          tail_auc=None)
+                          tail_auc=None, tail_now=None, tail_centring=False)
     run.target.band = band
-    for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "centre_now", "off_centre"):
+    for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "centre_now", "off_centre",
+                 "auc_excess", "steer_tail", "tail_off_centre"):
         setattr(run, name, getattr(U._Run, name).__get__(run))
     run.forgotten = lambda: [True, True]  # every sample inside the band in every view
     run.scores = SimpleNamespace(nll=[3.0, 1.5, 3.0, 1.5])  # view 0 then view 1, samples 0 and 1
@@ -647,8 +648,9 @@ def test_a_set_centred_on_the_never_seen_text_now_settles_over_the_bases_inner_b
     band = Band(nll_lo=2.0, nll_hi=6.0, nll_mid=3.25, inner_lo=3.0, inner_hi=3.5, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
                 count=8, quantile=0.1, settle_quantile=0.25)
     run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band, unseen_nll=[3.25] * 8, thresholds=None),
-                          two_sided=True, forget_set=[0, 1, 2, 3], active=[True] * 4, centring=False, unseen_now=None)
-    for name in ("attack_reference", "views_scored", "shipped_reference", "off_centre", "settled"):
+                          two_sided=True, forget_set=[0, 1, 2, 3], active=[True] * 4, centring=False, unseen_now=None,
+                          tail_now=None, tail_centring=False)
+    for name in ("attack_reference", "views_scored", "shipped_reference", "off_centre", "tail_off_centre", "settled"):
         setattr(run, name, getattr(U._Run, name).__get__(run))
     monkeypatch.setattr(U, "forgotten_mask", lambda *a, **k: [True] * 8)
     run.scores = SimpleNamespace(nll=[3.9, 4.0, 4.1, 4.2] * 2)
@@ -688,3 +690,124 @@ def test_rematching_targets_to_the_never_seen_text_now_keeps_the_loops_moves_and
     expected = tilted((fresh.shifted[0] + 0.4).clamp(min=0.0), fresh.free[0], 0.2)
     assert torch.allclose(-t.logp[0], torch.maximum(nll[0], expected))
     assert float(-t.logp[0].mean()) == pytest.approx(1.5 + 0.4, abs=0.05)  # the new goal plus the move
+
+
+def test_the_hardest_fifth_and_its_shift_keep_the_samples_mean():
+    """hardest_fifth picks ceil(T/5) free tokens with the highest targets; tail_shifted moves them by delta
+    and scales the other free tokens the opposite way at the same sum, never under 0 nats, fixed tokens
+    untouched."""
+    from icu_peft.calibrate import hardest_fifth, tail_shifted
+
+    t = torch.tensor([0.5, 9.0, 1.0, 8.0, 2.0, 7.0, 3.0, 0.2, 4.0, 5.0])
+    free = torch.ones(10, dtype=torch.bool)
+    free[1] = False  # the hardest target is not the method's to move
+    tail = hardest_fifth(t, free)
+    assert tail.tolist() == [False, False, False, True, False, True, False, False, False, False]
+    out = tail_shifted(t, free, tail, 1.6)
+    assert out[1] == 9.0 and out[3] == pytest.approx(9.6) and out[5] == pytest.approx(8.6)
+    assert float(out[free].mean()) == pytest.approx(float(t[free].mean()))
+    rest = free & ~tail  # the others' 15.7 nats give up 3.2: each scaled by 12.5 / 15.7
+    assert torch.allclose(out[rest], t[rest] * (1 - 3.2 / 15.7))
+    easier = tail_shifted(t, free, tail, -2.0)
+    assert easier[3] == pytest.approx(6.0) and easier[2] == pytest.approx(1.0 * (1 + 4.0 / 15.7))
+    assert float(easier[free].mean()) == pytest.approx(float(t[free].mean()))
+    # more than the others hold: they go to 0, never under
+    assert float(tail_shifted(t, free, tail, 20.0)[rest].min()) == 0.0
+    assert torch.equal(tail_shifted(t, free, torch.zeros(10, dtype=torch.bool), 1.0), t)
+
+
+def test_moving_a_tail_aims_its_tokens_and_pulls_an_eased_tail_back_in_log_space():
+    """TokenTargets.move_tail within its limit; the targets follow; pull_tokens marks the eased tail (and
+    every token of a sample past the band); the target method's loss pulls those tokens."""
+    from icu_peft.calibrate import token_targets
+    from icu_peft.methods.base import ForgetBatch
+    from icu_peft.methods.target import target_forget_loss
+    from icu_peft import ICUConfig
+
+    ref = [torch.full((10,), 0.05)]
+    other = [torch.full((10,), -4.0)]
+    unseen = torch.linspace(2.0, 9.0, 50)
+    tt = token_targets(ref, other, unseen, nll_goal=5.5, ma_max=1.0)
+    before = tt.logp[0].clone()
+    assert int(tt.tail[0].sum()) == 2 and tt.pull_tokens(0) is None
+    assert tt.move_tail(0, 5.0, limit=1.5) == 1.5  # within the limit
+    moved = -tt.logp[0] + before  # nats added per token
+    assert torch.allclose(moved[tt.tail[0]], torch.full((2,), 1.5))
+    assert float(moved.mean()) == pytest.approx(0.0, abs=1e-5)  # the same mean target
+    assert tt.move_tail(0, -3.0, limit=1.5) == -1.5
+    assert tt.pull_tokens(0).tolist() == tt.tail[0].float().tolist()
+    tt.mark_past([True])
+    assert tt.pull_tokens(0).tolist() == [1.0] * 10
+    tt.mark_past([False])
+    # the loss: every next token at ~30 nats, far past every target; only the pull adds to the loss there
+    hidden = torch.zeros(1, 11, 5, requires_grad=True)
+    ids, mask = torch.zeros(1, 11, dtype=torch.long), torch.ones(1, 11)
+    bias = torch.zeros(5)
+    bias[0] = -30.0
+    batch = ForgetBatch(hidden=hidden, head=lambda h: h + bias, ids=ids, mask=mask, reference=None, rows=[0], state=tt)
+    with_pull = target_forget_loss(batch, ICUConfig(entropy_weight=0.0))
+    no_pull = target_forget_loss(batch, ICUConfig(entropy_weight=0.0, target_pull_weight=0.0))
+    assert float(with_pull) > float(no_pull)
+
+
+def test_the_min_k_attack_steers_the_tails_once_the_band_and_the_level_are_met():
+    """_Run.steer_tail / tail_off_centre / settled on a stand-in run: 2 samples, one view, 4 never-seen
+    samples. The tails move only with every sample inside the band and the loss attack centred; the samples
+    on the wrong side of the never-seen median tail move half way to it; the set does not settle while the
+    Min-K% attack finds it; tail_steer false turns all of it off."""
+    from types import SimpleNamespace
+
+    import icu_peft.unlearner as U
+    from icu_peft import ICUConfig
+
+    band = Band(nll_lo=1.0, nll_hi=7.0, nll_mid=4.0, inner_lo=3.0, inner_hi=5.0, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
+                count=4, quantile=0.1, settle_quantile=0.25)
+    moves = []
+    state = SimpleNamespace(move_tail=lambda i, d, limit: moves.append((i, round(d, 6), round(limit, 6))), tilt=0.0)
+
+    def run_with(config):
+        run = SimpleNamespace(config=config, target=SimpleNamespace(band=band, unseen_nll=[3.0, 3.5, 4.5, 5.0],
+                                                                    thresholds=None),
+                              two_sided=True, forget_set=[0, 1], method_state=state, retargeted=0, centring=False,
+                              tail_centring=False, active=[True, True], unseen_now=None, tail_last=None)
+        for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "off_centre",
+                     "auc_excess", "steer_tail", "tail_off_centre", "tail_excess", "settled"):
+            setattr(run, name, getattr(U._Run, name).__get__(run))
+        run.scores = SimpleNamespace(nll=[3.9, 4.1])  # the loss attack: AUC 0.5
+        run.tail_now = ([6.0, 9.0], [7.0, 8.0, 10.0, 11.0])  # hardest fifths: never-seen median 9.0
+        run.tail_auc = 0.5
+        return run
+
+    run = run_with(ICUConfig())
+    run.forgotten = lambda: [True, False]
+    run.steer_tail()
+    assert moves == []  # the band first
+    run.forgotten = lambda: [True, True]
+    run.scores.nll = [2.0, 2.5]  # the level off: AUC 1.0
+    run.steer_tail()
+    assert moves == []  # then the level
+    run.scores.nll = [3.9, 4.1]
+    assert run.tail_off_centre() == 1  # tails 6 and 9 against 7..11: too easy (AUC 0.875)
+    run.steer_tail()
+    assert moves == [(0, 1.5, 4.0)]  # sample 0 (6.0 < 9.0) half way; sample 1 sits at the median
+    # and sample 0 trains though nothing else holds it (inside the band, the loss attack centred)
+    run.view_names = lambda: ["nf4"]
+    saved_active = U._active
+    U._active = lambda *a, **k: [False, False]
+    try:
+        U._Run.update_active(run)
+        assert run.active == [True, False]
+    finally:
+        U._active = saved_active
+    U.forgotten_mask, saved = (lambda *a, **k: [True, True]), U.forgotten_mask
+    try:
+        assert not run.settled()  # the Min-K% attack still finds the set
+        run.tail_now = ([9.5, 8.5], [7.0, 8.0, 10.0, 11.0])
+        run.tail_centring = False
+        assert run.settled()
+        off = run_with(ICUConfig(tail_steer=False))
+        assert off.tail_off_centre() == 0 and off.settled()
+        off.steer_tail()
+        assert moves == [(0, 1.5, 4.0)]
+    finally:
+        U.forgotten_mask = saved

@@ -629,13 +629,14 @@ def test_a_new_best_state_is_confirmed_only_where_the_run_could_stop_on_it():
 
     from icu_peft.unlearner import _Run
 
-    def state(centring: bool, unmeasured: bool = True):
-        s = SimpleNamespace(forget_set=[0, 1], centring=centring)
+    def state(centring: bool, unmeasured: bool = True, tail_centring: bool = False):
+        s = SimpleNamespace(forget_set=[0, 1], centring=centring, tail_centring=tail_centring)
         s.unmeasured = lambda: unmeasured
         return s
 
     assert _Run.confirm_new_best(state(False), (2, -0.0), (1, -0.2))
     assert not _Run.confirm_new_best(state(True), (2, -0.05), (1, -0.2))  # off centre: kept unmeasured
+    assert not _Run.confirm_new_best(state(False, tail_centring=True), (2, -0.05), (1, -0.2))  # Min-K% off centre
     assert not _Run.confirm_new_best(state(False, unmeasured=False), (2, 0.0), (1, -0.2))
     assert not _Run.confirm_new_best(state(False), (1, 0.0), (0, -0.2))  # a sample still outside
     assert not _Run.confirm_new_best(state(False), (2, -0.1), (2, -0.05))  # not better

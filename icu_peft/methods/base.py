@@ -64,6 +64,9 @@ class Method:
     # (state, past) -> None: per sample, whether it sits past the band in some view after the last scoring
     # (methods whose forget term can pull a sample back, and pulls harder once one is past)
     mark_past: Optional[Callable[[Any, List[bool]], None]] = None
+    # (state, sample, nats, limit) -> shift in force: move the targets of a sample's hardest fifth of tokens
+    # against its others at the same mean (methods with per-token targets; the loop steers it by Min-K%)
+    retarget_tail: Optional[Callable[[Any, int, float, float], float]] = None
 
 
 @dataclass

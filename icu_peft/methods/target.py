@@ -63,10 +63,16 @@ def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
     """Mean per-token binary cross-entropy of the true token's probability against its target."""
     t = _aligned(batch, batch.state.logp)
     ent = _aligned(batch, batch.state.entropy) if config.entropy_weight and batch.state.entropy else None
-    # the log-space pull back only on samples past the band: on every token of every sample it held tokens
-    # to their own targets where the mean was what mattered (the matrix's code request ended partial, 5/6)
-    past = [float(config.target_pull_weight if i in batch.state.past else 0.0) for i in batch.rows]
-    pull = torch.tensor(past, device=batch.hidden.device)[:, None].expand(len(past), batch.ids.shape[1]) if any(past) else None
+    # the log-space pull back only where a sample went too far: all tokens of a sample past the band, the tail
+    # of one whose tail the loop made easier (TokenTargets.pull_tokens). On every token of every sample it
+    # held tokens to their own targets where the mean was what mattered (the matrix's code request ended
+    # partial, 5/6)
+    pulled = {i: batch.state.pull_tokens(i) for i in batch.rows}
+    pull = None
+    if config.target_pull_weight and any(v is not None for v in pulled.values()):
+        zero = batch.state.logp
+        pull = config.target_pull_weight * _aligned(
+            batch, {i: zero[i] * 0 if pulled[i] is None else pulled[i] for i in batch.rows})
     s, c = chunked_target_bce(batch.hidden, batch.head, batch.ids, batch.mask, t, batch.chunk_size, config.target_log_weight,
                               ent, config.entropy_weight, pull)
     return s / c.clamp(min=1)
@@ -95,4 +101,5 @@ ICU = Method("icu", "calibrated ICU (default): distil each forget sample towards
              dict(forget_loss="target"), target_forget_loss, prepare=prepare_targets,
              retarget=lambda state, i, delta, limit: state.move(i, delta, limit),
              follow_unseen=follow_unseen, reshape=lambda state, tilt: state.reshape(tilt),
-             mark_past=lambda state, past: state.mark_past(past))
+             mark_past=lambda state, past: state.mark_past(past),
+             retarget_tail=lambda state, i, delta, limit: state.move_tail(i, delta, limit))
