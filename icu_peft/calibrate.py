@@ -146,6 +146,71 @@ def band_gap(nll: Optional[float], ma: float, band: Band) -> float:
     return gap
 
 
+# ------------------------------------------------------------------------------ attacks on the hardest tokens
+
+@dataclass
+class TailAttack:
+    """An attack on each sample's hardest fifth of tokens (Min-K%, Min-K%++) as the loop steers it: one score
+    per forget sample and per never-seen sample from the shipped view at the last scoring, oriented like an NLL
+    (higher: less familiar), and the forget samples' scores at the scoring before (their trend). `units`, per
+    forget sample: how much of the method's knob one unit of score takes (1 where the score is in nats)."""
+
+    mine: List[float] = field(default_factory=list)
+    unseen: List[float] = field(default_factory=list)
+    last: Optional[List[float]] = None
+    units: Optional[List[float]] = None
+    centring: bool = False  # found off centre: trains until within half the tolerance (as _Run.off_centre)
+
+    def update(self, mine: Sequence[float], unseen: Sequence[float], units: Optional[Sequence[float]] = None) -> None:
+        self.last = list(self.mine) if len(self.mine) == len(mine) else None
+        self.mine, self.unseen = list(mine), list(unseen)
+        self.units = list(units) if units is not None else None
+
+    def auc(self) -> Optional[float]:
+        """The attack's ROC-AUC (0.5: the forget samples look like never-seen ones; > 0.5 familiar)."""
+        return loss_auc(self.mine, self.unseen) if self.mine and self.unseen else None
+
+    def side(self, tolerance: float) -> int:
+        """off_centre at `tolerance`, or once found off centre at half of it (never under the AUC's own step)."""
+        if not (self.mine and self.unseen):
+            return 0
+        if self.centring:
+            tolerance = max(tolerance / 2, 1.0 / (len(self.mine) * len(self.unseen)))
+        side = off_centre(self.mine, self.unseen, tolerance)
+        self.centring = side != 0
+        return side
+
+    def excess(self, tolerance: float) -> float:
+        auc = self.auc()
+        return 0.0 if auc is None else max(0.0, abs(auc - 0.5) - tolerance)
+
+    def centre(self) -> float:
+        return quantile(self.unseen, 0.5)
+
+    def wrong_side(self, side: int) -> List[bool]:
+        """Per forget sample: on the side of the never-seen median the attack finds the set on."""
+        c = self.centre()
+        return [(x < c) if side > 0 else (x > c) for x in self.mine] if side else [False] * len(self.mine)
+
+    def moves(self, side: int) -> List[Tuple[int, float]]:
+        """(sample, score to add) for each sample on the wrong side whose score has stalled there: half way to
+        the never-seen median. Stalled: it closed less than a quarter of its gap over the last round, or moved
+        away. The tokens lag their targets, and moving the targets of samples still on their way overshot (a
+        tiny memoriser's two records went 1 nat past the never-seen median and took 10 rounds to come back)."""
+        c = self.centre()
+        last = self.last if self.last is not None else self.mine
+        out = []
+        for i, (wrong, x, before) in enumerate(zip(self.wrong_side(side), self.mine, last)):
+            gap = c - x
+            if wrong and (x - before) * gap < 0.25 * gap * gap:
+                out.append((i, 0.5 * gap))
+        return out
+
+    def limit(self) -> float:
+        """How far in all a sample's knob may move, in score units: the never-seen scores' range."""
+        return (max(self.unseen) - min(self.unseen)) if self.unseen else 0.0
+
+
 # ------------------------------------------------------------------------------ per-token targets
 
 @dataclass
@@ -170,6 +235,9 @@ class TokenTargets:
     past: set = field(default_factory=set)  # samples pushed past the band at the last scoring (mark_past)
     tail: List[torch.Tensor] = field(default_factory=list)  # per sample: its hardest fifth of free tokens by target (hardest_fifth)
     tail_moved: List[float] = field(default_factory=list)  # per sample: nats added to the tail's targets (move_tail)
+    # per sample: nats of next-token entropy added to the tail positions' entropy targets (move_tail_entropy)
+    tail_entropy_moved: List[float] = field(default_factory=list)
+    paired_entropy: List[torch.Tensor] = field(default_factory=list)  # the entropy targets before those moves
 
     def summary(self) -> dict:
         n = max(len(self.nll), 1)
@@ -180,6 +248,8 @@ class TokenTargets:
             out["tilt"] = self.tilt
         if any(self.tail_moved):
             out["tail_moved"] = sum(1 for m in self.tail_moved if m)
+        if any(self.tail_entropy_moved):
+            out["tail_entropy_moved"] = sum(1 for m in self.tail_entropy_moved if m)
         if self.entropy:
             ent = torch.cat(self.entropy)
             out["mean_entropy"] = float(ent.mean()) if ent.numel() else 0.0
@@ -206,6 +276,22 @@ class TokenTargets:
         self.tail_moved[i] = max(-limit, min(limit, self.tail_moved[i] + delta))
         self._aim(i)
         return self.tail_moved[i]
+
+    def move_tail_entropy(self, i: int, delta: float, limit: float) -> float:
+        """Add `delta` nats to the entropy targets of sample i's tail positions (within +-`limit` in all, never
+        under 0 nats); returns the shift now in force. The loop steers it by the Min-K%++ attack, which reads
+        the true token's log-prob against its distribution's mean and spread: at the same loss, a flatter
+        position looks more familiar than a confidently wrong one (_Run.steer_tails)."""
+        self.tail_entropy_moved[i] = max(-limit, min(limit, self.tail_entropy_moved[i] + delta))
+        self._aim_entropy(i)
+        return self.tail_entropy_moved[i]
+
+    def _aim_entropy(self, i: int) -> None:
+        if not self.paired_entropy or not self.tail or i >= len(self.paired_entropy):
+            return
+        moved = self.tail_entropy_moved[i] if self.tail_entropy_moved else 0.0
+        e = self.paired_entropy[i]
+        self.entropy[i] = torch.where(self.tail[i], (e + moved).clamp(min=0.0), e) if moved else e
 
     def pull_tokens(self, i: int) -> Optional[torch.Tensor]:
         """Which of sample i's next tokens the log-space pull back acts on (float (T-1,), 1 = pulled; None:
@@ -262,7 +348,10 @@ class TokenTargets:
         if self.unseen_order is None:
             return
         paired = unseen_entropy.float().flatten()[self.unseen_order]
-        self.entropy = entropy_targets(self.shifted, self.ref, self.ref_entropy, self.rank, paired)
+        self.paired_entropy = entropy_targets(self.shifted, self.ref, self.ref_entropy, self.rank, paired)
+        self.entropy = list(self.paired_entropy)
+        for i in range(len(self.entropy)):
+            self._aim_entropy(i)
 
 
 def tilted(target_nll: torch.Tensor, free: torch.Tensor, tilt: float) -> torch.Tensor:
@@ -422,6 +511,7 @@ def token_targets(ref_nll: Sequence[torch.Tensor], ref_other: Sequence[torch.Ten
         out.moved.append(0.0)
         out.tail.append(hardest_fifth(target_at(hi), free & (target_at(hi) > nll)))
         out.tail_moved.append(0.0)
+        out.tail_entropy_moved.append(0.0)
         out.logp.append(-tgt)
         out.shift.append(float(hi))
         out.nll.append(m)

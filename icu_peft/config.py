@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import yaml
 
@@ -24,6 +24,7 @@ DEFAULT_EL_THRESHOLD = 0.0499
 
 FORGET_LOSSES = ("target", "ga", "npo", "simnpo", "undial")
 PRECISION_CHECKS = ("auto", "on", "off")
+TAIL_ATTACKS = ("min_k", "min_k_plus_plus")  # the hardest-fifth attacks the loop can steer (tail_attacks)
 
 
 def _is_number(x: Any) -> bool:
@@ -84,7 +85,7 @@ class ICUConfig:
     retain_projection: bool = field(default=False, metadata={"help": "Remove from each step's forget gradient its component against the retain terms' gradient when the two conflict (one-sided PCGrad), so a step does not raise the kept text's loss to first order. Off: on the 64-record one-template request it did not prevent the retain damage (0/64 either way; with rank_by_sharing 4, 0/64 against 18/64 without it), docs/BENCHMARKS.md."})
     follow_unseen_loss: bool = field(default=False, metadata={"help": "Method icu: match the per-token loss targets again at every scoring to the never-seen text as the trained model has it (the adapter moves text of the request's kind too). Off: on the validation matrix it left the forgotten text's hardest tokens easier than never-seen text's (Min-K% AUC 0.73-0.94 on 5 rows; docs/CHANGELOG.md, 'Centring in the shipped view'); the centring (recentre) follows the never-seen text instead."})
     tail_gain: float = field(default=0.0, metadata={"help": "Method icu: each scoring round with the loss attack inside its tolerance (settle_auc), the spread of every forget sample's per-token targets around its mean grows by this times (Min-K% attack AUC - 0.5) in the shipped view (hard tokens harder, easy ones easier, same mean); 0 (default) turns it off: at 0.5, with follow_unseen_loss, it chased the AUC's noise on 6-16 samples and doubled the steps (docs/CHANGELOG.md, 'Centring in the shipped view')."})
-    tail_steer: bool = field(default=True, metadata={"help": "Method icu: once every sample is inside the band and the loss attack within its tolerance, a Min-K% attack (the hardest fifth of each sample's tokens against never-seen samples', in the shipped view) outside 0.5 +- settle_auc moves the tail targets of the samples on its wrong side half way to the never-seen median (the other tokens the opposite way, same mean), and the request does not stop until that attack is within its tolerance too. false: the loss attack alone decides (the code before 2026-12-07)."})
+    tail_attacks: str = field(default="min_k,min_k_plus_plus", metadata={"help": "Method icu: the attacks on each sample's hardest fifth of tokens that the loop steers, comma-separated (min_k: the tokens' loss targets; min_k_plus_plus: their next-token entropy targets). Once every sample is inside the band and the loss attack within its tolerance, such an attack outside 0.5 +- settle_auc (shipped view, against the never-seen samples) moves the knob of each sample that stalled on its wrong side half way to the never-seen median, and the request does not settle until it is within its tolerance. '' (none): the loss attack alone decides, as before 2026-12-07."})
     unseen_kl_samples: int = field(default=0, metadata={"help": "Never-seen (--unseen) samples per step held to the reference by a KL term only (no NLL), so text of the request's kind that the model never saw keeps its distribution."})
     num_neighbours: int = field(default=1, metadata={"help": "Neighbours drawn from the retain pool per forget sample (ICU: 1)."})
     embedder: str = field(default="base", metadata={"help": "Neighbour embeddings: 'base' (the base model's mean-pooled hidden states) or 'sentence-transformers[:PATH]'."})
@@ -158,6 +159,10 @@ class ICUConfig:
                 pass  # validate() names the field
         self.validate()
 
+    def steered_tails(self) -> List[str]:
+        """The attacks named in tail_attacks, in order, without blanks."""
+        return [a.strip() for a in str(self.tail_attacks or "").split(",") if a.strip()]
+
     def validate(self) -> None:
         """Raise InputError with a one-line message for any out-of-range value."""
         def need(cond: bool, msg: str) -> None:
@@ -211,6 +216,8 @@ class ICUConfig:
         need(self.compute_dtype in ("auto", "float32", "bfloat16", "float16"), "compute_dtype must be auto, float32, bfloat16 or float16")
         need(self.train_dtype in ("auto", "float32", "bfloat16"), "train_dtype must be auto, float32 or bfloat16")
         need(len(tuple(self.adam_betas)) == 2, "adam_betas must have two values")
+        need(all(a in TAIL_ATTACKS for a in self.steered_tails()),
+             f"tail_attacks must be a comma-separated subset of {', '.join(TAIL_ATTACKS)} (or empty)")
         need(self.embedder == "base" or self.embedder.startswith("sentence-transformers"),
              "embedder must be 'base' or 'sentence-transformers[:PATH]'")
 

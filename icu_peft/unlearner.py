@@ -17,7 +17,7 @@ import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -30,11 +30,11 @@ from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
 from .idkeys import key_id, store_key
-from .calibrate import Band, StepSize, band_gap, band_position, loss_auc, off_centre, quantile, view_aucs
+from .calibrate import Band, StepSize, TailAttack, band_gap, band_position, loss_auc, off_centre, quantile, view_aucs
 from .losses import chunked_retain_terms, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, UnseenNow, resolve
 from .offline import import_bitsandbytes
-from .mia import min_k_score
+from .mia import min_k_plus_plus_score, min_k_score, token_distribution_stats
 from .metrics import (Scores, backbone_and_head, backbone_override, model_device, next_token_entropies, next_token_stats,
                       score_samples)
 from .models import (attach_lora, base_dropout_off, base_fingerprint, hidden_size, load_base_model, load_tokenizer,
@@ -850,10 +850,7 @@ class _Run:
     epoch: int = 0
     unseen_now: Optional[List[float]] = None  # never-seen samples' NLL at the last scoring (None: use the base's)
     tail_auc: Optional[float] = None  # the Min-K% attack's AUC in the shipped view at the last scoring
-    # (forget, never-seen) samples' mean NLL over their hardest fifth of tokens in the shipped view, last scoring
-    tail_now: Optional[Tuple[List[float], List[float]]] = None
-    tail_centring: bool = False  # the set was found off centre by the Min-K% attack (hysteresis, as `centring`)
-    tail_last: Optional[List[float]] = None  # the forget samples' tails at the scoring before (steer_tail's trend)
+    tails: Optional[Dict[str, TailAttack]] = None  # the hardest-fifth attacks the loop steers (tail_attacks), by name
     el_borrowed: bool = False  # the other views' EL_n at the last scoring is the trained view's (score)
     retargeted: int = 0  # target moves made in the finishing phase (retarget)
     pressured: Optional[tuple] = None  # (retain pressure, the config with its retain weights) for loss_config
@@ -1081,13 +1078,8 @@ class _Run:
         entropy = bool(follow and self.config.entropy_weight and getattr(self.method_state, "entropy", None))
         stats = next_token_stats(model, tset.input_ids, self.pad_id, self.config.score_batch_size, entropy=entropy)
         nll = [float(x.mean()) for x in stats[0]]
-        if follow and ((method.reshape is not None and self.config.tail_gain)
-                       or (method.retarget_tail is not None and self.config.tail_steer)):
-            # the Min-K% attack in the shipped view: the forget set's hardest tokens against never-seen text's
-            mine = next_token_stats(model, self.forget_set.input_ids, self.pad_id, self.config.score_batch_size)[0]
-            self.tail_last = self.tail_now[0] if self.tail_now is not None else None
-            self.tail_now = ([-min_k_score((-x).tolist()) for x in mine], [-min_k_score((-x).tolist()) for x in stats[0]])
-            self.tail_auc = loss_auc(*self.tail_now)
+        if follow and (self.steered() or (method.reshape is not None and self.config.tail_gain)):
+            self.measure_tails(model, stats[0])
         if follow:
             method.follow_unseen(self.method_state, UnseenNow(
                 token_nll=torch.cat(stats[0]), token_entropy=torch.cat(stats[2]) if entropy else None,
@@ -1179,13 +1171,15 @@ class _Run:
 
     def attack_aucs(self) -> dict:
         """The attacks the loop steers by, as the last scoring found them in the shipped view (for the
-        log and the report's history): loss AUC, Min-K% AUC, and the targets' tilt."""
+        log and the report's history): loss AUC, Min-K% and Min-K%++ AUC, and the targets' tilt."""
         out = {}
         auc = self.shipped_auc(self.scores.nll)
         if auc is not None:
             out["loss_auc"] = auc
         if self.tail_auc is not None:
             out["min_k_auc"] = self.tail_auc
+        if self.tails and "min_k_plus_plus" in self.tails:
+            out["min_k_pp_auc"] = self.tails["min_k_plus_plus"].auc()
         if getattr(self.method_state, "tilt", 0.0):
             out["tilt"] = self.method_state.tilt
         return out
@@ -1220,13 +1214,10 @@ class _Run:
             # attack cannot tell the sets apart
             centre = self.centre_now()
             active = [a or (x < centre if side > 0 else x > centre) for a, x in zip(active, self.scores.nll[:n])]
-        side = self.tail_off_centre()
-        if side:
-            # likewise for the Min-K% attack: the samples whose hardest fifth sits on its wrong side (steer_tail
-            # moves their tail targets); without them the set stopped with "nothing left to train" at 0.69
-            mine, unseen = self.tail_now
-            centre = float(statistics.median(unseen))
-            active = [a or (x < centre if side > 0 else x > centre) for a, x in zip(active, mine)]
+        for attack, side in self.tails_off_centre():
+            # likewise for the hardest-fifth attacks: the samples on their wrong side (steer_tails moves their
+            # knobs); without them a set stopped with "nothing left to train" at Min-K% AUC 0.69
+            active = [a or w for a, w in zip(active, attack.wrong_side(side))]
         self.active = active
 
     def recentre(self) -> None:
@@ -1252,7 +1243,7 @@ class _Run:
                     and abs(error) > self.config.settle_auc / 2):
                 tilt = min(2.0, max(-0.5, self.method_state.tilt + self.config.tail_gain * error))
                 method.reshape(self.method_state, tilt)
-        self.steer_tail()
+        self.steer_tails()
         side = self.off_centre() if method.retarget is not None and band is not None else 0
         if not side or not all(self.forgotten()):
             # the band first: moving targets for the shipped view's AUC before every sample is inside the band
@@ -1265,54 +1256,83 @@ class _Run:
                 method.retarget(self.method_state, i, 0.5 * (centre - x), limit)
                 self.retargeted += 1
 
-    def steer_tail(self) -> None:
-        """With every sample inside the band in every view and the loss attack within its tolerance, but the
-        Min-K% attack outside it (tail_off_centre): move the tail targets (TokenTargets.move_tail) of each
-        sample on the wrong side of the never-seen samples' median tail half way there, within the
-        never-seen tails' range.
+    def steered(self) -> List[str]:
+        """The hardest-fifth attacks this request steers: tail_attacks, where the method has the knob."""
+        method = resolve(self.config)
+        knobs = {"min_k": method.retarget_tail, "min_k_plus_plus": method.retarget_tail_entropy}
+        return [a for a in self.config.steered_tails() if knobs.get(a) is not None]
+
+    def measure_tails(self, model, unseen_nll: List[torch.Tensor]) -> None:
+        """The Min-K% and Min-K%++ attacks in the shipped view (`model`): each forget and never-seen sample's
+        score over its hardest fifth, oriented like an NLL (TailAttack). Min-K% comes from the per-token NLLs
+        (the never-seen ones from the pass just made); Min-K%++ needs each position's mean and spread of log p
+        over the vocabulary (one more pass over each set), and takes as its units each forget sample's mean
+        spread over its tail positions: at the same loss, moving a position's entropy by d nats moves its
+        z-score by about d / spread."""
+        cfg, tails = self.config, self.tails if self.tails is not None else {}
+        mine = next_token_stats(model, self.forget_set.input_ids, self.pad_id, cfg.score_batch_size)[0]
+        tails.setdefault("min_k", TailAttack()).update([-min_k_score((-x).tolist()) for x in mine],
+                                                       [-min_k_score((-x).tolist()) for x in unseen_nll])
+        self.tail_auc = tails["min_k"].auc()
+        if "min_k_plus_plus" in self.steered():
+            dist = [token_distribution_stats(model, s.input_ids, self.pad_id, cfg.score_batch_size)
+                    for s in (self.forget_set, self.target.unseen_set)]
+            scores = [[-min_k_plus_plus_score(lp, mu, sd) for lp, mu, sd in d] for d in dist]
+            units = []
+            for i, (lp, mu, sd) in enumerate(dist[0]):
+                tail = getattr(self.method_state, "tail", None)
+                picked = [v for v, t in zip(sd, tail[i].tolist())
+                          if t] if tail and i < len(tail) and len(tail[i]) == len(sd) else sd
+                units.append(float(statistics.fmean(picked)) if picked else 1.0)
+            tails.setdefault("min_k_plus_plus", TailAttack()).update(scores[0], scores[1], units)
+        self.tails = tails
+
+    def steer_tails(self) -> None:
+        """With every sample inside the band in every view and the loss attack within its tolerance, but a
+        steered hardest-fifth attack outside it: move that attack's knob for each sample that stalled on its
+        wrong side half way to the never-seen median (TailAttack.moves), within the never-seen scores' range:
+        Min-K% the tail's loss targets (TokenTargets.move_tail, nats for nats), Min-K%++ the tail positions'
+        entropy targets (TokenTargets.move_tail_entropy: a higher score wants a sharper position, d x the
+        sample's spread nats of entropy less).
 
         The mean-level controls (the targets' shift, retarget, the centring) leave the hardest fifth of each
-        sample's tokens wherever those tokens could get to, and that is what Min-K% reads: with the loss attack
-        at 0.5, the matrix's rows ended between 0.40 and 0.82, fresh memorisers at 0.30 and 0.78, the real model
-        at 0.17, both signs. A closed loop on the attack itself, per sample and in nats, not a fixed spread."""
-        method, band = resolve(self.config), self.target.band
-        if method.retarget_tail is None or not self.config.tail_steer or band is None or self.tail_now is None:
-            return
-        side = self.tail_off_centre()
-        if not side or not all(self.forgotten()) or self.auc_excess(self.scores.nll):
+        sample's tokens wherever those tokens could get to, and that is what these attacks read: with the loss
+        attack at 0.5, the matrix's rows ended at Min-K% 0.40-0.82 and Min-K%++ 0.46-0.77, thirteen
+        architectures at 0.43-0.81 and 0.51-0.96, fresh memorisers at 0.30-0.78, the real model at 0.17, both
+        signs. A closed loop on the attacks themselves, per sample, not a fixed spread."""
+        method = resolve(self.config)
+        if not self.tails or not self.steered() or not all(self.forgotten()) or self.auc_excess(self.scores.nll):
             return  # the band first, then the level: before that every attack finds the set
-        mine, unseen = self.tail_now
-        last = self.tail_last if self.tail_last is not None and len(self.tail_last) == len(mine) else mine
-        centre, limit = float(statistics.median(unseen)), max(unseen) - min(unseen)
-        for i, (x, before) in enumerate(zip(mine, last)):
-            gap = centre - x
-            # only a tail that has stalled short of the median (it closed less than a quarter of the gap over the
-            # last round, or moved away): the tokens lag their targets, and moving the targets of tails still on
-            # their way overshot (a tiny memoriser's two records went 1 nat past the never-seen median and took
-            # 10 rounds to come back)
-            if ((x < centre) if side > 0 else (x > centre)) and (x - before) * gap < 0.25 * gap * gap:
-                method.retarget_tail(self.method_state, i, 0.5 * gap, limit)
+        knobs = {"min_k": (method.retarget_tail, 1.0), "min_k_plus_plus": (method.retarget_tail_entropy, -1.0)}
+        for name in self.steered():
+            attack = self.tails.get(name)
+            side = attack.side(self.config.settle_auc) if attack is not None else 0
+            if not side:
+                continue
+            move, sign = knobs[name]
+            for i, delta in attack.moves(side):
+                unit = attack.units[i] if attack.units else 1.0
+                move(self.method_state, i, sign * unit * delta, unit * attack.limit())
                 self.retargeted += 1
 
-    def tail_off_centre(self) -> int:
-        """calibrate.off_centre of the forget samples' hardest-fifth NLLs against the never-seen samples' (the
-        Min-K% attack, shipped view, last scoring): +1 too familiar, -1 past, 0 centred or not steered. With
-        the same hysteresis and floor as off_centre."""
-        if self.tail_now is None or not self.config.tail_steer or resolve(self.config).retarget_tail is None:
-            return 0
-        tolerance = self.config.settle_auc
-        if self.tail_centring:
-            tolerance = max(tolerance / 2, 1.0 / (len(self.tail_now[0]) * len(self.tail_now[1])))
-        side = off_centre(*self.tail_now, tolerance)
-        self.tail_centring = side != 0
-        return side
+    def tails_off_centre(self) -> List[tuple]:
+        """(attack, side) for each steered hardest-fifth attack (TailAttack.side at settle_auc, with its
+        hysteresis) that finds the set now; empty when none does or none is steered."""
+        out = []
+        for name in self.steered():
+            attack = (self.tails or {}).get(name)
+            side = attack.side(self.config.settle_auc) if attack is not None else 0
+            if side:
+                out.append((attack, side))
+        return out
+
+    def tails_centring(self) -> bool:
+        return any(a.centring for n, a in (self.tails or {}).items() if n in self.steered())
 
     def tail_excess(self) -> float:
-        """How far the Min-K% attack's AUC (shipped view, last scoring) is outside 0.5 +- settle_auc, when the
-        loop steers it (0 otherwise)."""
-        if self.tail_auc is None or not self.config.tail_steer or resolve(self.config).retarget_tail is None:
-            return 0.0
-        return max(0.0, abs(self.tail_auc - 0.5) - self.config.settle_auc)
+        """How far the steered hardest-fifth attacks' AUCs (shipped view, last scoring) are outside 0.5 +-
+        settle_auc, summed (0 where none is steered)."""
+        return sum(a.excess(self.config.settle_auc) for n, a in (self.tails or {}).items() if n in self.steered())
 
     def off_centre(self) -> int:
         """calibrate.off_centre of the forget set against the never-seen samples (0 where not applicable)."""
@@ -1514,7 +1534,7 @@ class _Run:
         request partial). The default demo confirmed two off-centre states on its way to the one it
         stopped on: ~160 s of EL_10 roll-outs in three views of a 519 s request."""
         return (quality > best and quality[0] == len(self.forget_set) and self.unmeasured()
-                and not self.centring and not self.tail_centring)
+                and not self.centring and not self.tails_centring())
 
     def quality(self) -> tuple:
         """How good the current state is, comparable across rounds: (samples forgotten, -excess of the
@@ -1542,7 +1562,7 @@ class _Run:
         else:
             lo, hi, nll = band.inner_lo, band.inner_hi, self.scores.nll
         mean_nll = sum(nll) / len(nll)
-        return (lo <= mean_nll <= hi and self.off_centre() == 0 and self.tail_off_centre() == 0
+        return (lo <= mean_nll <= hi and self.off_centre() == 0 and not self.tails_off_centre()
                 and all(forgotten_mask(self.scores, self.target.thresholds, self.config.criterion,
                                        len(self.forget_set))))
 

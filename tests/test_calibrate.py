@@ -615,10 +615,10 @@ def test_centring_reads_the_shipped_view_and_moves_targets_towards_the_never_see
     state = SimpleNamespace(move=lambda i, d, limit: moves.append((i, round(d, 6), limit)), tilt=0.0)
     run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band, unseen_nll=[4.0] * 4),
                           two_sided=True, forget_set=[0, 1], method_state=state, retargeted=0, centring=False,
-                          tail_auc=None, tail_now=None, tail_centring=False)
+                          tail_auc=None, tails=None)
     run.target.band = band
     for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "centre_now", "off_centre",
-                 "auc_excess", "steer_tail", "tail_off_centre"):
+                 "auc_excess", "steered", "steer_tails"):
         setattr(run, name, getattr(U._Run, name).__get__(run))
     run.forgotten = lambda: [True, True]  # every sample inside the band in every view
     run.scores = SimpleNamespace(nll=[3.0, 1.5, 3.0, 1.5])  # view 0 then view 1, samples 0 and 1
@@ -649,8 +649,9 @@ def test_a_set_centred_on_the_never_seen_text_now_settles_over_the_bases_inner_b
                 count=8, quantile=0.1, settle_quantile=0.25)
     run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band, unseen_nll=[3.25] * 8, thresholds=None),
                           two_sided=True, forget_set=[0, 1, 2, 3], active=[True] * 4, centring=False, unseen_now=None,
-                          tail_now=None, tail_centring=False)
-    for name in ("attack_reference", "views_scored", "shipped_reference", "off_centre", "tail_off_centre", "settled"):
+                          tails=None)
+    for name in ("attack_reference", "views_scored", "shipped_reference", "off_centre", "steered", "tails_off_centre",
+                 "settled"):
         setattr(run, name, getattr(U._Run, name).__get__(run))
     monkeypatch.setattr(U, "forgotten_mask", lambda *a, **k: [True] * 8)
     run.scores = SimpleNamespace(nll=[3.9, 4.0, 4.1, 4.2] * 2)
@@ -750,64 +751,107 @@ def test_moving_a_tail_aims_its_tokens_and_pulls_an_eased_tail_back_in_log_space
     assert float(with_pull) > float(no_pull)
 
 
-def test_the_min_k_attack_steers_the_tails_once_the_band_and_the_level_are_met():
-    """_Run.steer_tail / tail_off_centre / settled on a stand-in run: 2 samples, one view, 4 never-seen
-    samples. The tails move only with every sample inside the band and the loss attack centred; the samples
-    on the wrong side of the never-seen median tail move half way to it; the set does not settle while the
-    Min-K% attack finds it; tail_steer false turns all of it off."""
+def test_a_tail_attack_moves_only_stalled_samples_on_its_wrong_side_half_way():
+    """TailAttack: the AUC and side (with hysteresis), which samples are on the wrong side, and the moves:
+    half way to the never-seen median, only for a sample that closed less than a quarter of its gap."""
+    from icu_peft.calibrate import TailAttack, loss_auc
+
+    a = TailAttack()
+    a.update([6.0, 9.0, 8.0], [7.0, 8.5, 9.5, 11.0])  # never-seen median 9.0
+    assert a.auc() == pytest.approx(loss_auc([6.0, 9.0, 8.0], [7.0, 8.5, 9.5, 11.0]))
+    assert a.side(0.1) == 1 and a.centring  # too familiar (AUC 0.75)
+    assert a.wrong_side(1) == [True, False, True]
+    assert a.moves(1) == [(0, 1.5), (2, 0.5)]  # no trend yet: both stalled
+    assert a.limit() == 4.0
+    a.update([7.5, 9.0, 8.05], [7.0, 8.5, 9.5, 11.0])  # sample 0 closed 1.5 of 3: on its way; 2 barely moved
+    assert a.moves(1) == [(2, pytest.approx(0.475))]
+    a.update([9.5, 9.6, 9.5], [7.0, 8.5, 9.5, 11.0])  # past (AUC 0.33): each moved away from the median
+    assert a.side(0.1) == -1 and a.moves(-1) == [(0, -0.25), (1, pytest.approx(-0.3)), (2, -0.25)]
+    a.update([8.9, 9.0, 9.1], [7.0, 8.5, 9.5, 11.0])
+    assert a.side(0.1) == 0 and not a.centring
+
+
+def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level_are_met(monkeypatch):
+    """_Run.steer_tails / tails_off_centre / settled / update_active on a stand-in run: 2 samples, one view.
+    The knobs move only with every sample inside the band and the loss attack centred: Min-K% the loss targets
+    (nats for nats), Min-K%++ the entropy targets (the other way, in the sample's units); the set does not
+    settle, and its wrong-side samples train, while an attack finds it; tail_attacks '' turns all of it off."""
     from types import SimpleNamespace
 
     import icu_peft.unlearner as U
     from icu_peft import ICUConfig
+    from icu_peft.calibrate import TailAttack
 
     band = Band(nll_lo=1.0, nll_hi=7.0, nll_mid=4.0, inner_lo=3.0, inner_hi=5.0, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
                 count=4, quantile=0.1, settle_quantile=0.25)
     moves = []
-    state = SimpleNamespace(move_tail=lambda i, d, limit: moves.append((i, round(d, 6), round(limit, 6))), tilt=0.0)
+    state = SimpleNamespace(move_tail=lambda i, d, limit: moves.append(("nll", i, round(d, 6), round(limit, 6))),
+                            move_tail_entropy=lambda i, d, limit: moves.append(("ent", i, round(d, 6), round(limit, 6))),
+                            tilt=0.0)
+    monkeypatch.setattr(U, "forgotten_mask", lambda *a, **k: [True, True])
+    monkeypatch.setattr(U, "_active", lambda *a, **k: [False, False])
 
     def run_with(config):
         run = SimpleNamespace(config=config, target=SimpleNamespace(band=band, unseen_nll=[3.0, 3.5, 4.5, 5.0],
                                                                     thresholds=None),
                               two_sided=True, forget_set=[0, 1], method_state=state, retargeted=0, centring=False,
-                              tail_centring=False, active=[True, True], unseen_now=None, tail_last=None)
+                              active=[True, True], unseen_now=None, tail_auc=None)
         for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "off_centre",
-                     "auc_excess", "steer_tail", "tail_off_centre", "tail_excess", "settled"):
+                     "auc_excess", "steered", "steer_tails", "tails_off_centre", "tails_centring", "tail_excess",
+                     "settled"):
             setattr(run, name, getattr(U._Run, name).__get__(run))
+        run.view_names = lambda: ["nf4"]
         run.scores = SimpleNamespace(nll=[3.9, 4.1])  # the loss attack: AUC 0.5
-        run.tail_now = ([6.0, 9.0], [7.0, 8.0, 10.0, 11.0])  # hardest fifths: never-seen median 9.0
-        run.tail_auc = 0.5
+        mk, pp = TailAttack(), TailAttack()
+        mk.update([6.0, 9.0], [7.0, 8.0, 10.0, 11.0])  # Min-K%: too familiar (AUC 0.875), median 9.0
+        pp.update([2.0, 2.2], [1.0, 1.5, 2.5, 3.0], units=[2.0, 3.0])  # Min-K%++: centred (AUC 0.5)
+        run.tails = {"min_k": mk, "min_k_plus_plus": pp}
         return run
 
     run = run_with(ICUConfig())
     run.forgotten = lambda: [True, False]
-    run.steer_tail()
+    run.steer_tails()
     assert moves == []  # the band first
     run.forgotten = lambda: [True, True]
     run.scores.nll = [2.0, 2.5]  # the level off: AUC 1.0
-    run.steer_tail()
+    run.steer_tails()
     assert moves == []  # then the level
     run.scores.nll = [3.9, 4.1]
-    assert run.tail_off_centre() == 1  # tails 6 and 9 against 7..11: too easy (AUC 0.875)
-    run.steer_tail()
-    assert moves == [(0, 1.5, 4.0)]  # sample 0 (6.0 < 9.0) half way; sample 1 sits at the median
-    # and sample 0 trains though nothing else holds it (inside the band, the loss attack centred)
-    run.view_names = lambda: ["nf4"]
-    saved_active = U._active
-    U._active = lambda *a, **k: [False, False]
-    try:
-        U._Run.update_active(run)
-        assert run.active == [True, False]
-    finally:
-        U._active = saved_active
-    U.forgotten_mask, saved = (lambda *a, **k: [True, True]), U.forgotten_mask
-    try:
-        assert not run.settled()  # the Min-K% attack still finds the set
-        run.tail_now = ([9.5, 8.5], [7.0, 8.0, 10.0, 11.0])
-        run.tail_centring = False
-        assert run.settled()
-        off = run_with(ICUConfig(tail_steer=False))
-        assert off.tail_off_centre() == 0 and off.settled()
-        off.steer_tail()
-        assert moves == [(0, 1.5, 4.0)]
-    finally:
-        U.forgotten_mask = saved
+    run.steer_tails()
+    assert moves == [("nll", 0, 1.5, 4.0)]  # sample 0 (6.0 < 9.0) half way; sample 1 sits at the median
+    U._Run.update_active(run)
+    assert run.active == [True, False]  # sample 0 trains though nothing else holds it
+    assert not run.settled()  # the Min-K% attack still finds the set
+    run.tails["min_k"].update([9.5, 8.5], [7.0, 8.0, 10.0, 11.0])
+    run.tails["min_k_plus_plus"].update([1.0, 1.2], [1.0, 1.5, 2.5, 3.0], units=[2.0, 3.0])  # now too familiar
+    moves.clear()
+    run.steer_tails()
+    assert moves == [("ent", 0, -1.0, 4.0), ("ent", 1, -1.2, 6.0)]  # sharper, in each sample's units
+    assert not run.settled()
+    run.tails["min_k_plus_plus"].update([2.0, 2.2], [1.0, 1.5, 2.5, 3.0], units=[2.0, 3.0])
+    run.tails["min_k_plus_plus"].centring = False
+    assert run.settled()
+    off = run_with(ICUConfig(tail_attacks=""))
+    moves.clear()
+    off.steer_tails()
+    assert moves == [] and off.tails_off_centre() == [] and off.settled()
+
+
+def test_min_k_plus_plus_steering_moves_the_tail_positions_entropy_targets():
+    """TokenTargets.move_tail_entropy shifts the entropy targets of the tail positions only, within its limit,
+    never under 0, and the shift survives the targets' re-aiming at the never-seen text (follow_unseen)."""
+    from icu_peft.calibrate import token_targets
+
+    ref = [torch.full((10,), 0.05)]
+    tt = token_targets(ref, [torch.full((10,), -4.0)], torch.linspace(2.0, 9.0, 50), nll_goal=5.5, ma_max=1.0)
+    unseen_nll, unseen_ent = torch.linspace(2.0, 9.0, 50), torch.linspace(0.5, 3.0, 50)
+    tt.with_entropy([torch.full((10,), 0.1)], unseen_nll, unseen_ent)
+    before = tt.entropy[0].clone()
+    assert tt.move_tail_entropy(0, -0.4, limit=1.0) == pytest.approx(-0.4)
+    tail = tt.tail[0]
+    assert torch.allclose(tt.entropy[0][tail], (before[tail] - 0.4).clamp(min=0.0))
+    assert torch.equal(tt.entropy[0][~tail], before[~tail])
+    tt.follow_unseen(unseen_ent + 0.1)  # re-aimed: the move stays
+    assert torch.allclose(tt.entropy[0][tail], (tt.paired_entropy[0][tail] - 0.4).clamp(min=0.0))
+    assert tt.move_tail_entropy(0, -5.0, limit=1.0) == -1.0
+    assert float(tt.entropy[0].min()) >= 0.0

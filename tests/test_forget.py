@@ -630,8 +630,9 @@ def test_a_new_best_state_is_confirmed_only_where_the_run_could_stop_on_it():
     from icu_peft.unlearner import _Run
 
     def state(centring: bool, unmeasured: bool = True, tail_centring: bool = False):
-        s = SimpleNamespace(forget_set=[0, 1], centring=centring, tail_centring=tail_centring)
+        s = SimpleNamespace(forget_set=[0, 1], centring=centring)
         s.unmeasured = lambda: unmeasured
+        s.tails_centring = lambda: tail_centring
         return s
 
     assert _Run.confirm_new_best(state(False), (2, -0.0), (1, -0.2))

@@ -67,6 +67,9 @@ class Method:
     # (state, sample, nats, limit) -> shift in force: move the targets of a sample's hardest fifth of tokens
     # against its others at the same mean (methods with per-token targets; the loop steers it by Min-K%)
     retarget_tail: Optional[Callable[[Any, int, float, float], float]] = None
+    # (state, sample, nats, limit) -> shift in force: move the entropy targets of a sample's hardest fifth of
+    # positions (methods with per-position entropy targets; the loop steers it by Min-K%++)
+    retarget_tail_entropy: Optional[Callable[[Any, int, float, float], float]] = None
 
 
 @dataclass

@@ -102,4 +102,5 @@ ICU = Method("icu", "calibrated ICU (default): distil each forget sample towards
              retarget=lambda state, i, delta, limit: state.move(i, delta, limit),
              follow_unseen=follow_unseen, reshape=lambda state, tilt: state.reshape(tilt),
              mark_past=lambda state, past: state.mark_past(past),
-             retarget_tail=lambda state, i, delta, limit: state.move_tail(i, delta, limit))
+             retarget_tail=lambda state, i, delta, limit: state.move_tail(i, delta, limit),
+             retarget_tail_entropy=lambda state, i, delta, limit: state.move_tail_entropy(i, delta, limit))
