@@ -126,6 +126,13 @@ def view_aucs(forget_nll: Sequence[float], unseen_nll: Sequence[float], views: i
     return [loss_auc(forget_nll[k * n:(k + 1) * n], unseen_nll[k * m:(k + 1) * m]) for k in range(views)]
 
 
+def auc_null_sd(m: int, k: int) -> float:
+    """The standard deviation of a ROC-AUC between m and k samples drawn from one distribution (the
+    Mann-Whitney statistic's, sqrt((m + k + 1) / (12 m k))): 0.14 for 6 against 16, 0.10 for 16 against 16,
+    0.26 for 2 against 5."""
+    return math.sqrt((m + k + 1) / (12.0 * m * k)) if m > 0 and k > 0 else 0.5
+
+
 def off_centre(forget_nll: Sequence[float], unseen_nll: Sequence[float], tolerance: float) -> int:
     """+1 when a loss attack still finds the set too familiar (AUC > 0.5 + tolerance), -1 when pushed
     past never-seen text (AUC < 0.5 - tolerance), 0 when centred."""
@@ -170,10 +177,17 @@ class TailAttack:
         """The attack's ROC-AUC (0.5: the forget samples look like never-seen ones; > 0.5 familiar)."""
         return loss_auc(self.mine, self.unseen) if self.mine and self.unseen else None
 
+    def tolerance(self, tolerance: float) -> float:
+        """`tolerance`, or the AUC's standard deviation where the samples are too few for it (auc_null_sd):
+        steering on a departure chance alone shows fits the given never-seen samples, not never-seen text."""
+        return max(tolerance, auc_null_sd(len(self.mine), len(self.unseen)))
+
     def side(self, tolerance: float) -> int:
-        """off_centre at `tolerance`, or once found off centre at half of it (never under the AUC's own step)."""
+        """off_centre at tolerance(`tolerance`), or once found off centre at half of it (never under the AUC's
+        own step)."""
         if not (self.mine and self.unseen):
             return 0
+        tolerance = self.tolerance(tolerance)
         if self.centring:
             tolerance = max(tolerance / 2, 1.0 / (len(self.mine) * len(self.unseen)))
         side = off_centre(self.mine, self.unseen, tolerance)
@@ -182,7 +196,7 @@ class TailAttack:
 
     def excess(self, tolerance: float) -> float:
         auc = self.auc()
-        return 0.0 if auc is None else max(0.0, abs(auc - 0.5) - tolerance)
+        return 0.0 if auc is None else max(0.0, abs(auc - 0.5) - self.tolerance(tolerance))
 
     def centre(self) -> float:
         return quantile(self.unseen, 0.5)

@@ -771,6 +771,21 @@ def test_a_tail_attack_moves_only_stalled_samples_on_its_wrong_side_half_way():
     assert a.side(0.1) == 0 and not a.centring
 
 
+def test_a_tail_attack_is_not_steered_on_a_departure_chance_alone_shows():
+    """auc_null_sd is the Mann-Whitney AUC's standard deviation under the null; TailAttack's tolerance is never
+    under it: 2 samples against 5 at AUC 0.7 are left alone, 16 against 16 at 0.7 are not."""
+    from icu_peft.calibrate import TailAttack, auc_null_sd
+
+    assert auc_null_sd(16, 16) == pytest.approx(math.sqrt(33 / (12 * 256)))
+    assert auc_null_sd(2, 5) == pytest.approx(math.sqrt(8 / 120))
+    few = TailAttack()
+    few.update([2.0, 3.5], [1.0, 3.0, 4.0, 5.0, 6.0])  # AUC 0.7
+    assert few.auc() == pytest.approx(0.7) and few.side(0.1) == 0 and few.excess(0.1) == 0.0
+    many = TailAttack()
+    many.update([float(i) for i in range(16)], [i + 3.5 for i in range(16)])
+    assert many.auc() > 0.5 + auc_null_sd(16, 16) and many.side(0.1) == 1
+
+
 def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level_are_met(monkeypatch):
     """_Run.steer_tails / tails_off_centre / settled / update_active on a stand-in run: 2 samples, one view.
     The knobs move only with every sample inside the band and the loss attack centred: Min-K% the loss targets
@@ -790,6 +805,7 @@ def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level
                             tilt=0.0)
     monkeypatch.setattr(U, "forgotten_mask", lambda *a, **k: [True, True])
     monkeypatch.setattr(U, "_active", lambda *a, **k: [False, False])
+    U_MK = [7.0, 7.5, 8.0, 8.5, 9.5, 10.0, 10.5, 11.0]  # never-seen tails: median 9.0, range 4.0
 
     def run_with(config):
         run = SimpleNamespace(config=config, target=SimpleNamespace(band=band, unseen_nll=[3.0, 3.5, 4.5, 5.0],
@@ -803,7 +819,7 @@ def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level
         run.view_names = lambda: ["nf4"]
         run.scores = SimpleNamespace(nll=[3.9, 4.1])  # the loss attack: AUC 0.5
         mk, pp = TailAttack(), TailAttack()
-        mk.update([6.0, 9.0], [7.0, 8.0, 10.0, 11.0])  # Min-K%: too familiar (AUC 0.875), median 9.0
+        mk.update([6.0, 9.0], U_MK)  # Min-K%: too familiar (AUC 0.75, past its sd 0.24), median 9.0
         pp.update([2.0, 2.2], [1.0, 1.5, 2.5, 3.0], units=[2.0, 3.0])  # Min-K%++: centred (AUC 0.5)
         run.tails = {"min_k": mk, "min_k_plus_plus": pp}
         return run
@@ -822,7 +838,7 @@ def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level
     U._Run.update_active(run)
     assert run.active == [True, False]  # sample 0 trains though nothing else holds it
     assert not run.settled()  # the Min-K% attack still finds the set
-    run.tails["min_k"].update([9.5, 8.5], [7.0, 8.0, 10.0, 11.0])
+    run.tails["min_k"].update([9.5, 8.5], U_MK)
     run.tails["min_k_plus_plus"].update([1.0, 1.2], [1.0, 1.5, 2.5, 3.0], units=[2.0, 3.0])  # now too familiar
     moves.clear()
     run.steer_tails()
