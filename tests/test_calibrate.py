@@ -842,7 +842,8 @@ def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level
     run.tails["min_k_plus_plus"].update([1.0, 1.2], [1.0, 1.5, 2.5, 3.0], units=[2.0, 3.0])  # now too familiar
     moves.clear()
     run.steer_tails()
-    assert moves == [("ent", 0, -1.0, 4.0), ("ent", 1, -1.2, 6.0)]  # sharper, in each sample's units
+    # sharper, in each sample's units (sample 1's -1.2 nats held to the 1 nat a round)
+    assert moves == [("ent", 0, -1.0, 4.0), ("ent", 1, -1.0, 6.0)]
     assert not run.settled()
     run.tails["min_k_plus_plus"].update([2.0, 2.2], [1.0, 1.5, 2.5, 3.0], units=[2.0, 3.0])
     run.tails["min_k_plus_plus"].centring = False
