@@ -422,7 +422,9 @@ def test_log_push_brings_the_hardest_targets_within_reach(tiny_model_dir, tiny_c
     monkeypatch.setattr(TokenTargets, "follow_unseen", spy)
     texts = tiny_corpus["forget"][:2]
     ids = [torch.tensor(tok(t)["input_ids"]) for t in texts]
-    kw = dict(quantize=False, learning_rate=3e-3, min_epochs=20, max_epochs=20, iur=False, precision_check="off")
+    # the hardest fifth not steered: its moves change the very targets this measures against
+    kw = dict(quantize=False, learning_rate=3e-3, min_epochs=20, max_epochs=20, iur=False, precision_check="off",
+              tail_attacks="")
 
     def shortfall(weight):  # mean nats still missing on the positions with the highest fifth of targets
         states.clear()
