@@ -281,10 +281,11 @@ class TokenTargets:
         return self.moved[i]
 
     def move_tail(self, i: int, delta: float, limit: float) -> float:
-        """Shift the targets of sample i's hardest fifth of tokens by `delta` nats and its other free tokens
-        the opposite way, so the sample's mean target stays (kept within +-`limit`); returns the shift now
-        in force. The loop steers it by the Min-K% attack (_Run.steer_tail): that attack reads a sample's
-        hardest fifth, which the mean-level controls (move, the centring) leave where the tokens could go."""
+        """Shift the targets of sample i's hardest fifth of tokens by `delta` nats and scale its other free
+        tokens the other way, so the sample's mean target stays (tail_shifted; the shift kept within
+        +-`limit` in all); returns the shift now in force. The loop steers it by the Min-K% attack
+        (_Run.steer_tails): that attack reads a sample's hardest fifth, which the mean-level controls (move,
+        the centring) leave where the tokens could go."""
         if not self.tail_moved:
             return 0.0
         self.tail_moved[i] = max(-limit, min(limit, self.tail_moved[i] + delta))
@@ -301,6 +302,7 @@ class TokenTargets:
         return self.tail_entropy_moved[i]
 
     def _aim_entropy(self, i: int) -> None:
+        """Sample i's entropy targets: the paired ones, its tail positions moved by move_tail_entropy."""
         if not self.paired_entropy or not self.tail or i >= len(self.paired_entropy):
             return
         moved = self.tail_entropy_moved[i] if self.tail_entropy_moved else 0.0

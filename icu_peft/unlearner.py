@@ -1278,11 +1278,10 @@ class _Run:
             dist = [token_distribution_stats(model, s.input_ids, self.pad_id, cfg.score_batch_size)
                     for s in (self.forget_set, self.target.unseen_set)]
             scores = [[-min_k_plus_plus_score(lp, mu, sd) for lp, mu, sd in d] for d in dist]
-            units = []
-            for i, (lp, mu, sd) in enumerate(dist[0]):
-                tail = getattr(self.method_state, "tail", None)
-                picked = [v for v, t in zip(sd, tail[i].tolist())
-                          if t] if tail and i < len(tail) and len(tail[i]) == len(sd) else sd
+            units, tail = [], getattr(self.method_state, "tail", None)
+            for i, (_, _, sd) in enumerate(dist[0]):
+                mask = tail[i].tolist() if tail and i < len(tail) and len(tail[i]) == len(sd) else [True] * len(sd)
+                picked = [v for v, t in zip(sd, mask) if t]
                 units.append(float(statistics.fmean(picked)) if picked else 1.0)
             tails.setdefault("min_k_plus_plus", TailAttack()).update(scores[0], scores[1], units)
         self.tails = tails
@@ -1333,11 +1332,12 @@ class _Run:
         return out
 
     def tails_centring(self) -> bool:
+        """Whether a steered hardest-fifth attack found the set off centre at its last reading."""
         return any(a.centring for n, a in (self.tails or {}).items() if n in self.steered())
 
     def tail_excess(self) -> float:
-        """How far the steered hardest-fifth attacks' AUCs (shipped view, last scoring) are outside 0.5 +-
-        settle_auc, summed (0 where none is steered)."""
+        """How far the steered hardest-fifth attacks' AUCs (shipped view, last scoring) are outside their
+        tolerance (TailAttack.excess), summed (0 where none is steered)."""
         return sum(a.excess(self.config.settle_auc) for n, a in (self.tails or {}).items() if n in self.steered())
 
     def off_centre(self) -> int:

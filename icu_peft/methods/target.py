@@ -70,9 +70,9 @@ def target_forget_loss(batch: ForgetBatch, config) -> torch.Tensor:
     pulled = {i: batch.state.pull_tokens(i) for i in batch.rows}
     pull = None
     if config.target_pull_weight and any(v is not None for v in pulled.values()):
-        zero = batch.state.logp
+        logp = batch.state.logp
         pull = config.target_pull_weight * _aligned(
-            batch, {i: zero[i] * 0 if pulled[i] is None else pulled[i] for i in batch.rows})
+            batch, {i: torch.zeros_like(logp[i]) if pulled[i] is None else pulled[i] for i in batch.rows})
     s, c = chunked_target_bce(batch.hidden, batch.head, batch.ids, batch.mask, t, batch.chunk_size, config.target_log_weight,
                               ent, config.entropy_weight, pull)
     return s / c.clamp(min=1)
