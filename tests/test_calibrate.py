@@ -903,3 +903,16 @@ def test_the_defaults_bring_the_min_k_attacks_to_never_seen_text_on_a_memoriser(
     assert abs(steered["min_k"]["auc"] - 0.5) <= sd and abs(steered["min_k_plus_plus"]["auc"] - 0.5) <= sd
     plain, moves = run(tail_attacks="")
     assert moves == 0 and abs(plain["min_k"]["auc"] - 0.5) > sd
+
+
+def test_tail_attacks_names_only_the_attacks_the_loop_can_steer():
+    """tail_attacks: a comma-separated subset of min_k, min_k_plus_plus; blank or '' steers none; anything else
+    is refused with the field named."""
+    from icu_peft import ICUConfig
+    from icu_peft.errors import InputError
+
+    assert ICUConfig().steered_tails() == ["min_k", "min_k_plus_plus"]
+    assert ICUConfig(tail_attacks=" min_k_plus_plus ").steered_tails() == ["min_k_plus_plus"]
+    assert ICUConfig(tail_attacks="").steered_tails() == [] == ICUConfig(tail_attacks=None).steered_tails()
+    with pytest.raises(InputError, match="tail_attacks"):
+        ICUConfig(tail_attacks="min_k,zlib")
