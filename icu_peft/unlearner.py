@@ -1214,7 +1214,7 @@ class _Run:
             # attack cannot tell the sets apart
             centre = self.centre_now()
             active = [a or (x < centre if side > 0 else x > centre) for a, x in zip(active, self.scores.nll[:n])]
-        for attack, side in self.tails_off_centre():
+        for _, attack, side in self.tails_off_centre():
             # likewise for the hardest-fifth attacks: the samples on their wrong side (steer_tails moves their
             # knobs); without them a set stopped with "nothing left to train" at Min-K% AUC 0.69
             active = [a or w for a, w in zip(active, attack.wrong_side(side))]
@@ -1266,17 +1266,22 @@ class _Run:
         """The Min-K% and Min-K%++ attacks in the shipped view (`model`): each forget and never-seen sample's
         score over its hardest fifth, oriented like an NLL (TailAttack). Min-K% comes from the per-token NLLs
         (the never-seen ones from the pass just made); Min-K%++ needs each position's mean and spread of log p
-        over the vocabulary (one more pass over each set), and takes as its units each forget sample's mean
-        spread over its tail positions: at the same loss, moving a position's entropy by d nats moves its
-        z-score by about d / spread."""
+        over the vocabulary (one more pass over each set, whose forget half also gives Min-K% its log-probs),
+        and takes as its units each forget sample's mean spread over its tail positions: at the same loss,
+        moving a position's entropy by d nats moves its z-score by about d / spread."""
         cfg, tails = self.config, self.tails if self.tails is not None else {}
-        mine = next_token_stats(model, self.forget_set.input_ids, self.pad_id, cfg.score_batch_size)[0]
-        tails.setdefault("min_k", TailAttack()).update([-min_k_score((-x).tolist()) for x in mine],
-                                                       [-min_k_score((-x).tolist()) for x in unseen_nll])
-        self.tail_auc = tails["min_k"].auc()
+        dist = None
         if "min_k_plus_plus" in self.steered():
             dist = [token_distribution_stats(model, s.input_ids, self.pad_id, cfg.score_batch_size)
                     for s in (self.forget_set, self.target.unseen_set)]
+            mine = [lp for lp, _, _ in dist[0]]  # the same log-softmax, chunks and batches as next_token_stats
+        else:
+            mine = [(-x).tolist() for x in next_token_stats(model, self.forget_set.input_ids, self.pad_id,
+                                                             cfg.score_batch_size)[0]]
+        tails.setdefault("min_k", TailAttack()).update([-min_k_score(lp) for lp in mine],
+                                                       [-min_k_score((-x).tolist()) for x in unseen_nll])
+        self.tail_auc = tails["min_k"].auc()
+        if dist is not None:
             scores = [[-min_k_plus_plus_score(lp, mu, sd) for lp, mu, sd in d] for d in dist]
             units, tail = [], getattr(self.method_state, "tail", None)
             for i, (_, _, sd) in enumerate(dist[0]):
@@ -1303,11 +1308,7 @@ class _Run:
         if not self.tails or not self.steered() or not all(self.forgotten()) or self.auc_excess(self.scores.nll):
             return  # the band first, then the level: before that every attack finds the set
         knobs = {"min_k": (method.retarget_tail, 1.0), "min_k_plus_plus": (method.retarget_tail_entropy, -1.0)}
-        for name in self.steered():
-            attack = self.tails.get(name)
-            side = attack.side(self.config.settle_auc) if attack is not None else 0
-            if not side:
-                continue
+        for name, attack, side in self.tails_off_centre():
             move, sign = knobs[name]
             for i, delta in attack.moves(side):
                 unit = attack.units[i] if attack.units else 1.0
@@ -1321,14 +1322,14 @@ class _Run:
                 self.retargeted += 1
 
     def tails_off_centre(self) -> List[tuple]:
-        """(attack, side) for each steered hardest-fifth attack (TailAttack.side at settle_auc, with its
+        """(name, attack, side) for each steered hardest-fifth attack (TailAttack.side at settle_auc, with its
         hysteresis) that finds the set now; empty when none does or none is steered."""
         out = []
         for name in self.steered():
             attack = (self.tails or {}).get(name)
             side = attack.side(self.config.settle_auc) if attack is not None else 0
             if side:
-                out.append((attack, side))
+                out.append((name, attack, side))
         return out
 
     def tails_centring(self) -> bool:
