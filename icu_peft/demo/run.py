@@ -105,8 +105,8 @@ def demo_icu_config(**overrides) -> ICUConfig:
     first, then decides the same on any machine the demo fits): 0.57x a step's time for 13% more peak memory.
     And the hardest fifth is not steered (`tail_attacks: ''`): 2 records against 5 never-planted people move
     a Min-K% AUC in steps of 0.1; with the library's default the request went on from step 64 (the loss attack
-    at 0.50) to 88, kept secrets the same 68 of 72, the loss attack at 0.44, 1:16 more wall time
-    (docs/CHANGELOG.md, "The hardest fifth").
+    at 0.50) to 88, kept secrets the same 68 of 72, the loss attack at 0.44, 8:52 wall cached (7:36 on session
+    26's code, the same machine; docs/CHANGELOG.md, "The hardest fifth").
     """
     base = dict(forget_distinct_ngram=4, lora_layers=10, seed=0, progress=True, el_n=10, max_length=128,
                 view_schedule="lag", cpu_heap_steps=True, tail_attacks="")
