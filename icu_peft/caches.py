@@ -44,6 +44,7 @@ class CachedReference:
     def __init__(self, fn, max_bytes: int):
         self.fn, self.max_bytes = fn, max_bytes
         self.store: dict = {}
+        self.anchors: dict = {}  # (head, tokens) -> reference_anchor's (r, lse): the KL without the reference's logits
         self.bytes = 0
         self.hits = self.misses = 0
 
@@ -75,6 +76,37 @@ class CachedReference:
         for i, k in enumerate(keys):
             out[i, : lengths[i]] = fresh[k] if k in fresh else self.store[k]
         return out
+
+    def anchor(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head,
+               hidden: Optional[torch.Tensor] = None) -> Optional[tuple]:
+        """(r, lse) of losses.reference_anchor for the reference's hidden states of this batch (padded like
+        it, zeros at the pads), each row computed once and kept within the same memory budget as the hidden
+        states; None where the head is not a plain linear map or the batch is not right-padded (the caller
+        then takes the reference's logits). `hidden`: this batch's reference states, if already at hand."""
+        from .losses import linear_head, reference_anchor
+
+        if not linear_head(head) or not self._right_padded(attention_mask):
+            return None
+        if hidden is None:
+            hidden = self(input_ids, attention_mask)
+        lengths = attention_mask.sum(-1).tolist()
+        keys = [(id(head), input_ids[i, :n].cpu().numpy().tobytes()) for i, n in enumerate(lengths)]
+        # a row is only worth its anchor when kept: made afresh at each step it costs more than the logits
+        width = hidden.shape[-1] + 1
+        need = sum(4 * width * n for k, n in zip(keys, lengths) if k not in self.anchors)
+        if need and self.bytes + need > self.max_bytes:
+            return None
+        r = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros(hidden.shape[:-1], dtype=torch.float32, device=hidden.device)
+        for i, (key, n) in enumerate(zip(keys, lengths)):
+            # keyed by the head too: a precision view with its own head must not read another view's rows
+            kept = self.anchors.get(key)
+            if kept is None:
+                kept = tuple(t.to("cpu", copy=True) for t in reference_anchor(head, hidden[i, :n]))
+                self.anchors[key] = kept
+                self.bytes += kept[0].nbytes + kept[1].nbytes
+            r[i, :n], lse[i, :n] = kept[0].to(r.device), kept[1].to(r.device)
+        return r, lse
 
 
 def first_trained_layer(backbone) -> Optional[int]:

@@ -59,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # -v is our debug lines, not every library's: at DEBUG on the root logger matplotlib alone printed
+    # hundreds of font-matching lines into a demo's log
+    logging.getLogger("icu_peft").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     # transformers / peft chatter is not ours to show at INFO
     for noisy in ("transformers", "peft", "accelerate", "bitsandbytes", "httpx", "urllib3", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -368,11 +368,13 @@ def _neighbour_sums(model, seqs: Sequence[torch.Tensor], pad_id: int, config: IC
     nids, nmask = (t.to(device) for t in pad_batch(seqs, pad_id))
     nh = backbone(input_ids=nids, attention_mask=nmask).last_hidden_state
     a = config.learn_weight if nll else 0.0
-    ref_h = None
+    ref_h = anchor = None
     if config.kl_weight:
         with torch.no_grad():
             ref_h = reference(nids, nmask)
-    return chunked_retain_terms(nh, ref_h, head, nids, nmask, a, config.kl_weight, config.loss_chunk_size)
+            if config.kl_anchor and hasattr(reference, "anchor"):
+                anchor = reference.anchor(nids, nmask, head, ref_h)
+    return chunked_retain_terms(nh, ref_h, head, nids, nmask, a, config.kl_weight, config.loss_chunk_size, anchor)
 
 
 def icu_step_backward(model, forget_seqs: Sequence[torch.Tensor], neighbour_seqs: Sequence[torch.Tensor], pad_id: int,

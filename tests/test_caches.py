@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import quick_config
-from icu_peft.caches import FrozenPrefixBackbone, first_trained_layer
+from icu_peft.caches import CachedReference, FrozenPrefixBackbone, first_trained_layer
 from icu_peft.config import ICUConfig
 from icu_peft.data import pad_batch
 from icu_peft.models import attach_lora, load_base_model, load_tokenizer
@@ -212,3 +212,45 @@ def test_the_demo_scores_its_planted_people_once_and_then_reads_them(tiny_model_
     assert own["el"] == pytest.approx(sum(first[1]) / len(texts), abs=1e-6)
     short = ICUConfig(**{**cfg.__dict__, "max_length": 12})
     assert base_scores(model, tok, texts, short) is None
+
+
+def test_the_reference_anchor_is_kept_per_sample_and_head_within_the_budget():
+    from icu_peft.losses import reference_anchor
+
+    torch.manual_seed(1)
+    emb = torch.randn(30, 8)
+    calls = []
+
+    def reference(ids, mask):
+        calls.append(ids.shape[0])
+        return emb[ids] * mask[..., None]
+
+    head, other = torch.nn.Linear(8, 30).requires_grad_(False), torch.nn.Linear(8, 30).requires_grad_(False)
+    ids = torch.randint(30, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    cache = CachedReference(reference, 1 << 20)
+    r, lse = cache.anchor(ids, mask, head)
+    want_r, want_lse = reference_anchor(head, emb[ids[1, :4]])
+    assert torch.allclose(r[1, :4], want_r) and torch.allclose(lse[1, :4], want_lse)
+    assert (r[1, 4:] == 0).all() and (lse[1, 4:] == 0).all()  # the pads
+    kept = len(cache.anchors)
+    again = cache.anchor(ids[[1, 0]], mask[[1, 0]], head)  # the same rows in another batch: read, not made
+    assert len(cache.anchors) == kept == 2 and torch.equal(again[0][0], r[1])
+    cache.anchor(ids, mask, other)  # another head (another precision view's): its own rows
+    assert len(cache.anchors) == 4
+    # no anchor where it could not be kept (it would cost more than the logits), nor for a head that is not
+    # a plain linear map, nor with the cache off
+    assert CachedReference(reference, 200).anchor(ids, mask, head) is None
+    assert CachedReference(reference, 1 << 20).anchor(ids, mask, torch.nn.Sequential(head)) is None
+    assert CachedReference(reference, 0).anchor(ids, mask, head) is None
+
+
+def test_forget_with_and_without_the_reference_anchor_trains_the_same_adapter(tiny_model_dir, tiny_corpus):
+    runs = []
+    for anchored in (False, True):
+        r = forget(quick_config(tiny_model_dir, max_epochs=2, quantize=False, kl_anchor=anchored),
+                   tiny_corpus["forget"][:2], tiny_corpus["retain"], tiny_corpus["unseen"])
+        runs.append({n: p.detach().clone() for n, p in r.model.named_parameters() if "lora_" in n})
+    assert runs[0].keys() == runs[1].keys() and runs[0]
+    for n in runs[0]:
+        assert torch.allclose(runs[0][n], runs[1][n], atol=1e-4), n

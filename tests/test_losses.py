@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from icu_peft.losses import (chunked_kl_to_reference, chunked_retain_terms, chunked_sequence_logprob,
-                             chunked_target_bce, chunked_token_nll, icu_loss, kl_to_reference, npo_loss,
-                             per_sample_nll, token_nll)
+                             chunked_target_bce, chunked_token_nll, icu_loss, kl_to_reference, linear_head, npo_loss,
+                             per_sample_nll, reference_anchor, token_nll)
 from icu_peft.lowp import FrozenBf16Matmuls
 
 
@@ -116,6 +116,48 @@ def test_the_retain_terms_in_one_pass_equal_the_two_plain_terms_and_their_gradie
     g2, = torch.autograd.grad(3.0 * plain, hidden)
     assert torch.allclose(g1, g2, atol=1e-5)
     assert not s_nll.requires_grad and not s_kl.requires_grad
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 3.0), (0.0, 2.0)])
+def test_the_kl_from_the_reference_anchor_equals_the_kl_from_its_logits(chunk, weights):
+    # lse(z) - lse_ref - r . (h - h_ref) with r = W^T p_ref: the same KL and gradient without the reference's
+    # logits (a head with a bias too: it cancels in z - z_ref)
+    torch.manual_seed(5)
+    a, b = weights
+    head, _ = _frozen_head()
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    ref_hidden = hidden.detach() + 0.5 * torch.randn(3, 7, 8)
+    labels = torch.randint(0, 11, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 2 + [0] * 5])
+    plain = chunked_retain_terms(hidden, ref_hidden, head, labels, mask, a, b, chunk)
+    anchored = chunked_retain_terms(hidden, ref_hidden, head, labels, mask, a, b, chunk,
+                                    reference_anchor(head, ref_hidden, chunk_size=3))
+    for x, y in zip(plain, anchored):
+        assert y.item() == pytest.approx(x.item(), rel=1e-5, abs=1e-5)
+    g1, = torch.autograd.grad(plain[0], hidden)
+    g2, = torch.autograd.grad(anchored[0], hidden)
+    assert torch.allclose(g1, g2, atol=1e-5)
+    # the hand formula on one position
+    lse = torch.logsumexp(head(hidden[0, 2]), -1)
+    p_ref = torch.softmax(head(ref_hidden[0, 2]), -1)
+    kl = (p_ref * (torch.log(p_ref) - torch.log_softmax(head(hidden[0, 2]), -1))).sum()
+    r, lse_ref = reference_anchor(head, ref_hidden[0, 2:3])
+    assert float(lse - lse_ref[0] - r[0] @ (hidden[0, 2] - ref_hidden[0, 2])) == pytest.approx(float(kl), abs=1e-5)
+
+
+def test_the_anchored_kl_at_the_reference_is_zero_under_bf16_products():
+    # the anchor's lse is taken as the step takes the head: under the bf16 mode the KL of the reference
+    # against itself cancels exactly where each side alone carries bf16 rounding
+    torch.manual_seed(6)
+    head = torch.nn.Linear(64, 300).requires_grad_(False)
+    h = 3 * torch.randn(2, 5, 64)
+    labels, mask = torch.randint(0, 300, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    with FrozenBf16Matmuls(torch.bfloat16):
+        anchor = reference_anchor(head, h)
+        _, _, kl = chunked_retain_terms(h.clone().requires_grad_(True), h, head, labels, mask, 1.0, 1.0, 4, anchor)
+    assert kl.item() == pytest.approx(0.0, abs=1e-5)
+    assert linear_head(head) and not linear_head(torch.nn.Sequential(head)) and not linear_head(lambda x: x)
 
 
 def test_a_frozen_head_runs_once_per_chunk_and_the_gradient_matches_the_checkpointed_path():
