@@ -133,6 +133,17 @@ def auc_null_sd(m: int, k: int) -> float:
     return math.sqrt((m + k + 1) / (12.0 * m * k)) if m > 0 and k > 0 else 0.5
 
 
+def centring_tolerance(tolerance: float, m: int, k: int) -> float:
+    """How close to 0.5 a loss attack's AUC must come, m samples against k, once it found the set off centre
+    (the hysteresis of _Run.off_centre): half of `tolerance`, but never finer than the AUC's own step 1 / (m k)
+    nor than half its null standard deviation (auc_null_sd), and never wider than `tolerance` itself.
+
+    Half of 0.1 asked 6 samples against 16 (sd 0.14) for a set closer to the never-seen samples than chance
+    puts a second draw of never-seen text: a prose memoriser's set sat at AUC 0.43-0.44, inside 0.1 but not
+    0.05, for 220 steps while the centring pulled its samples back up the MA scale, and ended partial (5/6)."""
+    return min(tolerance, max(tolerance / 2, 1.0 / max(m * k, 1), auc_null_sd(m, k) / 2))
+
+
 def off_centre(forget_nll: Sequence[float], unseen_nll: Sequence[float], tolerance: float) -> int:
     """+1 when a loss attack still finds the set too familiar (AUC > 0.5 + tolerance), -1 when pushed
     past never-seen text (AUC < 0.5 - tolerance), 0 when centred."""

@@ -30,7 +30,8 @@ from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
 from .idkeys import key_id, store_key
-from .calibrate import Band, StepSize, TailAttack, band_gap, band_position, loss_auc, off_centre, quantile, view_aucs
+from .calibrate import (Band, StepSize, TailAttack, band_gap, band_position, centring_tolerance, loss_auc, off_centre,
+                        quantile, view_aucs)
 from .losses import chunked_retain_terms, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, UnseenNow, resolve
 from .offline import import_bitsandbytes
@@ -853,6 +854,8 @@ class _Run:
     unseen_now: Optional[List[float]] = None  # never-seen samples' NLL at the last scoring (None: use the base's)
     tail_auc: Optional[float] = None  # the Min-K% attack's AUC in the shipped view at the last scoring
     tails: Optional[Dict[str, TailAttack]] = None  # the hardest-fifth attacks the loop steers (tail_attacks), by name
+    tails_deadline: Optional[int] = None  # the step after which the hardest fifth no longer holds the request (steering)
+    tails_expired: bool = False  # that step has come (said once in the log)
     el_borrowed: bool = False  # the other views' EL_n at the last scoring is the trained view's (score)
     retargeted: int = 0  # target moves made in the finishing phase (retarget)
     pressured: Optional[tuple] = None  # (retain pressure, the config with its retain weights) for loss_config
@@ -1307,8 +1310,14 @@ class _Run:
         architectures at 0.43-0.81 and 0.51-0.96, fresh memorisers at 0.30-0.78, the real model at 0.17, both
         signs. A closed loop on the attacks themselves, per sample, not a fixed spread."""
         method = resolve(self.config)
-        if not self.tails or not self.steered() or not all(self.forgotten()) or self.auc_excess(self.scores.nll):
+        if not self.tails or not self.steering() or not all(self.forgotten()) or self.auc_excess(self.scores.nll):
             return  # the band first, then the level: before that every attack finds the set
+        if self.tails_deadline is None:
+            # as long again as the patience the level gets: a prose memoriser's tails, steered from step 112 with
+            # the level met, swung Min-K% between 0.10 and 0.50 and Min-K%++ around 0.68 to the 400-step budget,
+            # one sample drifted back out of the band in full precision and the request ended partial (5/6;
+            # 6/6 in 132 steps on the same model where the tails came inside)
+            self.tails_deadline = self.steps + self.patience(max(self.steps, 1))
         knobs = {"min_k": (method.retarget_tail, 1.0), "min_k_plus_plus": (method.retarget_tail_entropy, -1.0)}
         for name, attack, side in self.tails_off_centre():
             move, sign = knobs[name]
@@ -1323,11 +1332,24 @@ class _Run:
                 move(self.method_state, i, step, unit * attack.limit())
                 self.retargeted += 1
 
+    def steering(self) -> List[str]:
+        """steered(), until the tails' deadline (set when their steering starts: steer_tails); after it the
+        attacks are still measured and logged but no longer keep the request from settling."""
+        if self.tails_deadline is None or self.steps < self.tails_deadline:
+            return self.steered()
+        if not self.tails_expired:
+            self.tails_expired = True
+            off = [n for n in self.steered() if n in (self.tails or {}) and self.tails[n].centring]
+            if off:
+                logger.info("hardest fifth: %s still steered at step %d, its deadline; the level decides from here",
+                            " and ".join(off), self.steps)
+        return []
+
     def tails_off_centre(self) -> List[tuple]:
         """(name, attack, side) for each steered hardest-fifth attack (TailAttack.side at settle_auc, with its
-        hysteresis) that finds the set now; empty when none does or none is steered."""
+        hysteresis) that finds the set now; empty when none does, none is steered, or past the deadline."""
         out = []
-        for name in self.steered():
+        for name in self.steering():
             attack = (self.tails or {}).get(name)
             side = attack.side(self.config.settle_auc) if attack is not None else 0
             if side:
@@ -1336,12 +1358,12 @@ class _Run:
 
     def tails_centring(self) -> bool:
         """Whether a steered hardest-fifth attack found the set off centre at its last reading."""
-        return any(a.centring for n, a in (self.tails or {}).items() if n in self.steered())
+        return any(a.centring for n, a in (self.tails or {}).items() if n in self.steering())
 
     def tail_excess(self) -> float:
         """How far the steered hardest-fifth attacks' AUCs (shipped view, last scoring) are outside their
         tolerance (TailAttack.excess), summed (0 where none is steered)."""
-        return sum(a.excess(self.config.settle_auc) for n, a in (self.tails or {}).items() if n in self.steered())
+        return sum(a.excess(self.config.settle_auc) for n, a in (self.tails or {}).items() if n in self.steering())
 
     def off_centre(self) -> int:
         """calibrate.off_centre of the forget set against the never-seen samples (0 where not applicable)."""
@@ -1354,10 +1376,11 @@ class _Run:
         # first acceptable point, the tolerance's edge: the matrix's rows ended at AUC 0.60-0.64.
         # Never finer than the AUC's own step, 1 / (forget x never-seen samples): 2 records against 5
         # never-seen (the demo) move it in steps of 0.1, so half of 0.1 asked for exactly 0.5; the demo
-        # then trained 100+ steps with both samples outside, its NLL drifting past the band's top
+        # then trained 100+ steps with both samples outside, its NLL drifting past the band's top. Nor than
+        # half the AUC's null sd (calibrate.centring_tolerance)
         tolerance = self.config.settle_auc
         if self.centring:
-            tolerance = max(tolerance / 2, 1.0 / (len(self.forget_set) * self.target.band.count))
+            tolerance = centring_tolerance(tolerance, len(self.forget_set), self.target.band.count)
         side = off_centre(self.scores.nll[:len(self.forget_set)], self.shipped_reference(), tolerance)
         self.centring = side != 0
         return side

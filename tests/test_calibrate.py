@@ -811,10 +811,11 @@ def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level
         run = SimpleNamespace(config=config, target=SimpleNamespace(band=band, unseen_nll=[3.0, 3.5, 4.5, 5.0],
                                                                     thresholds=None),
                               two_sided=True, forget_set=[0, 1], method_state=state, retargeted=0, centring=False,
-                              active=[True, True], unseen_now=None, tail_auc=None)
+                              active=[True, True], unseen_now=None, tail_auc=None, steps=40, tails_deadline=None,
+                              tails_expired=False)
         for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "off_centre",
-                     "auc_excess", "steered", "steer_tails", "tails_off_centre", "tails_centring", "tail_excess",
-                     "settled"):
+                     "auc_excess", "steered", "steering", "patience", "steer_tails", "tails_off_centre",
+                     "tails_centring", "tail_excess", "settled"):
             setattr(run, name, getattr(U._Run, name).__get__(run))
         run.view_names = lambda: ["nf4"]
         run.scores = SimpleNamespace(nll=[3.9, 4.1])  # the loss attack: AUC 0.5
@@ -852,6 +853,21 @@ def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level
     moves.clear()
     off.steer_tails()
     assert moves == [] and off.tails_off_centre() == [] and off.settled()
+
+    # a deadline: the steering has as long again as the level's patience from the step it starts (40 + 20
+    # here); after it the attack still finds the set, but neither moves knobs nor holds the request
+    late = run_with(ICUConfig())
+    late.forgotten = lambda: [True, True]
+    moves.clear()
+    late.steer_tails()
+    assert late.tails_deadline == 60 and moves and not late.settled()
+    late.steps = 59
+    assert late.tails_off_centre() and late.tail_excess() > 0
+    late.steps = 60
+    moves.clear()
+    late.steer_tails()
+    assert moves == [] and late.tails_off_centre() == [] and late.tail_excess() == 0 and late.settled()
+    assert late.tails["min_k"].side(0.1) == 1  # still measured as off centre: only its hold on the request ended
 
 
 def test_min_k_plus_plus_steering_moves_the_tail_positions_entropy_targets():
@@ -916,3 +932,16 @@ def test_tail_attacks_names_only_the_attacks_the_loop_can_steer():
     assert ICUConfig(tail_attacks="").steered_tails() == [] == ICUConfig(tail_attacks=None).steered_tails()
     with pytest.raises(InputError, match="tail_attacks"):
         ICUConfig(tail_attacks="min_k,zlib")
+
+
+def test_the_centring_tolerance_is_half_the_tolerance_but_never_finer_than_chance():
+    """Once found off centre the set trains until its AUC is within half the tolerance, floored by the AUC's step
+    and by half its null sd, capped by the tolerance: 6 against 16 need 0.07 (not 0.05), 16 against 16 0.052,
+    64 against 32 0.05, and 2 against 8 (sd 0.24) no hysteresis at all."""
+    from icu_peft.calibrate import auc_null_sd, centring_tolerance
+
+    assert centring_tolerance(0.1, 6, 16) == pytest.approx(auc_null_sd(6, 16) / 2) == pytest.approx(0.0706, abs=1e-4)
+    assert centring_tolerance(0.1, 16, 16) == pytest.approx(0.0518, abs=1e-4)
+    assert centring_tolerance(0.1, 64, 32) == 0.05
+    assert centring_tolerance(0.1, 2, 8) == 0.1
+    assert centring_tolerance(0.3, 1, 2) == 0.3  # the step, 1 / 2, is wider than the tolerance: capped
