@@ -1313,11 +1313,12 @@ class _Run:
         if not self.tails or not self.steering() or not all(self.forgotten()) or self.auc_excess(self.scores.nll):
             return  # the band first, then the level: before that every attack finds the set
         if self.tails_deadline is None:
-            # as long again as the patience the level gets: a prose memoriser's tails, steered from step 112 with
-            # the level met, swung Min-K% between 0.10 and 0.50 and Min-K%++ around 0.68 to the 400-step budget,
-            # one sample drifted back out of the band in full precision and the request ended partial (5/6;
-            # 6/6 in 132 steps on the same model where the tails came inside)
-            self.tails_deadline = self.steps + self.patience(max(self.steps, 1))
+            # half of what is left of the budget, and never less than the patience the level gets: a prose
+            # memoriser's tails, steered from step 248, swung Min-K% between 0.10 and 0.50 and Min-K%++ around
+            # 0.68 to the 400-step budget, one sample drifted back out of the band in full precision and the
+            # request ended partial (5/6; 6/6 in 132 steps on the same model where the tails came inside).
+            # The patience alone cut a Mistral request's steering at 60 steps, Min-K%++ at 0.76 (0.56 in 124)
+            self.tails_deadline = self.steps + max(self.patience(max(self.steps, 1)), (self.max_steps - self.steps) // 2)
         knobs = {"min_k": (method.retarget_tail, 1.0), "min_k_plus_plus": (method.retarget_tail_entropy, -1.0)}
         for name, attack, side in self.tails_off_centre():
             move, sign = knobs[name]
@@ -1333,8 +1334,9 @@ class _Run:
                 self.retargeted += 1
 
     def steering(self) -> List[str]:
-        """steered(), until the tails' deadline (set when their steering starts: steer_tails); after it the
-        attacks are still measured and logged but no longer keep the request from settling."""
+        """steered(), until the tails' deadline (set when their steering starts: half the budget left then, at
+        least the level's patience; steer_tails); after it the attacks are still measured and logged but no
+        longer keep the request from settling."""
         if self.tails_deadline is None or self.steps < self.tails_deadline:
             return self.steered()
         if not self.tails_expired:

@@ -521,7 +521,8 @@ def test_the_step_budget_grows_with_the_passes_a_request_needs():
 
 def test_centring_hysteresis_never_asks_for_less_than_the_aucs_own_step():
     """Once off centre, the set trains until the loss attack's AUC is within half of settle_auc, but never
-    within less than one step of that AUC (1 / (forget x never-seen samples))."""
+    within less than one step of that AUC (1 / (forget x never-seen samples)) nor half its null sd
+    (calibrate.centring_tolerance: 0.064 for 8 against 16)."""
     from types import SimpleNamespace
 
     import icu_peft.unlearner as U
@@ -541,10 +542,13 @@ def test_centring_hysteresis_never_asks_for_less_than_the_aucs_own_step():
     unseen = [float(x) for x in range(1, 17)]
     r = run_with([8.5] * 8, unseen)  # each below 8 of 16: P(f < u) = 0.5
     assert U._Run.off_centre(r) == 0
-    r = run_with([7.5] * 8, unseen)  # P(f < u) = 9/16 = 0.5625
+    r = run_with([7.5] * 7 + [6.5], unseen)  # P(f < u) = (7 x 9/16 + 10/16) / 8 = 0.5703
     assert U._Run.off_centre(r) == 0 and not r.centring  # within 0.1: not off centre
-    r.centring = True  # found off centre earlier: now it must reach 0.5 +- 0.05
+    r.centring = True  # found off centre earlier: now it must reach 0.5 +- 0.064
     assert U._Run.off_centre(r) == 1 and r.centring
+    r = run_with([7.5] * 8, unseen)  # 0.5625: within 0.064 (half of 0.1 would not have let it stop)
+    r.centring = True
+    assert U._Run.off_centre(r) == 0 and not r.centring
     # 2 forget vs 5 never-seen: the AUC moves in steps of 0.1; half the tolerance would ask for exactly 0.5
     r = run_with([1.5, 3.5], [1.0, 2.0, 3.0, 4.0, 5.0])  # P(f < u) = (4 + 2) / 10 = 0.6, one step off
     r.centring = True
@@ -649,9 +653,9 @@ def test_a_set_centred_on_the_never_seen_text_now_settles_over_the_bases_inner_b
                 count=8, quantile=0.1, settle_quantile=0.25)
     run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band, unseen_nll=[3.25] * 8, thresholds=None),
                           two_sided=True, forget_set=[0, 1, 2, 3], active=[True] * 4, centring=False, unseen_now=None,
-                          tails=None)
-    for name in ("attack_reference", "views_scored", "shipped_reference", "off_centre", "steered", "tails_off_centre",
-                 "settled"):
+                          tails=None, tails_deadline=None, steps=0)
+    for name in ("attack_reference", "views_scored", "shipped_reference", "off_centre", "steered", "steering",
+                 "tails_off_centre", "settled"):
         setattr(run, name, getattr(U._Run, name).__get__(run))
     monkeypatch.setattr(U, "forgotten_mask", lambda *a, **k: [True] * 8)
     run.scores = SimpleNamespace(nll=[3.9, 4.0, 4.1, 4.2] * 2)
@@ -812,7 +816,7 @@ def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level
                                                                     thresholds=None),
                               two_sided=True, forget_set=[0, 1], method_state=state, retargeted=0, centring=False,
                               active=[True, True], unseen_now=None, tail_auc=None, steps=40, tails_deadline=None,
-                              tails_expired=False)
+                              tails_expired=False, max_steps=100)
         for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "off_centre",
                      "auc_excess", "steered", "steering", "patience", "steer_tails", "tails_off_centre",
                      "tails_centring", "tail_excess", "settled"):
@@ -854,16 +858,21 @@ def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level
     off.steer_tails()
     assert moves == [] and off.tails_off_centre() == [] and off.settled()
 
-    # a deadline: the steering has as long again as the level's patience from the step it starts (40 + 20
-    # here); after it the attack still finds the set, but neither moves knobs nor holds the request
+    # a deadline: the steering has half the budget left when it starts, at least the level's patience (from
+    # step 40 of 100: 30; of 60: the patience, 20); after it the attack still finds the set, but neither moves
+    # knobs nor holds the request
     late = run_with(ICUConfig())
-    late.forgotten = lambda: [True, True]
+    late.forgotten, late.max_steps = (lambda: [True, True]), 100
     moves.clear()
     late.steer_tails()
-    assert late.tails_deadline == 60 and moves and not late.settled()
-    late.steps = 59
+    assert late.tails_deadline == 70 and moves and not late.settled()
+    short = run_with(ICUConfig())
+    short.forgotten, short.max_steps = (lambda: [True, True]), 60
+    short.steer_tails()
+    assert short.tails_deadline == 60
+    late.steps = 69
     assert late.tails_off_centre() and late.tail_excess() > 0
-    late.steps = 60
+    late.steps = 70
     moves.clear()
     late.steer_tails()
     assert moves == [] and late.tails_off_centre() == [] and late.tail_excess() == 0 and late.settled()

@@ -351,7 +351,10 @@ def test_unseen_anchor_holds_never_seen_text_to_the_reference(tiny_model_dir, ti
                 total += float((p.exp() * (p - q)).sum(-1).mean())
         return total / len(ids)
 
-    kw = dict(quantize=False, learning_rate=3e-3, min_epochs=12, max_epochs=12, iur=False, precision_check="off")
+    # the retain guard off: with it one run stopped early on a restore (one torch thread on one machine: 3 of 12
+    # rounds) and the two runs' drifts were of different lengths of training (ratio 0.81; 0.35-0.40 without it)
+    kw = dict(quantize=False, learning_rate=3e-3, min_epochs=12, max_epochs=12, iur=False, precision_check="off",
+              retain_floor=0.0)
     runs = {}
     for n in (0, 4):
         r = forget(quick_config(tiny_model_dir, unseen_kl_samples=n, **kw), tiny_corpus["forget"][:2],
