@@ -255,7 +255,7 @@ def reference_anchor(head: torch.nn.Linear, ref_hidden: torch.Tensor,
 
     With a linear head, z - z_ref = W (h - h_ref), so KL(p_ref || p) = sum_v p_ref (z_ref - lse_ref - z + lse)
     = lse(z) - lse_ref - r . (h - h_ref): the reference's vocabulary-sized logits are needed once per sample,
-    not at every step (anchored_retain_chunk)."""
+    not at every step (_anchored_retain_chunk)."""
     r = torch.empty(ref_hidden.shape, dtype=torch.float32, device=ref_hidden.device)
     lse = torch.empty(ref_hidden.shape[:-1], dtype=torch.float32, device=ref_hidden.device)
     w = head.weight.float()

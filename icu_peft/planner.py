@@ -314,7 +314,10 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
 
     act_bytes = 4 if dtype == torch.float32 else db
     state = hidden * 4  # cached hidden states are kept as the model computes them; fp32 bound
-    ref_cache = min(config.reference_cache_mb * 2**20, retain_samples * length * state)
+    # with kl_anchor each kept sample also holds r = W^T p_ref (one hidden-size vector a position) and lse_ref,
+    # within the same budget
+    ref_cache = min(config.reference_cache_mb * 2**20,
+                    retain_samples * length * (2 * state + 4 if config.kl_anchor else state))
     prefix_cache = (min(config.prefix_cache_mb * 2**20, (forget_samples + retain_samples) * length * state)
                     if first else 0.0)
     parts["caches"] = ref_cache + prefix_cache * (1 + (2 if view else 0))

@@ -1,6 +1,7 @@
 """The ICU engine end to end on a tiny model that memorised its training sequences."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -125,12 +126,16 @@ def test_nan_loss_restores_last_good_weights(tiny_model_dir, tiny_corpus, monkey
     assert all(torch.isfinite(p).all() for p in r.model.parameters())
 
 
-def test_without_retain_pool_neighbours_are_generated_or_refused(tiny_model_dir, tiny_corpus):
+def test_without_retain_pool_neighbours_are_generated_or_refused(tiny_model_dir, tiny_corpus, caplog):
     from icu_peft.errors import InputError
 
-    r = forget(quick_config(tiny_model_dir, max_epochs=1, generated_retain_size=4), tiny_corpus["forget"][:1],
-               None, tiny_corpus["unseen"])
-    assert r.report["retain"]["source"] == "generated" and r.report["retain"]["count"] == 4
+    with caplog.at_level(logging.INFO, logger="icu_peft"):
+        r = forget(quick_config(tiny_model_dir, max_epochs=1, generated_retain_size=4), tiny_corpus["forget"][:1],
+                   None, tiny_corpus["unseen"])
+    assert r.report["retain"]["source"] == "generated"
+    # 4 sampled; one that regurgitates the forget sample is dropped (on one machine's numerics 1 of the 4 was)
+    dropped = [rec.message for rec in caplog.records if "dropped for overlapping the forget set" in rec.message]
+    assert r.report["retain"]["count"] == 4 or (1 <= r.report["retain"]["count"] < 4 and dropped)
     with pytest.raises(InputError, match="no retain pool"):
         forget(quick_config(tiny_model_dir, no_retain="refuse"), tiny_corpus["forget"][:1], None, None)
 
@@ -425,14 +430,15 @@ def test_log_push_brings_the_hardest_targets_within_reach(tiny_model_dir, tiny_c
     monkeypatch.setattr(TokenTargets, "follow_unseen", spy)
     texts = tiny_corpus["forget"][:2]
     ids = [torch.tensor(tok(t)["input_ids"]) for t in texts]
-    # the hardest fifth not steered: its moves change the very targets this measures against
+    # the hardest fifth not steered: its moves change the very targets this measures against; the retain guard
+    # off, so both runs train all 20 epochs (with it, one run of a pair stopped early on one machine)
     kw = dict(quantize=False, learning_rate=3e-3, min_epochs=20, max_epochs=20, iur=False, precision_check="off",
-              tail_attacks="")
+              tail_attacks="", retain_floor=0.0)
 
-    def shortfall(weight):  # mean nats still missing on the positions with the highest fifth of targets
+    def shortfall(weight, seed):  # mean nats still missing on the positions with the highest fifth of targets
         states.clear()
-        model = forget(quick_config(tiny_model_dir, target_log_weight=weight, **kw), texts, tiny_corpus["retain"],
-                       tiny_corpus["unseen"]).model.eval()
+        model = forget(quick_config(tiny_model_dir, target_log_weight=weight, seed=seed, **kw), texts,
+                       tiny_corpus["retain"], tiny_corpus["unseen"]).model.eval()
         targets = [-t for t in states[-1].logp]
         with torch.no_grad():
             nll = [-F.log_softmax(model(input_ids=x[None]).logits[0, :-1].float(), -1).gather(-1, x[1:, None])[:, 0]
@@ -441,8 +447,11 @@ def test_log_push_brings_the_hardest_targets_within_reach(tiny_model_dir, tiny_c
         top = t >= torch.quantile(t, 0.8)
         return float((t[top] - n[top]).clamp(min=0).mean())
 
-    # measured on this tiny model: 7.5 against 8.4 nats
-    assert shortfall(0.3) < shortfall(0.03) - 0.3
+    # over three seeds: one pair alone is noisy (measured, 2026-12-07, one and two threads: differences of -0.07
+    # to 1.65 nats, means 6.89 against 7.57 and 7.90 against 8.69)
+    pushed = sum(shortfall(0.3, seed) for seed in range(3)) / 3
+    weak = sum(shortfall(0.03, seed) for seed in range(3)) / 3
+    assert pushed < weak - 0.3
 
 
 def test_a_confirmation_reuses_the_trained_views_scores_of_the_same_weights(tiny_model_dir, tiny_corpus, monkeypatch):
