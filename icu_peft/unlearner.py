@@ -1421,7 +1421,13 @@ class _Run:
             if self.steps >= self.max_steps or (cfg.max_epochs is not None and self.epoch >= cfg.max_epochs):
                 break  # budget spent: status stays "partial"
             if inside_step is not None and self.steps - best_step >= self.patience(inside_step):
-                break  # every sample was inside the band and centring has not improved since: take that state
+                # every sample was inside the band and centring has not improved since: take that state, once
+                # its EL_n is measured in every view; where that finds a sample still extractable, train on
+                # from it (a fresh INSERT-row request stopped here on a state whose EL_n had been presumed, one
+                # sample was over its EL10 edge, and the request ended partial with 166 of 450 steps unused)
+                if self.best_confirmed(best):
+                    break
+                best, best_step = (self.quality(), self.keep()), self.steps
             gap_before = self.gap(self.scores)
             terms, nan = self.round(bar)
             if nan or any(not torch.isfinite(p).all() for p in self.trainable):
@@ -1494,6 +1500,21 @@ class _Run:
                         best[0][0], len(self.forget_set))
         if self.status == "partial" and all(self.forgotten()):
             self.status = "forgotten"  # the budget ended with the set inside the band, if not yet centred
+
+    def best_confirmed(self, best: tuple) -> bool:
+        """At the patience's end: back to the best state (`best`: quality, restore point) if the run is
+        elsewhere, its EL_n measured in every view if it was borrowed or presumed; whether every sample is
+        forgotten there. If not, the new scores (the failing sample now watched, watch_el) send training on."""
+        if best[0] > self.quality():
+            self.go_back(best[1])
+        if self.unmeasured() or any(e is None for e in self.scores.el):
+            self.scores = self.score(f"confirming the best state (step {self.steps})", complete=True)
+            self.update_active(self.active)
+        if all(self.forgotten()):
+            return True
+        logger.info("the best state has %d of %d samples forgotten once measured in every view: training on",
+                    sum(self.forgotten()), len(self.forget_set))
+        return False
 
     def retarget(self, gap: float) -> None:
         """The integral term of the finishing phase: move the target of a sample that sits outside the band

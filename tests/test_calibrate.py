@@ -954,3 +954,34 @@ def test_the_centring_tolerance_is_half_the_tolerance_but_never_finer_than_chanc
     assert centring_tolerance(0.1, 64, 32) == 0.05
     assert centring_tolerance(0.1, 2, 8) == 0.1
     assert centring_tolerance(0.3, 1, 2) == 0.3  # the step, 1 / 2, is wider than the tolerance: capped
+
+
+def test_a_patience_stop_takes_the_best_state_only_once_measured_forgotten():
+    """_Run.best_confirmed: back to the best state, its EL_n measured in every view when it was presumed; True
+    only where every sample is forgotten there, else the loop trains on (a fresh request stopped partial here)."""
+    from types import SimpleNamespace
+
+    import icu_peft.unlearner as U
+
+    def stand_in(forgotten_after, measured=False):
+        calls = []
+        run = SimpleNamespace(steps=284, forget_set=[0, 1], active=[True, True],
+                              scores=SimpleNamespace(el=[0.0, None]), now=(2, 0.0))
+        run.quality = lambda: run.now
+        run.go_back = lambda kept: (calls.append(("back", kept)), setattr(run, "now", (2, 0.1)))
+        run.unmeasured = lambda: not measured
+        run.score = lambda desc, complete=False: (calls.append(("score", complete)),
+                                                  SimpleNamespace(el=[0.0, 0.01]))[1]
+        run.update_active = lambda previous=None: calls.append(("active",))
+        run.forgotten = lambda: forgotten_after if any(c[0] == "score" for c in calls) else [True, True]
+        return run, calls
+
+    run, calls = stand_in([True, True])
+    assert U._Run.best_confirmed(run, ((2, 0.1), "best"))
+    assert calls[0] == ("back", "best") and ("score", True) in calls  # back to it, then measured completely
+    run, calls = stand_in([True, False])
+    assert not U._Run.best_confirmed(run, ((2, 0.1), "best"))  # a sample over its EL_n edge: train on
+    run, calls = stand_in([True, False], measured=True)
+    run.scores.el = [0.0, 0.0]
+    run.now = (2, 0.2)  # already at the best state, measured: nothing to do but answer
+    assert U._Run.best_confirmed(run, ((2, 0.1), "best")) and calls == []
