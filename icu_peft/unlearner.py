@@ -1064,9 +1064,14 @@ class _Run:
         on)."""
         if not self.unmeasured():
             return True
-        self.scores = self.score(f"confirming step {self.steps}", complete=True)
-        self.update_active(self.active)
+        self.measure_every_view(f"confirming step {self.steps}")
         return self.settled()
+
+    def measure_every_view(self, desc: str) -> None:
+        """Score the forget set completely in every view (EL_n measured, not borrowed or presumed) and let the
+        new scores decide which samples train: a confirmation before a stop or a kept best state."""
+        self.scores = self.score(desc, complete=True)
+        self.update_active(self.active)
 
     def unseen_now_pass(self, model, follow: bool) -> Optional[List[float]]:
         """One teacher-forced pass over the never-seen samples under `model` as it is now. Returns their
@@ -1459,8 +1464,7 @@ class _Run:
                 if self.step_size.retain_safe(retain_ma, retain_ma_before):
                     quality = self.quality()
                     if self.confirm_new_best(quality, best[0]):
-                        self.scores = self.score(f"confirming step {self.steps}", complete=True)
-                        self.update_active(self.active)
+                        self.measure_every_view(f"confirming step {self.steps}")
                         quality = self.quality()
                     good = self.keep()
                     if quality > best[0]:
@@ -1508,8 +1512,7 @@ class _Run:
         if best[0] > self.quality():
             self.go_back(best[1])
         if self.unmeasured() or any(e is None for e in self.scores.el):
-            self.scores = self.score(f"confirming the best state (step {self.steps})", complete=True)
-            self.update_active(self.active)
+            self.measure_every_view(f"confirming the best state (step {self.steps})")
         if all(self.forgotten()):
             return True
         logger.info("the best state has %d of %d samples forgotten once measured in every view: training on",

@@ -973,6 +973,7 @@ def test_a_patience_stop_takes_the_best_state_only_once_measured_forgotten():
         run.score = lambda desc, complete=False: (calls.append(("score", complete)),
                                                   SimpleNamespace(el=[0.0, 0.01]))[1]
         run.update_active = lambda previous=None: calls.append(("active",))
+        run.measure_every_view = U._Run.measure_every_view.__get__(run)
         run.forgotten = lambda: forgotten_after if any(c[0] == "score" for c in calls) else [True, True]
         return run, calls
 
