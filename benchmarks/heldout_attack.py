@@ -7,7 +7,8 @@ Why held out: the forget loop centres the set against the never-seen samples it 
 AUC is measured on the very samples it was fitted to; an attacker compares with other never-seen text. Each
 memoriser (benchmarks/fresh_memoriser.py, kinds and shapes no matrix scenario has) gets 40 never-seen texts:
 the first 16 go to `--unseen`, the last 24 are the attack's non-members. Prints one JSON line per memoriser:
-status, forgotten, steps, retain MA before / after, held-out AUC of each attack. Results: docs/BENCHMARKS.md,
+status, forgotten, steps, retain MA before / after, held-out AUC of each attack, the held-out texts'
+perplexity before / after / relative change (`same_kind_ppl`). Results: docs/BENCHMARKS.md,
 "Centring in the shipped view".
 """
 
@@ -64,7 +65,27 @@ def run_one(name: str, workdir: Path, label: str, config: str | None) -> dict:
              "--unseen", str(w / "unseen_held_out.jsonl"), "--metrics", "mia", "--json")
     mia = json.loads(ev.stdout).get("mia", {}) if ev.returncode == 0 else {}
     row["held_out_auc"] = {k: round(v["auc"], 3) for k, v in mia.items() if isinstance(v, dict) and "auc" in v}
+    # what the adapter does to never-seen text of the kind that neither the run nor the centring saw
+    before, after = _ppl(w, None), _ppl(w, adapter)
+    if before and after:
+        row["same_kind_ppl"] = [round(before, 3), round(after, 3), round(after / before - 1, 4)]
     return row
+
+
+def _ppl(w: Path, adapter: Path | None) -> float | None:
+    """Perplexity of the held-out never-seen texts under the 4-bit base, with `adapter` if given (the base's
+    is kept in the memoriser's directory: it is the same for every label)."""
+    cached = w / "held_out_ppl_base.json"
+    if adapter is None and cached.exists():
+        return json.loads(cached.read_text())["ppl"]
+    ev = cli("eval", "--model", str(w / "model"), "--data", str(w / "unseen_held_out.jsonl"), "--metrics", "ppl",
+             "--json", *(["--adapter", str(adapter)] if adapter is not None else []))
+    if ev.returncode != 0:
+        return None
+    ppl = json.loads(ev.stdout)["ppl"]
+    if adapter is None:
+        cached.write_text(json.dumps({"ppl": ppl}))
+    return ppl
 
 
 def main() -> int:

@@ -224,6 +224,48 @@ def test_el_runs_no_context_again_and_falls_back_where_the_cache_is_not_plain(ti
     assert sum(w > 1 for w in widths) == 2 + math.ceil(deviations / 4)
 
 
+def test_rollout_rows_fit_the_kv_caches_in_a_scoring_batchs_logits_memory():
+    """By hand: a Llama config with grouped KV heads and GPT-2's; rows = logits bytes of a scoring batch
+    (batch x min(64, T) x vocab x 4) over a row's KV cache (T tokens), within [batch_size, cap]."""
+    from transformers import GPT2Config, LlamaConfig
+
+    from icu_peft.metrics import kv_bytes_per_token, rollout_rows
+
+    llama = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                        vocab_size=49152)
+    assert kv_bytes_per_token(llama) == 30 * 2 * 3 * 64 * 4
+    gpt2 = GPT2Config(n_layer=2, n_head=4, n_embd=48)
+    assert kv_bytes_per_token(gpt2) == 2 * 2 * 4 * 12 * 4
+    per = kv_bytes_per_token(llama)
+    assert rollout_rows(per, 49152, 85, 16) == 16 * 64 * 49152 * 4 // (per * 85) == 51
+    assert rollout_rows(per, 49152, 40, 16) == 64  # 16*40*49152*4 / (46080*40) = 68 rows would fit: the cap
+    assert rollout_rows(per, 49152, 40, 16, cap=1000) == 68
+    assert rollout_rows(per, 1000, 85, 16) == 16  # a small vocabulary: never fewer than the batch
+    assert rollout_rows(None, 49152, 85, 16) == 16 and rollout_rows(per, None, 85, 16) == 16
+
+
+def test_el_decodes_in_rollout_rows_batches_with_the_same_result(tiny, rollouts, monkeypatch):
+    """More roll-outs per decoding batch: fewer single-token passes, the same EL_n."""
+    import icu_peft.metrics as metrics
+
+    model, tok = tiny
+    seqs = rollouts[0]
+    counts, values = {}, {}
+    for cap in (2, 64):
+        monkeypatch.setattr(metrics, "ROLLOUT_ROWS_MAX", cap)
+        monkeypatch.setattr(metrics, "rollout_rows", lambda *a, **k: cap)
+        widths = []
+        hook = model.base_model.register_forward_pre_hook(
+            lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+        try:
+            values[cap] = extraction_likelihood(model, seqs, 10, tok.pad_token_id, batch_size=2)
+        finally:
+            hook.remove()
+        counts[cap] = sum(w == 1 for w in widths)
+    assert values[2] == values[64]
+    assert counts[64] < counts[2] / 3
+
+
 @torch.no_grad()
 def test_windowed_perplexity_matches_a_window_by_window_computation(tiny, tiny_corpus):
     model, tok = tiny
