@@ -8,7 +8,8 @@ For each architecture: a 2-layer model of that family with random weights traine
 go to `--unseen`, as many again are held out for the attack. Then `icu-peft forget` with no tuning flag
 (`--config` adds a recipe) and `icu-peft eval --metrics mia` against the held-out records. One JSON line per
 architecture on stdout: status, exit code, steps, retain MA before / after, the request's own AUCs (against
-the given never-seen records) and the held-out ones. What it checks: that nothing in the loop assumes one
+the given never-seen records) and the held-out ones, and the held-out records' perplexity before / after
+(`same_kind_ppl`). What it checks: that nothing in the loop assumes one
 architecture (module names, fused projections, biases, tied or untied heads) and how calibrated the result
 is on each. Results: docs/BENCHMARKS.md, "Calibrated forgetting".
 """
@@ -21,6 +22,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from heldout_attack import same_kind_ppl  # this directory is the script's: sys.path[0]
 
 CONFIGS = {  # (config class, fields beyond the shared ones); `common` is added where the class takes it
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
@@ -100,6 +103,7 @@ def run(arch: str, a) -> dict:
         row["held_out_auc"] = {k: round(v["auc"], 3) for k, v in mia.items() if isinstance(v, dict) and "auc" in v}
     except (ValueError, KeyError, TypeError):
         row["held_out_auc"] = None
+    row["same_kind_ppl"] = same_kind_ppl(w / "model", w / "held_out.jsonl", out)
     return row
 
 

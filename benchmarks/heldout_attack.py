@@ -66,26 +66,29 @@ def run_one(name: str, workdir: Path, label: str, config: str | None) -> dict:
     mia = json.loads(ev.stdout).get("mia", {}) if ev.returncode == 0 else {}
     row["held_out_auc"] = {k: round(v["auc"], 3) for k, v in mia.items() if isinstance(v, dict) and "auc" in v}
     # what the adapter does to never-seen text of the kind that neither the run nor the centring saw
-    before, after = _ppl(w, None), _ppl(w, adapter)
-    if before and after:
-        row["same_kind_ppl"] = [round(before, 3), round(after, 3), round(after / before - 1, 4)]
+    ppl = same_kind_ppl(w / "model", w / "unseen_held_out.jsonl", adapter)
+    if ppl:
+        row["same_kind_ppl"] = ppl
     return row
 
 
-def _ppl(w: Path, adapter: Path | None) -> float | None:
-    """Perplexity of the held-out never-seen texts under the 4-bit base, with `adapter` if given (the base's
-    is kept in the memoriser's directory: it is the same for every label)."""
-    cached = w / "held_out_ppl_base.json"
-    if adapter is None and cached.exists():
-        return json.loads(cached.read_text())["ppl"]
-    ev = cli("eval", "--model", str(w / "model"), "--data", str(w / "unseen_held_out.jsonl"), "--metrics", "ppl",
-             "--json", *(["--adapter", str(adapter)] if adapter is not None else []))
-    if ev.returncode != 0:
+def same_kind_ppl(model: Path, texts: Path, adapter: Path) -> list | None:
+    """[before, after, after / before - 1]: the perplexity of `texts` under the 4-bit base, then with `adapter`
+    (the base's is kept beside the texts, the same for every label); None if an eval failed."""
+    cached = texts.with_name(texts.stem + "_base_ppl.json")
+    before = json.loads(cached.read_text())["ppl"] if cached.exists() else _ppl(model, texts, None)
+    if before is not None and not cached.exists():
+        cached.write_text(json.dumps({"ppl": before}))
+    after = _ppl(model, texts, adapter)
+    if before is None or after is None:
         return None
-    ppl = json.loads(ev.stdout)["ppl"]
-    if adapter is None:
-        cached.write_text(json.dumps({"ppl": ppl}))
-    return ppl
+    return [round(before, 3), round(after, 3), round(after / before - 1, 4)]
+
+
+def _ppl(model: Path, texts: Path, adapter: Path | None) -> float | None:
+    ev = cli("eval", "--model", str(model), "--data", str(texts), "--metrics", "ppl", "--json",
+             *(["--adapter", str(adapter)] if adapter is not None else []))
+    return json.loads(ev.stdout)["ppl"] if ev.returncode == 0 else None
 
 
 def main() -> int:
