@@ -436,9 +436,10 @@ def extraction_likelihood(model, seqs: Sequence[torch.Tensor], n: int, pad_id: i
     the text (d with argmax p(.|x_<d) != x_d) need a fresh roll-out, of length T-d; every other
     continuation is spliced from the text and those roll-outs. A memorised sample thus costs a few
     roll-outs instead of T-n of them. The result equals the naive definition (see tests). The roll-outs
-    decode in batches of rollout_rows (up to 64 rows, as many as the KV caches let fit in a scoring batch's
-    logits memory), `batch_size` texts run their teacher-forced passes together. `progress` counts roll-outs, or with `progress_share`, moves that much in all (a share of a bar
-    that counts samples: the roll-outs of never-seen text take minutes, and the bar must move).
+    decode in batches of rollout_rows (up to 64 rows, as many as their KV caches fit in a scoring batch's
+    logits memory); `batch_size` texts run their teacher-forced passes together. `progress` counts
+    roll-outs, or with `progress_share`, moves that much in all (a share of a bar that counts samples: the
+    roll-outs of never-seen text take minutes, and the bar must move).
     """
     if tf is None:
         tf = teacher_forced(model, seqs, pad_id)

@@ -760,7 +760,8 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
     stats = next_token_stats(model, forget_set.input_ids, pad_id, config.score_batch_size, entropy=entropy)
     ref_nll, ref_other = stats[0], stats[1]
     band = target.band
-    ma_max = band.ma_mid if band is not None else target.thresholds.ma
+    ma_max = target_ma_max(band, target.thresholds.ma, anchored=bool(
+        config.unseen_kl_samples and target.unseen_set is not None and len(target.unseen_set)))
     shared = None
     if config.rank_by_sharing:
         kept = list(retain_set.input_ids if retain_set is not None else []) + list(
@@ -781,6 +782,23 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
     if hasattr(state, "summary"):
         logger.info("forget targets: %s", ", ".join(f"{k} {v:.3f}" for k, v in state.summary().items()))
     return state
+
+
+def target_ma_max(band: Optional[Band], threshold_ma: float, anchored: bool) -> float:
+    """The MA the per-token targets may keep at most: the never-seen samples' median MA, or (no band) the MA
+    threshold; with the never-seen anchor on (unseen_kl_samples), 1 (no MA condition: the targets aim at the
+    band's median loss).
+
+    The targets' MA is a model's (calibrate._target_stats: the runner-up keeps its share of what the true token
+    gives up), and it overstates what a loss keeps: a prose request reached MA 0.26 at 3.8 nats while its
+    targets needed 4.2 nats for MA 0.47. Without the anchor, never-seen text of the kind rises with the adapter
+    and the higher targets meet it there (without the MA condition the same prose request ended partial, 4/6);
+    with the anchor it stays where the base has it, and targets over its median pushed the set past it (loss
+    attack AUC 0.08, partial at the budget; 6/6 in 232 steps, AUC 0.50, aimed at the median). The MA edge of
+    what counts as forgotten is checked on the measured MA either way."""
+    if band is None:
+        return threshold_ma
+    return 1.0 if anchored else band.ma_mid
 
 
 def warm_start(model, directory: str | Path) -> None:

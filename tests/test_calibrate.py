@@ -986,3 +986,22 @@ def test_a_patience_stop_takes_the_best_state_only_once_measured_forgotten():
     run.scores.el = [0.0, 0.0]
     run.now = (2, 0.2)  # already at the best state, measured: nothing to do but answer
     assert U._Run.best_confirmed(run, ((2, 0.1), "best")) and calls == []
+
+
+def test_targets_drop_the_ma_condition_only_under_the_never_seen_anchor():
+    """target_ma_max: the never-seen median MA by default, 1 (no condition) with the anchor on, the threshold
+    without a band; and on hand-made tokens the condition is what lifts the targets over the goal."""
+    from icu_peft.unlearner import target_ma_max
+
+    band = Band.from_scores([2.0, 2.5, 3.0, 3.5], [0.3, 0.4, 0.5, 0.6], [0.0, 0.0, 0.01, 0.02], 0.1, 0.25)
+    assert target_ma_max(band, 0.7, anchored=False) == band.ma_mid == pytest.approx(0.45)
+    assert target_ma_max(band, 0.7, anchored=True) == 1.0
+    assert target_ma_max(None, 0.7, anchored=True) == 0.7
+    # memorised tokens whose runner-up keeps little: at the goal the model-MA is over 0.3, so the condition
+    # shifts the targets up; without it they sit at the goal
+    nll, other = [torch.full((10,), 0.01)], [torch.full((10,), -9.0)]
+    unseen = torch.linspace(0.0, 6.0, 200)
+    free = token_targets(nll, other, unseen, nll_goal=3.0, ma_max=target_ma_max(band, 0.7, anchored=True))
+    held = token_targets(nll, other, unseen, nll_goal=3.0, ma_max=0.3)
+    assert free.nll[0] == pytest.approx(3.0, abs=1e-3) and free.ma[0] > 0.3
+    assert held.nll[0] > free.nll[0] + 0.1 and held.ma[0] <= 0.3
