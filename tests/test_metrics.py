@@ -252,7 +252,6 @@ def test_el_decodes_in_rollout_rows_batches_with_the_same_result(tiny, rollouts,
     seqs = rollouts[0]
     counts, values = {}, {}
     for cap in (2, 64):
-        monkeypatch.setattr(metrics, "ROLLOUT_ROWS_MAX", cap)
         monkeypatch.setattr(metrics, "rollout_rows", lambda *a, **k: cap)
         widths = []
         hook = model.base_model.register_forward_pre_hook(
