@@ -760,8 +760,7 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
     stats = next_token_stats(model, forget_set.input_ids, pad_id, config.score_batch_size, entropy=entropy)
     ref_nll, ref_other = stats[0], stats[1]
     band = target.band
-    ma_max = target_ma_max(band, target.thresholds.ma, anchored=bool(
-        config.unseen_kl_samples and target.unseen_set is not None and len(target.unseen_set)))
+    ma_max = target_ma_max(band, target.thresholds.ma, anchored=unseen_anchor_on(config, target))
     shared = None
     if config.rank_by_sharing:
         kept = list(retain_set.input_ids if retain_set is not None else []) + list(
@@ -782,6 +781,11 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
     if hasattr(state, "summary"):
         logger.info("forget targets: %s", ", ".join(f"{k} {v:.3f}" for k, v in state.summary().items()))
     return state
+
+
+def unseen_anchor_on(config: ICUConfig, target: Target) -> bool:
+    """Whether the never-seen anchor (unseen_kl_samples) holds samples in the steps: set, with never-seen text."""
+    return bool(config.unseen_kl_samples and target.unseen_set is not None and len(target.unseen_set))
 
 
 def target_ma_max(band: Optional[Band], threshold_ma: float, anchored: bool) -> float:
@@ -1043,10 +1047,14 @@ class _Run:
         view or presumed."""
         return self.el_borrowed or self.scores.presumed is not None
 
+    def measured(self) -> bool:
+        """Every EL_n of the current scores measured, each in its own view (not borrowed, presumed or skipped)."""
+        return not self.unmeasured() and all(e is not None for e in self.scores.el)
+
     def keep(self) -> "_Kept":
         """The adapter as it is now, with what the last scoring found about it (a restore point)."""
         return _Kept(_lora_state(self.model), self.scores, list(self.active), self.unseen_now,
-                     measured=not self.unmeasured() and all(e is not None for e in self.scores.el))
+                     measured=self.measured())
 
     def go_back(self, kept: "_Kept") -> None:
         """Back to a restore point: its adapter, scores and never-seen NLLs. Scores measured completely (a
@@ -1137,7 +1145,7 @@ class _Run:
         """After training: complete scores (lazy scoring skipped EL), then split per view. `scores` and
         `before` become the training view's (`views_after` / `views_before` hold every view's by name),
         `done` the per-sample verdict over all of them."""
-        if self.unmeasured() or any(e is None for e in self.scores.el):
+        if not self.measured():
             self.scores = self.score("scoring forget set", complete=True)
             self.per_epoch[-1] = self.scores
         self.done = self.forgotten()
@@ -1529,7 +1537,7 @@ class _Run:
         forgotten there. If not, the new scores (the failing sample now watched, watch_el) send training on."""
         if best[0] > self.quality():
             self.go_back(best[1])
-        if self.unmeasured() or any(e is None for e in self.scores.el):
+        if not self.measured():
             self.measure_every_view(f"confirming the best state (step {self.steps})")
         if all(self.forgotten()):
             return True
@@ -1652,7 +1660,7 @@ class _Run:
             terms["l_fgt_view"] = 0.0  # the forget term through the other precision of each step
         if cfg.retain_projection:
             terms["grad_cos"] = 0.0  # cosine of the forget and retain gradients before the projection
-        if cfg.unseen_kl_samples and self.target.unseen_set is not None and len(self.target.unseen_set):
+        if unseen_anchor_on(cfg, self.target):
             terms["l_kl_unseen"] = 0.0  # the never-seen anchor's KL (step)
         done = 0
         active_idx = [i for i, a in enumerate(self.active) if a] or list(range(len(self.forget_set)))  # min_epochs
@@ -1749,7 +1757,7 @@ class _Run:
                 if f is not None:
                     p.grad = f if p.grad is None else p.grad.add_(f)
         anchor = self.target.unseen_set
-        if cfg.unseen_kl_samples and anchor is not None and len(anchor):
+        if unseen_anchor_on(cfg, self.target):
             # never-seen text of the request's kind, KL to the reference only (no NLL: learning it would
             # make it familiar): what the adapter does to text like the request's but not in it is what a
             # membership attacker and a user of that kind of text see

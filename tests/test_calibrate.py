@@ -970,6 +970,7 @@ def test_a_patience_stop_takes_the_best_state_only_once_measured_forgotten():
         run.quality = lambda: run.now
         run.go_back = lambda kept: (calls.append(("back", kept)), setattr(run, "now", (2, 0.1)))
         run.unmeasured = lambda: not measured
+        run.measured = U._Run.measured.__get__(run)
         run.score = lambda desc, complete=False: (calls.append(("score", complete)),
                                                   SimpleNamespace(el=[0.0, 0.01]))[1]
         run.update_active = lambda previous=None: calls.append(("active",))

@@ -566,6 +566,7 @@ def test_a_restore_point_keeps_its_scores_and_says_whether_they_were_measured():
     state = SimpleNamespace(model=lin, active=[True], unseen_now=[2.5], el_borrowed=False,
                             scores=Scores(ma=[0.5], el=[0.01], nll=[2.6]))
     state.unmeasured = lambda: _Run.unmeasured(state)
+    state.measured = lambda: _Run.measured(state)
     measured = _Run.keep(state)
     state.scores = Scores(ma=[0.5], el=[0.0], nll=[2.6], presumed=[True])
     presumed = _Run.keep(state)
