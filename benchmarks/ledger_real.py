@@ -2,10 +2,10 @@
 
     OMP_NUM_THREADS=2 python benchmarks/ledger_real.py --work W [--requests 4] [--at 1,2,4] [--json out.json]
 
-SmolLM2-135M-Instruct with the quick demo's 12 customers planted (the demo's planted model, cached in the
-icu-peft cache like the demo's; planted on a first run). The first R people each file a one-person erasure
-request, one after another; the other 12 - R stay, and the demo's 5 never-planted people are the
-never-seen text. Every adapter is trained with the demo's settings (`demo_icu_config`: the library's
+SmolLM2-135M-Instruct with the quick demo's 12 customers planted (`--corpus default`: the default demo's 20;
+the demo's planted model, cached in the icu-peft cache like the demo's; planted on a first run). The first R
+people each file a one-person erasure request, one after another; the others stay, and the demo's 5 (8)
+never-planted people are the never-seen text. Every adapter is trained with the demo's settings (`demo_icu_config`: the library's
 calibrated defaults, LoRA in the top 10 layers) on the 4-bit base, the stayers as the retain set.
 
 - independent: each request's own adapter, trained on the bare base; at N the first N stacked;
@@ -60,9 +60,13 @@ def config(planted: Path, name: str, seed: int):
     return demo_icu_config(model=str(planted), progress=False, seed=seed, request_id=name)
 
 
-def people():
-    """The quick demo's 12 people (5 never planted): its planted model is reused."""
-    return make_corpus(12, 5, 0.17, 0)
+CORPORA = {"quick": (12, 5, 0.17, 0), "default": (20, 8, 0.1, 0)}  # make_corpus arguments of the two demos
+
+
+def people(kind: str = "quick"):
+    """The quick demo's 12 people (5 never planted), or the default demo's 20 (8 never planted): the demo's
+    planted model is reused."""
+    return make_corpus(*CORPORA[kind])
 
 
 def planted_model(corpus) -> tuple:
@@ -134,7 +138,9 @@ def evaluate(model, tok, corpus, requests: list, kept: list, prompts, revoked: O
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, type=Path, help="adapters, the ledger and the results are kept here")
-    ap.add_argument("--requests", type=int, default=4, help="one-person requests, the first R people (R < 12)")
+    ap.add_argument("--corpus", choices=sorted(CORPORA), default="quick",
+                    help="the people: the quick demo's 12 (5 never planted) or the default demo's 20 (8 never planted)")
+    ap.add_argument("--requests", type=int, default=4, help="one-person requests, the first R people (R < the people)")
     ap.add_argument("--at", default="1,2,4", help="the N at which to measure")
     ap.add_argument("--revoke", type=int, default=None, help="request to revoke at the end (default: the middle one)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
     logging.getLogger("icu_peft").setLevel(logging.WARNING)
     if a.threads:
         torch.set_num_threads(a.threads)
-    corpus = people()
+    corpus = people(a.corpus)
     R = a.requests
     if not 1 <= R < len(corpus.people):
         ap.error(f"--requests must be between 1 and {len(corpus.people) - 1}")

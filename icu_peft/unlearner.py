@@ -30,7 +30,7 @@ from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
 from .idkeys import key_id, store_key
-from .calibrate import (Band, StepSize, TailAttack, band_gap, band_position, centring_tolerance, loss_auc, off_centre,
+from .calibrate import (Band, StepSize, TailAttack, band_gap, band_position, centring_tolerance, loss_auc, loss_tolerance, off_centre,
                         quantile, view_aucs)
 from .losses import chunked_retain_terms, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, UnseenNow, resolve
@@ -1197,13 +1197,18 @@ class _Run:
 
     def auc_excess(self, nll: Optional[List[float]], pooled: bool = False) -> float:
         """How far the shipped view's loss-attack AUC on `nll` (with `pooled`, the AUC over every view's
-        blocks at once) is outside 0.5 +- settle_auc (0 where not applicable)."""
+        blocks at once) is outside 0.5 +- its tolerance (loss_tolerance; 0 where not applicable)."""
         if pooled:
             reference = self.attack_reference()
             auc = loss_auc(nll, reference) if reference and nll else None
         else:
             auc = self.shipped_auc(nll)
-        return 0.0 if auc is None else max(0.0, abs(auc - 0.5) - self.config.settle_auc)
+        return 0.0 if auc is None else max(0.0, abs(auc - 0.5) - self.loss_tolerance())
+
+    def loss_tolerance(self) -> float:
+        """calibrate.loss_tolerance of this request: settle_auc, wider where its samples are too few for it."""
+        band = self.target.band
+        return loss_tolerance(self.config.settle_auc, len(self.forget_set), band.count if band is not None else 0)
 
     def attack_aucs(self) -> dict:
         """The attacks the loop steers by, as the last scoring found them in the shipped view (for the
@@ -1275,7 +1280,7 @@ class _Run:
             # (the loss attack within its tolerance): before that every attack finds the still-memorised
             # set, and the tilt wound up to its limit on the way down.
             error, level = self.tail_auc - 0.5, self.shipped_auc(self.scores.nll)
-            if (level is not None and abs(level - 0.5) <= self.config.settle_auc
+            if (level is not None and abs(level - 0.5) <= self.loss_tolerance()
                     and abs(error) > self.config.settle_auc / 2):
                 tilt = min(2.0, max(-0.5, self.method_state.tilt + self.config.tail_gain * error))
                 method.reshape(self.method_state, tilt)
@@ -1411,7 +1416,7 @@ class _Run:
         # never-seen (the demo) move it in steps of 0.1, so half of 0.1 asked for exactly 0.5; the demo
         # then trained 100+ steps with both samples outside, its NLL drifting past the band's top. Nor than
         # half the AUC's null sd (calibrate.centring_tolerance)
-        tolerance = self.config.settle_auc
+        tolerance = self.loss_tolerance()
         if self.centring:
             tolerance = centring_tolerance(tolerance, len(self.forget_set), self.target.band.count)
         side = off_centre(self.scores.nll[:len(self.forget_set)], self.shipped_reference(), tolerance)
@@ -1631,7 +1636,7 @@ class _Run:
     def settled(self) -> bool:
         """Done: nothing left to train on; with a two-sided method, also every sample inside the band, the
         set's mean NLL in the band's inner part, and a loss attack's AUC against the never-seen samples
-        within 0.5 +- settle_auc (a set inside the band but piled at one edge is still found)."""
+        within 0.5 +- its tolerance (loss_tolerance; a set inside the band but piled at one edge is still found)."""
         if not any(self.active):
             return True
         band = self.target.band

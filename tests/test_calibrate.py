@@ -536,6 +536,7 @@ def test_centring_hysteresis_never_asks_for_less_than_the_aucs_own_step():
         run.attack_reference = lambda: list(unseen_nll)
         run.views_scored = lambda: 1
         run.shipped_reference = U._Run.shipped_reference.__get__(run)
+        run.loss_tolerance = U._Run.loss_tolerance.__get__(run)
         return run
 
     # 8 forget vs 16 never-seen (AUC steps of 1/128)
@@ -622,7 +623,7 @@ def test_centring_reads_the_shipped_view_and_moves_targets_towards_the_never_see
                           tail_auc=None, tails=None)
     run.target.band = band
     for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "centre_now", "off_centre",
-                 "auc_excess", "steered", "steer_tails"):
+                 "auc_excess", "loss_tolerance", "steered", "steer_tails"):
         setattr(run, name, getattr(U._Run, name).__get__(run))
     run.forgotten = lambda: [True, True]  # every sample inside the band in every view
     run.scores = SimpleNamespace(nll=[3.0, 1.5, 3.0, 1.5])  # view 0 then view 1, samples 0 and 1
@@ -654,8 +655,8 @@ def test_a_set_centred_on_the_never_seen_text_now_settles_over_the_bases_inner_b
     run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band, unseen_nll=[3.25] * 8, thresholds=None),
                           two_sided=True, forget_set=[0, 1, 2, 3], active=[True] * 4, centring=False, unseen_now=None,
                           tails=None, tails_deadline=None, steps=0)
-    for name in ("attack_reference", "views_scored", "shipped_reference", "off_centre", "steered", "steering",
-                 "tails_off_centre", "settled"):
+    for name in ("attack_reference", "views_scored", "shipped_reference", "off_centre", "loss_tolerance", "steered",
+                 "steering", "tails_off_centre", "settled"):
         setattr(run, name, getattr(U._Run, name).__get__(run))
     monkeypatch.setattr(U, "forgotten_mask", lambda *a, **k: [True] * 8)
     run.scores = SimpleNamespace(nll=[3.9, 4.0, 4.1, 4.2] * 2)
@@ -818,7 +819,7 @@ def test_the_hardest_fifth_attacks_steer_their_knobs_once_the_band_and_the_level
                               active=[True, True], unseen_now=None, tail_auc=None, steps=40, tails_deadline=None,
                               tails_expired=False, max_steps=100)
         for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "off_centre",
-                     "auc_excess", "steered", "steering", "patience", "steer_tails", "tails_off_centre",
+                     "auc_excess", "loss_tolerance", "steered", "steering", "patience", "steer_tails", "tails_off_centre",
                      "tails_centring", "tail_excess", "settled"):
             setattr(run, name, getattr(U._Run, name).__get__(run))
         run.view_names = lambda: ["nf4"]
@@ -954,6 +955,32 @@ def test_the_centring_tolerance_is_half_the_tolerance_but_never_finer_than_chanc
     assert centring_tolerance(0.1, 64, 32) == 0.05
     assert centring_tolerance(0.1, 2, 8) == 0.1
     assert centring_tolerance(0.3, 1, 2) == 0.3  # the step, 1 / 2, is wider than the tolerance: capped
+
+
+def test_the_loss_attacks_tolerance_is_one_chance_meets_at_least_half_the_time():
+    """calibrate.loss_tolerance: settle_auc where the samples suffice (6 or more against 16), wider where they are
+    few; exactly enumerated, a set drawn like the never-seen samples (every rank order equally likely) lands
+    within it at least half the time, where within 0.1 it does only a third of the time at 2 against 8."""
+    from itertools import combinations
+
+    from icu_peft.calibrate import loss_tolerance
+
+    def chance_within(m, k, tol):
+        hits = total = 0
+        for ranks in combinations(range(m + k), m):  # the forget samples' places among all m + k, by NLL
+            below = sum(r - i for i, r in enumerate(ranks))  # (forget, never-seen) pairs with the never-seen lower
+            auc = 1.0 - below / (m * k)  # the attack's AUC: P(forget NLL < never-seen NLL)
+            hits += abs(auc - 0.5) <= tol + 1e-9
+            total += 1
+        return hits / total
+
+    assert loss_tolerance(0.1, 6, 16) == 0.1 and loss_tolerance(0.1, 16, 16) == 0.1
+    assert loss_tolerance(0.1, 2, 8) == 0.1875 and loss_tolerance(0.1, 1, 5) == pytest.approx(0.3)  # 3 of 16 steps; 0.4..0.6 hold 2 of 6 orders, 0.2..0.8 4
+    assert chance_within(2, 8, 0.1) < 0.4
+    assert loss_tolerance(0.1, 200, 64) == 0.1  # beyond 4096 pairs: the normal approximation
+    for m, k in ((1, 5), (2, 5), (2, 8), (3, 8), (4, 16), (6, 16), (1, 8)):
+        assert chance_within(m, k, loss_tolerance(0.1, m, k)) >= 0.5, (m, k)
+    assert loss_tolerance(0.3, 2, 8) == 0.3  # a user's wider setting stands
 
 
 def test_a_patience_stop_takes_the_best_state_only_once_measured_forgotten():
