@@ -287,9 +287,9 @@ def plant(work: Path, args, without: str | None = None):
 
 
 def oracles(work: Path, args, topics) -> dict:
-    """For each of `topics`: the model planted without it, and every topic's fact scores there. What a mask
-    of the topic should reach is that model's recall of it, not the never-planted topic's: facts that share
-    their templates with the planted topics can be answered from those alone."""
+    """For each of `topics`: the model planted without it, and every topic's fact scores there: the level exact
+    unlearning reaches, against which a mask of the topic is judged (the countries share their templates, so a
+    model could answer some of a topic's facts from the other topics alone; measured, 1 of 32)."""
     from icu_peft.models import load_base_model, load_tokenizer
 
     out = {}

@@ -20,6 +20,7 @@ Three pure pieces, each tested on hand-made numbers:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -151,6 +152,7 @@ def auc_null_counts(m: int, k: int) -> List[int]:
     return c
 
 
+@functools.lru_cache(maxsize=64)
 def loss_tolerance(settle_auc: float, m: int, k: int) -> float:
     """How far from 0.5 the loss attack's AUC, m forget samples against k never-seen ones, may sit for the set to
     count as centred: settle_auc, or where the samples are too few for it, the smallest distance a set drawn
@@ -163,13 +165,13 @@ def loss_tolerance(settle_auc: float, m: int, k: int) -> float:
     if m * k > 4096:
         return max(settle_auc, CENTRAL_HALF_Z * auc_null_sd(m, k))
     counts = auc_null_counts(m, k)
-    total, centre = sum(counts), m * k / 2.0
-    # distances |u - mk/2| in pairs, nearest first; the smallest one whose band holds half the orders
-    within = 0
-    for d in sorted({abs(u - centre) for u in range(len(counts))}):
-        within += sum(counts[u] for u in {int(centre - d), int(centre + d)} if abs(u - centre) == d)
+    total, within = sum(counts), 0
+    # distances from the middle, nearest first: u and m k - u (one value where they meet)
+    for lo in range((m * k) // 2, -1, -1):
+        hi = m * k - lo
+        within += counts[lo] + (counts[hi] if hi != lo else 0)
         if 2 * within >= total:
-            return max(settle_auc, d / (m * k))
+            return max(settle_auc, (hi - lo) / (2.0 * m * k))
     return settle_auc
 
 

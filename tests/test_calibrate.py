@@ -902,19 +902,24 @@ def test_min_k_plus_plus_steering_moves_the_tail_positions_entropy_targets():
 
 def test_the_defaults_bring_the_min_k_attacks_to_never_seen_text_on_a_memoriser(tiny_model_dir, tiny_corpus, monkeypatch):
     """End to end on the tiny memoriser (2 records against 12 never-seen): with the hardest fifth steered (the
-    default) the loop moves tail targets and both Min-K% attacks end within the AUC's null sd of 0.5; with
-    `tail_attacks: ''` the same request ends with Min-K% outside it (measured: 0.42 / 0.58 against 0.92 / 0.83)."""
+    default) the loop moves tail targets (the Min-K% tail's losses or the Min-K%++ tail's entropies) and both Min-K%
+    attacks end within the AUC's null sd of 0.5; with `tail_attacks: ''` the same request ends with Min-K% outside
+    it (measured: 0.58 / 0.42 against 0.92 / 0.79 with one thread, session 31; 0.42 / 0.58 against 0.92 / 0.83)."""
     from icu_peft.calibrate import TokenTargets, auc_null_sd
     from icu_peft.unlearner import forget
 
     calls = []
-    real = TokenTargets.move_tail
 
-    def spy(self, i, delta, limit):
-        calls.append(delta)
-        return real(self, i, delta, limit)
+    def spied(name):
+        real = getattr(TokenTargets, name)
 
-    monkeypatch.setattr(TokenTargets, "move_tail", spy)
+        def spy(self, i, delta, limit):
+            calls.append((name, delta))
+            return real(self, i, delta, limit)
+        return spy
+
+    for knob in ("move_tail", "move_tail_entropy"):  # the Min-K% tail's loss targets, the Min-K%++ tail's entropy
+        monkeypatch.setattr(TokenTargets, knob, spied(knob))
 
     def run(**kw):
         calls.clear()
@@ -975,7 +980,8 @@ def test_the_loss_attacks_tolerance_is_one_chance_meets_at_least_half_the_time()
         return hits / total
 
     assert loss_tolerance(0.1, 6, 16) == 0.1 and loss_tolerance(0.1, 16, 16) == 0.1
-    assert loss_tolerance(0.1, 2, 8) == 0.1875 and loss_tolerance(0.1, 1, 5) == pytest.approx(0.3)  # 3 of 16 steps; 0.4..0.6 hold 2 of 6 orders, 0.2..0.8 4
+    assert loss_tolerance(0.1, 2, 8) == 0.1875  # 3 of the AUC's steps of 1/16
+    assert loss_tolerance(0.1, 1, 5) == pytest.approx(0.3)  # 0.4..0.6 hold 2 of the 6 orders, 0.2..0.8 hold 4
     assert chance_within(2, 8, 0.1) < 0.4
     assert loss_tolerance(0.1, 200, 64) == 0.1  # beyond 4096 pairs: the normal approximation
     for m, k in ((1, 5), (2, 5), (2, 8), (3, 8), (4, 16), (6, 16), (1, 8)):
