@@ -166,7 +166,7 @@ def test_samples_past_the_band_in_any_view_get_the_log_space_pull_back():
                 count=16, quantile=0.1, settle_quantile=0.25)
     state = TokenTargets(logp=[torch.full((3,), -1.0)] * 2, shift=[0.0] * 2, nll=[1.0] * 2, ma=[0.0] * 2)
     run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band), forget_set=[0, 1], two_sided=True,
-                          method_state=state)
+                          method_state=state, pulled_down=lambda: [False, False])
     run.scores = SimpleNamespace(nll=[4.0, 4.1, 4.0, 4.0, 4.0, 5.6])  # sample 1 past the band in the merged view only
     U._Run.mark_past(run)
     assert state.past == {1}
@@ -185,6 +185,36 @@ def test_samples_past_the_band_in_any_view_get_the_log_space_pull_back():
     run.scores.nll = [4.0] * 6
     U._Run.mark_past(run)
     assert state.past == set() and float(loss(1)) == pytest.approx(float(kept))
+
+
+def test_a_set_found_past_never_seen_text_has_its_samples_over_the_median_pulled_back():
+    """_Run.pulled_down on a stand-in run (2 samples x 2 views, every sample inside the band): with the shipped
+    view's loss attack finding the set past never-seen text, the samples over the never-seen median there are
+    marked for the pull back; centred, or with a sample still outside the band, none is."""
+    from types import SimpleNamespace
+
+    import icu_peft.unlearner as U
+    from icu_peft import ICUConfig
+
+    band = Band(nll_lo=1.0, nll_hi=7.0, nll_mid=4.0, inner_lo=3.0, inner_hi=5.0, ma_hi=0.6, ma_mid=0.5, el_hi=0.05,
+                count=4, quantile=0.1, settle_quantile=0.25)
+    run = SimpleNamespace(config=ICUConfig(), target=SimpleNamespace(band=band, unseen_nll=[4.0] * 4),
+                          two_sided=True, forget_set=[0, 1])
+    for name in ("attack_reference", "views_scored", "shipped_auc", "shipped_reference", "centre_now",
+                 "loss_tolerance", "pulled_down"):
+        setattr(run, name, getattr(U._Run, name).__get__(run))
+    run.forgotten = lambda: [True, True]
+    run.unseen_now = [1.8, 1.9, 2.1, 2.2, 3.5, 3.6, 3.7, 3.8]  # shipped view: median 2.0
+    run.scores = SimpleNamespace(nll=[3.0, 1.95, 3.0, 2.5])  # shipped view: one sample over all four, one in the middle
+    # AUC 2 / 8 = 0.25, past 0.5 - 0.25 (the tolerance of 2 against 4)? not yet: within it, nothing is pulled
+    assert run.loss_tolerance() == pytest.approx(0.25) and run.pulled_down() == [False, False]
+    run.scores.nll = [3.0, 2.5, 3.0, 2.5]  # both over every never-seen sample in the shipped view: AUC 0
+    assert run.pulled_down() == [True, True]
+    run.scores.nll = [3.0, 1.5, 3.0, 1.5]  # one over all, one under all: AUC 0.5
+    assert run.pulled_down() == [False, False]
+    run.scores.nll = [3.0, 2.5, 3.0, 2.5]
+    run.forgotten = lambda: [True, False]  # the band first
+    assert run.pulled_down() == [False, False]
 
 
 def test_the_rounds_log_line_says_where_each_view_holds_its_samples():
