@@ -309,7 +309,7 @@ def _decode_in_batches(model, num_new: Sequence[int], lengths: Sequence[int], ba
     result: List[Optional[List[int]]] = [None] * len(num_new)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        gen_t = _decode(model, *start(idx), max(num_new[i] for i in idx))
+        gen_t = _decode(model, *start(idx), [num_new[i] for i in idx])
         for row, i in enumerate(idx):
             result[i] = gen_t[row, : num_new[i]].tolist()
         if progress is not None:
@@ -332,20 +332,48 @@ def _out_cache(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-def _decode(model, first: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor, past, steps: int) -> torch.Tensor:
-    """(rows, steps) greedy tokens: `first`, then steps - 1 more, each fed back with the KV cache `past`
-    (which holds the contexts, left-padded as `mask` says; `last_pos` (rows, 1) is each context's last
-    position)."""
-    nxt, gen, arg = first, [first], _cache_arg(model)
-    for _ in range(steps - 1):
+def _decode(model, first: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor, past,
+            steps: Sequence[int]) -> torch.Tensor:
+    """(rows, max(steps)) greedy tokens: `first`, then more, each fed back with the KV cache `past` (which
+    holds the contexts, left-padded as `mask` says; `last_pos` (rows, 1) is each context's last position).
+    Row r is decoded for steps[r] tokens; the rest of its row is padding (0).
+
+    Rows that have all their tokens leave the batch (`_drop_done`): a batch of roll-outs sorted longest
+    first runs as many steps as its longest, and with every row kept to the end a text's roll-outs (one per
+    deviation, of every length up to the text's) cost about twice their tokens."""
+    want = torch.as_tensor(list(steps), dtype=torch.long)
+    rows, total = len(want), int(want.max()) if len(want) else 0
+    out_tokens = torch.zeros((rows, max(total, 1)), dtype=torch.long)
+    out_tokens[:, 0] = first.cpu()
+    alive = torch.arange(rows)  # the original row of each row still in the batch
+    shrink = _plain_kv(past) is not None and hasattr(past, "batch_select_indices")
+    nxt, arg = first, _cache_arg(model)
+    for t in range(1, total):
+        if shrink:
+            keep = _drop_done(want[alive], t)
+            if keep is not None:
+                alive, keep = alive[keep], keep.to(mask.device)
+                past.batch_select_indices(keep)
+                mask, last_pos, nxt = mask[keep], last_pos[keep], nxt[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
         last_pos = last_pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos, use_cache=True,
                     **{arg: past})
         past = _out_cache(out)
         nxt = out.logits[:, -1].argmax(-1)
-        gen.append(nxt)
-    return torch.stack(gen, 1).cpu()
+        out_tokens[alive, t] = nxt.cpu()
+    return out_tokens
+
+
+def _drop_done(want: torch.Tensor, t: int) -> Optional[torch.Tensor]:
+    """The rows to keep before decoding token t, given each row's wanted count (`want`); None to keep them all.
+    Rows are dropped once a quarter of the batch is done: each drop copies the whole KV cache, so dropping in
+    geometric steps keeps the copies to a few caches' worth."""
+    done = want <= t
+    n_done = int(done.sum())
+    if n_done == 0 or n_done < max(1, len(want) // 4) and n_done < len(want):
+        return None
+    return (~done).nonzero().flatten()
 
 
 def _plain_kv(cache) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from icu_peft.metrics import (extraction_likelihood, ngram_overlap, perplexity, perplexity_from_nll,
+from icu_peft.metrics import (extraction_likelihood, greedy_continue, ngram_overlap, perplexity, perplexity_from_nll,
                               score_samples, secret_extraction, secret_in_text, secret_token_accuracy,
                               sliding_windows, split_secret_tokens, teacher_forced)
 
@@ -195,6 +195,25 @@ def test_roll_outs_from_the_texts_cache_equal_fresh_roll_outs(tiny, rollouts, ar
     fresh = greedy_continue(model, [seqs[b][:d] for b, d in rows], num_new, pad_id=0, batch_size=3)
     assert [f[0] for f in fresh] == first  # the premise: the teacher-forced argmax is the roll-out's first token
     assert rollouts_from_text(model, seqs, rows, first, num_new, pad_id=0, batch_size=3) == fresh
+
+
+def test_finished_roll_outs_leave_the_decoding_batch(tiny, rollouts):
+    """A batch of roll-outs of different lengths decodes each row only for its own tokens (rows that are done
+    leave the batch and its KV cache), and every row's tokens are still the textbook greedy loop's."""
+    model, tok = tiny
+    x = rollouts[0][0]
+    contexts, num_new = [x[:3], x[:5], x[:8], x[:4]], [14, 2, 3, 2]
+    rows = []  # the batch size of each one-token pass
+    hook = model.base_model.register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] == 1 else None,
+        with_kwargs=True)
+    try:
+        got = greedy_continue(model, contexts, num_new, pad_id=tok.pad_token_id, batch_size=4)
+    finally:
+        hook.remove()
+    assert got == [naive_greedy(model, c, k) for c, k in zip(contexts, num_new)]
+    assert rows[0] == 4 and rows[-1] == 1 and len(rows) == max(num_new) - 1
+    assert sum(rows) < 4 * (max(num_new) - 1)
 
 
 def test_el_runs_no_context_again_and_falls_back_where_the_cache_is_not_plain(tiny, rollouts, monkeypatch):
