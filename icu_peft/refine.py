@@ -31,6 +31,9 @@ class Thresholds:
     # the unseen text's mean MA / EL_n (Jang et al.'s set-level line; `ma`/`el` are the band's upper edges)
     ma_mean: Optional[float] = None
     el_mean: Optional[float] = None
+    # the never-seen samples' lowest and highest NLL: a chance outlier of the NLL edges stays within them
+    nll_min: Optional[float] = None
+    nll_max: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,9 +93,19 @@ def with_chance_outliers(flags: List[bool], ma: List[float], el: List[Optional[f
     without the forget set (the oracle) failed it on 2 of 6 logins and 2 of 8 records of a tied
     Llama, by EL_n 0.02-0.03 against an edge of 0.007-0.012 (template n-grams that greedy roll-outs
     hit by chance). So up to chance_outliers(m, k) samples may lie above one of the two edges, where
-    nothing else is familiar: NLL inside the band and the other score typical (MA at most the
-    never-seen mean for an EL_n outlier; EL_n at most the never-seen mean for an MA outlier). The
-    smallest excesses are taken first; beyond the allowance a sample stays too familiar. Only for
+    nothing else is familiar: NLL inside the band and the other score within its edge. The smallest
+    excesses are taken first; beyond the allowance a sample stays too familiar. (The other score had to
+    be at most the never-seen mean until 2026-12-07: with the targets at the band's median, half of a
+    centred set's samples sit over that mean, and a logins request ended partial on one sample at EL_n
+    0.012 against an edge of 0.0098 with MA 0.45 against a mean of 0.42, where the oracle itself, never
+    trained on the set, scores two of its six samples at 0.019 and 0.034.)
+
+    The NLL edges are quantiles (10% and 90% of k never-seen samples): one never-seen sample in five lies
+    outside them by construction. A sample outside them but within the never-seen samples' own range
+    (`nll_min`..`nll_max`), its MA and EL_n within their edges, is a chance outlier of the same allowance (a
+    logins request ended partial with one sample 0.05 nats under the lower edge in the merged-NF4 view
+    alone, its step size halved to 1e-5 between that sample and a set the shipped view found past the
+    never-seen text). Excesses are compared in their own units (MA, EL_n, nats), smallest first. Only for
     edges measured on never-seen text (source 'unseen'), not for thresholds a user gave. With
     `samples` (< len(flags): the same samples scored in several precisions, entry i is sample
     i % samples) the allowance counts samples, not entries.
@@ -103,11 +116,17 @@ def with_chance_outliers(flags: List[bool], ma: List[float], el: List[Optional[f
         return flags
     excess = []
     for i, (m, e, n) in enumerate(zip(ma, el, nll)):
-        if flags[i] or e is None or n is None or not t.nll_lo <= n <= t.nll_hi:
+        if flags[i] or e is None or n is None:
             continue
-        if m > t.ma and e <= t.el_mean:
+        if not t.nll_lo <= n <= t.nll_hi:
+            # outside the band's NLL quantiles, within the never-seen range, nothing else familiar
+            if t.nll_min is not None and t.nll_max is not None and t.nll_min <= n <= t.nll_max and m <= t.ma \
+                    and e <= t.el:
+                excess.append((t.nll_lo - n if n < t.nll_lo else n - t.nll_hi, i))
+            continue
+        if m > t.ma and e <= t.el:
             excess.append((m - t.ma, i))
-        elif e > t.el and m <= t.ma_mean:
+        elif e > t.el and m <= t.ma:
             excess.append((e - t.el, i))
     n = samples or len(flags)
     allowed, taken, out = chance_outliers(n, t.unseen_count), set(), list(flags)

@@ -131,10 +131,12 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
         tok_nll = torch.cat(per_token)
         nll = [float(x.mean()) for x in per_token]
         if explicit and config.criterion == "ma_el":
+            band_nll = nll
             band = Band.from_scores(nll, [config.ma_threshold], [config.el_threshold], q, config.settle_quantile)
             ma_mean, el_mean, source = config.ma_threshold, config.el_threshold, "config"
         else:
             s = never_seen_scores(model, tset, tokenizer.pad_token_id, config, fingerprint, progress)
+            band_nll = s.nll
             band = Band.from_scores(s.nll, s.ma, s.el, q, config.settle_quantile, tset.lengths)
             m = s.mean()
             ma_mean, el_mean, source = m["ma"], m["el"], "unseen"
@@ -144,7 +146,7 @@ def measure_target(model, tokenizer, unseen: Optional[Sequence[str]], config: IC
             band.el_hi = config.el_threshold
         t = Thresholds(ma=band.ma_hi, el=band.el_hi if band.el_hi is not None else el_mean, bleu=config.bleu_threshold,
                        source=source, unseen_count=len(tset), nll_lo=band.nll_lo, nll_hi=band.nll_hi,
-                       ma_mean=ma_mean, el_mean=el_mean)
+                       ma_mean=ma_mean, el_mean=el_mean, nll_min=min(band_nll), nll_max=max(band_nll))
     if config.nll_target == "unseen":
         t.nll = float(sum(nll) / len(nll))  # the unseen samples' mean NLL, as before
     elif config.nll_target != "off":
@@ -760,7 +762,7 @@ def _prepare_method(method, model, forget_set: TokenizedSet, pad_id: int, target
     stats = next_token_stats(model, forget_set.input_ids, pad_id, config.score_batch_size, entropy=entropy)
     ref_nll, ref_other = stats[0], stats[1]
     band = target.band
-    ma_max = target_ma_max(band, target.thresholds.ma, anchored=unseen_anchor_on(config, target))
+    ma_max = target_ma_max(band, target.thresholds.ma, condition=config.target_ma_condition)
     shared = None
     if config.rank_by_sharing:
         kept = list(retain_set.input_ids if retain_set is not None else []) + list(
@@ -788,21 +790,22 @@ def unseen_anchor_on(config: ICUConfig, target: Target) -> bool:
     return bool(config.unseen_kl_samples and target.unseen_set is not None and len(target.unseen_set))
 
 
-def target_ma_max(band: Optional[Band], threshold_ma: float, anchored: bool) -> float:
+def target_ma_max(band: Optional[Band], threshold_ma: float, condition: bool = True) -> float:
     """The MA the per-token targets may keep at most: the never-seen samples' median MA, or (no band) the MA
-    threshold; with the never-seen anchor on (unseen_kl_samples), 1 (no MA condition: the targets aim at the
-    band's median loss).
+    threshold; without the `condition` (target_ma_condition: false), 1: the targets aim at the band's median
+    loss only.
 
     The targets' MA is a model's (calibrate._target_stats: the runner-up keeps its share of what the true token
     gives up), and it overstates what a loss keeps: a prose request reached MA 0.26 at 3.8 nats while its
-    targets needed 4.2 nats for MA 0.47. Without the anchor, never-seen text of the kind rises with the adapter
-    and the higher targets meet it there (without the MA condition the same prose request ended partial, 4/6);
-    with the anchor it stays where the base has it, and targets over its median pushed the set past it (loss
-    attack AUC 0.08, partial at the budget; 6/6 in 232 steps, AUC 0.50, aimed at the median). The MA edge of
-    what counts as forgotten is checked on the measured MA either way."""
+    targets needed 4.2 nats for MA 0.47. Without the never-seen anchor (unseen_kl_samples, off by default),
+    never-seen text of the kind rises with the adapter and the higher targets meet it there; with it that text
+    stays where the base has it, and such targets push a set past it (the prose request: loss attack AUC 0.24
+    at its end); without the condition the same request ended centred (0.43) but a logins request partial,
+    one sample too familiar in the merged-NF4 view (docs/CHANGELOG.md, session 32). The MA edge of what counts
+    as forgotten is checked on the measured MA either way."""
     if band is None:
         return threshold_ma
-    return 1.0 if anchored else band.ma_mid
+    return band.ma_mid if condition else 1.0
 
 
 def warm_start(model, directory: str | Path) -> None:
@@ -1850,8 +1853,8 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
                "forgotten": bool(done[i]), "epochs_active": run.epochs_active[i]}
         if band is not None and after.nll is not None:
             position = band_position(after.nll[i], after.ma[i], after.el[i], band)
-            # over an MA / EL_n edge by no more than never-seen text would be (refine.forgotten_mask)
-            row["band"] = "chance_outlier" if position == -1 and done[i] else {
+            # over an MA / EL_n / NLL edge by no more than never-seen text would be (refine.forgotten_mask)
+            row["band"] = "chance_outlier" if position != 0 and done[i] else {
                 -1: "too_familiar", 0: "inside", 1: "pushed_past"}[position]
         if before.bleu is not None:
             row["before"]["bleu"], row["after"]["bleu"] = before.bleu[i], after.bleu[i]

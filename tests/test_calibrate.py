@@ -511,11 +511,13 @@ def test_chance_outliers_follow_the_exchangeable_count():
 
 
 def test_forgotten_mask_lets_in_only_the_chance_outliers_that_are_otherwise_typical():
+    from dataclasses import replace
+
     from icu_peft.metrics import Scores
     from icu_peft.refine import Thresholds, forgotten_mask
     t = Thresholds(ma=0.7, el=0.01, source="unseen", unseen_count=16, nll_lo=2.0, nll_hi=4.0, ma_mean=0.5,
                    el_mean=0.002)
-    s = Scores(ma=[0.4, 0.45, 0.4, 0.4, 0.6, 0.3, 0.705, 0.9],
+    s = Scores(ma=[0.4, 0.45, 0.4, 0.4, 0.75, 0.3, 0.705, 0.9],
                el=[0.0, 0.03, 0.02, 0.05, 0.02, 0.02, 0.0, 0.0],
                nll=[3.0, 3.0, 3.0, 3.0, 3.0, 1.0, 3.0, 3.0])
     flags = forgotten_mask(s, t)
@@ -523,11 +525,20 @@ def test_forgotten_mask_lets_in_only_the_chance_outliers_that_are_otherwise_typi
     # 8 samples, 16 never-seen: two chance outliers, the smallest excesses (EL +0.01 at index 2, MA +0.005 at 6)
     assert flags[2] and flags[6]
     assert not flags[1] and not flags[3]  # larger EL excesses: beyond the allowance
-    assert not flags[4]  # EL outlier whose MA is above the never-seen mean: not typical
+    assert not flags[4]  # over both edges (EL and MA): familiar, not a chance outlier
+    # an EL outlier whose MA is within its edge, if over the never-seen mean, is one (index 4 at MA 0.6:
+    # the same EL excess as index 2, after it in order, so beyond the allowance of two)
+    s4 = replace(s, ma=s.ma[:4] + [0.6] + s.ma[5:])
+    assert forgotten_mask(replace(s4, el=[0.0, 0.03, 0.0, 0.05, 0.02, 0.02, 0.0, 0.0]), t)[4]
     assert not flags[5]  # NLL under the band: familiar whatever its EL
     assert not flags[7]
+    # outside the band's NLL quantiles but within the never-seen samples' range, MA and EL_n within their
+    # edges: a chance outlier too; beyond that range, or with MA over its edge as well, never
+    tr = replace(t, nll_min=1.5, nll_max=4.6)
+    near = Scores(ma=[0.4, 0.4, 0.4, 0.75, 0.4, 0.4], el=[0.0] * 6, nll=[1.8, 4.5, 1.2, 1.8, 3.0, 3.0])
+    assert forgotten_mask(near, tr) == [True, True, False, False, True, True]  # 6 against 16: two may be
+    assert forgotten_mask(near, t) == [False, False, False, False, True, True]  # no range recorded: none
     # a user's thresholds are edges, not a sample of never-seen text: no allowance
-    from dataclasses import replace
     assert sum(forgotten_mask(s, replace(t, source="config"))) == 1
     # the same 8 samples scored in two precisions: the allowance counts samples, not entries
     two = Scores(ma=s.ma + s.ma, el=s.el + s.el, nll=s.nll + s.nll)
@@ -1052,20 +1063,20 @@ def test_a_patience_stop_takes_the_best_state_only_once_measured_forgotten():
     assert U._Run.best_confirmed(run, ((2, 0.1), "best")) and calls == []
 
 
-def test_targets_drop_the_ma_condition_only_under_the_never_seen_anchor():
-    """target_ma_max: the never-seen median MA by default, 1 (no condition) with the anchor on, the threshold
-    without a band; and on hand-made tokens the condition is what lifts the targets over the goal."""
+def test_targets_keep_the_ma_condition_unless_told_not_to():
+    """target_ma_max: the never-seen median MA by default, 1 (no condition) with target_ma_condition off, the
+    threshold without a band; and on hand-made tokens the condition is what lifts the targets over the goal."""
     from icu_peft.unlearner import target_ma_max
 
     band = Band.from_scores([2.0, 2.5, 3.0, 3.5], [0.3, 0.4, 0.5, 0.6], [0.0, 0.0, 0.01, 0.02], 0.1, 0.25)
-    assert target_ma_max(band, 0.7, anchored=False) == band.ma_mid == pytest.approx(0.45)
-    assert target_ma_max(band, 0.7, anchored=True) == 1.0
-    assert target_ma_max(None, 0.7, anchored=True) == 0.7
+    assert target_ma_max(band, 0.7) == band.ma_mid == pytest.approx(0.45)
+    assert target_ma_max(band, 0.7, condition=False) == 1.0
+    assert target_ma_max(None, 0.7, condition=False) == 0.7
     # memorised tokens whose runner-up keeps little: at the goal the model-MA is over 0.3, so the condition
     # shifts the targets up; without it they sit at the goal
     nll, other = [torch.full((10,), 0.01)], [torch.full((10,), -9.0)]
     unseen = torch.linspace(0.0, 6.0, 200)
-    free = token_targets(nll, other, unseen, nll_goal=3.0, ma_max=target_ma_max(band, 0.7, anchored=True))
+    free = token_targets(nll, other, unseen, nll_goal=3.0, ma_max=target_ma_max(band, 0.7, condition=False))
     held = token_targets(nll, other, unseen, nll_goal=3.0, ma_max=0.3)
     assert free.nll[0] == pytest.approx(3.0, abs=1e-3) and free.ma[0] > 0.3
     assert held.nll[0] > free.nll[0] + 0.1 and held.ma[0] <= 0.3
