@@ -102,10 +102,9 @@ def with_chance_outliers(flags: List[bool], ma: List[float], el: List[Optional[f
 
     The NLL edges are quantiles (10% and 90% of k never-seen samples): one never-seen sample in five lies
     outside them by construction. A sample outside them but within the never-seen samples' own range
-    (`nll_min`..`nll_max`), its MA and EL_n within their edges, is a chance outlier of the same allowance (a
-    logins request ended partial with one sample 0.05 nats under the lower edge in the merged-NF4 view
-    alone, its step size halved to 1e-5 between that sample and a set the shipped view found past the
-    never-seen text). Excesses are compared in their own units (MA, EL_n, nats), smallest first. Only for
+    (`nll_min`..`nll_max`), its MA and EL_n within their edges, is a chance outlier of the same allowance: a
+    set drawn like never-seen text has such samples as often as the MA / EL_n outliers above, or more.
+    Excesses are compared in their own units (MA, EL_n, nats), smallest first. Only for
     edges measured on never-seen text (source 'unseen'), not for thresholds a user gave. With
     `samples` (< len(flags): the same samples scored in several precisions, entry i is sample
     i % samples) the allowance counts samples, not entries.
