@@ -116,8 +116,7 @@ def verify_forget_set(model, tokenizer, texts: Sequence[str], leaves: Sequence[T
                 mt = m["thresholds"]
                 # the never-seen band's NLL edges too: a sample pushed past them is not forgotten
                 t = Thresholds(ma=mt["ma"], el=mt["el"], bleu=mt.get("bleu", 0.01), source=f"manifest {r['request_id']}",
-                               nll_lo=mt.get("nll_lo"), nll_hi=mt.get("nll_hi"), nll_min=mt.get("nll_min"),
-                               nll_max=mt.get("nll_max"))
+                               nll_lo=mt.get("nll_lo"), nll_hi=mt.get("nll_hi"))
             elif (el_n, el_start, max_length) in unseen_t:
                 t = unseen_t[(el_n, el_start, max_length)]
             elif strict is not None:
