@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     for n in range(1, R + 1):
         snap = work / "ledger-at" / f"N{n}"
         if not (snap / "forget_manifest.json").is_file():
-            L.add_request(led, dirs[n - 1])
+            if not any(r["request_id"] == f"req-{n - 1}" for r in L.read_ledger(led, create=True)["requests"]):
+                L.add_request(led, dirs[n - 1])  # a run stopped during this consolidation added it already
             t0 = time.time()
             cfg = config(planted, f"consolidated-{n}", 100 + n)
             L.consolidate(led, cfg, [corpus.people[i].text for i in requests[:n]], kept_texts, corpus.unseen_texts)
