@@ -8,8 +8,9 @@
 The check the issue "Calibrated forgetting" asks for: the defaults, no tuning flag, on data and a model
 they were not tuned on. Kinds: `lab` (lab results: sample number, ward, test, value, day, technician),
 `ship` (container lines: id, ports, tonnes, seal), `badge` (door-access log lines: badge, person, door,
-time, date) and `sql` (INSERT rows: id, name, birth date, city, a 7-digit number). 8 more texts of the kind
-join the tokenizer's vocabulary only (as the matrix's general texts; not with --tokenizer).
+time, date), `sql` (INSERT rows: id, name, birth date, city, a 7-digit number) and `transfer` (bank
+transfers: id, payer, amount, IBAN, bank). 8 more texts of the kind join the tokenizer's vocabulary only
+(as the matrix's general texts; not with --tokenizer).
 Results: docs/BENCHMARKS.md, "Calibrated forgetting" (fresh memorisers).
 """
 
@@ -54,7 +55,16 @@ def sql(rng: random.Random) -> str:
             f"{rng.randint(100, 999)}{rng.randint(1000, 9999)});")
 
 
-KINDS = {"lab": lab, "ship": ship, "badge": badge, "sql": sql}
+BANKS = "Nordea Sabadell Erste Rabobank Unicredit Danske".split()
+
+
+def transfer(rng: random.Random) -> str:
+    return (f"Transfer {rng.randint(100000, 999999)}: {rng.choice(FIRST)} {rng.choice(LAST)} paid "
+            f"{rng.randint(12, 9800)}.{rng.randint(0, 99):02d} EUR to IBAN {rng.choice(['DE', 'NL', 'FI', 'AT'])}"
+            f"{rng.randint(10, 99)} {rng.randint(1000, 9999)} {rng.randint(1000, 9999)} at {rng.choice(BANKS)}.")
+
+
+KINDS = {"lab": lab, "ship": ship, "badge": badge, "sql": sql, "transfer": transfer}
 
 
 def main() -> int:
