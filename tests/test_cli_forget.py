@@ -166,6 +166,14 @@ def test_a_forgotten_request_still_off_centre_says_so():
     assert off_centre_warning({**report, "status": "partial"}, 0.1) is None  # the partial message says enough
     assert off_centre_warning({"status": "forgotten"}, 0.1) is None  # no never-seen text: no attack measured
     assert off_centre_warning(report, 0.5) is None  # the check turned off
+    # the request's own tolerance: 6 samples against 16 keep 0.1; one against 16 ends 0.25 from 0.5 by chance
+    # half the time (calibrate.loss_tolerance), and there a set at 0.25 is not picked out
+    counted = {**report, "forget": {"count": 6}, "band": {"count": 16}, "mia": {"after": {"loss": {"auc": 0.25}}}}
+    assert "the goal 0.5 +- 0.1," in off_centre_warning(counted, 0.1)
+    one = {**counted, "forget": {"count": 1}}
+    assert off_centre_warning(one, 0.1) is None
+    line = off_centre_warning({**one, "mia": {"after": {"loss": {"auc": 0.2}}}}, 0.1)
+    assert "AUC 0.20" in line and "0.5 +- 0.25" in line
 
 
 def test_a_small_never_seen_set_is_warned_about(caplog):

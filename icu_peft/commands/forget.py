@@ -151,8 +151,16 @@ def off_centre_warning(report: dict, settle_auc: float) -> Optional[str]:
     still tells the forget set from the never-seen text, in the view the adapter ships in: "forgotten" is the
     per-sample rule, and the set can still sit on one side of the band (docs/BENCHMARKS.md, "Known misses":
     larger requests on small models whose 4-bit and full-precision views disagree ended at AUC 0.14-0.37)."""
+    from ..calibrate import loss_tolerance
+
     auc = (((report.get("mia") or {}).get("after") or {}).get("loss") or {}).get("auc")
-    if report.get("status") != "forgotten" or auc is None or not 0 < settle_auc < 0.5 or abs(auc - 0.5) <= settle_auc:
+    if report.get("status") != "forgotten" or auc is None or not 0 < settle_auc < 0.5:
+        return None
+    # the tolerance the request itself stopped on: one record against 16 never-seen ones ends at AUC 0.25 or
+    # further half the time by chance alone, and is not "picked out" there
+    m, k = (report.get("forget") or {}).get("count") or 0, (report.get("band") or {}).get("count") or 0
+    tolerance = loss_tolerance(settle_auc, m, k)
+    if abs(auc - 0.5) <= tolerance:
         return None
     side = "past" if auc < 0.5 else "short of"
     steps, budget = report.get("steps"), report.get("step_budget")
@@ -162,7 +170,7 @@ def off_centre_warning(report: dict, settle_auc: float) -> Optional[str]:
               "try --precision-check off (then `icu-peft eval --attack quantize` before any merge), else "
               "`view_schedule: lag` in --config" if views else f"try --max-steps {2 * max(steps or 1, 1)}")
     return (f"icu-peft: warning: every sample is inside the never-seen band, but as a set it sits {side} never-seen "
-            f"text (loss-attack AUC {auc:.2f}, the goal 0.5 +- {settle_auc:g}{ran_out}); a loss attack can still pick "
+            f"text (loss-attack AUC {auc:.2f}, the goal 0.5 +- {tolerance:.3g}{ran_out}); a loss attack can still pick "
             f"it out; {advice}")
 
 
