@@ -1885,6 +1885,7 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
         "samples": samples,
         "history": run.history,
         "learning_rate": {"auto": run.step_size.auto, "final": run.step_size.lr, "backoffs": run.step_size.backoffs,
+                          "restores": run.step_size.restores,
                           "retain_pressure": run.step_size.retain_pressure, "target_moves": run.retargeted},
         "targets": run.method_state.summary() if hasattr(run.method_state, "summary") else None,
         "per_sample_history": {sid: {"ma": [s.ma[i] for s in run.per_epoch], "el": [s.el[i] for s in run.per_epoch]}

@@ -291,6 +291,21 @@ def test_relabelled_log_probs_is_a_distribution_with_the_new_target():
     assert float(log1mexp(torch.tensor(-1e-8))) == pytest.approx(-18.42, abs=0.01)
 
 
+def test_step_size_counts_restores_towards_the_stop_only_without_progress_between_them():
+    """Restores count towards `max_backoffs` until the forget set gets a quarter closer to its target than at
+    the last restore; then the count starts again (a request spending its restores on Adam's first steps is
+    not stopped later while it converges), and every restore is still counted in `restores`."""
+    s = StepSize(lr=1e-3, max_backoffs=2)
+    assert s.update(10.0, 9.0, 0.5, 1.0) == "restore" and s.backoffs == 1
+    assert s.update(9.5, 9.0, 0.5, 1.0) == "restore" and s.backoffs == 2  # 5% closer: counts
+    assert s.update(7.0, 6.0, 0.5, 1.0) == "restore" and s.backoffs == 1  # 26% closer: the count starts again
+    assert s.update(6.0, 5.0, 0.5, 1.0) == "restore" and s.backoffs == 2  # 14% closer: counts
+    assert s.update(6.0, 5.0, 0.5, 1.0) == "stop" and s.restores == 5
+    # without progress every restore counts, as before
+    flat = StepSize(lr=1e-3, max_backoffs=2)
+    assert [flat.update(10.0, 9.0, 0.5, 1.0) for _ in range(3)] == ["restore", "restore", "stop"]
+
+
 def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
     s = StepSize(lr=1e-4, retain_floor=0.9, max_backoffs=3)
     assert s.update(10.0, 9.9, 0.97, 0.97) == "escalate" and s.lr == pytest.approx(2e-4)
@@ -298,17 +313,18 @@ def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
     # damage right after a raise: the raise is undone, the retain terms stay as they were
     assert s.update(10.0, 5.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(2e-4) and s.retain_pressure == 1
     assert s.update(10.0, 5.0, 0.97, 0.97) == "keep" and s.lr == pytest.approx(2e-4)
-    # damage: the direction is at fault, the retain terms get heavier at the same rate
-    assert s.update(5.0, 4.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(2e-4)
+    # damage: the direction is at fault, the retain terms get heavier at the same rate (the set no closer to
+    # its target than at the last restore: the restore counts towards the stop)
+    assert s.update(9.0, 4.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(2e-4)
     assert s.retain_pressure == pytest.approx(4.0)
     # damage again in the next round: the rate is halved too and becomes a ceiling
-    assert s.update(5.0, 4.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(1e-4)
+    assert s.update(9.0, 4.0, 0.50, 0.97) == "restore" and s.lr == pytest.approx(1e-4)
     assert s.retain_pressure == pytest.approx(16.0)
     # stuck with the retain set safe: the retain terms lighten, never below a level that did damage
     assert s.update(5.0, 5.0, 0.97, 0.97) == "relax" and s.retain_pressure == pytest.approx(8.0)
     assert s.update(5.0, 5.0, 0.97, 0.97) == "keep" and s.lr == pytest.approx(1e-4)  # the ceiling holds
     assert s.retain_pressure == pytest.approx(8.0)
-    assert s.update(5.0, 4.0, 0.50, 0.97) == "stop"
+    assert s.update(9.0, 4.0, 0.50, 0.97) == "stop"
     # the retain set sliding for a few rounds after a raise, then damaged: the raise is undone, not the
     # direction blamed (the retain terms stay as they were)
     late = StepSize(lr=1e-3)
