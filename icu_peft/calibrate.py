@@ -624,8 +624,8 @@ class StepSize:
       halved this way becomes a ceiling, lifted one step after `patience` stalled rounds.
       After `max_backoffs` such restores the request stops (it cannot forget without damage here), unless
       the forget set came `progress_reset` (a quarter) closer to its target between two of them: then the
-      count starts again. A 32-record request of one template (bank transfers, a 3 x 192 Llama) spent three
-      restores in its first 44 steps, while Adam's first full-size steps met retain terms still at zero,
+      count starts again. A 32-record request of one template (bank transfers, a 3 x 192 tied Llama) spent
+      three restores in its first 44 steps (the retain MA 0.942 -> 0.844 with the forget set barely moved),
       then went from 0.18 to 3.6 nats (band 4.37-6.30) and had 11 of 32 samples inside the band when its
       sixth restore stopped it (2/32, exit 4).
     Why the pressure and not the rate alone: when forgetting a set pulls text of the same kind along
