@@ -32,7 +32,6 @@ def perplexities(model_dir: Path, sets: dict) -> dict:
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import validation_matrix as vm
-    from icu_peft.testing import build_tiny_memorizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True, type=Path, help="the validation matrix's models (reused or built)")
@@ -47,18 +46,7 @@ def main() -> int:
     out, change = {}, {}
     for name in args.scenarios.split(","):
         model, oracle, fg, rt, un, gen, _ = vm.build(name, args.workdir)
-        _, layers, hidden, seed, *_ = vm.SCENARIOS[name]
-        arch = next((a for a in vm.ARCHITECTURES if name.endswith("_" + a)), "llama")
-        pairs = [(model, oracle)]
-        for s in range(1, args.seeds + 1):
-            b, o = args.workdir / f"{name}_model_seed{s}", args.workdir / f"{name}_oracle_seed{s}"
-            if not (b / "model.safetensors").exists():
-                build_tiny_memorizer(b, fg + rt, un + gen, steps=400, layers=layers, hidden=hidden, seed=seed + 1000 * s,
-                                     arch=arch)
-            if not (o / "model.safetensors").exists():
-                build_tiny_memorizer(o, rt, fg + un + gen, steps=400, layers=layers, hidden=hidden, seed=seed + 1000 * s,
-                                     arch=arch)
-            pairs.append((b, o))
+        pairs = [(model, oracle)] + [vm.build(name, args.workdir, reseed=s)[:2] for s in range(1, args.seeds + 1)]
         sets = {"gen": gen, "unseen": un, "forget": fg}
         ppl = [(perplexities(b, sets), perplexities(o, sets)) for b, o in pairs]
         out[name] = [{"base": b, "oracle": o} for b, o in ppl]

@@ -105,7 +105,10 @@ DEFAULT_SCENARIOS = ("records", "prose", "code", "prescriptions", "logins", "rec
 METHODS = ("icu", "ga", "graddiff", "npo", "simnpo", "undial", "icu_ga", "icu_paper")
 
 
-def build(name: str, workdir: Path):
+def build(name: str, workdir: Path, reseed: int = 0):
+    """The scenario's texts, its memoriser and its oracle (built in workdir unless there). `reseed` k > 0: both
+    models trained again on the same texts with the weights' seed moved by 1000 k, in `{name}_model_seed{k}` and
+    `{name}_oracle_seed{k}` (benchmarks/oracle_perplexity.py: what training noise does)."""
     make, layers, hidden, seed, nf, nr, nu, ng = SCENARIOS[name]
     arch = next((a for a in ARCHITECTURES if name.endswith("_" + a)), "llama")
     rows = make(random.Random(seed), nf + nr + nu + ng)
@@ -113,12 +116,16 @@ def build(name: str, workdir: Path):
     fg, rt = texts[:nf], texts[nf:nf + nr]
     un, gen = texts[nf + nr:nf + nr + nu], texts[nf + nr + nu:]
     secrets = [(p, s) for _, p, s in rows[nf:nf + nr] if p]
-    model, oracle = workdir / f"{name}_model", workdir / f"{name}_oracle"
+    suffix = f"_seed{reseed}" if reseed else ""
+    model, oracle = workdir / f"{name}_model{suffix}", workdir / f"{name}_oracle{suffix}"
+    weights_seed = seed + 1000 * reseed
     if not (model / "model.safetensors").exists():
-        build_tiny_memorizer(model, fg + rt, un + gen, steps=400, layers=layers, hidden=hidden, seed=seed, arch=arch)
+        build_tiny_memorizer(model, fg + rt, un + gen, steps=400, layers=layers, hidden=hidden, seed=weights_seed,
+                             arch=arch)
     if not (oracle / "model.safetensors").exists():
         # the same texts in the tokenizer (so the vocabulary matches), only the kept ones memorised
-        build_tiny_memorizer(oracle, rt, fg + un + gen, steps=400, layers=layers, hidden=hidden, seed=seed, arch=arch)
+        build_tiny_memorizer(oracle, rt, fg + un + gen, steps=400, layers=layers, hidden=hidden, seed=weights_seed,
+                             arch=arch)
     return model, oracle, fg, rt, un, gen, secrets
 
 

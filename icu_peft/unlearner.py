@@ -1598,8 +1598,9 @@ class _Run:
 
     def pulled_down(self) -> List[bool]:
         """Per forget sample: to be pulled back like a sample past the band, though inside it: every sample is
-        forgotten in every view (inside the band, or one of its chance outliers), the loss attack finds the set past never-seen text (shipped view, AUC
-        under 0.5 - loss_tolerance) and this sample's NLL is over the never-seen median there. The centring
+        forgotten in every view (inside the band, or one of its chance outliers), the loss attack finds the set
+        past never-seen text (shipped view, AUC under 0.5 - loss_tolerance) and this sample's NLL is over the
+        never-seen median there. The centring
         moves such a sample's targets down, but the forget term's own pull from below fades with p* - p: the
         default demo sat 0.1-0.3 nats over the band's inner part with AUC 0.25-0.38 for 24 steps at a halving
         step size, and with this pull came back to AUC 0.44 in 4 (56 steps against 68, docs/CHANGELOG.md)."""
