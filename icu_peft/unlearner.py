@@ -30,7 +30,7 @@ from .data import (TokenizedSet, as_texts, embed_with_model, embed_with_sentence
                    new_salt, pad_batch, sample_id, tokenize_texts)
 from .errors import ICUError, InputError
 from .idkeys import key_id, store_key
-from .calibrate import (Band, StepSize, TailAttack, band_gap, band_position, centring_tolerance, loss_auc, loss_tolerance, off_centre,
+from .calibrate import (Band, StepBudget, StepSize, TailAttack, band_gap, band_position, centring_tolerance, loss_auc, loss_tolerance, off_centre,
                         quantile, view_aucs)
 from .losses import chunked_retain_terms, distinct_token_mask, ngram_set, shared_context
 from .methods import ForgetBatch, PrepareContext, UnseenNow, resolve
@@ -915,7 +915,9 @@ class _Run:
         self.defer_el = (self.lazy_nll is not None and band.el_hi is not None and not cfg.el_each_round)
         self.el_watch = [False] * len(self.forget_set)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.max_steps = cfg.step_budget(len(self.forget_set))
+        self.budget = StepBudget(cfg.step_budget(len(self.forget_set)), auto=cfg.max_steps == "auto",
+                                 max_factor=cfg.budget_growth)
+        self.max_steps = self.budget.limit
         self.heap = HeapSteps(cfg.cpu_heap_steps, model_device(self.model).type)
 
     # -- scoring
@@ -1457,6 +1459,13 @@ class _Run:
                     and self.step_size.retain_safe(retain_ma, retain_ma_before) and self.confirmed()):
                 self.status = "forgotten"
                 break
+            if self.steps >= self.max_steps and self.budget.extend(all(self.forgotten())):
+                # still closing in on the band: more steps (calibrate.StepBudget), the bar's total with them
+                self.max_steps = self.budget.limit
+                bar.total = self.max_steps
+                bar.refresh()
+                logger.info("step budget reached with %d of %d samples forgotten, still closing in on the band: "
+                            "raised to %d steps", sum(self.forgotten()), len(self.forget_set), self.max_steps)
             if self.steps >= self.max_steps or (cfg.max_epochs is not None and self.epoch >= cfg.max_epochs):
                 break  # budget spent: status stays "partial"
             if inside_step is not None and self.steps - best_step >= self.patience(inside_step):
@@ -1489,6 +1498,7 @@ class _Run:
                     self.status = "retain_damaged"
                     break
             else:
+                self.budget.record(self.steps, gap_after, sum(self.forgotten()))
                 self.mark_past()
                 self.retarget(gap_after)
                 self.recentre()
@@ -1896,7 +1906,8 @@ def _build_report(run: _Run, request_id, fingerprint, base_model, tokenizer, uns
         "stacked_on": _stacked_on(base_model),
         "epochs": run.epoch,
         "steps": run.steps,
-        "step_budget": run.max_steps,
+        "step_budget": run.max_steps,  # as it ended: the base grows while a request still closes in
+        "step_budget_base": run.budget.base,
         "world_size": acc.num_processes,
         "ranks_in_sync": in_sync,
         "device": str(acc.device),

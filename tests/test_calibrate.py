@@ -371,7 +371,8 @@ def test_defaults_forget_a_memoriser_the_quick_config_was_not_tuned_on(tmp_path)
     assert all(s["band"] in ("inside", "chance_outlier") for s in rep["samples"])
     assert rep["retain"]["after"]["ma"] >= 0.9 * rep["retain"]["before"]["ma"]
     assert rep["mia"]["after"]["loss"]["auc"] < rep["mia"]["before"]["loss"]["auc"]
-    assert rep["steps"] <= rep["step_budget"] == ICUConfig(max_steps=rep["config"]["max_steps"]).step_budget(len(rep["samples"]))
+    assert rep["steps"] <= rep["step_budget"]
+    assert rep["step_budget_base"] == ICUConfig(max_steps=rep["config"]["max_steps"]).step_budget(len(rep["samples"]))
 
 
 def test_a_sample_pushed_past_the_band_is_pulled_back(tiny_model_dir, tiny_corpus, monkeypatch):
@@ -1096,3 +1097,49 @@ def test_targets_keep_the_ma_condition_unless_told_not_to():
     held = token_targets(nll, other, unseen, nll_goal=3.0, ma_max=0.3)
     assert free.nll[0] == pytest.approx(3.0, abs=1e-3) and free.ma[0] > 0.3
     assert held.nll[0] > free.nll[0] + 0.1 and held.ma[0] <= 0.3
+
+
+def test_the_step_budget_grows_only_while_a_request_closes_in():
+    from icu_peft.calibrate import StepBudget
+
+    b = StepBudget(400)  # window 200, cap 1600
+    for step, gap in ((100, 30.0), (200, 20.0), (300, 14.0), (400, 12.0)):
+        b.record(step, gap, 0)
+    assert b.progressing()  # least gap 20 before step 200, 12 after: 40% closer
+    assert not b.extend(all_forgotten=True)  # every sample forgotten: the extra steps are not for centring
+    assert b.extend(all_forgotten=False) and b.limit == 600 and b.extensions == 1
+    for step, gap in ((500, 11.5), (600, 11.0)):  # stalled: 12 -> 11 is under 20%
+        b.record(step, gap, 0)
+    assert not b.progressing() and not b.extend(False) and b.limit == 600
+    b.record(600, 11.0, 3)  # ... but three more samples forgotten is progress
+    assert b.extend(False) and b.limit == 800
+    # the cap: 4x the base, never more
+    c = StepBudget(400, limit=1500)
+    c.record(1100, 10.0, 0), c.record(1500, 1.0, 0)
+    assert c.extend(False) and c.limit == 1600 and not c.extend(False)
+    # an explicit budget (auto off) is a hard limit, and growth 1 means none
+    for hard in (StepBudget(400, auto=False), StepBudget(400, max_factor=1.0)):
+        hard.record(100, 30.0, 0), hard.record(400, 1.0, 5)
+        assert not hard.extend(False) and hard.limit == 400
+    # nothing recorded before the window (every round undone by a restore): no evidence, no growth
+    d = StepBudget(400)
+    d.record(350, 1.0, 0)
+    assert not d.extend(False)
+
+
+def test_the_loop_grows_its_budget_while_samples_close_in(tiny_model_dir, tiny_corpus, monkeypatch):
+    """A request that reaches its auto budget with samples not yet forgotten but still closing in trains on;
+    the report says how far the budget grew. The base is made tiny so the growth is what is tested."""
+    from icu_peft import ICUConfig
+    from icu_peft import unlearner as U
+
+    monkeypatch.setattr(ICUConfig, "step_budget", lambda self, n: 24 if self.max_steps == "auto" else self.max_steps)
+    rep = U.forget(quick_config(tiny_model_dir, precision_check="off"), tiny_corpus["forget"],
+                   tiny_corpus["retain"], tiny_corpus["unseen"]).report
+    assert rep["step_budget_base"] == 24 and rep["config"]["max_steps"] == "auto"
+    assert rep["step_budget"] > 24 and rep["steps"] > 24, (rep["steps"], rep["step_budget"])
+    assert rep["step_budget"] <= 4 * 24 and rep["steps"] <= rep["step_budget"]
+    # an explicit budget is a hard limit
+    hard = U.forget(quick_config(tiny_model_dir, precision_check="off", max_steps=8), tiny_corpus["forget"],
+                    tiny_corpus["retain"], tiny_corpus["unseen"]).report
+    assert hard["step_budget"] == hard["step_budget_base"] == 8 and hard["steps"] <= 8

@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--method", choices=METHOD_CHOICES,
                    help="icu (default: calibrated to the never-seen band), icu_ga (ascent, the previous default), "
                         "icu_paper (ICU's reference objective), or a baseline: ga, graddiff, npo, simnpo, undial")
-    p.add_argument("--max-steps", type=int, help="budget in optimizer steps (default auto: 400, plus 50 per extra step an epoch over the request takes)")
+    p.add_argument("--max-steps", type=int, help="budget in optimizer steps, a hard limit (default auto: 400, plus 50 per extra step an epoch over the "
+                        "request takes; grown by half at a time, up to 4x, while samples are still closing in on the band)")
     p.add_argument("--nll-target", metavar="off|unseen|NATS",
                    help="after training, scale the adapter towards the forget set's loss matching the unseen text's "
                         "(or this many nats) while it stays forgotten: over-forgotten text is itself a membership signal")
