@@ -73,6 +73,22 @@ def _bar(total, desc, enabled, **kw):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, **kw)
 
 
+def forget_direction(optimizer: torch.optim.Optimizer) -> None:
+    """After a restore: zero Adam's first moments (the direction that did the damage) and keep its second
+    moments and step counts (the gradients' scale, which the restore does not change).
+
+    Clearing the whole state, as before session 34, made the steps after every restore full-size: with no
+    history Adam's first step is lr x sign(g) in every weight, several times a settled step, whose first
+    moment averages gradients that disagree from batch to batch. Logs showed the result as damage again in
+    the very round after a restore (a 64-record request: retain MA 0.848 at one restore, 0.817 one round
+    later from the restored state, which doubled the retain terms twice and ended the request). With the
+    second moments kept and the first at zero, the next steps start at a tenth of a settled step
+    (1 - beta1) and grow back over ~1 / (1 - beta1) steps: a warm-up that needs no setting."""
+    for state in optimizer.state.values():
+        if "exp_avg" in state:
+            state["exp_avg"].zero_()
+
+
 def peak_memory_mb() -> dict:
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     if torch.cuda.is_available():
@@ -1489,7 +1505,7 @@ class _Run:
             action = self.step_size.update(gap_before, gap_after, retain_ma, retain_ma_before)
             if action in ("restore", "stop"):
                 self.go_back(good)
-                self.optimizer.state.clear()  # Adam's moments point the way that did the damage
+                forget_direction(self.optimizer)
                 logger.warning("retain MA %.3f fell below %.0f%% of its %.3f before: restored the last good adapter%s",
                                retain_ma, 100 * cfg.retain_floor, retain_ma_before,
                                f", learning rate now {self.step_size.lr:.2e}, retain terms x{self.step_size.retain_pressure:g}"

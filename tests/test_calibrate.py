@@ -1143,3 +1143,31 @@ def test_the_loop_grows_its_budget_while_samples_close_in(tiny_model_dir, tiny_c
     hard = U.forget(quick_config(tiny_model_dir, precision_check="off", max_steps=8), tiny_corpus["forget"],
                     tiny_corpus["retain"], tiny_corpus["unseen"]).report
     assert hard["step_budget"] == hard["step_budget_base"] == 8 and hard["steps"] <= 8
+
+
+def test_a_restore_forgets_adams_direction_but_keeps_its_scale():
+    """After forget_direction the next step is a fraction (1 - beta1) of a settled one; a cleared state
+    would make it a full lr x sign(g) step in every weight."""
+    from icu_peft.unlearner import forget_direction
+
+    torch.manual_seed(0)
+
+    def settled(clear):
+        w = torch.nn.Parameter(torch.zeros(1000))
+        opt = torch.optim.AdamW([w], lr=1e-2, betas=(0.9, 0.98), weight_decay=0.0)
+        for _ in range(200):  # gradients that disagree from batch to batch around a small mean
+            w.grad = 0.1 + torch.randn(1000)
+            opt.step()
+        clear(opt)
+        before = w.detach().clone()
+        w.grad = 0.1 + torch.randn(1000)
+        opt.step()
+        return (w.detach() - before).abs().mean().item()
+
+    full = settled(lambda opt: opt.state.clear())
+    kept = settled(forget_direction)
+    assert full == pytest.approx(1e-2, rel=1e-3)  # lr x sign(g): every weight moves by the whole rate
+    assert kept < 0.15 * full, (kept, full)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-2)
+    forget_direction(opt)  # no state yet: nothing to do, no error
+    assert not opt.state
