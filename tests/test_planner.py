@@ -121,6 +121,10 @@ def test_plan_cli(tiny_model_dir, capsys):
            + max(parts["step"] + parts["heap_steps"], parts["scoring"]))
     assert out["peak_bytes"] == pytest.approx(max(run, parts.get("load", 0)))
     assert parts["load"] > parts["base"]  # a local directory: its weight files are mapped while a 4-bit load packs them
+    assert out["setting"]["step_budget_max"] == 4 * out["setting"]["step_budget"]  # max_steps auto may grow 4x
+    rc = main(["plan", "--model", str(tiny_model_dir), "--seq-len", "32", "--tokens-per-second", "100"])
+    text = capsys.readouterr().out
+    assert rc == 0 and f"grows to {4 * out['setting']['step_budget']} steps" in text, text
     rc = main(["plan", "--model", str(tiny_model_dir), "--device-memory", "0.001"])
     assert rc == 1 and "fits: no" in capsys.readouterr().out
     rc = main(["plan", "--model", str(tiny_model_dir), "--full-ft", "--device-memory", "64"])

@@ -80,6 +80,8 @@ def run(args) -> int:
               f"batch {s['batch_size']}")
         print(plan.summary())
         if "predicted_seconds" in out:
+            grows = (f" (up to {out['predicted_seconds'] * s['step_budget_max'] / s['step_budget'] / 60:.1f} min if it "
+                     f"grows to {s['step_budget_max']} steps)" if s.get("step_budget_max", 0) > s["step_budget"] else "")
             print(f"{'time':>16}: {out['predicted_seconds'] / 60:8.1f} min for the {s['step_budget']}-step budget "
-                  f"at {args.tokens_per_second:g} tokens/s")
+                  f"at {args.tokens_per_second:g} tokens/s{grows}")
     return 1 if plan.fits is False else 0
