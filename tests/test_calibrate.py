@@ -1133,12 +1133,12 @@ def test_the_loop_grows_its_budget_while_samples_close_in(tiny_model_dir, tiny_c
     from icu_peft import ICUConfig
     from icu_peft import unlearner as U
 
-    monkeypatch.setattr(ICUConfig, "step_budget", lambda self, n: 24 if self.max_steps == "auto" else self.max_steps)
+    monkeypatch.setattr(ICUConfig, "step_budget", lambda self, n: 40 if self.max_steps == "auto" else self.max_steps)
     rep = U.forget(quick_config(tiny_model_dir, precision_check="off"), tiny_corpus["forget"],
                    tiny_corpus["retain"], tiny_corpus["unseen"]).report
-    assert rep["step_budget_base"] == 24 and rep["config"]["max_steps"] == "auto"
-    assert rep["step_budget"] > 24 and rep["steps"] > 24, (rep["steps"], rep["step_budget"])
-    assert rep["step_budget"] <= 4 * 24 and rep["steps"] <= rep["step_budget"]
+    assert rep["step_budget_base"] == 40 and rep["config"]["max_steps"] == "auto"
+    assert rep["step_budget"] > 40 and rep["steps"] > 40, (rep["steps"], rep["step_budget"])
+    assert rep["step_budget"] <= 4 * 40 and rep["steps"] <= rep["step_budget"]
     # an explicit budget is a hard limit
     hard = U.forget(quick_config(tiny_model_dir, precision_check="off", max_steps=8), tiny_corpus["forget"],
                     tiny_corpus["retain"], tiny_corpus["unseen"]).report
