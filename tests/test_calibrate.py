@@ -293,8 +293,8 @@ def test_relabelled_log_probs_is_a_distribution_with_the_new_target():
 
 def test_step_size_counts_restores_towards_the_stop_only_without_progress_between_them():
     """Restores count towards `max_backoffs` until the forget set gets a quarter closer to its target than at
-    the last restore; then the count starts again (a request spending its restores on Adam's first steps is
-    not stopped later while it converges), and every restore is still counted in `restores`."""
+    the first restore of the count; then the count starts again (a request spending its restores on Adam's
+    first steps is not stopped later while it converges), and every restore is still counted in `restores`."""
     s = StepSize(lr=1e-3, max_backoffs=2)
     assert s.update(10.0, 9.0, 0.5, 1.0) == "restore" and s.backoffs == 1
     assert s.update(9.5, 9.0, 0.5, 1.0) == "restore" and s.backoffs == 2  # 5% closer: counts
@@ -304,6 +304,11 @@ def test_step_size_counts_restores_towards_the_stop_only_without_progress_betwee
     # without progress every restore counts, as before
     flat = StepSize(lr=1e-3, max_backoffs=2)
     assert [flat.update(10.0, 9.0, 0.5, 1.0) for _ in range(3)] == ["restore", "restore", "stop"]
+    # progress adds up from the count's first restore: 10 -> 9 -> 8 is 10-11% a time, 20% in all, then 7 is 30%
+    # (between consecutive restores only, a request closing in by small steps between frequent restores stopped)
+    steady = StepSize(lr=1e-3, max_backoffs=3)
+    assert [steady.update(g, g, 0.5, 1.0) for g in (10.0, 9.0, 8.0)] == ["restore"] * 3 and steady.backoffs == 3
+    assert steady.update(7.0, 7.0, 0.5, 1.0) == "restore" and steady.backoffs == 1
 
 
 def test_step_size_escalates_on_stall_backs_off_on_damage_and_stops():
