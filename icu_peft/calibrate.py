@@ -774,8 +774,10 @@ class StepBudget:
     a larger constant: how long a request takes depends on the model and how firmly it holds the text. A
     64-record request of one template (a 4 x 192 Llama, 256 records) ended partial at its 750-step budget
     with 3/64 inside the band and its NLL still rising (2.3 -> 3.0 nats over the last 375 steps, the band
-    from 3.75), and forgot 64/64 at 1,500; a 16-record one forgot at 304 of its 450. A stalled request
-    ends at the budget as before.
+    from 3.75), and forgot 64/64 at 1,500 given by hand; with this rule, 64/64 at 1,125 (one growth). A
+    16-record one forgot at 332 of its 450, untouched. A stalled request ends at the budget as before (a
+    128-record one stopped on the retain guard at 1,773 of its grown 2,300: more steps do not replace a
+    direction that forgets without the kept records).
     """
 
     base: int
