@@ -276,7 +276,7 @@ def test_nll_target_scales_the_adapter_towards_the_target_and_keeps_every_sample
     lo = max(s["before"]["nll"] for s in off["samples"])
     hi = _mean_nll(off)
     assert hi > lo + 1.0  # the ascent did raise the loss
-    extra = dict(min_epochs=off["epochs"] + 10) if where == "below" else {}
+    extra = dict(min_epochs=off["epochs"] + 30) if where == "below" else {}
     target = hi if where == "below" else hi + 1.0
     on = forget(quick_config(tiny_model_dir, forget_loss="ga", nll_target=target, nll_tolerance=0.1,
                              precision_check="off", **extra),
@@ -285,7 +285,7 @@ def test_nll_target_scales_the_adapter_towards_the_target_and_keeps_every_sample
     cal = rep["calibration"]
     assert rep["thresholds"]["nll"] == target and rep["status"] == "forgotten"
     assert (cal["scale"] < 1.0) if where == "below" else (cal["scale"] > 1.0), cal
-    assert abs(cal["nll_before"] - target) > 0.5  # there was a gap to close
+    assert abs(cal["nll_before"] - target) > 0.5, (cal, target)  # there was a gap to close
     assert abs(_mean_nll(rep) - target) < abs(cal["nll_before"] - target) - 0.1, (cal, target)
     for s in rep["samples"]:
         assert s["forgotten"], s["after"]
