@@ -50,6 +50,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .calibrate import StepBudget
 from .dequant import AUTO_SHARE
 from .allocator import HEAP_AUTO_MARGIN
 
@@ -377,9 +378,9 @@ def plan_memory(model_config, config, device_type: str = "cpu", seq_len: Optiona
                "retain_samples": retain_samples, "precision_view": bool(view),
                "gradient_checkpointing": config.gradient_checkpointing, "device": device_type,
                "step_budget": config.step_budget(forget_samples),
-               # max_steps auto grows while a request still closes in at its end (calibrate.StepBudget)
-               "step_budget_max": (int(config.step_budget(forget_samples) * config.budget_growth)
-                                   if config.max_steps == "auto" else config.step_budget(forget_samples)),
+               # max_steps auto grows while a request still closes in at its end, up to StepBudget's cap
+               "step_budget_max": StepBudget(config.step_budget(forget_samples), auto=config.max_steps == "auto",
+                                             max_factor=config.budget_growth).cap,
                # forget batch, neighbours and retain samples, never-seen anchor, forget batch again per view
                "tokens_per_step": (min(config.batch_size, forget_samples) * (2 if view else 1) + neighbours
                                    + config.unseen_kl_samples) * length,

@@ -933,8 +933,12 @@ class _Run:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.budget = StepBudget(cfg.step_budget(len(self.forget_set)), auto=cfg.max_steps == "auto",
                                  max_factor=cfg.budget_growth)
-        self.max_steps = self.budget.limit
         self.heap = HeapSteps(cfg.cpu_heap_steps, model_device(self.model).type)
+
+    @property
+    def max_steps(self) -> int:
+        """The steps allowed now: the budget's base, raised while a request still closes in (StepBudget)."""
+        return self.budget.limit
 
     # -- scoring
     def models(self) -> list:
@@ -1480,7 +1484,6 @@ class _Run:
             # wandered 0-6 samples out while centring and grew from 1,125 to 1,500 steps for nothing
             if self.steps >= self.max_steps and self.budget.extend(
                     best[0][0] == len(self.forget_set) or all(self.forgotten())):
-                self.max_steps = self.budget.limit
                 bar.total = self.max_steps
                 bar.refresh()
                 logger.info("step budget reached with %d of %d samples forgotten, still closing in on the band: "
